@@ -1,0 +1,1 @@
+"""HTTP surface and client formats."""

@@ -1,0 +1,151 @@
+"""Minimal ASGI plumbing: the request object, body reading with a size limit, JSON and SSE responses.
+
+A plain ASGI application (no framework) keeps the request path short; see README, "Design"."""
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any, AsyncIterator, Awaitable, Callable
+from urllib.parse import parse_qs
+
+import orjson
+
+from ..errors import GatewayError
+
+_REQ_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+JSON_CT = (b"content-type", b"application/json")
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
+
+
+class Request:
+    __slots__ = ("scope", "receive", "send", "method", "path", "headers", "_query", "ip")
+
+    def __init__(self, scope: dict[str, Any], receive: Callable[..., Awaitable[Any]],
+                 send: Callable[..., Awaitable[Any]], trust_forwarded: bool = False):
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.headers: dict[str, str] = {k.decode("latin-1").lower(): v.decode("latin-1")
+                                        for k, v in scope["headers"]}
+        self._query: dict[str, list[str]] | None = None
+        client = scope.get("client")
+        ip = client[0] if client else ""
+        if trust_forwarded:
+            fwd = self.headers.get("x-forwarded-for")
+            if fwd:
+                ip = fwd.split(",")[0].strip()
+        self.ip = ip
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        if self._query is None:
+            qs = self.scope.get("query_string", b"").decode("latin-1")
+            self._query = parse_qs(qs, keep_blank_values=True)
+        return self._query
+
+    def q(self, name: str, default: str | None = None) -> str | None:
+        v = self.query.get(name)
+        return v[0] if v else default
+
+    def request_id(self) -> str | None:
+        rid = self.headers.get("x-request-id")
+        if rid and _REQ_ID_OK.match(rid):
+            return rid
+        return None
+
+    def bearer(self) -> str | None:
+        from ..auth import bearer_of
+        return bearer_of(self.headers)
+
+    async def body(self, limit: int) -> bytes:
+        cl = self.headers.get("content-length")
+        if cl is not None:
+            try:
+                if int(cl) > limit:
+                    raise too_large(limit)
+            except ValueError:
+                raise GatewayError(400, "invalid Content-Length header", code="invalid_request") from None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            msg = await self.receive()
+            t = msg["type"]
+            if t == "http.request":
+                b = msg.get("body", b"")
+                if b:
+                    size += len(b)
+                    if size > limit:
+                        raise too_large(limit)
+                    chunks.append(b)
+                if not msg.get("more_body", False):
+                    break
+            elif t == "http.disconnect":
+                raise asyncio.CancelledError("client disconnected")
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+
+
+def _hdrs(extra: dict[str, str] | None) -> list[tuple[bytes, bytes]]:
+    if not extra:
+        return []
+    return [(k.encode("latin-1"), str(v).encode("latin-1")) for k, v in extra.items()]
+
+
+async def send_bytes(send: Callable[..., Awaitable[Any]], status: int, body: bytes,
+                     headers: dict[str, str] | None = None, content_type: bytes = b"application/json") -> None:
+    h = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    h.extend(_hdrs(headers))
+    await send({"type": "http.response.start", "status": status, "headers": h})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_json(send: Callable[..., Awaitable[Any]], status: int, obj: Any,
+                    headers: dict[str, str] | None = None) -> None:
+    await send_bytes(send, status, orjson.dumps(obj), headers)
+
+
+async def send_sse(req: Request, status: int, headers: dict[str, str] | None,
+                   events: AsyncIterator[bytes]) -> bool:
+    """Stream SSE frames.  Stops early (closing ``events``) if the client goes away; returns False then."""
+    send = req.send
+    h = list(SSE_HEADERS)
+    h.extend(_hdrs(headers))
+    await send({"type": "http.response.start", "status": status, "headers": h})
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        while True:
+            msg = await req.receive()
+            if msg["type"] == "http.disconnect":
+                gone.set()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    ok = True
+    try:
+        async for frame in events:
+            if gone.is_set():
+                ok = False
+                break
+            try:
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            except (OSError, RuntimeError):
+                ok = False
+                break
+        if ok:
+            try:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except (OSError, RuntimeError):
+                ok = False
+    finally:
+        watcher.cancel()
+        closer = getattr(events, "aclose", None)
+        if closer is not None:
+            await closer()
+    return ok

@@ -1,0 +1,183 @@
+"""OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /health."""
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator
+
+import orjson
+
+from ..errors import GatewayError
+from ..pipeline import RequestContext
+from . import openai_format as fmt
+from .http import Request, send_bytes, send_json, send_sse
+
+_DONE = b"data: [DONE]\n\n"
+
+
+def new_context(gw: Any, req: Request, endpoint: str, client_format: str = "openai") -> RequestContext:
+    ctx = RequestContext(endpoint, client_format, req.request_id())
+    ctx.method = req.method
+    ctx.path = req.path
+    ctx.ip = req.ip
+    ctx.headers = req.headers
+    ctx.user_agent = req.headers.get("user-agent", "")
+    return ctx
+
+
+def base_headers(ctx: RequestContext) -> dict[str, str]:
+    h = {"x-request-id": ctx.request_id}
+    if ctx.provider:
+        h["x-helixagent-provider"] = ctx.provider
+    if ctx.upstream_model:
+        h["x-helixagent-model"] = ctx.upstream_model
+    if ctx.attempts > 1:
+        h["x-helixagent-attempts"] = str(ctx.attempts)
+    h.update(ctx.response_headers)
+    return h
+
+
+async def _parse(gw: Any, req: Request, ctx: RequestContext, parser: Any) -> Any:
+    try:
+        raw = await req.body(gw.cfg.server.max_body_bytes)
+        ctx.raw_body = raw
+        return parser(raw)
+    except GatewayError as exc:
+        ctx.error = exc
+        return None
+
+
+async def chat_completions(gw: Any, req: Request) -> None:
+    await _serve_chat(gw, req, "chat", fmt.parse_chat)
+
+
+async def completions(gw: Any, req: Request) -> None:
+    await _serve_chat(gw, req, "completion", fmt.parse_completion)
+
+
+async def _serve_chat(gw: Any, req: Request, endpoint: str, parser: Any) -> None:
+    ctx = new_context(gw, req, endpoint)
+    parsed = await _parse(gw, req, ctx, lambda raw: parser(raw, gw.providers))
+    pipeline = gw.chat_pipeline
+    if parsed is None:  # a request that does not parse still passes the outer stages (logged, counted)
+        entered = await pipeline.run_rejected(ctx)
+    else:
+        ctx.request, ctx.state["helix"] = parsed
+        entered = await pipeline.run(ctx)
+    if ctx.error is not None or ctx.stream is None:
+        await pipeline.finish(ctx, entered)
+        if ctx.error is not None:
+            h = base_headers(ctx)
+            h.update(ctx.error.response_headers())
+            await send_bytes(req.send, ctx.error.status, orjson.dumps(ctx.error.openai_body()), h)
+            return
+        body = fmt.render_chat(ctx.response) if endpoint == "chat" else fmt.render_completion(ctx.response)
+        await send_bytes(req.send, 200, orjson.dumps(body), base_headers(ctx))
+        return
+    frames = _sse_frames(ctx, pipeline.iterate(ctx, entered), endpoint == "completion")
+    if not await send_sse(req, 200, base_headers(ctx), frames):
+        ctx.client_disconnected = True
+
+
+async def _sse_frames(ctx: RequestContext, chunks: AsyncIterator[dict[str, Any]], legacy: bool) -> AsyncIterator[bytes]:
+    include_usage = ctx.request.include_usage
+    dumps = orjson.dumps
+    try:
+        async for chunk in chunks:
+            if "usage" in chunk and chunk["usage"] is not None and not include_usage:
+                if not chunk.get("choices"):
+                    continue
+                chunk = dict(chunk)
+                chunk.pop("usage")
+            if legacy:
+                chunk = fmt.completion_chunk(chunk)
+                if chunk is None:
+                    continue
+            yield b"data: " + dumps(chunk) + b"\n\n"
+    finally:
+        pass
+    if ctx.error is not None:
+        yield b"data: " + dumps(ctx.error.openai_body()) + b"\n\n"
+    else:
+        yield _DONE
+
+
+async def embeddings(gw: Any, req: Request) -> None:
+    ctx = new_context(gw, req, "embeddings")
+    parsed = await _parse(gw, req, ctx, lambda raw: fmt.parse_embeddings(raw, gw.providers))
+    pipeline = gw.embed_pipeline
+    if parsed is None:
+        entered = await pipeline.run_rejected(ctx)
+    else:
+        ctx.request = parsed
+        entered = await pipeline.run(ctx)
+    await pipeline.finish(ctx, entered)
+    if ctx.error is not None:
+        h = base_headers(ctx)
+        h.update(ctx.error.response_headers())
+        await send_bytes(req.send, ctx.error.status, orjson.dumps(ctx.error.openai_body()), h)
+        return
+    body = ctx.response.body
+    body["provider"] = ctx.provider
+    await send_bytes(req.send, 200, orjson.dumps(body), base_headers(ctx))
+
+
+async def list_models(gw: Any, req: Request) -> None:
+    await gw.authorize(req, "models")
+    created = int(gw.started_at)
+    seen: set[str] = set()
+    data = []
+    for p in gw.router.ordered:
+        for m in p.models():
+            for mid in (m, f"{p.name}/{m}"):
+                if mid in seen:
+                    continue
+                seen.add(mid)
+                data.append({"id": mid, "object": "model", "created": created, "owned_by": p.name})
+    for alias in gw.cfg.routing.aliases:
+        if alias not in seen:
+            seen.add(alias)
+            data.append({"id": alias, "object": "model", "created": created, "owned_by": "helixagent"})
+    await send_json(req.send, 200, {"object": "list", "data": data})
+
+
+async def get_model(gw: Any, req: Request, model_id: str) -> None:
+    await gw.authorize(req, "models")
+    for p in gw.router.ordered:
+        for m in p.models():
+            if model_id in (m, f"{p.name}/{m}"):
+                await send_json(req.send, 200, {"id": model_id, "object": "model", "created": int(gw.started_at),
+                                                "owned_by": p.name})
+                return
+    raise GatewayError(404, f"the model {model_id!r} does not exist", code="model_not_found", param="model")
+
+
+async def health(gw: Any, req: Request) -> None:
+    providers = {}
+    for name, p in gw.providers.items():
+        info: dict[str, Any] = {"type": p.cfg.type, "enabled": p.cfg.enabled, "priority": p.cfg.priority,
+                                "models": p.models()}
+        stand_in = getattr(p, "stand_in_for", None)
+        if stand_in:
+            info["stand_in_for"] = stand_in
+        state = gw.services.get("health")
+        if state is not None:
+            info.update(state.describe(name))
+        providers[name] = info
+    status = "ok" if any(p.cfg.enabled for p in gw.providers.values()) else "degraded"
+    await send_json(req.send, 200, {"status": status, "version": gw.version, "environment": gw.cfg.environment,
+                                    "uptime_seconds": round(time.time() - gw.started_at, 3),
+                                    "mock_fallback": gw.mock_fallback, "providers": providers})
+
+
+def install(gw: Any) -> None:
+    gw.route("POST", "/v1/chat/completions", chat_completions)
+    gw.route("POST", "/v1/completions", completions)
+    gw.route("POST", "/v1/embeddings", embeddings)
+    gw.route("GET", "/v1/models", list_models)
+    gw.route("GET", "/health", health)
+    gw.prefix_route("GET", "/v1/models/", get_model)
+    # convenience aliases without the /v1 prefix, as several SDKs and tools call them
+    gw.route("POST", "/chat/completions", chat_completions)
+    gw.route("POST", "/completions", completions)
+    gw.route("POST", "/embeddings", embeddings)
+    gw.route("GET", "/models", list_models)

@@ -1,0 +1,176 @@
+"""The gateway application: builds providers, routing and the pipeline from the config, and serves the
+HTTP API as a plain ASGI application."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+from . import __version__
+from .config import Config
+from .errors import GatewayError
+from .pipeline import Pipeline, Stage
+from .providers import Provider, build_provider
+from .routing.router import Router
+
+log = logging.getLogger("helixagent")
+
+RouteHandler = Callable[["Gateway", Any], Awaitable[None]]
+
+
+class Gateway:
+    """Everything one server process needs.  Feature modules register routes, stages and
+    start/stop hooks through :meth:`route`, :meth:`add_stage`, :meth:`on_startup`, :meth:`on_shutdown`."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.providers: dict[str, Provider] = {}
+        for pc in cfg.providers:
+            if pc.enabled:
+                self.providers[pc.name] = build_provider(pc, cfg.http)
+        self.mock_fallback = False
+        if not any(p.configured for p in self.providers.values()):
+            self._add_mock_fallback()
+        else:
+            for name in [n for n, p in self.providers.items() if not p.configured]:
+                log.warning("provider %s has no API key (set %s or providers[].api_key); it is disabled",
+                            name, {"openai": "OPENAI_API_KEY", "deepseek": "DEEPSEEK_API_KEY",
+                                   "anthropic": "ANTHROPIC_API_KEY", "gemini": "GEMINI_API_KEY"}.get(
+                                       self.providers[name].cfg.type or "", "its key"))
+                self.providers[name].cfg.enabled = False
+        self.router = Router(cfg, self.providers)
+        self.routes: dict[tuple[str, str], RouteHandler] = {}
+        self.prefix_routes: list[tuple[str, str, Any]] = []
+        self.started_at = time.time()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.version = __version__
+        self.paths: dict[str, list[str]] = {}
+        self.stages: list[Stage] = []
+        self._startup: list[Callable[[], Awaitable[None]]] = []
+        self._shutdown: list[Callable[[], Awaitable[None]]] = []
+        self.services: dict[str, Any] = {}   # shared services (store, limiter, cache, metrics...)
+        self.chat_pipeline = Pipeline([], self.router.handle_chat)
+        self.embed_pipeline = Pipeline([], self.router.handle_embeddings)
+        from .features import install_features
+        install_features(self)
+        self.chat_pipeline.stages = list(self.stages)
+        self.embed_pipeline.stages = list(self.stages)
+
+    def _add_mock_fallback(self) -> None:
+        """No provider has a key: each configured provider is served by a built-in mock stand-in of the
+        same name (deterministic text), so a fresh install answers at once; the start-up log says so."""
+        from .config import ProviderConfig
+        stand_ins = []
+        for name, p in list(self.providers.items()):
+            data = p.cfg.model_dump()
+            data.update(type="mock", base_url=None, api_key=None)
+            self.providers[name] = build_provider(ProviderConfig(**data), self.cfg.http)
+            self.providers[name].stand_in_for = p.cfg.type  # type: ignore[attr-defined]
+            stand_ins.append(name)
+        if not self.providers:
+            self.providers["mock"] = build_provider(ProviderConfig(name="mock", type="mock"), self.cfg.http)
+        self.mock_fallback = True
+        log.warning(
+            "no upstream API key is configured: serving the built-in mock provider (deterministic text)%s. "
+            "Set OPENAI_API_KEY, ANTHROPIC_API_KEY, DEEPSEEK_API_KEY or GEMINI_API_KEY in the environment, "
+            "or api_key under providers: in the config file, to use real models.",
+            f" in place of {', '.join(stand_ins)}" if stand_ins else "")
+
+    # -- registration -------------------------------------------------------------------------------
+    def route(self, method: str, path: str, handler: RouteHandler) -> None:
+        self.routes[(method, path)] = handler
+        self.paths.setdefault(path, []).append(method)
+
+    def prefix_route(self, method: str, prefix: str, handler: Any) -> None:
+        """``handler(gw, req, rest)`` for paths under ``prefix`` (e.g. /v1/models/{id})."""
+        self.prefix_routes.append((method, prefix, handler))
+        self.paths.setdefault(prefix, []).append(method)
+
+    async def authorize(self, req: Any, action: str) -> Any:
+        return await self.services["auth"].authorize(req.bearer(), action)
+
+    def add_stage(self, stage: Stage) -> None:
+        self.stages.append(stage)
+
+    def on_startup(self, fn: Callable[[], Awaitable[None]]) -> None:
+        self._startup.append(fn)
+
+    def on_shutdown(self, fn: Callable[[], Awaitable[None]]) -> None:
+        self._shutdown.append(fn)
+
+    async def startup(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        for fn in self._startup:
+            await fn()
+
+    async def shutdown(self) -> None:
+        for fn in reversed(self._shutdown):
+            try:
+                await fn()
+            except Exception:
+                log.exception("shutdown hook failed")
+        for p in self.providers.values():
+            await p.close()
+
+    # -- ASGI -----------------------------------------------------------------------------------------
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        t = scope["type"]
+        if t == "http":
+            await self._http(scope, receive, send)
+        elif t == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        from .api.http import Request, send_json
+        req = Request(scope, receive, send, self.cfg.server.trust_forwarded_for)
+        handler = self.routes.get((req.method, req.path))
+        try:
+            if handler is None:
+                for method, prefix, h in self.prefix_routes:
+                    if req.path.startswith(prefix) and len(req.path) > len(prefix):
+                        if method == req.method:
+                            await h(self, req, req.path[len(prefix):])
+                            return
+                        raise GatewayError(405, f"method {req.method} is not allowed on {req.path}",
+                                           code="method_not_allowed", headers={"allow": method})
+                methods = self.paths.get(req.path)
+                if methods:
+                    raise GatewayError(405, f"method {req.method} is not allowed on {req.path}; use "
+                                            f"{', '.join(sorted(methods))}", code="method_not_allowed",
+                                       headers={"allow": ", ".join(sorted(methods))})
+                raise GatewayError(404, f"no such endpoint: {req.method} {req.path}", code="unknown_url")
+            await handler(self, req)
+        except GatewayError as exc:
+            await send_json(send, exc.status, self.error_body(req, exc), exc.response_headers())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled error on %s %s", req.method, req.path)
+            await send_json(send, 500, {"error": {"message": "internal error", "type": "server_error",
+                                                  "param": None, "code": "internal_error"}})
+
+    def error_body(self, req: Any, exc: GatewayError) -> dict[str, Any]:
+        if req.path.startswith("/v1/messages"):
+            return exc.anthropic_body()
+        return exc.openai_body()
+
+
+def create_app(cfg: Config) -> Gateway:
+    return Gateway(cfg)

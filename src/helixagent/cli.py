@@ -1,0 +1,117 @@
+"""The ``helixagent`` command."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+import yaml
+
+from . import __version__
+from .config import DEFAULT_PORT, ConfigError, load_config, masked_dict
+
+log = logging.getLogger("helixagent")
+
+# Subcommands added by feature modules: name -> (configure(subparsers), run(args) -> int)
+EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def setup_logging(cfg: Any) -> None:
+    from .observability.logs import configure_logging
+    configure_logging(cfg.logging)
+
+
+def app_factory() -> Any:
+    """Build the ASGI app from $HELIXAGENT_CONFIG (used by each server worker)."""
+    from .app import create_app
+    cfg = load_config(os.environ.get("HELIXAGENT_CONFIG") or None)
+    setup_logging(cfg)
+    return create_app(cfg)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"helixagent: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg)
+    host = args.host or cfg.server.host
+    port = args.port or cfg.server.port
+    if not cfg.auth.master_key and not _is_loopback(host):
+        log.warning("no master key is configured (HELIXAGENT_API_KEY): serving on 127.0.0.1 only instead of "
+                    "%s. Set HELIXAGENT_API_KEY to serve other hosts.", host)
+        host = "127.0.0.1"
+    elif not cfg.auth.master_key:
+        log.warning("no master key is configured (HELIXAGENT_API_KEY): serving on localhost only, "
+                    "without authentication")
+    if args.config:
+        os.environ["HELIXAGENT_CONFIG"] = os.path.abspath(args.config)
+    workers = args.workers or cfg.server.workers
+    import uvicorn
+    log.info("HelixAgent %s listening on http://%s:%d (%d worker%s)", __version__, host, port, workers,
+             "" if workers == 1 else "s")
+    uvicorn.run("helixagent.cli:app_factory", factory=True, host=host, port=port, workers=workers,
+                loop="uvloop", http="httptools", lifespan="on", access_log=False, log_config=None,
+                server_header=False, date_header=False, timeout_graceful_shutdown=30)
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as exc:
+        print(f"helixagent: {exc}", file=sys.stderr)
+        return 2
+    print(f"# {args.file}: valid")
+    print(yaml.safe_dump(masked_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="helixagent", description="HelixAgent LLM gateway")
+    p.add_argument("--version", action="version", version=f"helixagent {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the gateway")
+    s.add_argument("--config", "-c", help="YAML config file (default: $HELIXAGENT_CONFIG or built-in defaults)")
+    s.add_argument("--host", help="bind address (default from config, 127.0.0.1)")
+    s.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT})")
+    s.add_argument("--workers", type=int, help="worker processes (default from config, 1)")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("config", help="configuration tools")
+    csub = c.add_subparsers(dest="config_command", metavar="ACTION")
+    cc = csub.add_parser("check", help="validate a config file and print the effective config, secrets masked")
+    cc.add_argument("file")
+    cc.set_defaults(func=cmd_config_check)
+
+    from .features import install_commands
+    install_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    return int(func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""Configuration: one YAML file, ``${VAR}`` / ``${VAR:-default}`` interpolation, strict validation.
+
+Every section is a pydantic model with ``extra="forbid"`` so an unknown or misspelt key is an error
+that names the key.  The seed's keys (``providers``, ``http``, ``logging``, ``cache``, ``rate_limits``,
+``encryption``, ``environment``) are the public interface and keep their spelling.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PORT = 7061
+
+# Provider types and what a provider of that type gets when the config does not say.
+PROVIDER_DEFAULTS: dict[str, dict[str, str]] = {
+    "openai": {"base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY"},
+    "deepseek": {"base_url": "https://api.deepseek.com/v1", "api_key_env": "DEEPSEEK_API_KEY"},
+    "anthropic": {"base_url": "https://api.anthropic.com", "api_key_env": "ANTHROPIC_API_KEY"},
+    "gemini": {"base_url": "https://generativelanguage.googleapis.com", "api_key_env": "GEMINI_API_KEY"},
+    "openai_compatible": {"base_url": "", "api_key_env": ""},
+    "mock": {"base_url": "", "api_key_env": ""},
+}
+# A provider named like a vendor gets that vendor's type (the seed writes just `name: claude`).
+NAME_TO_TYPE = {
+    "openai": "openai", "gpt": "openai", "azure": "openai",
+    "claude": "anthropic", "anthropic": "anthropic",
+    "deepseek": "deepseek",
+    "gemini": "gemini", "google": "gemini",
+    "mock": "mock",
+}
+# The wire format each type speaks.
+TYPE_TO_WIRE = {
+    "openai": "openai", "deepseek": "openai", "openai_compatible": "openai",
+    "anthropic": "anthropic", "gemini": "gemini", "mock": "mock",
+}
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """'90s' -> 90.0, '5m' -> 300.0, 1500 -> 1500.0 (seconds)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 90s, 5m or 24h")
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = _DURATION_RE.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 90s, 5m, 24h, 7d)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelPrice(Strict):
+    input_per_mtok: float | None = Field(default=None, ge=0)
+    output_per_mtok: float | None = Field(default=None, ge=0)
+    context_window: int | None = Field(default=None, gt=0)
+
+
+class ProviderConfig(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    type: Literal["openai", "deepseek", "openai_compatible", "anthropic", "gemini", "mock"] | None = None
+    base_url: str | None = None
+    api_key: str | None = None
+    models: list[str] = Field(default_factory=list)
+    priority: int = 100
+    fallback_to: list[str] = Field(default_factory=list)
+    timeout_ms: int = Field(default=60000, gt=0)
+    connect_timeout_ms: int | None = Field(default=None, gt=0)
+    first_byte_timeout_ms: int | None = Field(default=None, gt=0)
+    max_cost_per_token: float | None = Field(default=None, ge=0)
+    max_cost_per_request: float | None = Field(default=None, ge=0)
+    max_retries: int = Field(default=1, ge=0, le=10)
+    weight: float = Field(default=1.0, ge=0)
+    enabled: bool = True
+    headers: dict[str, str] = Field(default_factory=dict)
+    # Anthropic: the API requires max_tokens; this is sent when the client gives none.
+    default_max_tokens: int = Field(default=4096, gt=0)
+    api_version: str | None = None
+    # Per-model price / context overrides on top of the shipped catalogue.
+    model_prices: dict[str, ModelPrice] = Field(default_factory=dict)
+    # mock provider knobs
+    latency_ms: float = Field(default=0, ge=0)
+    tokens_per_second: float = Field(default=0, ge=0)
+    mock_tokens: int = Field(default=16, ge=1)
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "ProviderConfig":
+        if self.type is None:
+            low = self.name.lower()
+            self.type = NAME_TO_TYPE.get(low) or next(
+                (t for k, t in NAME_TO_TYPE.items() if low.startswith(k)), None)
+            if self.type is None:
+                raise ValueError(
+                    f"provider {self.name!r}: cannot infer 'type' from the name; set type to one of "
+                    "openai, deepseek, openai_compatible, anthropic, gemini, mock")
+        d = PROVIDER_DEFAULTS[self.type]
+        if not self.base_url:
+            if self.type == "openai_compatible":
+                raise ValueError(f"provider {self.name!r}: type openai_compatible needs a base_url")
+            self.base_url = d["base_url"]
+        self.base_url = self.base_url.rstrip("/")
+        if self.api_key is None and d["api_key_env"]:
+            self.api_key = os.environ.get(d["api_key_env"]) or None
+        if self.api_key == "":
+            self.api_key = None
+        if self.name in self.fallback_to:
+            raise ValueError(f"provider {self.name!r} lists itself in fallback_to")
+        return self
+
+    @property
+    def wire(self) -> str:
+        return TYPE_TO_WIRE[self.type or "openai"]
+
+
+class HTTPConfig(Strict):
+    max_idle_conns: int = Field(default=100, gt=0)
+    max_conns_per_host: int = Field(default=10, ge=0)  # 0 = unlimited
+    idle_conn_timeout: float = 90.0
+
+    _d = field_validator("idle_conn_timeout", mode="before")(lambda v: parse_duration(v))
+
+
+class ServerConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=DEFAULT_PORT, gt=0, lt=65536)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    workers: int = Field(default=1, ge=1)
+    trust_forwarded_for: bool = False
+
+
+class LoggingConfig(Strict):
+    level: Literal["debug", "info", "warning", "warn", "error", "critical",
+                   "DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"] = "info"
+    format: Literal["json", "console"] = "json"
+    fields: list[str] | None = None
+    include_bodies: bool = False
+    file: str | None = None
+
+
+class AliasTarget(Strict):
+    provider: str
+    model: str
+
+
+class BreakerConfig(Strict):
+    failure_threshold: int = Field(default=5, ge=1)
+    error_rate_threshold: float = Field(default=0.5, gt=0, le=1)
+    min_requests: int = Field(default=20, ge=1)
+    window: float = 60.0
+    cooldown: float = 30.0
+    half_open_probes: int = Field(default=1, ge=1)
+
+    _d = field_validator("window", "cooldown", mode="before")(lambda v: parse_duration(v))
+
+
+class RetryConfig(Strict):
+    max_attempts: int = Field(default=2, ge=1, le=10)
+    backoff_base_ms: int = Field(default=100, ge=0)
+    backoff_max_ms: int = Field(default=2000, ge=0)
+    max_retry_after_ms: int = Field(default=5000, ge=0)
+
+
+class HedgingConfig(Strict):
+    enabled: bool = False
+    min_delay_ms: int = Field(default=50, ge=0)
+    max_extra: int = Field(default=1, ge=1)
+
+
+class RouteConfig(Strict):
+    models: list[str] = Field(default_factory=list)
+    strategy: Literal["priority", "cost", "latency", "weighted"] = "priority"
+    hedging: HedgingConfig | None = None
+
+
+class RoutingConfig(Strict):
+    strategy: Literal["priority", "cost", "latency", "weighted"] = "priority"
+    aliases: dict[str, list[AliasTarget]] = Field(default_factory=dict)
+    routes: list[RouteConfig] = Field(default_factory=list)
+    retries: RetryConfig = Field(default_factory=RetryConfig)
+    circuit_breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    hedging: HedgingConfig = Field(default_factory=HedgingConfig)
+
+
+class CacheConfig(Strict):
+    enabled: bool = False
+    type: Literal["memory", "redis"] = "memory"
+    ttl: float = 3600.0
+    max_size: int = Field(default=10000, ge=1)
+    max_bytes: int | None = Field(default=None, gt=0)
+    redis_url: str | None = None
+    cache_nonzero_temperature: bool = False
+    scope: Literal["application", "global"] = "application"
+    dedupe: bool = True
+
+    _d = field_validator("ttl", mode="before")(lambda v: parse_duration(v))
+
+
+class IPLimit(Strict):
+    requests_per_minute: int | None = Field(default=None, ge=0)
+    burst_size: int | None = Field(default=None, ge=0)
+
+
+class KeyLimit(Strict):
+    requests_per_minute: int | None = Field(default=None, ge=0)
+    tokens_per_minute: int | None = Field(default=None, ge=0)
+
+
+class UserLimit(Strict):
+    tokens_per_minute: int | None = Field(default=None, ge=0)
+    tokens_per_day: int | None = Field(default=None, ge=0)
+
+
+class AppLimit(Strict):
+    tokens_per_month: int | None = Field(default=None, ge=0)
+
+
+class CostBudget(Strict):
+    per_day: float | None = Field(default=None, ge=0)
+    per_month: float | None = Field(default=None, ge=0)
+
+
+class CostBudgets(Strict):
+    api_key: CostBudget | None = None
+    user: CostBudget | None = None
+    application: CostBudget | None = None
+
+
+class BackendErrorPolicy(Strict):
+    requests: Literal["allow", "deny"] = "allow"
+    budgets: Literal["allow", "deny"] = "deny"
+
+
+class RateLimitsConfig(Strict):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str | None = None
+    on_backend_error: BackendErrorPolicy = Field(default_factory=BackendErrorPolicy)
+    ip: IPLimit | None = None
+    api_key: KeyLimit | None = None
+    user: UserLimit | None = None
+    application: AppLimit | None = None
+    cost: CostBudgets | None = None
+
+    @field_validator("on_backend_error", mode="before")
+    @classmethod
+    def _policy(cls, v: Any) -> Any:
+        if isinstance(v, str):  # one word applies to both
+            return {"requests": v, "budgets": v}
+        return v
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> "RateLimitsConfig":
+        if self.backend == "memory" and self.redis_url and self.redis_url.startswith(("redis://", "rediss://")):
+            self.backend = "redis"
+        return self
+
+
+class AuthConfig(Strict):
+    master_key: str | None = None
+
+
+class DatabaseConfig(Strict):
+    url: str = "sqlite:///./helixagent.db"
+    pool_size: int = Field(default=10, ge=1)
+    spool_dir: str = "./spool"
+    batch_size: int = Field(default=500, ge=1)
+    queue_size: int = Field(default=10000, ge=1)
+    flush_interval: float = 0.2
+    record_bodies: bool = True
+
+    _d = field_validator("flush_interval", mode="before")(lambda v: parse_duration(v))
+
+
+class EncryptionConfig(Strict):
+    enabled: bool = False
+    algorithm: Literal["aes-256-gcm"] = "aes-256-gcm"
+    key_rotation_days: int = Field(default=30, ge=1)
+    key_file: str | None = None
+
+
+class RetentionConfig(Strict):
+    days: int = Field(default=90, ge=1)
+    purge_interval: float = 3600.0
+    batch_size: int = Field(default=1000, ge=1)
+
+    _d = field_validator("purge_interval", mode="before")(lambda v: parse_duration(v))
+
+
+class MetricsConfig(Strict):
+    enabled: bool = True
+    path: str = "/metrics"
+    port: int | None = Field(default=None, gt=0, lt=65536)
+
+
+class TracingConfig(Strict):
+    enabled: bool = False
+    service_name: str = "helixagent"
+
+
+class RedisConfig(Strict):
+    url: str | None = None
+
+
+class Config(Strict):
+    environment: str = "development"
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    providers: list[ProviderConfig] = Field(default_factory=list)
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    rate_limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    encryption: EncryptionConfig = Field(default_factory=EncryptionConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        names = [p.name for p in self.providers]
+        seen: set[str] = set()
+        for i, n in enumerate(names):
+            if n in seen:
+                raise ValueError(f"providers[{i}].name: duplicate provider name {n!r}")
+            seen.add(n)
+        for i, p in enumerate(self.providers):
+            for target in p.fallback_to:
+                if target not in seen:
+                    raise ValueError(
+                        f"providers[{i}].fallback_to: {target!r} is not a configured provider "
+                        f"(known: {', '.join(names) or 'none'})")
+        for alias, targets in self.routing.aliases.items():
+            for t in targets:
+                if t.provider not in seen:
+                    raise ValueError(f"routing.aliases.{alias}: provider {t.provider!r} is not configured")
+        if self.auth.master_key is None:
+            self.auth.master_key = os.environ.get("HELIXAGENT_API_KEY") or None
+        shared = self.redis.url
+        if shared:
+            if self.cache.type == "redis" and not self.cache.redis_url:
+                self.cache.redis_url = shared
+            if self.rate_limits.backend == "redis" and not self.rate_limits.redis_url:
+                self.rate_limits.redis_url = shared
+        if self.cache.enabled and self.cache.type == "redis" and not self.cache.redis_url:
+            raise ValueError("cache: type redis needs cache.redis_url or redis.url")
+        if self.rate_limits.backend == "redis" and not self.rate_limits.redis_url:
+            raise ValueError("rate_limits: backend redis needs rate_limits.redis_url or redis.url")
+        return self
+
+    def provider(self, name: str) -> ProviderConfig | None:
+        for p in self.providers:
+            if p.name == name:
+                return p
+        return None
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a message that names the key."""
+
+
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def interpolate(text: str, env: dict[str, str] | None = None) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}``; an unset ``${VAR}`` without default becomes empty."""
+    env = os.environ if env is None else env
+
+    def sub(m: re.Match[str]) -> str:
+        val = env.get(m.group(1))
+        if val is None or (val == "" and m.group(2) is not None):
+            return m.group(2) if m.group(2) is not None else ""
+        return val
+
+    return _VAR_RE.sub(sub, text)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ""
+        for x in e["loc"]:
+            loc += f"[{x}]" if isinstance(x, int) else (f".{x}" if loc else str(x))
+        loc = loc or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a HelixAgent setting; check the spelling)"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"  {loc}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_config_text(text: str, source: str = "<config>") -> Config:
+    try:
+        data = yaml.safe_load(interpolate(text)) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of settings")
+    return load_config_dict(data, source)
+
+
+def load_config_dict(data: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_format_errors(exc)}") from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load from ``path``, else ``$HELIXAGENT_CONFIG``, else the embedded defaults."""
+    path = path or os.environ.get("HELIXAGENT_CONFIG")
+    if not path:
+        return load_config_dict({}, "<defaults>")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    return load_config_text(p.read_text(), str(p))
+
+
+SECRET_KEYS = {"api_key", "master_key", "password", "secret", "token"}
+
+
+def masked_dict(cfg: Config) -> dict[str, Any]:
+    """The effective config as plain data with every secret masked (for `config check`)."""
+    data = cfg.model_dump(mode="json")
+
+    def mask(obj: Any, key: str | None = None) -> Any:
+        if isinstance(obj, dict):
+            return {k: mask(v, k) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [mask(v) for v in obj]
+        if key and (key in SECRET_KEYS or key.endswith("_key")) and obj:
+            return mask_secret(str(obj))
+        if key and key.endswith("url") and isinstance(obj, str):
+            return re.sub(r"://([^:/@]+):([^@]+)@", r"://\1:****@", obj)
+        return obj
+
+    return mask(data)
+
+
+def mask_secret(s: str) -> str:
+    if len(s) <= 8:
+        return "****"
+    return s[:3] + "****" + s[-2:]

@@ -1,0 +1,46 @@
+"""Logging set-up: JSON lines or console, per the `logging:` block."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            out.update(fields)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+def configure_logging(cfg: Any) -> None:
+    level = str(cfg.level).upper()
+    if level == "WARN":
+        level = "WARNING"
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_helixagent", False):
+            root.removeHandler(h)
+    handler: logging.Handler = logging.FileHandler(cfg.file) if getattr(cfg, "file", None) else logging.StreamHandler(sys.stderr)
+    handler._helixagent = True  # type: ignore[attr-defined]
+    if cfg.format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("uvicorn.access", "aiosqlite", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,198 @@
+"""The request pipeline: parse -> authenticate -> limit/budget -> cache -> route -> provider -> record -> respond.
+
+Stages run as pre-hooks in order and post-hooks in reverse (the Bifrost plugin model).  A pre-hook may
+short-circuit by returning True after setting ``ctx.response`` or ``ctx.stream`` (a cache hit), or by
+raising a ``GatewayError`` (a limit rejection); the post-hooks of the stages already entered still run.
+For a streamed answer the post-hooks run when the stream has ended (completed, failed or abandoned),
+with ``ctx.response`` holding the accumulated answer.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from .canonical import ChatResponse, StreamAccumulator, Usage
+from .errors import GatewayError
+
+log = logging.getLogger("helixagent.pipeline")
+
+
+class Identity:
+    """Who is calling: filled by the auth stage."""
+
+    __slots__ = ("key_id", "user_id", "application", "role", "limits", "is_master")
+
+    def __init__(self, key_id: str | None = None, user_id: str | None = None, application: str | None = None,
+                 role: str = "admin", limits: dict[str, Any] | None = None, is_master: bool = False):
+        self.key_id = key_id
+        self.user_id = user_id
+        self.application = application
+        self.role = role
+        self.limits = limits or {}
+        self.is_master = is_master
+
+
+ANONYMOUS_LOCAL = Identity(key_id=None, user_id=None, application=None, role="admin")
+
+
+class RequestContext:
+    __slots__ = (
+        "request_id", "started", "started_wall", "endpoint", "client_format", "method", "path", "ip",
+        "user_agent", "headers", "identity", "request", "raw_body", "provider", "upstream_model", "response",
+        "stream", "error", "status", "usage", "cost", "cache_status", "streamed", "first_token_at",
+        "finished_at", "response_headers", "attempts", "fallbacks", "retries", "state", "stream_listeners",
+        "candidates_tried", "estimated_tokens", "client_disconnected", "upstream_latency",
+    )
+
+    def __init__(self, endpoint: str, client_format: str = "openai", request_id: str | None = None):
+        self.request_id = request_id or uuid.uuid4().hex
+        self.started = time.perf_counter()
+        self.started_wall = time.time()
+        self.endpoint = endpoint
+        self.client_format = client_format
+        self.method = "POST"
+        self.path = ""
+        self.ip = ""
+        self.user_agent = ""
+        self.headers: dict[str, str] = {}
+        self.identity: Identity | None = None
+        self.request: Any = None
+        self.raw_body = b""
+        self.provider: str | None = None
+        self.upstream_model: str | None = None
+        self.response: ChatResponse | Any | None = None
+        self.stream: AsyncIterator[dict[str, Any]] | None = None
+        self.error: GatewayError | None = None
+        self.status = 200
+        self.usage: Usage | None = None
+        self.cost = 0.0
+        self.cache_status: str | None = None
+        self.streamed = False
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.response_headers: dict[str, str] = {}
+        self.attempts = 0
+        self.fallbacks = 0
+        self.retries = 0
+        self.state: dict[str, Any] = {}
+        self.stream_listeners: list[Callable[[dict[str, Any] | None], None]] = []
+        self.candidates_tried: list[str] = []
+        self.estimated_tokens = 0
+        self.client_disconnected = False
+        self.upstream_latency: float | None = None
+
+    @property
+    def latency(self) -> float:
+        return (self.finished_at or time.perf_counter()) - self.started
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+
+class Stage:
+    """One step of the pipeline.  Override what you need."""
+
+    name = "stage"
+    # Outer stages (logging, metrics, recording) also see requests rejected before the pipeline ran,
+    # such as a body that does not parse.
+    outer = False
+
+    async def pre(self, ctx: RequestContext) -> bool:
+        """Return True to short-circuit (ctx.response or ctx.stream set).  Raise GatewayError to reject."""
+        return False
+
+    async def post(self, ctx: RequestContext) -> None:
+        """Runs after the outcome is final (stream ended), in reverse order of entry."""
+
+
+Handler = Callable[[RequestContext], Awaitable[None]]
+
+
+class Pipeline:
+    def __init__(self, stages: list[Stage], handler: Handler):
+        self.stages = list(stages)
+        self.handler = handler
+
+    async def run(self, ctx: RequestContext) -> list[Stage]:
+        """Run pre-hooks and the handler.  Returns the stages entered; call :meth:`finish` with them
+        once the outcome is final (immediately for a non-streamed answer, at stream end otherwise)."""
+        entered: list[Stage] = []
+        try:
+            for st in self.stages:
+                entered.append(st)
+                if await st.pre(ctx):
+                    break
+            else:
+                await self.handler(ctx)
+        except GatewayError as exc:
+            ctx.error = exc
+            ctx.stream = None
+        except Exception as exc:  # a bug must not kill the worker nor lose the record
+            log.exception("pipeline failure in request %s", ctx.request_id)
+            ctx.error = GatewayError(500, f"internal error: {type(exc).__name__}", kind="internal")
+            ctx.stream = None
+        return entered
+
+    async def run_rejected(self, ctx: RequestContext) -> list[Stage]:
+        """For a request that failed before the pipeline (ctx.error set): the outer stages to finish."""
+        return [st for st in self.stages if st.outer]
+
+    async def finish(self, ctx: RequestContext, entered: list[Stage]) -> None:
+        if ctx.finished_at is None:
+            ctx.finished_at = time.perf_counter()
+        if ctx.error is not None:
+            ctx.status = ctx.error.status
+        if ctx.usage is None and ctx.response is not None:
+            ctx.usage = getattr(ctx.response, "usage", None)
+        for st in reversed(entered):
+            try:
+                await st.post(ctx)
+            except Exception:
+                log.exception("post-hook %s failed for request %s", st.name, ctx.request_id)
+
+    async def iterate(self, ctx: RequestContext, entered: list[Stage]) -> AsyncIterator[dict[str, Any]]:
+        """Iterate ``ctx.stream``, accumulating the answer; runs the post-hooks when the stream ends.
+
+        A failure mid-stream sets ``ctx.error`` and ends the iteration; the caller renders the error
+        event in the client's format."""
+        acc = StreamAccumulator()
+        listeners = ctx.stream_listeners
+        stream = ctx.stream
+        assert stream is not None
+        try:
+            async for chunk in stream:
+                if ctx.first_token_at is None:
+                    ctx.first_token_at = time.perf_counter()
+                acc.add(chunk)
+                for fn in listeners:
+                    fn(chunk)
+                yield chunk
+        except GatewayError as exc:
+            ctx.error = exc
+        except Exception as exc:
+            if not isinstance(exc, GeneratorExit):
+                log.exception("stream failure in request %s", ctx.request_id)
+                ctx.error = GatewayError(502, f"stream failed: {type(exc).__name__}", provider=ctx.provider,
+                                         kind="stream_error")
+            else:
+                raise
+        finally:
+            if acc.chunks:
+                ctx.response = acc.response(ctx.provider or "")
+                if ctx.usage is None:
+                    ctx.usage = acc.usage
+            for fn in listeners:
+                try:
+                    fn(None)
+                except Exception:
+                    log.exception("stream listener failed")
+            closer = getattr(stream, "aclose", None)
+            if closer is not None:
+                try:
+                    await closer()
+                except Exception:
+                    pass
+            await self.finish(ctx, entered)

@@ -1,0 +1,28 @@
+"""Providers: one module per vendor wire format, all behind :class:`~helixagent.providers.base.Provider`."""
+from __future__ import annotations
+
+from ..config import HTTPConfig, ProviderConfig
+from .base import Provider
+
+_REGISTRY: dict[str, str] = {
+    "openai": "helixagent.providers.openai:OpenAIProvider",
+    "mock": "helixagent.providers.mock:MockProvider",
+    "anthropic": "helixagent.providers.anthropic:AnthropicProvider",
+    "gemini": "helixagent.providers.gemini:GeminiProvider",
+}
+
+
+def build_provider(cfg: ProviderConfig, http: HTTPConfig) -> Provider:
+    import importlib
+    target = _REGISTRY.get(cfg.wire)
+    if target is None:
+        raise ValueError(f"provider {cfg.name!r}: no adapter for wire format {cfg.wire!r}")
+    mod, _, cls = target.partition(":")
+    try:
+        klass = getattr(importlib.import_module(mod), cls)
+    except ModuleNotFoundError:
+        raise ValueError(f"provider {cfg.name!r}: the {cfg.wire} adapter is not available in this build") from None
+    return klass(cfg, http)
+
+
+__all__ = ["Provider", "build_provider"]

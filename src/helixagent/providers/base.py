@@ -1,0 +1,140 @@
+"""The provider interface.  Each vendor module gives the same parts (the Portkey layout): endpoint and
+headers, request mapping (canonical -> vendor), response transform (vendor -> canonical), stream-chunk
+transform (vendor events -> canonical chunks), and error mapping."""
+from __future__ import annotations
+
+import re
+from typing import Any, AsyncIterator
+
+import orjson
+
+from ..canonical import ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingResponse
+from ..config import HTTPConfig, ProviderConfig
+from ..errors import GatewayError
+from .http import UpstreamHTTP
+
+_KEYLIKE = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|sk-ant-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}|"
+                      r"Bearer\s+[A-Za-z0-9_\-\.]{8,})")
+
+
+class Provider:
+    """Base class.  Subclasses implement chat/stream (and embed where the vendor has it)."""
+
+    wire = "base"
+    stand_in_for: str | None = None  # set when a mock stands in for a provider that has no key
+
+    def __init__(self, cfg: ProviderConfig, http: HTTPConfig):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.http = UpstreamHTTP(cfg, http)
+
+    # -- routing helpers ------------------------------------------------------------------------
+    def serves(self, model: str) -> bool:
+        """Whether this provider serves ``model`` when the client does not pin a provider."""
+        return model in self.cfg.models
+
+    def models(self) -> list[str]:
+        return list(self.cfg.models)
+
+    @property
+    def configured(self) -> bool:
+        """Has what it needs to reach its upstream (a key, unless the server needs none)."""
+        return bool(self.cfg.api_key) or self.cfg.type == "openai_compatible"
+
+    # -- operations -------------------------------------------------------------------------------
+    async def chat(self, req: ChatRequest) -> ChatResponse:
+        raise NotImplementedError
+
+    async def stream(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+        """Open the upstream stream.  Must raise before returning if the upstream fails before the
+        first byte, so routing can fail over; returns an async iterator of canonical chunks."""
+        raise NotImplementedError
+
+    async def embed(self, req: EmbeddingRequest) -> EmbeddingResponse:
+        raise GatewayError(400, f"provider {self.name!r} ({self.cfg.type}) does not offer embeddings",
+                           code="unsupported_feature", param="model", provider=self.name)
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    # -- shared helpers ---------------------------------------------------------------------------
+    def scrub(self, text: str) -> str:
+        """Remove secrets (our upstream key, anything key-shaped) from an upstream message."""
+        if self.cfg.api_key:
+            text = text.replace(self.cfg.api_key, "****")
+        return _KEYLIKE.sub("****", text)
+
+    def unsupported(self, feature: str, param: str | None = None) -> GatewayError:
+        return GatewayError(400, f"provider {self.name!r} ({self.cfg.type}) does not support {feature}",
+                            code="unsupported_feature", param=param, provider=self.name)
+
+    def upstream_error(self, status: int, body: bytes, headers: Any = None, message: str | None = None,
+                       etype: str | None = None) -> GatewayError:
+        """Map an upstream HTTP error to a GatewayError with a sensible status for our client.
+
+        Request errors (400/404/413/422) keep their status and are not retried elsewhere; rate limits
+        (429) and overload (503/529) and other 5xx are retryable and reported as such."""
+        if message is None:
+            message, etype = extract_error(body)
+        message = self.scrub(message or f"HTTP {status}")
+        retry_after = parse_retry_after(headers.get("retry-after") if headers is not None else None)
+        prefix = f"provider {self.name!r}: "
+        if status == 429:
+            return GatewayError(429, prefix + message, type="rate_limit_error", code="upstream_rate_limited",
+                                provider=self.name, retryable=True, retry_after=retry_after, kind="rate_limited")
+        if status in (503, 529):
+            return GatewayError(503, prefix + message, type="service_unavailable", code="upstream_overloaded",
+                                provider=self.name, retryable=True, retry_after=retry_after, kind="overloaded")
+        if status in (408, 504):
+            return GatewayError(504, prefix + message, type="timeout_error", code="upstream_timeout",
+                                provider=self.name, retryable=True, kind="timeout")
+        if status >= 500:
+            return GatewayError(502, prefix + message, type="upstream_error", code="upstream_error",
+                                provider=self.name, retryable=True, kind="upstream_5xx")
+        if status in (401, 403):
+            # The gateway's own upstream credentials were refused: not the client's fault.
+            return GatewayError(502, prefix + "upstream rejected the gateway's credentials: " + message,
+                                type="upstream_error", code="upstream_auth_error", provider=self.name,
+                                retryable=True, kind="upstream_auth")
+        if status == 404:
+            return GatewayError(404, prefix + message, type=etype or "not_found_error", code="model_not_found",
+                                provider=self.name, kind="upstream_4xx")
+        if status == 413:
+            return GatewayError(413, prefix + message, code="request_too_large", provider=self.name,
+                                kind="upstream_4xx")
+        return GatewayError(400 if status not in (409, 422) else status, prefix + message,
+                            type=etype or "invalid_request_error", code="upstream_invalid_request",
+                            provider=self.name, kind="upstream_4xx")
+
+
+def extract_error(body: bytes) -> tuple[str | None, str | None]:
+    """Pull (message, type) out of an OpenAI-, Anthropic- or Google-shaped error body."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body.decode("utf-8", "replace").strip()
+        return (text[:500] or None), None
+    if isinstance(data, list) and data:
+        data = data[0]
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            return (str(err.get("message") or err.get("status") or "")[:2000] or None,
+                    err.get("type") or err.get("status"))
+        if isinstance(err, str):
+            return err[:2000], None
+    return None, None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+        import time
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None

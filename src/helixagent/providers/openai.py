@@ -1,0 +1,150 @@
+"""OpenAI wire format: OpenAI, DeepSeek and any OpenAI-compatible server (vLLM, Ollama, Groq, Mistral,
+OpenRouter).  ``base_url`` is what the OpenAI SDK takes (``https://api.openai.com/v1``); paths are
+appended to it.  The canonical model *is* the OpenAI shape, so requests and responses pass through
+with their unknown fields untouched."""
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+import orjson
+
+from ..canonical import ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingResponse, Usage
+from ..errors import GatewayError
+from .base import Provider, extract_error
+from .sse import sse_events
+
+
+class OpenAIProvider(Provider):
+    wire = "openai"
+
+    def __init__(self, cfg, http):
+        super().__init__(cfg, http)
+        h = {"content-type": "application/json", "accept": "application/json"}
+        if cfg.api_key:
+            h["authorization"] = f"Bearer {cfg.api_key}"
+        h.update(cfg.headers)
+        self.headers = h
+        self.url_chat = f"{cfg.base_url}/chat/completions"
+        self.url_completions = f"{cfg.base_url}/completions"
+        self.url_embeddings = f"{cfg.base_url}/embeddings"
+
+    def serves(self, model: str) -> bool:
+        if self.cfg.models:
+            return model in self.cfg.models
+        return self.cfg.type == "openai_compatible"  # a bare compatible server takes any model name
+
+    # -- request mapping ---------------------------------------------------------------------------
+    def body(self, req: ChatRequest, stream: bool) -> bytes:
+        b = dict(req.params)
+        b["model"] = req.model
+        if req.endpoint == "completion":  # legacy completions go natively to /completions
+            b["prompt"] = req.prompt
+        else:
+            b["messages"] = req.messages
+        if stream:
+            b["stream"] = True
+            so = dict(b.get("stream_options") or {})
+            so["include_usage"] = True  # always ask: usage is how budgets settle and records count
+            b["stream_options"] = so
+        else:
+            b.pop("stream", None)
+            b.pop("stream_options", None)
+        return orjson.dumps(b)
+
+    # -- operations --------------------------------------------------------------------------------
+    async def chat(self, req: ChatRequest) -> ChatResponse:
+        legacy = req.endpoint == "completion"
+        url = self.url_completions if legacy else self.url_chat
+        status, headers, data = await self.http.post(url, self.body(req, False), self.headers)
+        if status != 200:
+            raise self.upstream_error(status, data, headers)
+        try:
+            body = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise GatewayError(502, f"provider {self.name!r} returned a body that is not JSON",
+                               provider=self.name, retryable=True, kind="bad_upstream_body") from None
+        if not isinstance(body, dict) or "choices" not in body:
+            raise GatewayError(502, f"provider {self.name!r} returned an unexpected body",
+                               provider=self.name, retryable=True, kind="bad_upstream_body")
+        if legacy:
+            body = _legacy_to_chat(body)
+        return ChatResponse(body, Usage.from_openai(body.get("usage")), self.name, body.get("model") or req.model)
+
+    async def stream(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+        url = self.url_completions if req.endpoint == "completion" else self.url_chat
+        resp = await self.http.open_stream(url, self.body(req, True), self.headers)
+        if resp.status != 200:
+            try:
+                data = await resp.read()
+            finally:
+                resp.close()
+            raise self.upstream_error(resp.status, data, resp.headers)
+        return self._chunks(resp)
+
+    async def _chunks(self, resp) -> AsyncIterator[dict[str, Any]]:
+        done = False
+        try:
+            async for _event, data in sse_events(resp.lines()):
+                if data == b"[DONE]":
+                    done = True
+                    break
+                try:
+                    chunk = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise GatewayError(502, f"provider {self.name!r} sent a malformed stream event",
+                                       provider=self.name, kind="stream_error") from None
+                if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
+                    msg, _ = extract_error(data)
+                    raise GatewayError(502, f"provider {self.name!r}: " + self.scrub(msg or "stream error"),
+                                       provider=self.name, kind="stream_error")
+                if chunk.get("object") == "text_completion":
+                    chunk = _legacy_chunk_to_chat(chunk)
+                yield chunk
+        except TimeoutError:
+            raise GatewayError(504, f"provider {self.name!r} stalled mid-stream", code="upstream_timeout",
+                               provider=self.name, kind="timeout") from None
+        except (OSError, ConnectionError) as exc:
+            raise GatewayError(502, f"provider {self.name!r} stream broke: {type(exc).__name__}",
+                               provider=self.name, kind="stream_error") from None
+        except Exception as exc:
+            if isinstance(exc, GatewayError):
+                raise
+            import aiohttp
+            if isinstance(exc, aiohttp.ClientError):
+                raise GatewayError(502, f"provider {self.name!r} stream broke: {type(exc).__name__}",
+                                   provider=self.name, kind="stream_error") from None
+            raise
+        finally:
+            resp.close()
+        if not done:
+            raise GatewayError(502, f"provider {self.name!r} ended the stream without [DONE]",
+                               provider=self.name, kind="stream_error")
+
+    async def embed(self, req: EmbeddingRequest) -> EmbeddingResponse:
+        b = dict(req.params)
+        b["model"] = req.model
+        b["input"] = req.input
+        status, headers, data = await self.http.post(self.url_embeddings, orjson.dumps(b), self.headers)
+        if status != 200:
+            raise self.upstream_error(status, data, headers)
+        body = orjson.loads(data)
+        return EmbeddingResponse(body, Usage.from_openai(body.get("usage")), self.name)
+
+
+def _legacy_to_chat(b: dict[str, Any]) -> dict[str, Any]:
+    """text_completion -> canonical chat.completion (text becomes the assistant message)."""
+    out = dict(b)
+    out["object"] = "chat.completion"
+    out["choices"] = [{"index": c.get("index", 0), "message": {"role": "assistant", "content": c.get("text", "")},
+                       "logprobs": c.get("logprobs"), "finish_reason": c.get("finish_reason")}
+                      for c in b.get("choices") or ()]
+    return out
+
+
+def _legacy_chunk_to_chat(c: dict[str, Any]) -> dict[str, Any]:
+    out = dict(c)
+    out["object"] = "chat.completion.chunk"
+    out["choices"] = [{"index": ch.get("index", 0), "delta": {"content": ch.get("text", "")},
+                       "logprobs": ch.get("logprobs"), "finish_reason": ch.get("finish_reason")}
+                      for ch in c.get("choices") or ()]
+    return out

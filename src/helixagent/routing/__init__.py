@@ -1,0 +1,1 @@
+"""Routing: candidate selection, fallback chains, failure handling."""

@@ -1,0 +1,1 @@
+"""Completion records: database, migrations, encryption."""

@@ -1,0 +1,254 @@
+"""A fake OpenAI API server, written to the documented wire format, served over real HTTP.
+
+It answers ``POST /v1/chat/completions`` (JSON and SSE with ``data: [DONE]``, ``stream_options.include_usage``,
+tool calls streamed as argument deltas), ``POST /v1/completions`` (legacy), ``POST /v1/embeddings`` and
+``GET /v1/models``, checks the bearer key, and returns OpenAI's error bodies.  Tests queue faults with
+:meth:`FakeOpenAI.push`:
+
+* ``Fault(status=429, headers={"retry-after": "1"})`` -- an error response with OpenAI's error body
+* ``Fault(delay=2.0)`` -- wait before the response head (slow first byte)
+* ``Fault(reset=True)`` -- close the connection without answering
+* ``Fault(cut_after=3)`` -- a stream that breaks after 3 chunks (no [DONE])
+* ``Fault(hang=True)`` -- never answer
+* ``Fault(chunk_delay=0.2)`` -- a slow body: pause between stream chunks
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from support.servers import AiohttpServer
+
+ERROR_TYPES = {400: ("invalid_request_error", None), 401: ("invalid_request_error", "invalid_api_key"),
+               403: ("invalid_request_error", "unsupported_country_region_territory"),
+               404: ("invalid_request_error", "model_not_found"), 429: ("requests", "rate_limit_exceeded"),
+               500: ("server_error", None), 502: ("server_error", None), 503: ("server_error", None)}
+
+
+@dataclass
+class Fault:
+    status: int | None = None
+    message: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    reset: bool = False
+    hang: bool = False
+    cut_after: int | None = None
+    chunk_delay: float = 0.0
+    body: bytes | None = None
+
+
+class FakeOpenAI:
+    def __init__(self, api_key: str = "sk-test-upstream-key-123456", words: int = 5):
+        self.api_key = api_key
+        self.words = words
+        self.calls: list[dict[str, Any]] = []
+        self.faults: list[Fault] = []
+        self.sticky: Fault | None = None  # applied to every call while set
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_get("/v1/models", self.models)
+        self.server = AiohttpServer(app)
+
+    # -- control ------------------------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return self.server.url + "/v1"
+
+    def push(self, *faults: Fault) -> None:
+        self.faults.extend(faults)
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.faults.clear()
+        self.sticky = None
+
+    def close(self) -> None:
+        self.server.close()
+
+    def provider(self, name: str = "openai", **extra: Any) -> dict[str, Any]:
+        """A provider config entry pointing at this fake."""
+        d = {"name": name, "type": "openai", "base_url": self.base_url, "api_key": self.api_key,
+             "models": ["gpt-4o-mini", "gpt-4o"], "priority": 1}
+        d.update(extra)
+        return d
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _error(self, status: int, message: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+        etype, code = ERROR_TYPES.get(status, ("server_error", None))
+        body = {"error": {"message": message or f"fake upstream error {status}", "type": etype, "param": None,
+                          "code": code}}
+        return web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
+                            headers=headers or {})
+
+    async def _intake(self, request: web.Request) -> tuple[dict[str, Any] | None, Fault | None, web.StreamResponse | None]:
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None, None, self._error(400, "We could not parse the JSON body of your request.")
+        self.calls.append({"path": request.path, "body": body, "headers": dict(request.headers), "t": time.time()})
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return body, None, self._error(401, "Incorrect API key provided: " + request.headers.get(
+                "Authorization", "")[7:] + ". You can find your API key at https://platform.openai.com/account/api-keys.")
+        fault = self.faults.pop(0) if self.faults else self.sticky
+        if fault is not None:
+            if fault.hang:
+                await asyncio.sleep(3600)
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault.reset:
+                assert request.transport is not None
+                request.transport.abort()
+                return body, fault, web.Response(status=500)
+            if fault.status:
+                if fault.body is not None:
+                    return body, fault, web.Response(status=fault.status, body=fault.body, headers=fault.headers)
+                return body, fault, self._error(fault.status, fault.message, fault.headers)
+        return body, fault, None
+
+    @staticmethod
+    def _last_user(body: dict[str, Any]) -> str:
+        for m in reversed(body.get("messages") or []):
+            if m.get("role") == "user":
+                c = m.get("content")
+                if isinstance(c, list):
+                    return " ".join(p.get("text", "") for p in c if p.get("type") == "text")
+                return c or ""
+        return str(body.get("prompt", ""))
+
+    def _answer(self, body: dict[str, Any]) -> list[str]:
+        text = self._last_user(body)
+        words = [f"echo:{w}" for w in text.split()][: self.words] or ["ok"]
+        mt = body.get("max_tokens") or body.get("max_completion_tokens")
+        if mt:
+            words = words[:mt]
+        return words
+
+    # -- endpoints ----------------------------------------------------------------------------------
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body, fault, early = await self._intake(request)
+        if early is not None:
+            return early
+        assert body is not None
+        if not body.get("messages"):
+            return self._error(400, "Missing required parameter: 'messages'.")
+        model = body.get("model")
+        if model == "missing-model":
+            return self._error(404, f"The model `{model}` does not exist or you do not have access to it.")
+        cid = "chatcmpl-fake" + str(len(self.calls))
+        created = int(time.time())
+        tools = body.get("tools")
+        words = self._answer(body)
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) + 4 for m in body["messages"])
+        tool_call = None
+        if tools and body.get("tool_choice") != "none":
+            fn = tools[0]["function"]["name"]
+            tool_call = {"id": "call_fake1", "type": "function",
+                         "function": {"name": fn, "arguments": orjson.dumps({"q": self._last_user(body)}).decode()}}
+        completion_tokens = len(words) if tool_call is None else 12
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        finish = "tool_calls" if tool_call else ("length" if body.get("max_tokens") and len(words) >= body["max_tokens"] else "stop")
+        if not body.get("stream"):
+            msg: dict[str, Any] = {"role": "assistant", "content": None if tool_call else " ".join(words),
+                                   "refusal": None}
+            if tool_call:
+                msg["tool_calls"] = [tool_call]
+            return web.json_response({
+                "id": cid, "object": "chat.completion", "created": created, "model": model,
+                "system_fingerprint": "fp_fake", "service_tier": "default",
+                "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
+                "usage": usage}, dumps=lambda o: orjson.dumps(o).decode())
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "system_fingerprint": "fp_fake",
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+        chunks: list[dict[str, Any]] = [chunk({"role": "assistant", "content": "", "refusal": None})]
+        if tool_call:
+            args = tool_call["function"]["arguments"]
+            chunks.append(chunk({"tool_calls": [{"index": 0, "id": tool_call["id"], "type": "function",
+                                                 "function": {"name": tool_call["function"]["name"], "arguments": ""}}]}))
+            for i in range(0, len(args), 7):
+                chunks.append(chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[i:i + 7]}}]}))
+        else:
+            for i, w in enumerate(words):
+                chunks.append(chunk({"content": w if i == 0 else " " + w}))
+        chunks.append(chunk({}, finish))
+        if include_usage:
+            for c in chunks:
+                c["usage"] = None
+            chunks.append({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "system_fingerprint": "fp_fake", "choices": [], "usage": usage})
+        for i, c in enumerate(chunks):
+            if fault is not None and fault.cut_after is not None and i >= fault.cut_after:
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+            if fault is not None and fault.chunk_delay:
+                await asyncio.sleep(fault.chunk_delay)
+            await resp.write(b"data: " + orjson.dumps(c) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body, fault, early = await self._intake(request)
+        if early is not None:
+            return early
+        assert body is not None
+        model = body.get("model")
+        cid = "cmpl-fake" + str(len(self.calls))
+        created = int(time.time())
+        words = self._answer(body)
+        usage = {"prompt_tokens": len(str(body.get("prompt", "")).split()), "completion_tokens": len(words),
+                 "total_tokens": len(str(body.get("prompt", "")).split()) + len(words)}
+        if not body.get("stream"):
+            return web.json_response({"id": cid, "object": "text_completion", "created": created, "model": model,
+                                      "choices": [{"text": " ".join(words), "index": 0, "logprobs": None,
+                                                   "finish_reason": "stop"}], "usage": usage})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for i, w in enumerate(words):
+            c = {"id": cid, "object": "text_completion", "created": created, "model": model,
+                 "choices": [{"text": w if i == 0 else " " + w, "index": 0, "logprobs": None, "finish_reason": None}]}
+            await resp.write(b"data: " + orjson.dumps(c) + b"\n\n")
+        c = {"id": cid, "object": "text_completion", "created": created, "model": model,
+             "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}]}
+        await resp.write(b"data: " + orjson.dumps(c) + b"\n\n")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await resp.write(b"data: " + orjson.dumps({"id": cid, "object": "text_completion", "created": created,
+                                                       "model": model, "choices": [], "usage": usage}) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        body, fault, early = await self._intake(request)
+        if early is not None:
+            return early
+        assert body is not None
+        inp = body.get("input")
+        items = [inp] if isinstance(inp, str) else inp
+        dims = body.get("dimensions") or 8
+        data = [{"object": "embedding", "index": i, "embedding": [round((len(str(x)) + j) / 100, 4) for j in range(dims)]}
+                for i, x in enumerate(items)]
+        tokens = sum(len(str(x).split()) for x in items)
+        return web.json_response({"object": "list", "data": data, "model": body.get("model"),
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": "gpt-4o-mini", "object": "model", "created": 1721172741, "owned_by": "system"}]})
