@@ -11,7 +11,7 @@ from . import __version__
 from .config import Config
 from .errors import GatewayError
 from .pipeline import Pipeline, Stage
-from .providers import Provider, build_provider
+from .providers import Provider, build_provider, is_configured
 from .routing.router import Router
 
 log = logging.getLogger("helixagent")
@@ -26,19 +26,19 @@ class Gateway:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.providers: dict[str, Provider] = {}
-        for pc in cfg.providers:
-            if pc.enabled:
-                self.providers[pc.name] = build_provider(pc, cfg.http)
         self.mock_fallback = False
-        if not any(p.configured for p in self.providers.values()):
-            self._add_mock_fallback()
+        enabled = [pc for pc in cfg.providers if pc.enabled]
+        if not any(is_configured(pc) for pc in enabled):
+            self._add_mock_fallback(enabled)
         else:
-            for name in [n for n, p in self.providers.items() if not p.configured]:
-                log.warning("provider %s has no API key (set %s or providers[].api_key); it is disabled",
-                            name, {"openai": "OPENAI_API_KEY", "deepseek": "DEEPSEEK_API_KEY",
-                                   "anthropic": "ANTHROPIC_API_KEY", "gemini": "GEMINI_API_KEY"}.get(
-                                       self.providers[name].cfg.type or "", "its key"))
-                self.providers[name].cfg.enabled = False
+            for pc in enabled:
+                if not is_configured(pc):
+                    log.warning("provider %s has no API key (set %s or providers[].api_key); it is disabled",
+                                pc.name, {"openai": "OPENAI_API_KEY", "deepseek": "DEEPSEEK_API_KEY",
+                                          "anthropic": "ANTHROPIC_API_KEY", "gemini": "GEMINI_API_KEY"}.get(
+                                              pc.type or "", "its key"))
+                    continue
+                self.providers[pc.name] = build_provider(pc, cfg.http)
         self.router = Router(cfg, self.providers)
         self.routes: dict[tuple[str, str], RouteHandler] = {}
         self.prefix_routes: list[tuple[str, str, Any]] = []
@@ -57,17 +57,15 @@ class Gateway:
         self.chat_pipeline.stages = list(self.stages)
         self.embed_pipeline.stages = list(self.stages)
 
-    def _add_mock_fallback(self) -> None:
+    def _add_mock_fallback(self, enabled: list[Any]) -> None:
         """No provider has a key: each configured provider is served by a built-in mock stand-in of the
         same name (deterministic text), so a fresh install answers at once; the start-up log says so."""
         from .config import ProviderConfig
-        stand_ins = []
-        for name, p in list(self.providers.items()):
-            data = p.cfg.model_dump()
+        for pc in enabled:
+            data = pc.model_dump()
             data.update(type="mock", base_url=None, api_key=None)
-            self.providers[name] = build_provider(ProviderConfig(**data), self.cfg.http)
-            self.providers[name].stand_in_for = p.cfg.type  # type: ignore[attr-defined]
-            stand_ins.append(name)
+            p = self.providers[pc.name] = build_provider(ProviderConfig(**data), self.cfg.http)
+            p.stand_in_for = pc.type
         if not self.providers:
             self.providers["mock"] = build_provider(ProviderConfig(name="mock", type="mock"), self.cfg.http)
         self.mock_fallback = True
@@ -75,7 +73,7 @@ class Gateway:
             "no upstream API key is configured: serving the built-in mock provider (deterministic text)%s. "
             "Set OPENAI_API_KEY, ANTHROPIC_API_KEY, DEEPSEEK_API_KEY or GEMINI_API_KEY in the environment, "
             "or api_key under providers: in the config file, to use real models.",
-            f" in place of {', '.join(stand_ins)}" if stand_ins else "")
+            f" in place of {', '.join(pc.name for pc in enabled)}" if enabled else "")
 
     # -- registration -------------------------------------------------------------------------------
     def route(self, method: str, path: str, handler: RouteHandler) -> None:

@@ -12,6 +12,11 @@ _REGISTRY: dict[str, str] = {
 }
 
 
+def is_configured(cfg: ProviderConfig) -> bool:
+    """Has what it needs to reach its upstream: a key, unless the server needs none."""
+    return bool(cfg.api_key) or cfg.type in ("openai_compatible", "mock")
+
+
 def build_provider(cfg: ProviderConfig, http: HTTPConfig) -> Provider:
     import importlib
     target = _REGISTRY.get(cfg.wire)
@@ -25,4 +30,4 @@ def build_provider(cfg: ProviderConfig, http: HTTPConfig) -> Provider:
     return klass(cfg, http)
 
 
-__all__ = ["Provider", "build_provider"]
+__all__ = ["Provider", "build_provider", "is_configured"]

@@ -36,11 +36,6 @@ class Provider:
     def models(self) -> list[str]:
         return list(self.cfg.models)
 
-    @property
-    def configured(self) -> bool:
-        """Has what it needs to reach its upstream (a key, unless the server needs none)."""
-        return bool(self.cfg.api_key) or self.cfg.type == "openai_compatible"
-
     # -- operations -------------------------------------------------------------------------------
     async def chat(self, req: ChatRequest) -> ChatResponse:
         raise NotImplementedError

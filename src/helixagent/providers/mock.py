@@ -31,10 +31,6 @@ class MockProvider(Provider):
     def models(self) -> list[str]:
         return list(self.cfg.models) or ["mock-1"]
 
-    @property
-    def configured(self) -> bool:
-        return True
-
     def _tokens(self, req: ChatRequest) -> list[str]:
         last = ""
         for m in reversed(req.messages):

@@ -92,33 +92,33 @@ class OpenAIProvider(Provider):
                     chunk = orjson.loads(data)
                 except orjson.JSONDecodeError:
                     raise GatewayError(502, f"provider {self.name!r} sent a malformed stream event",
-                                       provider=self.name, kind="stream_error") from None
+                                       provider=self.name, retryable=True, code="upstream_stream_error", kind="stream_error") from None
                 if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
                     msg, _ = extract_error(data)
                     raise GatewayError(502, f"provider {self.name!r}: " + self.scrub(msg or "stream error"),
-                                       provider=self.name, kind="stream_error")
+                                       provider=self.name, retryable=True, code="upstream_stream_error", kind="stream_error")
                 if chunk.get("object") == "text_completion":
                     chunk = _legacy_chunk_to_chat(chunk)
                 yield chunk
         except TimeoutError:
             raise GatewayError(504, f"provider {self.name!r} stalled mid-stream", code="upstream_timeout",
-                               provider=self.name, kind="timeout") from None
+                               provider=self.name, retryable=True, kind="timeout") from None
         except (OSError, ConnectionError) as exc:
             raise GatewayError(502, f"provider {self.name!r} stream broke: {type(exc).__name__}",
-                               provider=self.name, kind="stream_error") from None
+                               provider=self.name, retryable=True, code="upstream_stream_error", kind="stream_error") from None
         except Exception as exc:
             if isinstance(exc, GatewayError):
                 raise
             import aiohttp
             if isinstance(exc, aiohttp.ClientError):
                 raise GatewayError(502, f"provider {self.name!r} stream broke: {type(exc).__name__}",
-                                   provider=self.name, kind="stream_error") from None
+                                   provider=self.name, retryable=True, code="upstream_stream_error", kind="stream_error") from None
             raise
         finally:
             resp.close()
         if not done:
             raise GatewayError(502, f"provider {self.name!r} ended the stream without [DONE]",
-                               provider=self.name, kind="stream_error")
+                               provider=self.name, retryable=True, code="upstream_stream_error", kind="stream_error")
 
     async def embed(self, req: EmbeddingRequest) -> EmbeddingResponse:
         b = dict(req.params)
