@@ -33,3 +33,37 @@ def test_config_check_reports_bad_key(tmp_path):
     r = run("config", "check", str(f))
     assert r.returncode == 2
     assert "providers[0].prority: unknown key" in r.stderr
+
+
+def test_serve_with_embedded_defaults_answers_from_mock(tmp_path):
+    """The quick start: `helixagent serve` with no config and no keys answers from the mock provider."""
+    import time
+
+    import httpx
+
+    from support.servers import free_port
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "HELIXAGENT_CONFIG"}
+    env["PYTHONPATH"] = SRC
+    p = subprocess.Popen([sys.executable, "-m", "helixagent", "serve", "--port", str(port)], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert p.poll() is None and time.time() < deadline, "gateway did not start"
+            time.sleep(0.1)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                       json={"model": "anything", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].startswith("Mock")
+    finally:
+        p.terminate()
+        out, _ = p.communicate(timeout=30)
+    assert "mock" in out and "OPENAI_API_KEY" in out  # the start-up warning says how to add keys
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal
+    assert "Application shutdown complete" in out
+    assert p.returncode in (0, -15)
