@@ -123,7 +123,7 @@ class ProviderConfig(Strict):
 
 class HTTPConfig(Strict):
     max_idle_conns: int = Field(default=100, gt=0)
-    max_conns_per_host: int = Field(default=10, ge=0)  # 0 = unlimited
+    max_conns_per_host: int = Field(default=0, ge=0)  # 0 = unlimited
     idle_conn_timeout: float = 90.0
 
     _d = field_validator("idle_conn_timeout", mode="before")(lambda v: parse_duration(v))

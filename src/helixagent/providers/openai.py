@@ -100,20 +100,6 @@ class OpenAIProvider(Provider):
                 if chunk.get("object") == "text_completion":
                     chunk = _legacy_chunk_to_chat(chunk)
                 yield chunk
-        except TimeoutError:
-            raise GatewayError(504, f"provider {self.name!r} stalled mid-stream", code="upstream_timeout",
-                               provider=self.name, retryable=True, kind="timeout") from None
-        except (OSError, ConnectionError) as exc:
-            raise GatewayError(502, f"provider {self.name!r} stream broke: {type(exc).__name__}",
-                               provider=self.name, retryable=True, code="upstream_stream_error", kind="stream_error") from None
-        except Exception as exc:
-            if isinstance(exc, GatewayError):
-                raise
-            import aiohttp
-            if isinstance(exc, aiohttp.ClientError):
-                raise GatewayError(502, f"provider {self.name!r} stream broke: {type(exc).__name__}",
-                                   provider=self.name, retryable=True, code="upstream_stream_error", kind="stream_error") from None
-            raise
         finally:
             resp.close()
         if not done:
