@@ -11,7 +11,7 @@ import orjson
 from ..canonical import ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingResponse, Usage
 from ..errors import GatewayError
 from .base import Provider, extract_error
-from .sse import sse_events
+from .sse import sse_from_chunks
 
 
 class OpenAIProvider(Provider):
@@ -84,7 +84,7 @@ class OpenAIProvider(Provider):
     async def _chunks(self, resp) -> AsyncIterator[dict[str, Any]]:
         done = False
         try:
-            async for _event, data in sse_events(resp.lines()):
+            async for _event, data in sse_from_chunks(resp.chunks()):
                 if data == b"[DONE]":
                     done = True
                     break
