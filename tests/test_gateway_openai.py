@@ -233,3 +233,15 @@ def test_master_key(make_gateway, fake_openai):
     assert r.status_code == 401
     ok = client(gw, "hx-master-key-0123456789").chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert ok.choices[0].message.content
+
+
+def test_http_pool_limits_concurrent_upstream_connections(make_gateway, fake_openai):
+    """http.max_conns_per_host bounds concurrent upstream requests; the rest wait for a slot."""
+    import concurrent.futures
+    gw = make_gateway({"providers": [fake_openai.provider()], "http": {"max_conns_per_host": 2, "max_idle_conns": 4}})
+    fake_openai.sticky = Fault(delay=0.2)
+    with concurrent.futures.ThreadPoolExecutor(6) as ex:
+        codes = list(ex.map(lambda _: httpx.post(gw.url + "/v1/chat/completions", timeout=20,
+                                                 json={"model": "gpt-4o-mini", "messages": MSG}).status_code, range(6)))
+    assert codes == [200] * 6
+    assert fake_openai.max_inflight == 2

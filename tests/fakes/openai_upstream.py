@@ -50,6 +50,8 @@ class FakeOpenAI:
         self.calls: list[dict[str, Any]] = []
         self.faults: list[Fault] = []
         self.sticky: Fault | None = None  # applied to every call while set
+        self.inflight = 0
+        self.max_inflight = 0
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
@@ -66,6 +68,7 @@ class FakeOpenAI:
         self.faults.extend(faults)
 
     def reset(self) -> None:
+        self.max_inflight = 0
         self.calls.clear()
         self.faults.clear()
         self.sticky = None
@@ -134,6 +137,14 @@ class FakeOpenAI:
 
     # -- endpoints ----------------------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            return await self._chat(request)
+        finally:
+            self.inflight -= 1
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         body, fault, early = await self._intake(request)
         if early is not None:
             return early
