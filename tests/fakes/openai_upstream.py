@@ -52,6 +52,7 @@ class FakeOpenAI:
         self.sticky: Fault | None = None  # applied to every call while set
         self.inflight = 0
         self.max_inflight = 0
+        self.generation = 0
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
@@ -68,6 +69,8 @@ class FakeOpenAI:
         self.faults.extend(faults)
 
     def reset(self) -> None:
+        self.generation += 1
+        self.inflight = 0
         self.max_inflight = 0
         self.calls.clear()
         self.faults.clear()
@@ -137,12 +140,14 @@ class FakeOpenAI:
 
     # -- endpoints ----------------------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        gen = self.generation  # requests left over from an earlier test do not count
         self.inflight += 1
         self.max_inflight = max(self.max_inflight, self.inflight)
         try:
             return await self._chat(request)
         finally:
-            self.inflight -= 1
+            if gen == self.generation:
+                self.inflight -= 1
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body, fault, early = await self._intake(request)
