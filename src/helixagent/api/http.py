@@ -111,40 +111,50 @@ async def send_json(send: Callable[..., Awaitable[Any]], status: int, obj: Any,
 
 
 async def send_sse(req: Request, status: int, headers: dict[str, str] | None,
-                   events: AsyncIterator[bytes]) -> bool:
-    """Stream SSE frames.  Stops early (closing ``events``) if the client goes away; returns False then."""
+                   events: AsyncIterator[bytes], on_disconnect: Any = None) -> bool:
+    """Stream SSE frames.  Stops early (closing ``events``, after calling ``on_disconnect``) if the
+    client goes away; returns False then."""
     send = req.send
     h = list(SSE_HEADERS)
     h.extend(_hdrs(headers))
     await send({"type": "http.response.start", "status": status, "headers": h})
-    gone = asyncio.Event()
+    task = asyncio.current_task()
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while True:
             msg = await req.receive()
             if msg["type"] == "http.disconnect":
-                gone.set()
+                gone = True
+                if on_disconnect is not None:
+                    on_disconnect()
+                if task is not None:
+                    task.cancel()  # stop waiting on the upstream at once
                 return
 
     watcher = asyncio.ensure_future(watch())
     ok = True
     try:
         async for frame in events:
-            if gone.is_set():
-                ok = False
-                break
             try:
                 await send({"type": "http.response.body", "body": frame, "more_body": True})
             except (OSError, RuntimeError):
                 ok = False
                 break
         if ok:
-            try:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except (OSError, RuntimeError):
-                ok = False
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if not gone or task is None:
+            raise
+        task.uncancel()
+        ok = False
+    except (OSError, RuntimeError):
+        ok = False
     finally:
         watcher.cancel()
+        if not ok and not gone and on_disconnect is not None:
+            on_disconnect()
         closer = getattr(events, "aclose", None)
         if closer is not None:
             await closer()

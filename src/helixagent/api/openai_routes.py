@@ -74,8 +74,14 @@ async def _serve_chat(gw: Any, req: Request, endpoint: str, parser: Any) -> None
         await send_bytes(req.send, 200, orjson.dumps(body), base_headers(ctx))
         return
     frames = _sse_frames(ctx, pipeline.iterate(ctx, entered), endpoint == "completion")
-    if not await send_sse(req, 200, base_headers(ctx), frames):
-        ctx.client_disconnected = True
+    await send_sse(req, 200, base_headers(ctx), frames, lambda: disconnected(ctx))
+
+
+def disconnected(ctx: RequestContext) -> None:
+    ctx.client_disconnected = True
+    if ctx.error is None:
+        ctx.error = GatewayError(499, "the client closed the connection before the answer was complete",
+                                 code="client_disconnected", kind="client_disconnected")
 
 
 async def _sse_frames(ctx: RequestContext, chunks: AsyncIterator[dict[str, Any]], legacy: bool) -> AsyncIterator[bytes]:
