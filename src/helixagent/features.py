@@ -13,6 +13,7 @@ def install_features(gw: Any) -> None:
 
     openai_routes.install(gw)
     auth.install(gw)
+    from .api import anthropic_routes; anthropic_routes.install(gw)  # noqa: E702  (after auth: /v1/messages)
 
 
 def install_commands(subparsers: Any) -> None:

@@ -1,0 +1,800 @@
+"""The Anthropic Messages client format: parse ``POST /v1/messages`` bodies into the canonical request,
+render canonical answers as Anthropic ``message`` objects and canonical chunks as Anthropic SSE events.
+
+Canonical extensions (how Anthropic-only meaning rides in the OpenAI-shaped canonical request, for an
+Anthropic upstream to use; see docs/anthropic-api.md):
+
+* ``cache_control`` stays on the canonical content part it was on (text / image_url / file parts, system
+  parts), on ``tools[i]``, on ``tool_calls[i]``, on a ``tool`` message (a breakpoint on a whole
+  ``tool_result``) and in ``params`` (the request-level one) -- the LiteLLM convention.  When the first provider the
+  router will try is not an Anthropic one, :func:`lower_for_openai` removes them (prompt-cache hints have
+  no meaning there; OpenAI and Gemini cache automatically) before the request goes out.
+* a ``tool`` message from a ``tool_result`` with ``is_error: true`` carries ``"is_error": True``;
+  lowered to an ``Error: `` prefix on its text.
+* ``thinking`` (when enabled), ``top_k`` and assistant ``thinking`` / ``redacted_thinking`` blocks
+  (``message["thinking_blocks"]``) need a provider that has them: :func:`required_features` names what a
+  request needs and the route answers a clear 400 when the chosen provider lacks it.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import orjson
+
+from ..canonical import ChatRequest, ChatResponse, Usage, text_of
+from ..errors import GatewayError, bad_request
+from ..tokens import estimate_messages
+from .openai_format import HELIX_FIELDS, load_json_object, split_model
+
+# -- tables -------------------------------------------------------------------------------------------
+
+# canonical (OpenAI) finish_reason -> Anthropic stop_reason
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
+                "content_filter": "refusal"}
+# Anthropic stop_reason -> canonical finish_reason (the inverse, for tests and providers)
+FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
+                  "refusal": "content_filter", "pause_turn": "stop", "model_context_window_exceeded": "length"}
+IMAGE_TYPES = frozenset(("image/jpeg", "image/png", "image/gif", "image/webp"))
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+_DATA_URL = re.compile(r"^data:([^;,]+);base64,(.*)$", re.S)
+_KNOWN_FIELDS = frozenset(("model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream",
+                           "temperature", "top_p", "top_k", "tools", "tool_choice", "thinking", "cache_control",
+                           "output_config"))
+# Providers (wire formats) that take each Anthropic-only feature.
+_FEATURE_WIRES = {"thinking": ("anthropic", "mock"), "thinking_blocks": ("anthropic", "mock"),
+                  "prefill": ("anthropic", "mock"), "top_k": ("anthropic", "gemini", "mock"),
+                  "effort": ("anthropic", "mock", "openai")}
+_FEATURE_TEXT = {"thinking": "extended thinking ('thinking')",
+                 "thinking_blocks": "thinking blocks in the conversation history",
+                 "prefill": "an assistant prefill (a final assistant message the answer continues)",
+                 "top_k": "'top_k'", "effort": "'output_config.effort'"}
+
+
+def _err(path: str, message: str, code: str = "invalid_value") -> GatewayError:
+    return bad_request(f"{path}: {message}", param=path, code=code)
+
+
+# -- request: Anthropic -> canonical ---------------------------------------------------------------------
+
+class _Flags:
+    __slots__ = ("cache_control", "is_error", "features")
+
+    def __init__(self) -> None:
+        self.cache_control = False
+        self.is_error = False
+        self.features: list[str] = []
+
+
+def _cc(block: dict[str, Any], part: dict[str, Any], flags: _Flags) -> dict[str, Any]:
+    cc = block.get("cache_control")
+    if cc is not None:
+        if not isinstance(cc, dict) or cc.get("type") != "ephemeral":
+            raise bad_request("cache_control: must be an object with type 'ephemeral'", param="cache_control")
+        part["cache_control"] = cc
+        flags.cache_control = True
+    return part
+
+
+def _text_part(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any]:
+    t = b.get("text")
+    if not isinstance(t, str):
+        raise _err(path + ".text", "must be a string", "invalid_type")
+    if not t:
+        raise _err(path + ".text", "text content blocks must be non-empty")
+    return _cc(b, {"type": "text", "text": t}, flags)
+
+
+def _image_part(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any]:
+    src = b.get("source")
+    if not isinstance(src, dict):
+        raise _err(path + ".source", "is required and must be an object", "invalid_type")
+    st = src.get("type")
+    if st == "base64":
+        mt, data = src.get("media_type"), src.get("data")
+        if mt not in IMAGE_TYPES:
+            raise _err(path + ".source.media_type", f"must be one of {', '.join(sorted(IMAGE_TYPES))}; got {mt!r}")
+        if not isinstance(data, str) or not data:
+            raise _err(path + ".source.data", "must be a non-empty base64 string", "invalid_type")
+        url = f"data:{mt};base64,{data}"
+    elif st == "url":
+        url = src.get("url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise _err(path + ".source.url", "must be an http(s) URL", "invalid_type")
+    else:
+        raise _err(path + ".source.type", f"image sources of type {st!r} cannot be translated; use 'base64' "
+                                         f"or 'url'", "unsupported_feature")
+    return _cc(b, {"type": "image_url", "image_url": {"url": url}}, flags)
+
+
+def _document_part(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any]:
+    src = b.get("source")
+    if not isinstance(src, dict):
+        raise _err(path + ".source", "is required and must be an object", "invalid_type")
+    st = src.get("type")
+    if st == "base64" and src.get("media_type") == "application/pdf" and isinstance(src.get("data"), str):
+        f: dict[str, Any] = {"file_data": "data:application/pdf;base64," + src["data"]}
+        if isinstance(b.get("title"), str):
+            f["filename"] = b["title"]
+        return _cc(b, {"type": "file", "file": f}, flags)
+    if st == "text" and isinstance(src.get("data"), str):
+        if b.get("title") or b.get("context"):
+            raise _err(path, "a text document with 'title' or 'context' cannot be translated faithfully; send "
+                             "the text as a text block", "unsupported_feature")
+        return _cc(b, {"type": "text", "text": src["data"]}, flags)
+    raise _err(path + ".source", f"document sources of type {st!r} cannot be translated; send a base64 PDF "
+                                 f"or a text source", "unsupported_feature")
+
+
+def _tool_result(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any]:
+    tid = b.get("tool_use_id")
+    if not isinstance(tid, str) or not tid:
+        raise _err(path + ".tool_use_id", "is required and must be a string", "missing_required_parameter")
+    c = b.get("content")
+    content: Any
+    if c is None:
+        content = ""
+    elif isinstance(c, str):
+        content = c
+    elif isinstance(c, list):
+        parts = []
+        for j, sb in enumerate(c):
+            sp = f"{path}.content.{j}"
+            if not isinstance(sb, dict):
+                raise _err(sp, "must be an object", "invalid_type")
+            st = sb.get("type")
+            if st == "text":
+                parts.append(_text_part(sb, sp, flags))
+            elif st == "image":
+                raise _err(sp, "images inside tool_result cannot be translated to a tool message; send the "
+                               "image in a user text/image block after the tool_result", "unsupported_feature")
+            elif st == "document":
+                raise _err(sp, "documents inside tool_result cannot be translated", "unsupported_feature")
+            else:
+                raise _err(sp + ".type", f"must be 'text' inside tool_result; got {st!r}")
+        content = parts
+    else:
+        raise _err(path + ".content", "must be a string or an array of content blocks", "invalid_type")
+    msg: dict[str, Any] = {"role": "tool", "tool_call_id": tid, "content": content}
+    _cc(b, msg, flags)  # a breakpoint on the whole result rides on the tool message
+    ie = b.get("is_error")
+    if ie is not None and not isinstance(ie, bool):
+        raise _err(path + ".is_error", "must be a boolean", "invalid_type")
+    if ie:
+        msg["is_error"] = True
+        flags.is_error = True
+    return msg
+
+
+def _tool_use(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any]:
+    tid, name, inp = b.get("id"), b.get("name"), b.get("input")
+    if not isinstance(tid, str) or not tid:
+        raise _err(path + ".id", "is required and must be a string", "missing_required_parameter")
+    if not isinstance(name, str) or not name:
+        raise _err(path + ".name", "is required and must be a string", "missing_required_parameter")
+    if not isinstance(inp, dict):
+        raise _err(path + ".input", "must be an object", "invalid_type")
+    return _cc(b, {"id": tid, "type": "function",
+                   "function": {"name": name, "arguments": orjson.dumps(inp).decode()}}, flags)
+
+
+def _user_message(content: list[Any], path: str, flags: _Flags, out: list[dict[str, Any]]) -> None:
+    parts: list[dict[str, Any]] = []
+    for j, b in enumerate(content):
+        bp = f"{path}.content.{j}"
+        if not isinstance(b, dict):
+            raise _err(bp, "must be an object", "invalid_type")
+        t = b.get("type")
+        if t == "text":
+            parts.append(_text_part(b, bp, flags))
+        elif t == "image":
+            parts.append(_image_part(b, bp, flags))
+        elif t == "document":
+            parts.append(_document_part(b, bp, flags))
+        elif t == "tool_result":
+            if parts:  # Anthropic requires tool results first; a tool message cannot follow user text
+                raise _err(bp, "tool_result blocks must come before any other content in a user message")
+            out.append(_tool_result(b, bp, flags))
+        elif t in ("tool_use", "thinking", "redacted_thinking"):
+            raise _err(bp + ".type", f"{t!r} blocks are only allowed in assistant messages")
+        else:
+            raise _err(bp + ".type", f"content blocks of type {t!r} cannot be translated by HelixAgent; "
+                                     f"supported: text, image, document, tool_result", "unsupported_feature")
+    if parts:
+        if len(parts) == 1 and parts[0]["type"] == "text" and "cache_control" not in parts[0]:
+            out.append({"role": "user", "content": parts[0]["text"]})
+        else:
+            out.append({"role": "user", "content": parts})
+    elif not content:
+        raise _err(path + ".content", "must not be empty")
+
+
+def _assistant_message(content: list[Any], path: str, flags: _Flags) -> dict[str, Any]:
+    texts: list[dict[str, Any]] = []
+    calls: list[dict[str, Any]] = []
+    thinking: list[dict[str, Any]] = []
+    for j, b in enumerate(content):
+        bp = f"{path}.content.{j}"
+        if not isinstance(b, dict):
+            raise _err(bp, "must be an object", "invalid_type")
+        t = b.get("type")
+        if t == "text":  # text after a tool_use moves before the tool calls (the canonical order)
+            texts.append(_text_part(b, bp, flags))
+        elif t == "tool_use":
+            calls.append(_tool_use(b, bp, flags))
+        elif t in ("thinking", "redacted_thinking"):
+            thinking.append(b)
+        else:
+            raise _err(bp + ".type", f"content blocks of type {t!r} cannot be translated by HelixAgent; "
+                                     f"supported in assistant turns: text, tool_use, thinking", "unsupported_feature")
+    msg: dict[str, Any] = {"role": "assistant"}
+    if not texts:
+        msg["content"] = None if calls or thinking else ""
+    elif len(texts) == 1 and "cache_control" not in texts[0]:
+        msg["content"] = texts[0]["text"]
+    else:
+        msg["content"] = texts
+    if calls:
+        msg["tool_calls"] = calls
+    if thinking:
+        msg["thinking_blocks"] = thinking
+        flags.features.append("thinking_blocks")
+    return msg
+
+
+def _system(system: Any, flags: _Flags) -> dict[str, Any] | None:
+    if system is None:
+        return None
+    if isinstance(system, str):
+        return {"role": "system", "content": system} if system else None
+    if not isinstance(system, list):
+        raise _err("system", "must be a string or an array of text blocks", "invalid_type")
+    parts = []
+    for j, b in enumerate(system):
+        if not isinstance(b, dict) or b.get("type") != "text":
+            raise _err(f"system.{j}", "system blocks must be text blocks", "invalid_type")
+        parts.append(_text_part(b, f"system.{j}", flags))
+    if not parts:
+        return None
+    if len(parts) == 1 and "cache_control" not in parts[0]:
+        return {"role": "system", "content": parts[0]["text"]}
+    return {"role": "system", "content": parts}
+
+
+def _tools(tools: Any, flags: _Flags) -> list[dict[str, Any]]:
+    if not isinstance(tools, list):
+        raise _err("tools", "must be an array", "invalid_type")
+    out = []
+    seen: set[str] = set()
+    for i, t in enumerate(tools):
+        p = f"tools.{i}"
+        if not isinstance(t, dict):
+            raise _err(p, "must be an object", "invalid_type")
+        typ = t.get("type")
+        if typ not in (None, "custom"):
+            raise _err(p + ".type", f"the Anthropic server tool {typ!r} cannot be translated by HelixAgent; "
+                                    f"only custom tools (name, description, input_schema) are supported",
+                       "unsupported_feature")
+        name = t.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise _err(p + ".name", "is required and must match ^[a-zA-Z0-9_-]{1,128}$")
+        if name in seen:
+            raise _err(p + ".name", f"tool names must be unique; {name!r} is repeated")
+        seen.add(name)
+        schema = t.get("input_schema")
+        if not isinstance(schema, dict):
+            raise _err(p + ".input_schema", "is required and must be a JSON schema object", "invalid_type")
+        if schema.get("type") != "object":
+            raise _err(p + ".input_schema.type", "must be 'object'")
+        fn: dict[str, Any] = {"name": name}
+        desc = t.get("description")
+        if desc is not None:
+            if not isinstance(desc, str):
+                raise _err(p + ".description", "must be a string", "invalid_type")
+            fn["description"] = desc
+        fn["parameters"] = schema
+        extra = set(t) - {"type", "name", "description", "input_schema", "cache_control"}
+        if extra:
+            raise _err(p, f"unsupported tool fields: {', '.join(sorted(extra))}", "unsupported_feature")
+        out.append(_cc(t, {"type": "function", "function": fn}, flags))
+    return out
+
+
+def _tool_choice(tc: Any, has_tools: bool, params: dict[str, Any]) -> None:
+    if not isinstance(tc, dict):
+        raise _err("tool_choice", "must be an object", "invalid_type")
+    t = tc.get("type")
+    if t != "none" and not has_tools:
+        raise _err("tool_choice", "tool_choice may only be specified while providing tools")
+    if t == "auto":
+        params["tool_choice"] = "auto"
+    elif t == "any":
+        params["tool_choice"] = "required"
+    elif t == "none":
+        params["tool_choice"] = "none"
+    elif t == "tool":
+        name = tc.get("name")
+        if not isinstance(name, str) or not name:
+            raise _err("tool_choice.name", "is required for type 'tool'", "missing_required_parameter")
+        params["tool_choice"] = {"type": "function", "function": {"name": name}}
+    else:
+        raise _err("tool_choice.type", f"must be one of auto, any, tool, none; got {t!r}")
+    dp = tc.get("disable_parallel_tool_use")
+    if dp is not None:
+        if not isinstance(dp, bool):
+            raise _err("tool_choice.disable_parallel_tool_use", "must be a boolean", "invalid_type")
+        if t == "none":
+            raise _err("tool_choice.disable_parallel_tool_use", "is not allowed with type 'none'")
+        if has_tools:
+            params["parallel_tool_calls"] = not dp
+
+
+def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> Any:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _err(name, "must be a number", "invalid_type")
+    if not lo <= v <= hi:
+        raise _err(name, f"must be between {lo:g} and {hi:g}; got {v}")
+    return v
+
+
+def parse_messages(raw: bytes, known_providers: Any, count_only: bool = False) -> tuple[ChatRequest, dict[str, Any]]:
+    """Parse a /v1/messages body (``count_only``: a /v1/messages/count_tokens body, max_tokens optional).
+
+    Returns the canonical request and the HelixAgent fields; ``helix["anthropic"]`` holds what the route
+    needs to know: ``features`` (Anthropic-only features used) and ``lower`` (extensions to remove for a
+    non-Anthropic provider)."""
+    body = load_json_object(raw)
+    helix = {k: body.pop(k) for k in HELIX_FIELDS if k in body}
+    unknown = set(body) - _KNOWN_FIELDS
+    if unknown:
+        raise bad_request(f"{', '.join(sorted(unknown))}: unsupported field(s); HelixAgent translates "
+                          f"{', '.join(sorted(_KNOWN_FIELDS))}", param=sorted(unknown)[0], code="unsupported_feature")
+    if "model" not in body and "provider" not in helix:
+        raise _err("model", "Field required", "missing_required_parameter")
+    model, provider = split_model(body.get("model"), helix.get("provider"), known_providers)
+    params: dict[str, Any] = {}
+    mt = body.get("max_tokens")
+    if mt is None:
+        if not count_only:
+            raise _err("max_tokens", "Field required", "missing_required_parameter")
+    elif isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
+        raise _err("max_tokens", "must be a positive integer", "invalid_value")
+    else:
+        params["max_tokens"] = mt
+    flags = _Flags()
+    messages_in = body.get("messages")
+    if messages_in is None:
+        raise _err("messages", "Field required", "missing_required_parameter")
+    if not isinstance(messages_in, list) or not messages_in:
+        raise _err("messages", "must be a non-empty array")
+    messages: list[dict[str, Any]] = []
+    sysmsg = _system(body.get("system"), flags)
+    if sysmsg is not None:
+        messages.append(sysmsg)
+    for i, m in enumerate(messages_in):
+        p = f"messages.{i}"
+        if not isinstance(m, dict):
+            raise _err(p, "must be an object", "invalid_type")
+        role, c = m.get("role"), m.get("content")
+        if role not in ("user", "assistant"):
+            raise _err(p + ".role", f"must be 'user' or 'assistant'; got {role!r}")
+        extra = set(m) - {"role", "content"}
+        if extra:
+            raise _err(p, f"unsupported message fields: {', '.join(sorted(extra))}", "unsupported_feature")
+        if isinstance(c, str):
+            if role == "assistant":
+                messages.append({"role": "assistant", "content": c})
+            else:
+                messages.append({"role": "user", "content": c})
+        elif isinstance(c, list):
+            if role == "user":
+                _user_message(c, p, flags, messages)
+            else:
+                messages.append(_assistant_message(c, p, flags))
+        else:
+            raise _err(p + ".content", "must be a string or an array of content blocks", "invalid_type")
+    if messages_in[-1].get("role") == "assistant":
+        flags.features.append("prefill")
+    stop = body.get("stop_sequences")
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise _err("stop_sequences", "must be an array of non-empty strings", "invalid_type")
+        if stop:
+            params["stop"] = list(stop)
+    for name, hi in (("temperature", 1.0), ("top_p", 1.0)):
+        v = _number(body, name, 0.0, hi)
+        if v is not None:
+            params[name] = v
+    tk = body.get("top_k")
+    if tk is not None:
+        if isinstance(tk, bool) or not isinstance(tk, int) or tk < 0:
+            raise _err("top_k", "must be a non-negative integer", "invalid_value")
+        params["top_k"] = tk
+        flags.features.append("top_k")
+    md = body.get("metadata")
+    if md is not None:
+        if not isinstance(md, dict):
+            raise _err("metadata", "must be an object", "invalid_type")
+        extra = set(md) - {"user_id"}
+        if extra:
+            raise _err("metadata", f"unsupported fields: {', '.join(sorted(extra))}", "unsupported_feature")
+        uid = md.get("user_id")
+        if uid is not None:
+            if not isinstance(uid, str) or len(uid) > 256:
+                raise _err("metadata.user_id", "must be a string of at most 256 characters", "invalid_type")
+            params["user"] = uid
+    tools = body.get("tools")
+    if tools is not None:
+        ct = _tools(tools, flags)
+        if ct:
+            params["tools"] = ct
+    if body.get("tool_choice") is not None:
+        _tool_choice(body["tool_choice"], bool(params.get("tools")), params)
+    th = body.get("thinking")
+    if th is not None:
+        if not isinstance(th, dict) or th.get("type") not in ("enabled", "disabled", "adaptive"):
+            raise _err("thinking", "must be an object with type 'enabled', 'adaptive' or 'disabled'")
+        if th.get("type") == "enabled":
+            bt = th.get("budget_tokens")
+            if isinstance(bt, bool) or not isinstance(bt, int) or bt < 1024:
+                raise _err("thinking.budget_tokens", "must be an integer >= 1024")
+            if mt is not None and bt >= mt:
+                raise _err("thinking.budget_tokens", "must be less than max_tokens")
+        if th.get("type") != "disabled":
+            params["thinking"] = th
+            flags.features.append("thinking")
+    cc = body.get("cache_control")
+    if cc is not None:  # automatic prompt caching for the whole request
+        params["cache_control"] = _cc(body, {}, flags)["cache_control"]
+    oc = body.get("output_config")
+    if oc is not None:
+        if not isinstance(oc, dict) or set(oc) - {"effort", "format"}:
+            raise _err("output_config", "must be an object with 'effort' and/or 'format'", "invalid_type")
+        fmt = oc.get("format")
+        if fmt is not None:
+            if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+                raise _err("output_config.format", "must be {type: 'json_schema', schema: {...}}")
+            params["response_format"] = {"type": "json_schema",
+                                         "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True}}
+        eff = oc.get("effort")
+        if eff is not None:
+            if eff not in ("low", "medium", "high", "xhigh", "max"):
+                raise _err("output_config.effort", "must be one of low, medium, high, xhigh, max")
+            params["reasoning_effort"] = eff
+            flags.features.append("effort")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _err("stream", "must be a boolean", "invalid_type")
+    helix["anthropic"] = {"features": flags.features, "lower": flags.cache_control or flags.is_error}
+    return ChatRequest(model=model, messages=messages, params=params, stream=stream, include_usage=stream,
+                       provider=provider, endpoint="chat"), helix
+
+
+def feature_error(features: list[str], provider: Any) -> GatewayError | None:
+    """A clear 400 when ``provider`` (the router's first choice) lacks a feature the request uses."""
+    wire, typ = provider.cfg.wire, provider.cfg.type
+    for f in features:
+        ok = _FEATURE_WIRES.get(f, ("anthropic",))
+        if wire in ok or (f == "top_k" and typ == "openai_compatible"):
+            continue
+        return GatewayError(400, f"the request uses {_FEATURE_TEXT.get(f, f)}, which provider {provider.name!r} "
+                                 f"({typ}) does not support; route this model to an Anthropic provider or remove it",
+                            code="unsupported_feature", param=f, provider=provider.name)
+    return None
+
+
+def lower_for_openai(req: ChatRequest) -> None:
+    """Remove the Anthropic extensions a non-Anthropic provider would reject (in place)."""
+    for m in req.messages:
+        c = m.get("content")
+        if isinstance(c, list):
+            for part in c:
+                part.pop("cache_control", None)
+        for tc in m.get("tool_calls") or ():
+            tc.pop("cache_control", None)
+        m.pop("cache_control", None)
+        if m.pop("is_error", False):
+            if isinstance(c, list):
+                m["content"] = [{"type": "text", "text": "Error: "}] + c
+            else:
+                m["content"] = "Error: " + (c or "")
+    for t in req.params.get("tools") or ():
+        t.pop("cache_control", None)
+    req.params.pop("cache_control", None)
+
+
+# -- request: canonical -> Anthropic (the inverse; used by tests and usable by providers) ----------------
+
+def _block_of_part(part: dict[str, Any]) -> dict[str, Any]:
+    t = part.get("type")
+    if t == "text":
+        b: dict[str, Any] = {"type": "text", "text": part["text"]}
+    elif t == "image_url":
+        url = part["image_url"]["url"]
+        m = _DATA_URL.match(url)
+        b = ({"type": "image", "source": {"type": "base64", "media_type": m.group(1), "data": m.group(2)}}
+             if m else {"type": "image", "source": {"type": "url", "url": url}})
+    elif t == "file":
+        data = part["file"]["file_data"].split(",", 1)[1]
+        b = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": data}}
+        if part["file"].get("filename"):
+            b["title"] = part["file"]["filename"]
+    else:
+        raise ValueError(f"no Anthropic block for part {t!r}")
+    if "cache_control" in part:
+        b["cache_control"] = part["cache_control"]
+    return b
+
+
+def _blocks(content: Any) -> Any:
+    return content if isinstance(content, str) else [_block_of_part(p) for p in content]
+
+
+def to_anthropic_request(req: ChatRequest) -> dict[str, Any]:
+    """canonical -> Anthropic Messages request body (the inverse of :func:`parse_messages`)."""
+    out: dict[str, Any] = {"model": req.model}
+    p = req.params
+    if "max_tokens" in p:
+        out["max_tokens"] = p["max_tokens"]
+    msgs: list[dict[str, Any]] = []
+    for m in req.messages:
+        role = m["role"]
+        if role in ("system", "developer"):
+            out["system"] = _blocks(m["content"])
+        elif role == "user":
+            c = _blocks(m["content"])
+            if msgs and msgs[-1]["role"] == "user" and isinstance(msgs[-1]["content"], list) and \
+                    msgs[-1]["content"] and msgs[-1]["content"][-1]["type"] == "tool_result":
+                msgs[-1]["content"].extend(c if isinstance(c, list) else [{"type": "text", "text": c}])
+            else:
+                msgs.append({"role": "user", "content": c})
+        elif role == "tool":
+            c = m["content"]
+            if isinstance(c, list):
+                c = [_block_of_part(x) for x in c]
+            b: dict[str, Any] = {"type": "tool_result", "tool_use_id": m["tool_call_id"], "content": c}
+            if "cache_control" in m:
+                b["cache_control"] = m["cache_control"]
+            if m.get("is_error"):
+                b["is_error"] = True
+            if msgs and msgs[-1]["role"] == "user" and isinstance(msgs[-1]["content"], list) and \
+                    all(x["type"] == "tool_result" for x in msgs[-1]["content"]):
+                msgs[-1]["content"].append(b)
+            else:
+                msgs.append({"role": "user", "content": [b]})
+        elif role == "assistant":
+            blocks: list[dict[str, Any]] = list(m.get("thinking_blocks") or ())
+            c = m.get("content")
+            if m.get("tool_calls") or blocks or isinstance(c, list):
+                if isinstance(c, str):
+                    if c:
+                        blocks.append({"type": "text", "text": c})
+                elif c:
+                    blocks.extend(_block_of_part(x) for x in c)
+                for tc in m.get("tool_calls") or ():
+                    tb = {"type": "tool_use", "id": tc["id"], "name": tc["function"]["name"],
+                          "input": orjson.loads(tc["function"]["arguments"] or "{}")}
+                    if "cache_control" in tc:
+                        tb["cache_control"] = tc["cache_control"]
+                    blocks.append(tb)
+                msgs.append({"role": "assistant", "content": blocks})
+            else:
+                msgs.append({"role": "assistant", "content": c or ""})
+    out["messages"] = msgs
+    if "stop" in p:
+        out["stop_sequences"] = [p["stop"]] if isinstance(p["stop"], str) else list(p["stop"])
+    for k in ("temperature", "top_p", "top_k", "thinking"):
+        if k in p:
+            out[k] = p[k]
+    if "user" in p:
+        out["metadata"] = {"user_id": p["user"]}
+    if p.get("tools"):
+        out["tools"] = []
+        for t in p["tools"]:
+            fn = t["function"]
+            tool = {"name": fn["name"]}
+            if "description" in fn:
+                tool["description"] = fn["description"]
+            tool["input_schema"] = fn.get("parameters") or {"type": "object"}
+            if "cache_control" in t:
+                tool["cache_control"] = t["cache_control"]
+            out["tools"].append(tool)
+    tc = p.get("tool_choice")
+    if tc is not None:
+        if tc == "auto":
+            choice: dict[str, Any] = {"type": "auto"}
+        elif tc == "required":
+            choice = {"type": "any"}
+        elif tc == "none":
+            choice = {"type": "none"}
+        else:
+            choice = {"type": "tool", "name": tc["function"]["name"]}
+        if p.get("parallel_tool_calls") is False:
+            choice["disable_parallel_tool_use"] = True
+        out["tool_choice"] = choice
+    elif p.get("parallel_tool_calls") is False:
+        out["tool_choice"] = {"type": "auto", "disable_parallel_tool_use": True}
+    if "cache_control" in p:
+        out["cache_control"] = p["cache_control"]
+    oc: dict[str, Any] = {}
+    rf = p.get("response_format")
+    if isinstance(rf, dict) and rf.get("type") == "json_schema":
+        oc["format"] = {"type": "json_schema", "schema": rf["json_schema"]["schema"]}
+    if "reasoning_effort" in p:
+        oc["effort"] = p["reasoning_effort"]
+    if oc:
+        out["output_config"] = oc
+    if req.stream:
+        out["stream"] = True
+    return out
+
+
+# -- response: canonical -> Anthropic -------------------------------------------------------------------
+
+def message_id(upstream_id: str | None) -> str:
+    if not upstream_id:
+        return "msg_" + orjson.dumps(time.time_ns()).decode()
+    if upstream_id.startswith("msg_"):
+        return upstream_id
+    return "msg_" + upstream_id.removeprefix("chatcmpl-")
+
+
+def usage_of(u: Usage) -> dict[str, Any]:
+    """Anthropic usage: input_tokens excludes cache reads and writes (OpenAI's prompt_tokens includes them)."""
+    cached = u.cache_read_tokens + u.cache_creation_tokens
+    return {"input_tokens": max(0, u.prompt_tokens - cached), "output_tokens": u.completion_tokens,
+            "cache_creation_input_tokens": u.cache_creation_tokens, "cache_read_input_tokens": u.cache_read_tokens}
+
+
+def tool_input(arguments: str | None) -> dict[str, Any]:
+    """A tool call's JSON arguments as Anthropic's ``input`` object."""
+    if not arguments:
+        return {}
+    try:
+        v = orjson.loads(arguments)
+    except orjson.JSONDecodeError:
+        return {"_raw_arguments": arguments}  # keep what the model produced; never drop it
+    return v if isinstance(v, dict) else {"_value": v}
+
+
+def stop_reason_of(choice: dict[str, Any]) -> tuple[str, str | None]:
+    seq = choice.get("stop_sequence")  # set by providers that know which sequence matched
+    if isinstance(seq, str) and seq:
+        return "stop_sequence", seq
+    return STOP_REASONS.get(choice.get("finish_reason") or "stop", "end_turn"), None
+
+
+def render_message(resp: ChatResponse, request_model: str = "") -> dict[str, Any]:
+    b = resp.body
+    choices = b.get("choices") or ()
+    choice = choices[0] if choices else {}
+    msg = choice.get("message") or {}
+    content: list[dict[str, Any]] = []
+    for tb in msg.get("thinking_blocks") or ():
+        content.append(tb)
+    text = text_of(msg.get("content"))
+    if not text and msg.get("refusal"):
+        text = msg["refusal"]
+    if text:
+        content.append({"type": "text", "text": text})
+    for tc in msg.get("tool_calls") or ():
+        fn = tc.get("function") or {}
+        content.append({"type": "tool_use", "id": tc.get("id") or "toolu_" + str(len(content)),
+                        "name": fn.get("name") or "", "input": tool_input(fn.get("arguments"))})
+    reason, seq = stop_reason_of(choice)
+    return {"id": message_id(b.get("id")), "type": "message", "role": "assistant", "content": content,
+            "model": b.get("model") or resp.model or request_model, "stop_reason": reason, "stop_sequence": seq,
+            "usage": usage_of(resp.usage)}
+
+
+# -- stream: canonical chunks -> Anthropic SSE -----------------------------------------------------------
+
+def frame(event: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+class StreamTranslator:
+    """Stateful: canonical OpenAI chunks in, Anthropic SSE frames out.
+
+    message_start, then per block content_block_start / content_block_delta* / content_block_stop (text
+    blocks, and one tool_use block per tool call index with input_json_delta), then message_delta
+    (stop_reason + usage) and message_stop once the stream has ended (OpenAI sends usage after the finish
+    chunk).  A failure ends with an ``error`` event in Anthropic's error shape."""
+
+    __slots__ = ("model", "messages", "started", "block", "kind", "tool_index", "finish", "usage", "seq",
+                 "msg_id")
+
+    def __init__(self, model: str, messages: list[dict[str, Any]] | None = None):
+        self.model = model
+        self.messages = messages
+        self.started = False
+        self.block = -1           # index of the open block (-1: none open)
+        self.kind = ""            # "text" | "tool" for the open block
+        self.tool_index = -1      # canonical tool call index of the open tool block
+        self.finish: str | None = None
+        self.seq: str | None = None
+        self.usage: Usage | None = None
+        self.msg_id = ""
+
+    def _start(self, chunk: dict[str, Any]) -> bytes:
+        self.started = True
+        self.msg_id = message_id(chunk.get("id"))
+        if chunk.get("model"):
+            self.model = chunk["model"]
+        est = estimate_messages(self.messages) if self.messages else 0
+        return frame("message_start", {"type": "message_start", "message": {
+            "id": self.msg_id, "type": "message", "role": "assistant", "content": [], "model": self.model,
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": est, "output_tokens": 0, "cache_creation_input_tokens": 0,
+                      "cache_read_input_tokens": 0}}})
+
+    def _close(self) -> bytes:
+        if self.kind:
+            self.kind = ""
+            return frame("content_block_stop", {"type": "content_block_stop", "index": self.block})
+        return b""
+
+    def _open(self, kind: str, block: dict[str, Any]) -> bytes:
+        out = self._close()
+        self.block += 1
+        self.kind = kind
+        return out + frame("content_block_start", {"type": "content_block_start", "index": self.block,
+                                                   "content_block": block})
+
+    def _text(self, text: str) -> bytes:
+        out = b"" if self.kind == "text" else self._open("text", {"type": "text", "text": ""})
+        return out + frame("content_block_delta", {"type": "content_block_delta", "index": self.block,
+                                                   "delta": {"type": "text_delta", "text": text}})
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        out = b"" if self.started else self._start(chunk)
+        u = chunk.get("usage")
+        if u:
+            self.usage = Usage.from_openai(u)
+        for ch in chunk.get("choices") or ():
+            if ch.get("index", 0) != 0:
+                continue
+            d = ch.get("delta") or {}
+            text = d.get("content")
+            if text:
+                out += self._text(text)
+            if d.get("refusal"):
+                out += self._text(d["refusal"])
+            for tc in d.get("tool_calls") or ():
+                ti = tc.get("index", 0)
+                fn = tc.get("function") or {}
+                if self.kind != "tool" or ti != self.tool_index:
+                    self.tool_index = ti
+                    out += self._open("tool", {"type": "tool_use", "id": tc.get("id") or f"toolu_{self.msg_id}_{ti}",
+                                               "name": fn.get("name") or "", "input": {}})
+                args = fn.get("arguments")
+                if args:
+                    out += frame("content_block_delta", {"type": "content_block_delta", "index": self.block,
+                                                         "delta": {"type": "input_json_delta", "partial_json": args}})
+            fr = ch.get("finish_reason")
+            if fr:
+                self.finish = fr
+                seq = ch.get("stop_sequence")
+                if isinstance(seq, str) and seq:
+                    self.seq = seq
+                out += self._close()
+        return out
+
+    def end(self, error: GatewayError | None = None) -> bytes:
+        out = b"" if self.started else self._start({})
+        if error is not None:
+            return out + frame("error", error.anthropic_body())
+        out += self._close()
+        if self.seq:
+            reason: str = "stop_sequence"
+        else:
+            reason = STOP_REASONS.get(self.finish or "stop", "end_turn")
+        usage = usage_of(self.usage) if self.usage is not None else {"output_tokens": 0}
+        out += frame("message_delta", {"type": "message_delta",
+                                       "delta": {"stop_reason": reason, "stop_sequence": self.seq},
+                                       "usage": usage})
+        return out + frame("message_stop", {"type": "message_stop"})

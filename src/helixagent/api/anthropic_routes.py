@@ -1,0 +1,107 @@
+"""Anthropic-compatible endpoints: POST /v1/messages and POST /v1/messages/count_tokens.
+
+Served through the same pipeline as /v1/chat/completions (auth, limits, cache, routing, records); only
+the parsing and the rendering differ.  Errors are answered in Anthropic's shape
+(``{"type": "error", "error": {"type", "message"}}``), mid-stream failures as an ``error`` SSE event."""
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+import orjson
+
+from ..errors import GatewayError
+from ..pipeline import RequestContext, Stage
+from ..tokens import estimate_messages
+from . import anthropic_format as afmt
+from .http import Request, send_bytes, send_json, send_sse
+from .openai_routes import _parse, base_headers, new_context
+
+
+def _headers(ctx: RequestContext) -> dict[str, str]:
+    h = base_headers(ctx)
+    h["request-id"] = ctx.request_id  # what Anthropic clients read (the SDK's ``_request_id``)
+    return h
+
+
+async def messages(gw: Any, req: Request) -> None:
+    ctx = new_context(gw, req, "chat", "anthropic")
+    parsed = await _parse(gw, req, ctx, lambda raw: afmt.parse_messages(raw, gw.providers))
+    pipeline = gw.chat_pipeline
+    if parsed is None:
+        entered = await pipeline.run_rejected(ctx)
+    else:
+        ctx.request, ctx.state["helix"] = parsed
+        beta = req.headers.get("anthropic-beta")
+        if beta:
+            ctx.state["anthropic_beta"] = beta
+        entered = await pipeline.run(ctx)
+    if ctx.error is not None or ctx.stream is None:
+        await pipeline.finish(ctx, entered)
+        h = _headers(ctx)
+        if ctx.error is not None:
+            h.update(ctx.error.response_headers())
+            await send_bytes(req.send, ctx.error.status, orjson.dumps(ctx.error.anthropic_body()), h)
+            return
+        body = afmt.render_message(ctx.response, ctx.request.model)
+        await send_bytes(req.send, 200, orjson.dumps(body), h)
+        return
+    frames = _sse_frames(ctx, pipeline.iterate(ctx, entered))
+    if not await send_sse(req, 200, _headers(ctx), frames):
+        ctx.client_disconnected = True
+
+
+async def _sse_frames(ctx: RequestContext, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    tr = afmt.StreamTranslator(ctx.upstream_model or ctx.request.model, ctx.request.messages)
+    async for chunk in chunks:
+        out = tr.feed(chunk)
+        if out:
+            yield out
+    yield tr.end(ctx.error)
+
+
+async def count_tokens(gw: Any, req: Request) -> None:
+    """Anthropic's token counting endpoint, answered from HelixAgent's local estimate (no upstream call)."""
+    await gw.authorize(req, "completions")
+    raw = await req.body(gw.cfg.server.max_body_bytes)
+    creq, _ = afmt.parse_messages(raw, gw.providers, count_only=True)
+    n = estimate_messages(creq.messages, creq.params.get("tools"))
+    await send_json(req.send, 200, {"input_tokens": n})
+
+
+class AnthropicFeatureStage(Stage):
+    """After auth: checks that the provider the router will try first has the Anthropic-only features the
+    request uses (clear 400 otherwise), and removes Anthropic extensions (cache_control, is_error) when
+    that provider is not an Anthropic one.  Costs one attribute compare for other requests."""
+
+    name = "anthropic_features"
+
+    def __init__(self, gw: Any):
+        self.gw = gw
+
+    async def pre(self, ctx: RequestContext) -> bool:
+        if ctx.client_format != "anthropic":
+            return False
+        info = (ctx.state.get("helix") or {}).get("anthropic")
+        if not info or not (info["features"] or info["lower"]):
+            return False
+        req = ctx.request
+        try:
+            cands = self.gw.router.candidates(req.model, req.provider)
+        except GatewayError:
+            return False  # unknown model / provider: the router answers it in its turn
+        if not cands:
+            return False
+        first = cands[0].provider
+        if info["features"]:
+            err = afmt.feature_error(info["features"], first)
+            if err is not None:
+                raise err
+        if info["lower"] and first.cfg.wire != "anthropic":
+            afmt.lower_for_openai(req)
+        return False
+
+
+def install(gw: Any) -> None:
+    gw.route("POST", "/v1/messages", messages)
+    gw.route("POST", "/v1/messages/count_tokens", count_tokens)
+    gw.add_stage(AnthropicFeatureStage(gw))
