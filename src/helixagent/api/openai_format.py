@@ -153,6 +153,15 @@ def parse_completion(raw: bytes, known_providers: Any) -> tuple[ChatRequest, dic
                        provider=provider, endpoint="completion", prompt=prompt), helix
 
 
+MAX_EMBEDDING_INPUTS = 2048       # OpenAI's documented limit per request
+MAX_EMBEDDING_DIMENSIONS = 16384  # larger than any embedding model offers; bounds a mock's allocation
+
+
+def _token_array(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x)
+
+
 def parse_embeddings(raw: bytes, known_providers: Any) -> EmbeddingRequest:
     body = load_json_object(raw)
     helix = {k: body.pop(k) for k in HELIX_FIELDS if k in body}
@@ -162,21 +171,36 @@ def parse_embeddings(raw: bytes, known_providers: Any) -> EmbeddingRequest:
     inp = body.pop("input", None)
     if inp is None:
         raise bad_request("'input' is required", param="input", code="missing_required_parameter")
+    if isinstance(inp, list) and not inp:
+        raise bad_request("'input' must not be an empty array", param="input", code="invalid_value")
     if isinstance(inp, str):
         items: list[Any] = [inp]
-    elif isinstance(inp, list) and inp and all(isinstance(x, str) for x in inp):
+    elif isinstance(inp, list) and all(isinstance(x, str) for x in inp):
         items = inp
-    elif isinstance(inp, list) and inp and all(isinstance(x, int) and not isinstance(x, bool) for x in inp):
+    elif _token_array(inp):
         items = [inp]
-    elif isinstance(inp, list) and inp and all(
-            isinstance(x, list) and all(isinstance(t, int) for t in x) for x in inp):
+    elif isinstance(inp, list) and all(_token_array(x) for x in inp):
         items = inp
     else:
-        raise bad_request("'input' must be a string, an array of strings, or token arrays", param="input",
-                          code="invalid_type")
-    if any(isinstance(x, str) and not x for x in items):
-        raise bad_request("'input' must not contain empty strings", param="input", code="invalid_value")
+        raise bad_request("'input' must be a string, an array of strings, an array of token ids (non-negative "
+                          "integers), or an array of non-empty token arrays", param="input", code="invalid_type")
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise bad_request(f"'input' holds {len(items)} items; at most {MAX_EMBEDDING_INPUTS} per request",
+                          param="input", code="invalid_value")
+    for i, x in enumerate(items):
+        if isinstance(x, str) and not x:
+            raise bad_request(f"'input[{i}]' is an empty string; embeddings need non-empty input",
+                              param="input", code="invalid_value")
     _positive_int(body, "dimensions")
+    dims = body.get("dimensions")
+    if dims is not None and dims > MAX_EMBEDDING_DIMENSIONS:
+        raise bad_request(f"'dimensions' must be at most {MAX_EMBEDDING_DIMENSIONS}", param="dimensions",
+                          code="invalid_value")
+    ef = body.get("encoding_format")
+    if ef is not None and ef not in ("float", "base64"):
+        raise bad_request("'encoding_format' must be 'float' or 'base64'", param="encoding_format",
+                          code="invalid_value")
+    _typecheck(body, "user", (str,), "a string")
     return EmbeddingRequest(model=model, input=items, params=body, provider=provider)
 
 

@@ -123,6 +123,18 @@ async def embeddings(gw: Any, req: Request) -> None:
         await send_bytes(req.send, ctx.error.status, orjson.dumps(ctx.error.openai_body()), h)
         return
     body = ctx.response.body
+    if ctx.request.params.get("encoding_format") == "base64":
+        # providers that only produce floats (mock, Gemini): encode as OpenAI does, little-endian float32
+        import array
+        import base64
+        import sys
+        for d in body.get("data") or ():
+            vec = d.get("embedding")
+            if isinstance(vec, list):
+                a = array.array("f", vec)
+                if sys.byteorder != "little":
+                    a.byteswap()
+                d["embedding"] = base64.b64encode(a.tobytes()).decode()
     body["provider"] = ctx.provider
     await send_bytes(req.send, 200, orjson.dumps(body), base_headers(ctx))
 

@@ -92,8 +92,12 @@ class MockProvider(Provider):
         data = []
         tokens = 0
         for i, item in enumerate(req.input):
-            text = item if isinstance(item, str) else " ".join(map(str, item))
-            tokens += max(1, estimate_text(text))
+            if isinstance(item, str):
+                text = item
+                tokens += max(1, estimate_text(text))
+            else:  # a token array: its own key space (never the vector of the text "1 2 3"), exact count
+                text = "\x00tokens:" + ",".join(map(str, item))
+                tokens += len(item)
             vec = _vector(text, dims)
             data.append({"object": "embedding", "index": i, "embedding": vec})
         usage = Usage(tokens, 0, tokens)

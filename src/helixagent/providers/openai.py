@@ -113,7 +113,15 @@ class OpenAIProvider(Provider):
         status, headers, data = await self.http.post(self.url_embeddings, orjson.dumps(b), self.headers)
         if status != 200:
             raise self.upstream_error(status, data, headers)
-        body = orjson.loads(data)
+        try:
+            body = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            body = None
+        items = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(items, list) or len(items) != len(req.input) or not all(
+                isinstance(d, dict) and isinstance(d.get("embedding"), (list, str)) for d in items):
+            raise GatewayError(502, f"provider {self.name!r} returned an unexpected embeddings body",
+                               provider=self.name, retryable=True, kind="bad_upstream_body")
         return EmbeddingResponse(body, Usage.from_openai(body.get("usage")), self.name)
 
 
