@@ -161,8 +161,8 @@ class Gateway:
             raise
         except Exception:
             log.exception("unhandled error on %s %s", req.method, req.path)
-            await send_json(send, 500, {"error": {"message": "internal error", "type": "server_error",
-                                                  "param": None, "code": "internal_error"}})
+            await send_json(send, 500, self.error_body(req, GatewayError(500, "internal error", type="server_error",
+                                                                         code="internal_error")))
 
     def error_body(self, req: Any, exc: GatewayError) -> dict[str, Any]:
         if req.path.startswith("/v1/messages"):

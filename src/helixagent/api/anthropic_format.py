@@ -697,6 +697,11 @@ def frame(event: str, data: dict[str, Any]) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
+_TEXT_DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+_TEXT_DELTA_MID = b',"delta":{"type":"text_delta","text":'
+_TEXT_DELTA_TAIL = b'}}\n\n'
+
+
 class StreamTranslator:
     """Stateful: canonical OpenAI chunks in, Anthropic SSE frames out.
 
@@ -746,9 +751,10 @@ class StreamTranslator:
                                                    "content_block": block})
 
     def _text(self, text: str) -> bytes:
+        # the per-token hot path: byte concatenation instead of building and serialising a dict
         out = b"" if self.kind == "text" else self._open("text", {"type": "text", "text": ""})
-        return out + frame("content_block_delta", {"type": "content_block_delta", "index": self.block,
-                                                   "delta": {"type": "text_delta", "text": text}})
+        return (out + _TEXT_DELTA_HEAD + str(self.block).encode() + _TEXT_DELTA_MID + orjson.dumps(text)
+                + _TEXT_DELTA_TAIL)
 
     def feed(self, chunk: dict[str, Any]) -> bytes:
         out = b"" if self.started else self._start(chunk)
