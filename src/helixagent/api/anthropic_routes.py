@@ -14,7 +14,7 @@ from ..pipeline import RequestContext, Stage
 from ..tokens import estimate_messages
 from . import anthropic_format as afmt
 from .http import Request, send_bytes, send_json, send_sse
-from .openai_routes import _parse, base_headers, new_context
+from .openai_routes import _parse, base_headers, disconnected, new_context
 
 
 def _headers(ctx: RequestContext) -> dict[str, str]:
@@ -46,8 +46,7 @@ async def messages(gw: Any, req: Request) -> None:
         await send_bytes(req.send, 200, orjson.dumps(body), h)
         return
     frames = _sse_frames(ctx, pipeline.iterate(ctx, entered))
-    if not await send_sse(req, 200, _headers(ctx), frames):
-        ctx.client_disconnected = True
+    await send_sse(req, 200, _headers(ctx), frames, lambda: disconnected(ctx))
 
 
 async def _sse_frames(ctx: RequestContext, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
