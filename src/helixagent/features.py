@@ -10,10 +10,15 @@ from typing import Any
 def install_features(gw: Any) -> None:
     from .api import openai_routes
     from . import auth
+    from . import limits
 
     openai_routes.install(gw)
     auth.install(gw)
+    limits.install(gw)
 
 
 def install_commands(subparsers: Any) -> None:
     """CLI subcommands contributed by feature modules (keys, migrate, usage, purge, ...)."""
+    from .auth import cli as auth_cli
+
+    auth_cli.install(subparsers)
