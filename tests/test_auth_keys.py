@@ -196,3 +196,40 @@ async def test_key_store_down_gives_503_not_a_crash(tmp_path):
     with pytest.raises(GatewayError) as e:
         await auth.identify("hx-" + "B" * 43)
     assert e.value.status == 503 and "unavailable" in e.value.message
+
+
+async def test_key_store_on_postgresql():
+    from conftest import need_postgres
+    import uuid
+    url = need_postgres()
+    schema = "hxkeys_" + uuid.uuid4().hex[:10]
+    admin = make_engine(url)
+    async with admin.begin() as c:
+        await c.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    engine = make_engine(url, connect_args={"server_settings": {"search_path": schema}})
+    try:
+        store = KeyStore(engine)
+        assert await store.ensure_table() is True
+        assert await store.ensure_table() is False
+        rec, secret = await store.create(user_id="pg", application="app", role="readonly",
+                                         limits={"tokens_per_day": 5})
+        got = await store.by_hash(hash_key(secret))
+        assert got is not None and got.id == rec.id and got.limits == {"tokens_per_day": 5}
+        assert got.created_at.tzinfo is not None
+        new, secret2, old = await store.rotate(rec.id, 60)
+        assert old.status() == "rotating" and new.rotated_from == rec.id
+        with pytest.raises(GatewayError) as e:
+            await store.rotate(rec.id, 60)
+        assert e.value.status == 409
+        assert (await store.revoke(new.id)).status() == "revoked"
+        auth = Authenticator(MASTER, store)
+        with pytest.raises(GatewayError) as e:
+            await auth.identify(secret2)
+        assert e.value.code == "revoked_api_key"
+        assert (await auth.identify(secret)).role == "readonly"
+        assert [r.id for r in await store.list(user_id="pg")] == [rec.id, new.id]
+    finally:
+        await engine.dispose()
+        async with admin.begin() as c:
+            await c.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        await admin.dispose()
