@@ -248,6 +248,10 @@ class RateLimitsConfig(Strict):
     user: UserLimit | None = None
     application: AppLimit | None = None
     cost: CostBudgets | None = None
+    # Redis keys are named <key_prefix>:rl:...
+    key_prefix: str = Field(default="helixagent", min_length=1)
+    # Completion tokens reserved for a request that sets no max_tokens (settled to the real usage after).
+    default_completion_tokens: int = Field(default=1024, ge=0)
 
     @field_validator("on_backend_error", mode="before")
     @classmethod
@@ -265,6 +269,14 @@ class RateLimitsConfig(Strict):
 
 class AuthConfig(Strict):
     master_key: str | None = None
+    # How long a verified virtual key is trusted from process memory while the Redis key-change
+    # subscription is live (without one: at most 1s).  See docs/keys-and-limits.md.
+    key_cache_ttl: float = 60.0
+    # Redis for key-change notifications between instances; defaults to redis.url, else rate_limits.redis_url.
+    redis_url: str | None = None
+    redis_prefix: str = Field(default="helixagent", min_length=1)
+
+    _d = field_validator("key_cache_ttl", mode="before")(lambda v: parse_duration(v))
 
 
 class DatabaseConfig(Strict):

@@ -8,13 +8,17 @@ from typing import Any
 
 
 def install_features(gw: Any) -> None:
-    from .api import openai_routes
-    from . import auth
+    from . import auth, limits
+    from .api import anthropic_routes, openai_routes
 
     openai_routes.install(gw)
     auth.install(gw)
-    from .api import anthropic_routes; anthropic_routes.install(gw)  # noqa: E702  (after auth: /v1/messages)
+    anthropic_routes.install(gw)  # after auth: /v1/messages and its provider-feature check
+    limits.install(gw)
 
 
 def install_commands(subparsers: Any) -> None:
     """CLI subcommands contributed by feature modules (keys, migrate, usage, purge, ...)."""
+    from .auth import cli as auth_cli
+
+    auth_cli.install(subparsers)

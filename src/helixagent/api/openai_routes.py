@@ -170,6 +170,7 @@ async def get_model(gw: Any, req: Request, model_id: str) -> None:
 
 
 async def health(gw: Any, req: Request) -> None:
+    await gw.authorize(req, "health")
     providers = {}
     for name, p in gw.providers.items():
         info: dict[str, Any] = {"type": p.cfg.type, "enabled": p.cfg.enabled, "priority": p.cfg.priority,

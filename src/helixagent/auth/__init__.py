@@ -2,16 +2,29 @@
 
 ``Authenticator.identify`` turns the presented key (``Authorization: Bearer`` or ``x-api-key``) into an
 :class:`~helixagent.pipeline.Identity`; ``authorize`` also checks that the identity's role may perform
-the action.  The master key (``HELIXAGENT_API_KEY`` / ``auth.master_key``) has the admin role.  With no
-master key configured the gateway serves only on localhost and every local caller is admin.
+the action.  The master key (``HELIXAGENT_API_KEY`` / ``auth.master_key``) has the admin role; virtual
+keys (``hx-...``, see :mod:`.keys`) carry their own role, owner and limits.  With no master key
+configured the gateway serves only on localhost: a caller without a (known) virtual key is the local
+admin, while a virtual key still authenticates as itself (so its role and limits apply).
+
+Hot path: the SHA-256 of the presented key is looked up in an in-process dict; the database is read only
+on a miss or after the entry's TTL (``auth.key_cache_ttl`` while the Redis key-change subscription is
+live, at most 1 s otherwise).  Revocation on the same instance evicts at once; other instances hear it
+over Redis and acknowledge before the revoke call returns (see :mod:`.bus`).
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
+import time
 from typing import Any
 
 from ..errors import GatewayError
 from ..pipeline import ANONYMOUS_LOCAL, Identity, RequestContext, Stage
+from .keys import KEY_PREFIX, KeyRecord, KeyStore, hash_key
+
+log = logging.getLogger("helixagent.auth")
 
 # action -> roles allowed
 PERMISSIONS: dict[str, frozenset[str]] = {
@@ -25,33 +38,164 @@ PERMISSIONS: dict[str, frozenset[str]] = {
 }
 
 MASTER = Identity(key_id="master", user_id=None, application=None, role="admin", is_master=True)
+FALLBACK_TTL = 1.0        # seconds a cached key is trusted when no key-change subscription is live
+NEGATIVE_TTL = 5.0        # seconds an unknown hx- key is remembered as unknown (bounded dict)
+NEGATIVE_MAX = 10000
+
+
+def _unauthorized(message: str, code: str) -> GatewayError:
+    return GatewayError(401, message, type="authentication_error", code=code)
+
+
+INVALID = _unauthorized("invalid API key", "invalid_api_key")
+
+
+class _Entry:
+    __slots__ = ("identity", "not_after", "problem", "fetched", "record")
+
+    def __init__(self, rec: KeyRecord, fetched: float):
+        self.record = rec
+        self.identity = Identity(key_id=rec.id, user_id=rec.user_id, application=rec.application, role=rec.role,
+                                 limits=rec.limits)
+        self.not_after = rec.not_after
+        self.fetched = fetched
+        self.problem: GatewayError | None = None
+        if rec.revoked_at is not None:
+            self.problem = _unauthorized("this API key has been revoked", "revoked_api_key")
 
 
 class Authenticator:
-    def __init__(self, master_key: str | None):
+    def __init__(self, master_key: str | None, store: KeyStore | None = None, ttl: float = 60.0,
+                 clock: Any = time.monotonic, wall: Any = time.time):
         self.master_key = master_key.encode() if master_key else None
+        self.store = store
+        self.ttl = ttl
+        self.bus: Any = None
+        self.clock = clock
+        self.wall = wall
+        self._cache: dict[str, _Entry] = {}
+        self._negative: dict[str, float] = {}
+        self._inflight: dict[str, asyncio.Future[_Entry | None]] = {}
+        self.db_lookups = 0
+        self._db_outage = False
 
     @property
     def open(self) -> bool:
-        """No master key: local-only mode, no authentication."""
+        """No master key: local-only mode; callers without a virtual key are the local admin."""
         return self.master_key is None
 
+    @property
+    def current_ttl(self) -> float:
+        bus = self.bus
+        return self.ttl if bus is not None and bus.healthy else min(self.ttl, FALLBACK_TTL)
+
+    # -- cache maintenance ----------------------------------------------------------------------------
+    def forget(self, ids: list[str] | None) -> None:
+        """Drop cached keys (by id; all when ``ids`` is None) and every negative entry."""
+        self._negative.clear()
+        if ids is None:
+            self._cache.clear()
+            return
+        wanted = set(ids)
+        for h in [h for h, e in self._cache.items() if e.record.id in wanted]:
+            del self._cache[h]
+
+    async def changed(self, ids: list[str]) -> None:
+        """A key was created, rotated or revoked here: forget it locally and tell the other instances."""
+        self.forget(ids)
+        if self.bus is not None and self.bus.healthy:
+            try:
+                await self.bus.publish(ids)
+            except Exception as exc:
+                log.error("could not publish key change %s to Redis (%s); other instances stop using their "
+                          "cached copy within %.0fs", ",".join(ids), type(exc).__name__, self.ttl)
+
+    # -- identification -------------------------------------------------------------------------------
     async def identify(self, token: str | None) -> Identity:
-        if self.master_key is None:
-            return ANONYMOUS_LOCAL
         if not token:
-            raise GatewayError(401, "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
-                               type="authentication_error", code="missing_api_key")
-        if hmac.compare_digest(token.encode(), self.master_key):
+            if self.master_key is None:
+                return ANONYMOUS_LOCAL
+            raise _unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                                "missing_api_key")
+        mk = self.master_key
+        if mk is not None and hmac.compare_digest(token.encode("utf-8", "surrogatepass"), mk):
             return MASTER
-        raise GatewayError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
+        if self.store is None or not token.startswith(KEY_PREFIX):
+            if mk is None:
+                return ANONYMOUS_LOCAL
+            raise INVALID
+        h = hash_key(token)
+        now = self.clock()
+        e = self._cache.get(h)
+        if e is None or now - e.fetched >= self.current_ttl:
+            e = await self._load(h, now, e)
+            if e is None:
+                if mk is None:
+                    return ANONYMOUS_LOCAL
+                raise INVALID
+        if e.problem is not None:
+            raise e.problem
+        na = e.not_after
+        if na is not None and self.wall() >= na:
+            raise self._ended(e.record)
+        return e.identity
+
+    def _ended(self, rec: KeyRecord) -> GatewayError:
+        st = rec.status(self.wall())
+        if st == "rotated":
+            return _unauthorized("this API key was rotated and its grace period has ended; use the new key",
+                                 "rotated_api_key")
+        return _unauthorized("this API key has expired", "expired_api_key")
+
+    async def _load(self, h: str, now: float, stale: _Entry | None) -> _Entry | None:
+        neg = self._negative.get(h)
+        if neg is not None and now < neg:
+            return None
+        fut = self._inflight.get(h)
+        if fut is not None:  # another request is already reading this key: share its answer
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[h] = fut
+        try:
+            assert self.store is not None
+            self.db_lookups += 1
+            try:
+                rec = await self.store.by_hash(h)
+            except Exception as exc:
+                if not self._db_outage:
+                    log.error("API key lookup failed (%s: %s)%s", type(exc).__name__, exc,
+                              "; serving cached keys" if stale else "")
+                    self._db_outage = True
+                if stale is not None:
+                    fut.set_result(stale)
+                    return stale
+                err = GatewayError(503, "the API key store is unavailable; try again shortly",
+                                   code="auth_unavailable", retry_after=1)
+                fut.set_exception(err)
+                fut.exception()  # mark retrieved
+                raise err from None
+            if self._db_outage:
+                log.warning("API key lookups work again")
+                self._db_outage = False
+            if rec is None:
+                if len(self._negative) >= NEGATIVE_MAX:
+                    self._negative.clear()
+                self._negative[h] = now + min(NEGATIVE_TTL, self.current_ttl)
+                fut.set_result(None)
+                return None
+            e = _Entry(rec, now)
+            self._cache[h] = e
+            fut.set_result(e)
+            return e
+        finally:
+            self._inflight.pop(h, None)
 
     async def authorize(self, token: str | None, action: str) -> Identity:
         ident = await self.identify(token)
         allowed = PERMISSIONS.get(action, PERMISSIONS["admin"])
         if ident.role not in allowed:
-            raise GatewayError(403, f"the role {ident.role!r} may not use {action}; needs one of "
-                                    f"{', '.join(sorted(allowed))}", type="permission_error",
+            raise GatewayError(403, f"this API key has the role {ident.role!r}, which may not use {action}; "
+                                    f"that needs one of: {', '.join(sorted(allowed))}", type="permission_error",
                                code="insufficient_permissions")
         return ident
 
@@ -66,6 +210,9 @@ def bearer_of(headers: dict[str, str]) -> str | None:
     return key.strip() if key else None
 
 
+_ACTIONS = {"embeddings": "embeddings"}
+
+
 class AuthStage(Stage):
     name = "auth"
 
@@ -73,12 +220,54 @@ class AuthStage(Stage):
         self.auth = auth
 
     async def pre(self, ctx: RequestContext) -> bool:
-        action = "embeddings" if ctx.endpoint == "embeddings" else "completions"
-        ctx.identity = await self.auth.authorize(bearer_of(ctx.headers), action)
+        ctx.identity = await self.auth.authorize(bearer_of(ctx.headers), _ACTIONS.get(ctx.endpoint, "completions"))
         return False
 
 
+def auth_redis_url(cfg: Any) -> str | None:
+    if cfg.auth.redis_url:
+        return cfg.auth.redis_url
+    if cfg.redis.url:
+        return cfg.redis.url
+    rl = cfg.rate_limits
+    return rl.redis_url if rl.backend == "redis" else None
+
+
 def install(gw: Any) -> None:
-    auth = Authenticator(gw.cfg.auth.master_key)
+    from ..store.db import make_engine
+
+    cfg = gw.cfg
+    engine = make_engine(cfg.database.url, cfg.database.pool_size)
+    store = KeyStore(engine)
+    auth = Authenticator(cfg.auth.master_key, store, ttl=cfg.auth.key_cache_ttl)
     gw.services["auth"] = auth
+    gw.services["keys"] = store
     gw.add_stage(AuthStage(auth))
+
+    from ..api import admin_routes
+    admin_routes.install(gw)
+
+    async def start() -> None:
+        try:
+            if await store.ensure_table():
+                log.warning("the api_keys table was missing and has been created; run `helixagent migrate` "
+                            "to manage the schema with migrations")
+        except Exception as exc:
+            log.error("cannot prepare the api_keys table in %s (%s: %s); virtual keys will not authenticate "
+                      "until the database is reachable", cfg.database.url.split("@")[-1], type(exc).__name__, exc)
+        url = auth_redis_url(cfg)
+        if url:
+            from .bus import InvalidationBus
+            auth.bus = InvalidationBus(url, cfg.auth.redis_prefix, auth.forget)
+            await auth.bus.start()
+        if auth.open:
+            log.warning("no master key is configured (HELIXAGENT_API_KEY): only localhost is served; callers "
+                        "without a virtual key act as admin")
+
+    async def stop() -> None:
+        if auth.bus is not None:
+            await auth.bus.stop()
+        await engine.dispose()
+
+    gw.on_startup(start)
+    gw.on_shutdown(stop)

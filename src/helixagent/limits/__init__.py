@@ -1,1 +1,411 @@
-"""Rate limits and budgets."""
+"""Rate limits and budgets (the ``rate_limits:`` block, plus per-key overrides).
+
+The :class:`LimitsStage` runs after authentication and before the cache.  For each request it builds the
+list of applicable limits -- per IP, per API key, per user, per application, in requests, tokens and
+dollars -- and reserves against all of them in one atomic check-and-consume (one Lua call with Redis):
+
+* requests count 1;
+* tokens count an estimate made before the upstream call: the prompt counted locally
+  (:func:`helixagent.tokens.estimate_messages`) plus ``max_tokens`` (or ``default_completion_tokens``)
+  for each of the ``n`` choices;
+* dollars count that estimate priced at the dearest candidate provider's price for the model.
+
+After the answer, :meth:`LimitsStage.post` settles each token and dollar reservation to the real usage
+(refunding the difference or charging an overshoot); a cache hit costs no upstream tokens.  Because a
+reservation is taken before the upstream call, concurrent requests cannot overshoot a budget.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable
+
+from ..errors import GatewayError
+from ..pipeline import RequestContext, Stage
+from ..tokens import estimate_messages, estimate_text
+from .backends import (DAY, DAY_MS, GCRA, MINUTE_MS, MONTH, SLIDING, BackendUnavailable, MemoryBackend,
+                       RedisBackend, Reservation)
+
+log = logging.getLogger("helixagent.limits")
+
+REQ, TOK, USD = 0, 1, 2
+MICRO = 1_000_000  # dollar budgets are counted in micro-dollars (integers, exact in Redis and Lua)
+_TTL = {SLIDING: 2 * MINUTE_MS + 5000, GCRA: 2 * MINUTE_MS, DAY: 2 * DAY_MS, MONTH: 33 * DAY_MS}
+_UNIT_WORD = {REQ: "requests", TOK: "tokens", USD: "cost"}
+_WINDOW_WORD = {SLIDING: "per minute", GCRA: "per minute", DAY: "per day", MONTH: "per month"}
+
+try:  # the shipped price catalogue (optional): estimate_cost(provider_cfg, model, usage) -> float | None
+    from ..providers.catalogue import estimate_cost as _catalogue_cost  # type: ignore[attr-defined]
+except Exception:  # pragma: no cover - depends on what is installed
+    _catalogue_cost = None
+
+
+class Limit:
+    __slots__ = ("unit", "algo", "key", "limit", "burst", "scope", "ttl")
+
+    def __init__(self, unit: int, algo: int, key: str, limit: int, scope: str, burst: int = 0):
+        self.unit = unit
+        self.algo = algo
+        self.key = key
+        self.limit = limit
+        self.burst = burst
+        self.scope = scope
+        self.ttl = _TTL[algo]
+
+    def describe(self) -> str:
+        if self.unit == USD:
+            return f"cost budget {_WINDOW_WORD[self.algo]} for {self.scope} (${self.limit / MICRO:g})"
+        return f"{_UNIT_WORD[self.unit]} {_WINDOW_WORD[self.algo]} for {self.scope} (limit {self.limit})"
+
+
+class Plan:
+    __slots__ = ("limits", "req", "tok", "usd", "source")
+
+    def __init__(self, limits: list[Limit], source: Any):
+        self.limits = limits
+        self.req = any(x.unit == REQ for x in limits)
+        self.tok = any(x.unit == TOK for x in limits)
+        self.usd = any(x.unit == USD for x in limits)
+        self.source = source
+
+
+EMPTY = Plan([], None)
+
+
+def fmt_reset(seconds: float) -> str:
+    """OpenAI's duration style: 20ms, 1s, 6m0s, 1h2m3s."""
+    if seconds < 1:
+        return f"{max(0, int(math.ceil(seconds * 1000)))}ms"
+    s = int(math.ceil(seconds))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    if h:
+        return f"{h}h{m}m{sec}s"
+    if m:
+        return f"{m}m{sec}s"
+    return f"{sec}s"
+
+
+class Limiter:
+    """The configured limits and the backend, shared by the stage and by anyone who wants counters."""
+
+    def __init__(self, cfg: Any, backend: Any, gw: Any = None):
+        self.cfg = cfg
+        rl = cfg.rate_limits
+        self.rl = rl
+        self.backend = backend
+        self.gw = gw
+        self.prefix = f"{rl.key_prefix}:rl"
+        self.default_completion = rl.default_completion_tokens
+        ip = rl.ip
+        self.ip_rpm = ip.requests_per_minute if ip is not None else None
+        self.ip_burst = 0
+        if self.ip_rpm is not None:
+            self.ip_burst = max(1, ip.burst_size if ip.burst_size is not None else self.ip_rpm)  # type: ignore[union-attr]
+        self._plans: dict[str, Plan] = {}
+        self._prices: dict[tuple[str, str], tuple[float, float]] = {}
+        self._est_prices: dict[tuple[Any, str], tuple[float, float]] = {}
+        # counters (read by /metrics) and event listeners: fn(event, info) with event in
+        # "rejected", "backend_error", "backend_recovered", "policy"
+        self.backend_errors = 0      # requests (or settlements) decided without the backend
+        self.outages = 0
+        self.rejected = 0
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        if isinstance(backend, RedisBackend):
+            backend.on_error = self._backend_down
+            backend.on_recover = self._backend_up
+
+    # -- events ------------------------------------------------------------------------------------
+    def _emit(self, event: str, info: dict[str, Any]) -> None:
+        for fn in self.listeners:
+            try:
+                fn(event, info)
+            except Exception:
+                log.exception("limits listener failed")
+
+    def _backend_down(self, exc: Exception | None) -> None:
+        self.outages += 1
+        rl = self.rl.on_backend_error
+        log.error("rate limit backend (Redis) is unreachable (%s); until it is back, request limits are %s "
+                  "and token/cost budgets are %s (rate_limits.on_backend_error)", type(exc).__name__ if exc else "",
+                  "allowed" if rl.requests == "allow" else "denied",
+                  "allowed" if rl.budgets == "allow" else "denied")
+        self._emit("backend_error", {"error": type(exc).__name__ if exc else None})
+
+    def _backend_up(self) -> None:
+        log.warning("rate limit backend (Redis) is reachable again; limits are enforced")
+        self._emit("backend_recovered", {})
+
+    # -- plans ---------------------------------------------------------------------------------------
+    def plan(self, ident: Any) -> Plan:
+        if ident is None or ident.key_id is None or ident.is_master:
+            return EMPTY
+        p = self._plans.get(ident.key_id)
+        if p is not None and p.source is ident:
+            return p
+        p = Plan(self._compile(ident), ident)
+        if len(self._plans) > 100_000:
+            self._plans.clear()
+        self._plans[ident.key_id] = p
+        return p
+
+    def _compile(self, ident: Any) -> list[Limit]:
+        rl = self.rl
+        kl = ident.limits or {}
+        pre = self.prefix
+        out: list[Limit] = []
+
+        def add(unit: int, algo: int, key: str, value: Any, scope: str) -> None:
+            if value is None:
+                return
+            v = int(round(value * MICRO)) if unit == USD else int(value)
+            out.append(Limit(unit, algo, key, v, scope))
+
+        kid = ident.key_id
+        ks = f"API key {kid}"
+        cost = rl.cost
+        ak = rl.api_key
+        add(REQ, SLIDING, f"{pre}:key:{kid}:rpm", kl.get("requests_per_minute", ak and ak.requests_per_minute), ks)
+        add(TOK, SLIDING, f"{pre}:key:{kid}:tpm", kl.get("tokens_per_minute", ak and ak.tokens_per_minute), ks)
+        add(TOK, DAY, f"{pre}:key:{kid}:tpd", kl.get("tokens_per_day"), ks)
+        add(TOK, MONTH, f"{pre}:key:{kid}:tpmo", kl.get("tokens_per_month"), ks)
+        ck = cost.api_key if cost else None
+        add(USD, DAY, f"{pre}:key:{kid}:usd-d", kl.get("cost_per_day", ck and ck.per_day), ks)
+        add(USD, MONTH, f"{pre}:key:{kid}:usd-m", kl.get("cost_per_month", ck and ck.per_month), ks)
+        if ident.user_id is not None:
+            u = ident.user_id
+            us = f"user {u!r}"
+            ul = rl.user
+            if ul is not None:
+                add(TOK, SLIDING, f"{pre}:user:{u}:tpm", ul.tokens_per_minute, us)
+                add(TOK, DAY, f"{pre}:user:{u}:tpd", ul.tokens_per_day, us)
+            cu = cost.user if cost else None
+            if cu is not None:
+                add(USD, DAY, f"{pre}:user:{u}:usd-d", cu.per_day, us)
+                add(USD, MONTH, f"{pre}:user:{u}:usd-m", cu.per_month, us)
+        if ident.application is not None:
+            a = ident.application
+            as_ = f"application {a!r}"
+            if rl.application is not None:
+                add(TOK, MONTH, f"{pre}:app:{a}:tpmo", rl.application.tokens_per_month, as_)
+            ca = cost.application if cost else None
+            if ca is not None:
+                add(USD, DAY, f"{pre}:app:{a}:usd-d", ca.per_day, as_)
+                add(USD, MONTH, f"{pre}:app:{a}:usd-m", ca.per_month, as_)
+        return out
+
+    # -- estimates and prices ------------------------------------------------------------------------
+    def estimate_tokens(self, ctx: RequestContext) -> int:
+        req = ctx.request
+        if ctx.endpoint == "embeddings":
+            n = 0
+            for item in req.input:
+                n += estimate_text(item) if isinstance(item, str) else len(item)
+            return n
+        prompt = estimate_messages(req.messages, req.params.get("tools"))
+        ctx.estimated_tokens = prompt
+        mt = req.max_tokens
+        choices = req.params.get("n")
+        choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
+        return prompt + (mt if mt is not None else self.default_completion) * choices
+
+    def price(self, provider: str | None, model: str | None) -> tuple[float, float]:
+        """(dollars per input token, dollars per output token); (0, 0) when unknown."""
+        key = (provider or "", model or "")
+        p = self._prices.get(key)
+        if p is not None:
+            return p
+        p = (0.0, 0.0)
+        prov = self.gw.providers.get(provider) if self.gw is not None and provider else None
+        if prov is not None:
+            mp = prov.cfg.model_prices.get(model or "")
+            if mp is not None and (mp.input_per_mtok is not None or mp.output_per_mtok is not None):
+                p = ((mp.input_per_mtok or 0.0) / 1e6, (mp.output_per_mtok or 0.0) / 1e6)
+            elif _catalogue_cost is not None:
+                try:
+                    from ..canonical import Usage
+                    i = _catalogue_cost(prov.cfg, model, Usage(1_000_000, 0, 1_000_000)) or 0.0
+                    o = _catalogue_cost(prov.cfg, model, Usage(0, 1_000_000, 1_000_000)) or 0.0
+                    p = (float(i) / 1e6, float(o) / 1e6)
+                except Exception:
+                    log.warning("price catalogue failed for %s/%s; counting it as free for cost budgets",
+                                provider, model)
+        self._prices[key] = p
+        return p
+
+    def estimate_price(self, req: Any) -> tuple[float, float]:
+        """The dearest price among the providers that may serve the request (a conservative reservation)."""
+        key = (req.provider, req.model)
+        p = self._est_prices.get(key)
+        if p is not None:
+            return p
+        pin, pout = 0.0, 0.0
+        try:
+            for c in self.gw.router.candidates(req.model, req.provider):
+                i, o = self.price(c.provider.name, c.model)
+                pin, pout = max(pin, i), max(pout, o)
+        except GatewayError:
+            pass  # routing will answer the unknown model with its own error
+        self._est_prices[key] = (pin, pout)
+        return pin, pout
+
+    def real_tokens(self, ctx: RequestContext) -> tuple[int, int]:
+        """(prompt, completion) tokens the upstream really spent on this request."""
+        if ctx.cache_status == "HIT":
+            return 0, 0
+        u = ctx.usage
+        if u is not None:
+            p, c = u.prompt_tokens, u.completion_tokens
+            if not p and not c and u.total_tokens:
+                p = u.total_tokens
+            return p, c
+        resp = ctx.response
+        if resp is not None and ctx.endpoint != "embeddings":  # a stream that broke: count what arrived
+            body = getattr(resp, "body", None) or {}
+            text = ""
+            for ch in body.get("choices") or ():
+                text += ((ch.get("message") or {}).get("content") or "")
+            return ctx.estimated_tokens, estimate_text(text)
+        return 0, 0
+
+
+class LimitsStage(Stage):
+    name = "limits"
+
+    def __init__(self, limiter: Limiter):
+        self.limiter = limiter
+        self.backend = limiter.backend
+        self.sync = getattr(limiter.backend, "sync", False)
+
+    async def pre(self, ctx: RequestContext) -> bool:
+        lm = self.limiter
+        plan = lm.plan(ctx.identity)
+        limits = plan.limits
+        if lm.ip_rpm is not None:
+            limits = [Limit(REQ, GCRA, f"{lm.prefix}:ip:{ctx.ip}", lm.ip_rpm, f"IP {ctx.ip}", lm.ip_burst), *limits]
+        if not limits:
+            return False
+        tok = usd = 0
+        if plan.tok or plan.usd:
+            tok = lm.estimate_tokens(ctx)
+            if plan.usd and ctx.endpoint != "embeddings":
+                pin, pout = lm.estimate_price(ctx.request)
+                out_est = tok - ctx.estimated_tokens
+                usd = int(math.ceil((ctx.estimated_tokens * pin + out_est * pout) * MICRO))
+            elif plan.usd:
+                pin, _ = lm.estimate_price(ctx.request)
+                usd = int(math.ceil(tok * pin * MICRO))
+        costs = [1 if x.unit == REQ else tok if x.unit == TOK else usd for x in limits]
+        if self.sync:
+            res = self.backend.reserve(limits, costs)
+        else:
+            try:
+                res = await self.backend.reserve(limits, costs)
+            except BackendUnavailable:
+                self._policy(plan, lm.ip_rpm is not None)
+                return False
+        headers = _headers(limits, res)
+        if not res.ok:
+            lm.rejected += 1
+            bad = limits[res.failed]
+            if bad.unit == REQ:
+                msg = f"rate limit exceeded: {bad.describe()}; retry after {fmt_reset(res.retry_after)}"
+            else:
+                need = costs[res.failed]
+                need_s = f"${need / MICRO:.6f}" if bad.unit == USD else f"{need} tokens"
+                left = res.remaining[res.failed]
+                left_s = f"${left / MICRO:.6f}" if bad.unit == USD else f"{left}"
+                msg = (f"rate limit exceeded: {bad.describe()}; this request reserves about {need_s} "
+                       f"({left_s} left); retry after {fmt_reset(res.retry_after)}")
+            lm._emit("rejected", {"limit": bad.describe(), "unit": _UNIT_WORD[bad.unit]})
+            raise GatewayError(429, msg, type="rate_limit_error", code="rate_limit_exceeded",
+                               retry_after=res.retry_after, headers=headers, kind="rate_limited")
+        ctx.response_headers.update(headers)
+        if plan.tok or plan.usd:
+            ctx.state["limits"] = (limits, res.handles, costs)
+        return False
+
+    def _policy(self, plan: Plan, has_ip: bool) -> None:
+        lm = self.limiter
+        lm.backend_errors += 1
+        pol = lm.rl.on_backend_error
+        deny = ((plan.tok or plan.usd) and pol.budgets == "deny") or \
+               ((plan.req or has_ip) and pol.requests == "deny")
+        lm._emit("policy", {"decision": "deny" if deny else "allow"})
+        if deny:
+            raise GatewayError(503, "the rate limit backend is unavailable and rate_limits.on_backend_error "
+                                    "denies requests until it is back", code="rate_limit_backend_unavailable",
+                               retry_after=1, kind="limits_unavailable")
+
+    async def post(self, ctx: RequestContext) -> None:
+        r = ctx.state.pop("limits", None)
+        if r is None:
+            return
+        limits, handles, costs = r
+        lm = self.limiter
+        p, c = lm.real_tokens(ctx)
+        tokens = p + c
+        usd = -1
+        deltas: list[int] = []
+        ttls: list[int] = []
+        for lim, cost in zip(limits, costs):
+            if lim.unit == TOK:
+                deltas.append(tokens - cost)
+            elif lim.unit == USD:
+                if usd < 0:
+                    if tokens:
+                        pin, pout = lm.price(ctx.provider, ctx.upstream_model)
+                        usd = int(math.ceil((p * pin + c * pout) * MICRO))
+                    else:
+                        usd = 0
+                deltas.append(usd - cost)
+            else:
+                deltas.append(0)
+            ttls.append(lim.ttl)
+        if not any(deltas):
+            return
+        if self.sync:
+            self.backend.settle(handles, deltas, ttls)
+            return
+        try:
+            await self.backend.settle(handles, deltas, ttls)
+        except BackendUnavailable:
+            lm.backend_errors += 1  # the reservation stands (counted high rather than lost)
+
+
+def _headers(limits: list[Limit], res: Reservation) -> dict[str, str]:
+    """x-ratelimit-{limit,remaining,reset}-{requests,tokens} of the tightest request and token limit."""
+    h: dict[str, str] = {}
+    rq = tk = -1
+    rem = res.remaining
+    for i, lim in enumerate(limits):
+        if lim.unit == REQ:
+            if rq < 0 or rem[i] < rem[rq]:
+                rq = i
+        elif lim.unit == TOK:
+            if tk < 0 or rem[i] < rem[tk]:
+                tk = i
+    if rq >= 0:
+        h["x-ratelimit-limit-requests"] = str(limits[rq].limit)
+        h["x-ratelimit-remaining-requests"] = str(rem[rq])
+        h["x-ratelimit-reset-requests"] = fmt_reset(res.reset[rq])
+    if tk >= 0:
+        h["x-ratelimit-limit-tokens"] = str(limits[tk].limit)
+        h["x-ratelimit-remaining-tokens"] = str(rem[tk])
+        h["x-ratelimit-reset-tokens"] = fmt_reset(res.reset[tk])
+    return h
+
+
+def make_backend(cfg: Any) -> Any:
+    rl = cfg.rate_limits
+    if rl.backend == "redis":
+        return RedisBackend(rl.redis_url)
+    return MemoryBackend()
+
+
+def install(gw: Any) -> None:
+    backend = make_backend(gw.cfg)
+    limiter = Limiter(gw.cfg, backend, gw)
+    gw.services["limits"] = limiter
+    gw.add_stage(LimitsStage(limiter))
+    gw.on_shutdown(backend.close)
