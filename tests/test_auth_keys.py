@@ -233,3 +233,19 @@ async def test_key_store_on_postgresql():
         async with admin.begin() as c:
             await c.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         await admin.dispose()
+
+
+def test_get_and_delete_single_key(make_gateway):
+    import httpx
+    gw = make_gateway({"auth": {"master_key": MASTER}})
+    rec = admin_create(gw, role="user", user_id="single")
+    h = {"authorization": f"Bearer {MASTER}"}
+    r = httpx.get(f"{gw.url}/admin/keys/{rec['id']}", headers=h)
+    assert r.status_code == 200 and r.json()["id"] == rec["id"] and "key" not in r.json()
+    assert httpx.get(f"{gw.url}/admin/keys/nope", headers=h).status_code == 404
+    r = httpx.delete(f"{gw.url}/admin/keys/{rec['id']}", headers=h)
+    assert r.status_code == 200 and r.json()["revoked_at"]
+    r = httpx.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {rec['key']}"},
+                   json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 401
+    assert httpx.put(f"{gw.url}/admin/keys/{rec['id']}", headers=h).status_code == 405

@@ -141,13 +141,16 @@ class Gateway:
         handler = self.routes.get((req.method, req.path))
         try:
             if handler is None:
+                allowed: list[str] = []
                 for method, prefix, h in self.prefix_routes:
                     if req.path.startswith(prefix) and len(req.path) > len(prefix):
                         if method == req.method:
                             await h(self, req, req.path[len(prefix):])
                             return
-                        raise GatewayError(405, f"method {req.method} is not allowed on {req.path}",
-                                           code="method_not_allowed", headers={"allow": method})
+                        allowed.append(method)
+                if allowed:
+                    raise GatewayError(405, f"method {req.method} is not allowed on {req.path}",
+                                       code="method_not_allowed", headers={"allow": ", ".join(sorted(allowed))})
                 methods = self.paths.get(req.path)
                 if methods:
                     raise GatewayError(405, f"method {req.method} is not allowed on {req.path}; use "

@@ -108,7 +108,23 @@ async def key_action(gw: Any, req: Request, rest: str) -> None:
     await send_json(req.send, 201, out, {"cache-control": "no-store"})
 
 
+async def get_or_delete_key(gw: Any, req: Request, rest: str) -> None:
+    """GET /admin/keys/{id} shows one key; DELETE /admin/keys/{id} revokes it (same as POST .../revoke)."""
+    await gw.authorize(req, "admin")
+    if not rest or "/" in rest:
+        raise GatewayError(404, f"no such endpoint: {req.method} {req.path}", code="unknown_url")
+    store = gw.services["keys"]
+    if req.method == "DELETE":
+        rec = await store.revoke(rest)
+        await gw.services["auth"].changed([rec.id])
+        await send_json(req.send, 200, rec.public())
+        return
+    await send_json(req.send, 200, (await store.get_or_404(rest)).public())
+
+
 def install(gw: Any) -> None:
     gw.route("POST", "/admin/keys", create_key)
     gw.route("GET", "/admin/keys", list_keys)
     gw.prefix_route("POST", "/admin/keys/", key_action)
+    gw.prefix_route("GET", "/admin/keys/", get_or_delete_key)
+    gw.prefix_route("DELETE", "/admin/keys/", get_or_delete_key)

@@ -200,6 +200,9 @@ class KeyStore:
             rows = (await conn.execute(q)).all()
         return [KeyRecord.from_row(r) for r in rows]
 
+    async def get_or_404(self, key_id: str) -> KeyRecord:
+        return await self._must(key_id)
+
     async def _must(self, key_id: str) -> KeyRecord:
         rec = await self.get(key_id)
         if rec is None:
