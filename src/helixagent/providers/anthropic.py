@@ -18,7 +18,7 @@ from .anthropic_mapping import (AnthropicStreamDecoder, AnthropicStreamError, an
                                 canonical_to_anthropic_request)
 from .base import Provider
 from .sse import sse_events
-from .streaming import broken_stream, primed
+from .streaming import broken_stream
 
 DEFAULT_VERSION = "2023-06-01"
 
@@ -67,7 +67,7 @@ class AnthropicProvider(Provider):
             finally:
                 resp.close()
             raise self.upstream_error(resp.status, data, resp.headers)
-        return await primed(self._chunks(resp, req.model))
+        return self._chunks(resp, req.model)
 
     async def _chunks(self, resp: Any, model: str) -> AsyncIterator[dict[str, Any]]:
         dec = AnthropicStreamDecoder(model)

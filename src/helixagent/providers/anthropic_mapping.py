@@ -20,8 +20,10 @@ Decisions (documented in docs/providers.md):
   there are several, a plain string when there is one string).
 * consecutive messages of one role are merged (tool results become ``tool_result`` blocks of one user
   turn, placed first as Anthropic requires).
+* ``response_format`` json_schema -> ``output_config.format`` (structured outputs) and
+  ``reasoning_effort`` low/medium/high/xhigh -> ``output_config.effort``, and back.
 * ``temperature`` > 1, ``n`` > 1, ``logprobs``/``top_logprobs``, non-zero presence/frequency penalties,
-  ``logit_bias``, ``response_format`` json_object/json_schema, audio output and predicted outputs
+  ``logit_bias``, ``response_format`` json_object (no schema), audio output and predicted outputs
   are rejected with a 400 (Anthropic has no equivalent).  ``seed`` is accepted and ignored: OpenAI only
   promises best-effort determinism for it, so ignoring it changes no contract.  OpenAI bookkeeping fields
   (``store``, ``metadata`` other than ``user_id``, ``service_tier``, ``stream_options``) are dropped.
@@ -58,6 +60,7 @@ _FINISH_TO_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "to
 _ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "permission_error": 403,
                  "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429,
                  "api_error": 500, "overloaded_error": 529, "timeout_error": 504, "billing_error": 402}
+_EFFORTS = frozenset(("low", "medium", "high", "xhigh", "max"))
 # OpenAI request fields that are bookkeeping on OpenAI's side and carry no meaning for generation.
 _DROP = frozenset(("store", "service_tier", "stream_options", "seed", "stream"))
 
@@ -417,9 +420,19 @@ def canonical_to_anthropic_request(req: ChatRequest, default_max_tokens: int = 4
                 raise uns("logit_bias", k)
         elif k == "response_format":
             t = v.get("type") if isinstance(v, dict) else None
-            if t not in (None, "text"):
-                raise uns(f"response_format {t}", "response_format")
-        elif k in ("audio", "prediction", "web_search_options", "reasoning_effort", "verbosity"):
+            if t == "json_schema" and isinstance((v.get("json_schema") or {}).get("schema"), dict):
+                oc = body["output_config"] = dict(body.get("output_config") or {})
+                oc["format"] = {"type": "json_schema", "schema": v["json_schema"]["schema"]}
+            elif t not in (None, "text"):
+                raise uns(f"response_format {t} (use json_schema with a schema)", "response_format")
+        elif k == "reasoning_effort":
+            if v not in _EFFORTS:
+                raise uns(f"reasoning_effort {v!r} (Anthropic's efforts are low, medium, high, xhigh, max)", k)
+            oc = body["output_config"] = dict(body.get("output_config") or {})
+            oc["effort"] = v
+        elif k == "output_config" and isinstance(v, dict):
+            body["output_config"] = {**v, **(body.get("output_config") or {})}
+        elif k in ("audio", "prediction", "web_search_options", "verbosity"):
             raise uns(k.replace("_", " "), k)
         elif k == "modalities":
             if v and list(v) != ["text"]:
@@ -560,7 +573,10 @@ def anthropic_request_to_canonical(body: dict[str, Any]) -> ChatRequest:
                     thinking.append(b)
                 else:
                     parts.append(_block_to_part(b, f"{where}.content.{j}"))
-            msg["content"] = parts if parts else (None if calls else parts)
+            if len(parts) == 1 and parts[0]["type"] == "text" and "cache_control" not in parts[0]:
+                msg["content"] = parts[0]["text"]  # the usual OpenAI shape of an assistant turn
+            else:
+                msg["content"] = parts if parts else (None if calls else "")
             if calls:
                 msg["tool_calls"] = calls
             if thinking:
@@ -584,6 +600,18 @@ def anthropic_request_to_canonical(body: dict[str, Any]) -> ChatRequest:
         elif k == "metadata":
             if isinstance(v, dict) and v.get("user_id") is not None:
                 params["user"] = v["user_id"]
+        elif k == "output_config" and isinstance(v, dict):
+            rest = dict(v)
+            fmt = rest.pop("format", None)
+            if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+                params["response_format"] = {"type": "json_schema",
+                                             "json_schema": {"name": "response", "schema": fmt.get("schema") or {}}}
+            elif fmt is not None:
+                rest["format"] = fmt
+            if rest.get("effort") is not None:
+                params["reasoning_effort"] = rest.pop("effort")
+            if rest:
+                params["output_config"] = rest
         else:
             params[k] = v  # max_tokens, temperature, top_p, top_k, thinking, ...
     stream = body.get("stream") is True

@@ -45,7 +45,7 @@ from ..errors import GatewayError, bad_request
 from ..tokens import estimate_text
 from .base import Provider, parse_retry_after
 from .sse import sse_events
-from .streaming import broken_stream, primed
+from .streaming import broken_stream
 
 SIG_SEP = "~ts~"
 _FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter", "RECITATION": "content_filter",
@@ -715,7 +715,7 @@ class GeminiProvider(Provider):
             finally:
                 resp.close()
             raise self.error(resp.status, data, resp.headers)
-        return await primed(self._chunks(resp, req.model))
+        return self._chunks(resp, req.model)
 
     async def _chunks(self, resp: Any, model: str) -> AsyncIterator[dict[str, Any]]:
         dec = GeminiStreamDecoder(model, self.name)
