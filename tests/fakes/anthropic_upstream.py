@@ -180,7 +180,7 @@ class FakeAnthropic:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return self._error(400, "There was an issue with the format or content of your request.")
-        self.calls.append({"path": request.path, "body": body, "headers": dict(request.headers), "t": time.time()})
+        self.calls.append({"path": request.path, "body": body, "headers": {k.lower(): v for k, v in request.headers.items()}, "t": time.time()})
         # API keys go in x-api-key; newer SDKs send them as a Bearer token, which the API accepts too
         if request.headers.get("x-api-key") != self.api_key and \
                 request.headers.get("authorization") != f"Bearer {self.api_key}":

@@ -123,7 +123,7 @@ class FakeGemini:
         except orjson.JSONDecodeError:
             return self._error(400, "Invalid JSON payload received.")
         self.calls.append({"path": request.path, "query": dict(request.query), "model": model, "method": method,
-                           "body": body, "headers": dict(request.headers), "t": time.time()})
+                           "body": body, "headers": {k.lower(): v for k, v in request.headers.items()}, "t": time.time()})
         if request.headers.get("x-goog-api-key") != self.api_key:
             return self._error(400, "API key not valid. Please pass a valid API key.", reason="API_KEY_INVALID")
         fault = self.faults.pop(0) if self.faults else None

@@ -17,8 +17,7 @@ from ..errors import GatewayError
 from .anthropic_mapping import (AnthropicStreamDecoder, AnthropicStreamError, anthropic_response_to_canonical,
                                 canonical_to_anthropic_request)
 from .base import Provider
-from .sse import sse_events
-from .streaming import broken_stream
+from .sse import sse_from_chunks
 
 DEFAULT_VERSION = "2023-06-01"
 
@@ -72,7 +71,7 @@ class AnthropicProvider(Provider):
     async def _chunks(self, resp: Any, model: str) -> AsyncIterator[dict[str, Any]]:
         dec = AnthropicStreamDecoder(model)
         try:
-            async for _event, data in sse_events(resp.lines()):
+            async for _event, data in sse_from_chunks(resp.chunks()):
                 try:
                     ev = orjson.loads(data)
                 except orjson.JSONDecodeError:
@@ -90,16 +89,9 @@ class AnthropicProvider(Provider):
                     yield c
                 if dec.done:
                     break
-        except GatewayError:
-            raise
-        except Exception as exc:
-            err = broken_stream(self.name, exc)
-            if err is None:
-                raise
-            raise err from None
         finally:
             resp.close()
         if not dec.done:
             raise GatewayError(502, f"provider {self.name!r} ended the stream without message_stop",
                                type="upstream_error", code="upstream_stream_error", provider=self.name,
-                               kind="stream_error")
+                               retryable=True, kind="stream_error")

@@ -44,8 +44,7 @@ from ..canonical import (ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingR
 from ..errors import GatewayError, bad_request
 from ..tokens import estimate_text
 from .base import Provider, parse_retry_after
-from .sse import sse_events
-from .streaming import broken_stream
+from .sse import sse_from_chunks
 
 SIG_SEP = "~ts~"
 _FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter", "RECITATION": "content_filter",
@@ -720,7 +719,7 @@ class GeminiProvider(Provider):
     async def _chunks(self, resp: Any, model: str) -> AsyncIterator[dict[str, Any]]:
         dec = GeminiStreamDecoder(model, self.name)
         try:
-            async for _event, data in sse_events(resp.lines()):
+            async for _event, data in sse_from_chunks(resp.chunks()):
                 try:
                     ev = orjson.loads(data)
                 except orjson.JSONDecodeError:
@@ -740,19 +739,12 @@ class GeminiProvider(Provider):
                         raise self.error(code if isinstance(code, int) else 0, orjson.dumps({"error": exc.err})) from None
                     for c in out:
                         yield c
-        except GatewayError:
-            raise
-        except Exception as exc:
-            err = broken_stream(self.name, exc)
-            if err is None:
-                raise
-            raise err from None
         finally:
             resp.close()
         if not dec.finished:
             raise GatewayError(502, f"provider {self.name!r} ended the stream before a finishReason",
                                type="upstream_error", code="upstream_stream_error", provider=self.name,
-                               kind="stream_error")
+                               retryable=True, kind="stream_error")
         yield dec.final()
 
     # -- embeddings --------------------------------------------------------------------------------
