@@ -442,3 +442,40 @@ def test_unsupported_mapping_errors():
         canonical_to_anthropic_request(ChatRequest("m", [
             {"role": "assistant", "content": None, "tool_calls": [
                 {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]))
+
+
+# -- anthropic SDK -> gateway (/v1/messages) -> Claude and Gemini fakes ------------------------------
+def test_anthropic_sdk_through_gateway_to_claude(gw, fake):
+    c = anthropic.Anthropic(base_url=gw.url, api_key="unused", max_retries=0, timeout=20)
+    msg = c.messages.create(model="claude-sonnet-4-5", max_tokens=64, system="Be brief.",
+                            messages=[{"role": "user", "content": "hi there"}])
+    anthropic.types.Message.model_validate(msg.model_dump())
+    assert msg.content[0].text == "echo:hi echo:there" and msg.stop_reason == "end_turn"
+    assert fake.calls[-1]["body"]["system"] == "Be brief."
+    with c.messages.stream(model="claude-sonnet-4-5", max_tokens=64,
+                           tools=[{"name": "get_weather", "input_schema": {"type": "object", "properties": {
+                               "q": {"type": "string"}}}}],
+                           messages=[{"role": "user", "content": "weather Oslo"}]) as s:
+        final = s.get_final_message()
+    tool = [b for b in final.content if b.type == "tool_use"][0]
+    assert tool.name == "get_weather" and tool.input == {"q": "weather Oslo"} and final.stop_reason == "tool_use"
+
+
+def test_anthropic_sdk_through_gateway_to_gemini(make_gateway):
+    from fakes.gemini_upstream import FakeGemini
+    g = FakeGemini()
+    try:
+        gw2 = make_gateway({"providers": [g.provider(max_retries=0)]})
+        c = anthropic.Anthropic(base_url=gw2.url, api_key="unused", max_retries=0, timeout=20)
+        msg = c.messages.create(model="gemini-2.0-flash", max_tokens=64,
+                                tools=[{"name": "lookup", "input_schema": {"type": "object", "properties": {
+                                    "q": {"type": "string"}}}}],
+                                messages=[{"role": "user", "content": "find cats"}])
+        tool = [b for b in msg.content if b.type == "tool_use"][0]
+        assert tool.input == {"q": "find cats"} and msg.stop_reason == "tool_use"
+        with c.messages.stream(model="gemini-2.0-flash", max_tokens=64,
+                               messages=[{"role": "user", "content": "a b"}]) as s:
+            text = "".join(s.text_stream)
+        assert text == "echo:a echo:b"
+    finally:
+        g.close()
