@@ -30,11 +30,18 @@ class Provider:
 
     # -- routing helpers ------------------------------------------------------------------------
     def serves(self, model: str) -> bool:
-        """Whether this provider serves ``model`` when the client does not pin a provider."""
-        return model in self.cfg.models
+        """Whether this provider serves ``model`` when the client does not pin a provider.  With no
+        ``models:`` list, the catalogue's models for the provider type (with aliases and snapshots)."""
+        if self.cfg.models:
+            return model in self.cfg.models
+        from .catalogue import known
+        return known(self.cfg.type, model)
 
     def models(self) -> list[str]:
-        return list(self.cfg.models)
+        if self.cfg.models:
+            return list(self.cfg.models)
+        from .catalogue import models_for
+        return models_for(self.cfg.type)
 
     # -- operations -------------------------------------------------------------------------------
     async def chat(self, req: ChatRequest) -> ChatResponse:

@@ -31,7 +31,9 @@ class OpenAIProvider(Provider):
     def serves(self, model: str) -> bool:
         if self.cfg.models:
             return model in self.cfg.models
-        return self.cfg.type == "openai_compatible"  # a bare compatible server takes any model name
+        if self.cfg.type == "openai_compatible":
+            return True  # a bare compatible server takes any model name
+        return super().serves(model)  # openai / deepseek: the catalogue's models
 
     # -- request mapping ---------------------------------------------------------------------------
     def body(self, req: ChatRequest, stream: bool) -> bytes:

@@ -1,0 +1,97 @@
+"""Anthropic wire format: the Messages API (``POST {base_url}/v1/messages``).
+
+``base_url`` is what the Anthropic SDK takes (``https://api.anthropic.com``); a base_url that already
+ends in ``/v1`` is accepted too.  Auth is ``x-api-key``; ``anthropic-version`` is ``api_version`` from
+the provider config or ``2023-06-01``.  The request/response/stream mapping lives in
+:mod:`helixagent.providers.anthropic_mapping` (shared with the ``/v1/messages`` ingress); this module
+does the HTTP, the SSE decoding and the error mapping.
+"""
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+import orjson
+
+from ..canonical import ChatRequest, ChatResponse
+from ..errors import GatewayError
+from .anthropic_mapping import (AnthropicStreamDecoder, AnthropicStreamError, anthropic_response_to_canonical,
+                                canonical_to_anthropic_request)
+from .base import Provider
+from .sse import sse_from_chunks
+
+DEFAULT_VERSION = "2023-06-01"
+
+
+class AnthropicProvider(Provider):
+    wire = "anthropic"
+
+    def __init__(self, cfg, http):
+        super().__init__(cfg, http)
+        h = {"content-type": "application/json", "accept": "application/json",
+             "anthropic-version": cfg.api_version or DEFAULT_VERSION}
+        if cfg.api_key:
+            h["x-api-key"] = cfg.api_key
+        h.update(cfg.headers)
+        self.headers = h
+        self.stream_headers = dict(h, accept="text/event-stream")
+        base = cfg.base_url or ""
+        self.url = f"{base}/messages" if base.endswith("/v1") else f"{base}/v1/messages"
+
+    def body(self, req: ChatRequest, stream: bool) -> bytes:
+        b = canonical_to_anthropic_request(req, self.cfg.default_max_tokens, self.unsupported, stream=stream)
+        return orjson.dumps(b)
+
+    async def chat(self, req: ChatRequest) -> ChatResponse:
+        status, headers, data = await self.http.post(self.url, self.body(req, False), self.headers)
+        if status != 200:
+            raise self.upstream_error(status, data, headers)
+        try:
+            msg = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise GatewayError(502, f"provider {self.name!r} returned a body that is not JSON",
+                               provider=self.name, retryable=True, kind="bad_upstream_body") from None
+        if not isinstance(msg, dict) or msg.get("type") != "message" or not isinstance(msg.get("content"), list):
+            if isinstance(msg, dict) and msg.get("type") == "error":
+                raise self.upstream_error(500, data, headers)
+            raise GatewayError(502, f"provider {self.name!r} returned an unexpected body",
+                               provider=self.name, retryable=True, kind="bad_upstream_body")
+        body, usage = anthropic_response_to_canonical(msg)
+        return ChatResponse(body, usage, self.name, body["model"] or req.model)
+
+    async def stream(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+        resp = await self.http.open_stream(self.url, self.body(req, True), self.stream_headers)
+        if resp.status != 200:
+            try:
+                data = await resp.read()
+            finally:
+                resp.close()
+            raise self.upstream_error(resp.status, data, resp.headers)
+        return self._chunks(resp, req.model)
+
+    async def _chunks(self, resp: Any, model: str) -> AsyncIterator[dict[str, Any]]:
+        dec = AnthropicStreamDecoder(model)
+        try:
+            async for _event, data in sse_from_chunks(resp.chunks()):
+                try:
+                    ev = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise GatewayError(502, f"provider {self.name!r} sent a malformed stream event",
+                                       provider=self.name, kind="stream_error") from None
+                if not isinstance(ev, dict):
+                    continue
+                try:
+                    out = dec.feed(ev)
+                except AnthropicStreamError as exc:
+                    err = self.upstream_error(exc.status, b"", None, message=exc.message, etype=exc.etype)
+                    err.kind = "stream_error" if dec.started else err.kind
+                    raise err from None
+                for c in out:
+                    yield c
+                if dec.done:
+                    break
+        finally:
+            resp.close()
+        if not dec.done:
+            raise GatewayError(502, f"provider {self.name!r} ended the stream without message_stop",
+                               type="upstream_error", code="upstream_stream_error", provider=self.name,
+                               retryable=True, kind="stream_error")
