@@ -11,6 +11,14 @@ import uvicorn
 from aiohttp import web
 
 
+def bound_socket(port: int | None = None) -> socket.socket:
+    """A listening-ready socket bound on 127.0.0.1 (port 0 = any free port, with no race)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port or 0))
+    return sock
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,13 +46,14 @@ class AiohttpServer:
 
     def __init__(self, app: web.Application, port: int | None = None):
         self.app = app
-        self.port = port or free_port()
+        self.sock = bound_socket(port)
+        self.port = self.sock.getsockname()[1]
         self.tl = ThreadLoop()
         self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
 
         async def start() -> None:
             await self.runner.setup()
-            site = web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True)
+            site = web.SockSite(self.runner, self.sock)
             await site.start()
 
         self.tl.run(start())
@@ -67,13 +76,14 @@ class GatewayServer:
         from helixagent.app import create_app
         from helixagent.config import load_config_dict
         self.cfg = cfg if cfg is not None else load_config_dict(cfg_data or {}, "<test>")
-        self.port = port or free_port()
+        self.sock = bound_socket(port)
+        self.port = self.sock.getsockname()[1]
         self.app = create_app(self.cfg)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, loop="asyncio", http="httptools",
                                 lifespan="on", access_log=False, log_config=None, timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 15
         while not self.server.started:
