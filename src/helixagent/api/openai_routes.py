@@ -15,7 +15,7 @@ _DONE = b"data: [DONE]\n\n"
 
 
 def new_context(gw: Any, req: Request, endpoint: str, client_format: str = "openai") -> RequestContext:
-    ctx = RequestContext(endpoint, client_format, req.request_id())
+    ctx = RequestContext(endpoint, client_format, client_request_id=req.request_id())
     ctx.method = req.method
     ctx.path = req.path
     ctx.ip = req.ip
