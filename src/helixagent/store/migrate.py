@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,6 +20,8 @@ from alembic.script import ScriptDirectory
 
 from .db import is_sqlite, make_sync_engine, sqlite_path
 
+# Alembic's `context` is process-global: one migration at a time per process.
+_PROCESS_LOCK = threading.Lock()
 MIGRATIONS_DIR = str(Path(__file__).resolve().parent / "migrations")
 
 
@@ -31,10 +34,17 @@ def alembic_config(url: str) -> AlembicConfig:
 
 @contextlib.contextmanager
 def _lock(url: str) -> Iterator[None]:
-    path = sqlite_path(url) if is_sqlite(url) else None
-    if not path:
-        yield
-        return
+    with _PROCESS_LOCK:
+        path = sqlite_path(url) if is_sqlite(url) else None
+        if not path:
+            yield
+            return
+        with _file_lock(path):
+            yield
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     fd = os.open(os.path.abspath(path) + ".migrate-lock", os.O_RDWR | os.O_CREAT, 0o600)

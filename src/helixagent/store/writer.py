@@ -216,13 +216,11 @@ class RecordWriter:
                         self.journal.dir)
 
     async def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every record so far is committed (tests, CLI).  False if the database is down."""
+        """Wait until every record so far is committed (tests, CLI).  False if the database stays down."""
         deadline = time.monotonic() + timeout
+        assert self._cycle_done is not None and self._wake is not None
         while time.monotonic() < deadline:
-            if not self.queue and not self.replay and not self.memory_only and self.db_ok and not any(
-                    s.failed for s in self.segments):
-                return True
-            assert self._cycle_done is not None and self._wake is not None
+            # always wait for a whole writer cycle: one may be inserting what it already took off the queue
             self._cycle_done.clear()
             self._next_probe = 0.0
             self._wake.set()
@@ -230,9 +228,15 @@ class RecordWriter:
                 await asyncio.wait_for(self._cycle_done.wait(), max(0.01, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 break
+            if self._settled():
+                return True
             if not self.db_ok:
                 await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-        return not self.queue and not self.replay and self.db_ok
+        return self._settled()
+
+    def _settled(self) -> bool:
+        return (not self.queue and not self.replay and not self.memory_only and self.db_ok
+                and not any(s.failed for s in self.segments))
 
     def stats(self) -> dict[str, Any]:
         return {"queued": len(self.queue), "inserted": self.inserted, "replayed": self.replayed,
