@@ -72,7 +72,7 @@ class PrivatePostgres:
 
     def start(self) -> None:
         opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50")
+                "-c full_page_writes=off -c max_connections=50")
         self._run([_pg_bin("pg_ctl"), "-D", self.data, "-l", self.log, "-w", "-t", "30", "-o", opts, "start"])
 
     def stop(self, mode: str = "immediate") -> None:
