@@ -159,6 +159,7 @@ def test_every_request_is_recorded(db_url, tmp_path, make_gateway, fake_openai):
                                                       messages=[{"role": "user", "content": "hello world"}])
     ChatCompletion.model_validate(orjson.loads(raw.content))
     rid_plain = raw.headers["x-request-id"]
+    assert raw.headers["x-helixagent-request-id"] == rid_plain
     stream = c.chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "a b c"}], stream=True,
         stream_options={"include_usage": True})
@@ -172,7 +173,8 @@ def test_every_request_is_recorded(db_url, tmp_path, make_gateway, fake_openai):
     dup = [httpx.post(gw.url + "/v1/chat/completions", headers={"x-request-id": "client-1"},
                       json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})
            for _ in range(2)]
-    dup_ids = [r.headers["x-request-id"] for r in dup]
+    assert [r.headers["x-request-id"] for r in dup] == ["client-1", "client-1"]   # echoed
+    dup_ids = [r.headers["x-helixagent-request-id"] for r in dup]                 # our own ids
     assert len(set(dup_ids)) == 2 and "client-1" not in dup_ids
     flush(gw)
     got = {r["request_id"]: r for r in rows(db_url)}

@@ -71,7 +71,7 @@ def test_database_goes_away_under_load(private_pg, tmp_path):
                 while sent < n:
                     sent += 1
                     r = await client.post("/v1/chat/completions", json=BODY)
-                    results.append((r.status_code, r.headers["x-request-id"]))
+                    results.append((r.status_code, r.headers["x-helixagent-request-id"]))
 
             async def chaos() -> None:
                 while len(results) < n // 3:
@@ -152,7 +152,7 @@ def test_sigkill_mid_load_then_restart(tmp_path, flush):
                     except httpx.HTTPError:
                         return                       # the gateway is gone
                     if r.status_code == 200:
-                        got.append(r.headers["x-request-id"])
+                        got.append(r.headers["x-helixagent-request-id"])
 
         threads = [threading.Thread(target=load) for _ in range(4)]
         for t in threads:
@@ -194,7 +194,7 @@ def test_sigterm_flushes_the_queue(tmp_path):
     proc = _serve(cfg_path, port, log)
     try:
         _wait_healthy(url, proc, log)
-        ids = [httpx.post(url + "/v1/chat/completions", json=BODY).headers["x-request-id"] for _ in range(25)]
+        ids = [httpx.post(url + "/v1/chat/completions", json=BODY).headers["x-helixagent-request-id"] for _ in range(25)]
         assert ids_in_db(db_url) == []
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) in (0, -signal.SIGTERM)   # uvicorn re-raises the signal after its shutdown

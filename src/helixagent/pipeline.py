@@ -67,8 +67,8 @@ class RequestContext:
 
     def __init__(self, endpoint: str, client_format: str = "openai", request_id: str | None = None,
                  client_request_id: str | None = None):
-        # HelixAgent's own id (x-request-id, the record's key); a client-supplied X-Request-ID is kept
-        # apart in client_request_id, since clients may repeat it and a repeat must not collide.
+        # HelixAgent's own id (the record's key, x-helixagent-request-id); a client-supplied X-Request-ID
+        # is kept apart in client_request_id: clients may repeat it, and a repeat must not collide.
         self.request_id = request_id or new_request_id()
         self.client_request_id = client_request_id
         self.started = time.perf_counter()

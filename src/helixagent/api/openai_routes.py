@@ -25,7 +25,9 @@ def new_context(gw: Any, req: Request, endpoint: str, client_format: str = "open
 
 
 def base_headers(ctx: RequestContext) -> dict[str, str]:
-    h = {"x-request-id": ctx.request_id}
+    # x-request-id echoes the client's X-Request-ID when it sent one (else it is ours); our own id, the
+    # key of the completion record, is always in x-helixagent-request-id.
+    h = {"x-request-id": ctx.client_request_id or ctx.request_id, "x-helixagent-request-id": ctx.request_id}
     if ctx.provider:
         h["x-helixagent-provider"] = ctx.provider
     if ctx.upstream_model:

@@ -7,7 +7,8 @@ metadata = sa.MetaData()
 
 completions = sa.Table(
     "completions", metadata,
-    # HelixAgent's own id (returned as x-request-id); never the client's nor the provider's id.
+    # HelixAgent's own id (x-helixagent-request-id; x-request-id too unless the client sent one);
+    # never the client's nor the provider's id.
     sa.Column("request_id", sa.String(), primary_key=True),
     sa.Column("client_request_id", sa.String(), nullable=True),   # the client's X-Request-ID, if any
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),

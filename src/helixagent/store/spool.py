@@ -145,8 +145,15 @@ class Journal:
     def new_segment(self) -> Segment:
         self._n += 1
         path = os.path.join(self.dir, f"{time.time_ns():020d}-{self.pid}-{self._n:06d}{SUFFIX}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # lock first, under a name the orphan scan ignores, so no other process can take it for a dead one
+        tmp = path + ".new"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(tmp, path)
+        except BaseException:
+            os.close(fd)
+            raise
         seg = Segment(path, fd)
         self.current = seg
         if self.on_new is not None:
@@ -181,6 +188,9 @@ class Journal:
         except FileNotFoundError:
             return out
         for name in names:
+            if name.endswith(SUFFIX + ".new"):   # a process died between creating and locking it: empty
+                self._remove_if_unlocked(os.path.join(self.dir, name))
+                continue
             if not name.endswith(SUFFIX) or name in known:
                 continue
             path = os.path.join(self.dir, name)
@@ -198,6 +208,20 @@ class Journal:
                 continue
             out.append(Segment(path, fd, failed=True, sealed=True))
         return out
+
+    @staticmethod
+    def _remove_if_unlocked(path: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def write_rejected(self, frames: list[bytes]) -> str:
         d = os.path.join(self.dir, "rejected")
