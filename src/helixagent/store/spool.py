@@ -216,6 +216,8 @@ class Journal:
         except FileNotFoundError:
             return
         try:
+            if time.time() - os.fstat(fd).st_mtime < 60:   # maybe being created right now
+                return
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.unlink(path)
         except OSError:
