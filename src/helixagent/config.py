@@ -287,8 +287,14 @@ class DatabaseConfig(Strict):
     queue_size: int = Field(default=10000, ge=1)
     flush_interval: float = 0.2
     record_bodies: bool = True
+    # run `migrate up` at start-up; default (None): yes for SQLite, no for PostgreSQL
+    auto_migrate: bool | None = None
+    # how often the writer probes an unreachable database, and fsyncs spool segments meanwhile
+    retry_interval: float = 1.0
+    spool_fsync_interval: float = 1.0
 
-    _d = field_validator("flush_interval", mode="before")(lambda v: parse_duration(v))
+    _d = field_validator("flush_interval", "retry_interval", "spool_fsync_interval",
+                         mode="before")(lambda v: parse_duration(v))
 
 
 class EncryptionConfig(Strict):

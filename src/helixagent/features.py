@@ -12,6 +12,7 @@ def install_features(gw: Any) -> None:
     from .api import anthropic_routes, openai_routes
 
     openai_routes.install(gw)
+    from .store import record; record.install(gw)  # noqa: E702  (record: outer stage, before auth)
     auth.install(gw)
     anthropic_routes.install(gw)  # after auth: /v1/messages and its provider-feature check
     limits.install(gw)
@@ -20,5 +21,7 @@ def install_features(gw: Any) -> None:
 def install_commands(subparsers: Any) -> None:
     """CLI subcommands contributed by feature modules (keys, migrate, usage, purge, ...)."""
     from .auth import cli as auth_cli
+    from .store import cli as store_cli
 
     auth_cli.install(subparsers)
+    store_cli.install_commands(subparsers)

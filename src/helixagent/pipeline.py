@@ -58,15 +58,19 @@ ANONYMOUS_LOCAL = Identity(key_id=None, user_id=None, application=None, role="ad
 
 class RequestContext:
     __slots__ = (
-        "request_id", "started", "started_wall", "endpoint", "client_format", "method", "path", "ip",
+        "request_id", "client_request_id", "started", "started_wall", "endpoint", "client_format", "method", "path", "ip",
         "user_agent", "headers", "identity", "request", "raw_body", "provider", "upstream_model", "response",
         "stream", "error", "status", "usage", "cost", "cache_status", "streamed", "first_token_at",
         "finished_at", "response_headers", "attempts", "fallbacks", "retries", "state", "stream_listeners",
         "candidates_tried", "estimated_tokens", "client_disconnected", "upstream_latency",
     )
 
-    def __init__(self, endpoint: str, client_format: str = "openai", request_id: str | None = None):
+    def __init__(self, endpoint: str, client_format: str = "openai", request_id: str | None = None,
+                 client_request_id: str | None = None):
+        # HelixAgent's own id (the record's key, x-helixagent-request-id); a client-supplied X-Request-ID
+        # is kept apart in client_request_id: clients may repeat it, and a repeat must not collide.
         self.request_id = request_id or new_request_id()
+        self.client_request_id = client_request_id
         self.started = time.perf_counter()
         self.started_wall = time.time()
         self.endpoint = endpoint

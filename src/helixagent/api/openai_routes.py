@@ -15,7 +15,7 @@ _DONE = b"data: [DONE]\n\n"
 
 
 def new_context(gw: Any, req: Request, endpoint: str, client_format: str = "openai") -> RequestContext:
-    ctx = RequestContext(endpoint, client_format, req.request_id())
+    ctx = RequestContext(endpoint, client_format, client_request_id=req.request_id())
     ctx.method = req.method
     ctx.path = req.path
     ctx.ip = req.ip
@@ -25,7 +25,9 @@ def new_context(gw: Any, req: Request, endpoint: str, client_format: str = "open
 
 
 def base_headers(ctx: RequestContext) -> dict[str, str]:
-    h = {"x-request-id": ctx.request_id}
+    # x-request-id echoes the client's X-Request-ID when it sent one (else it is ours); our own id, the
+    # key of the completion record, is always in x-helixagent-request-id.
+    h = {"x-request-id": ctx.client_request_id or ctx.request_id, "x-helixagent-request-id": ctx.request_id}
     if ctx.provider:
         h["x-helixagent-provider"] = ctx.provider
     if ctx.upstream_model:

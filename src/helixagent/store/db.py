@@ -2,11 +2,18 @@
 
 ``database.url`` is written the usual way (``sqlite:///./helixagent.db``, ``postgresql://user@host/db``);
 the async driver (aiosqlite, asyncpg) is chosen here.
+
+PostgreSQL server settings may be given the libpq way, ``?options=-csearch_path%3Dmyschema`` (e.g. to keep
+HelixAgent's tables in their own schema): psycopg2 understands that natively and for asyncpg it is turned
+into ``server_settings``.  SQLite files are opened in WAL mode with a busy timeout so the usage API can
+read while the writer writes, and several processes can share one file.
 """
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -31,6 +38,8 @@ def sync_url(url: str) -> str:
         u = u.set(drivername="postgresql+psycopg2")
     elif backend == "sqlite":
         u = u.set(drivername="sqlite")
+    else:
+        raise ValueError(f"database.url: unsupported database {backend!r} (use sqlite:/// or postgresql://)")
     return u.render_as_string(hide_password=False)
 
 
@@ -38,7 +47,79 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
+def sqlite_path(url: str) -> str | None:
+    """The file of a SQLite URL (None for an in-memory database)."""
+    db = make_url(url).database
+    return None if not db or db == ":memory:" else db
+
+
+def pg_server_settings(options: str) -> dict[str, str]:
+    """libpq ``options`` (``-c key=value -c ...``) -> a dict of server settings."""
+    out: dict[str, str] = {}
+    parts = shlex.split(options)
+    i = 0
+    while i < len(parts):
+        p = parts[i]
+        if p == "-c" and i + 1 < len(parts):
+            kv = parts[i + 1]
+            i += 2
+        elif p.startswith("-c"):
+            kv = p[2:]
+            i += 1
+        elif p.startswith("--"):
+            kv = p[2:]
+            i += 1
+        else:
+            raise ValueError(f"database.url: unsupported options entry {p!r} (use -c name=value)")
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise ValueError(f"database.url: options entry {kv!r} needs name=value")
+        out[k.replace("-", "_")] = v
+    return out
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cur.close()
+
+
 def make_engine(url: str, pool_size: int = 10, **kw: Any) -> AsyncEngine:
     if is_sqlite(url):
-        return create_async_engine(async_url(url), **kw)
-    return create_async_engine(async_url(url), pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, **kw)
+        eng = create_async_engine(async_url(url), **kw)
+        if sqlite_path(url):
+            event.listen(eng.sync_engine, "connect", _sqlite_pragmas)
+        return eng
+    u = make_url(async_url(url))
+    ca = dict(kw.pop("connect_args", {}) or {})
+    opts = u.query.get("options")
+    if opts is not None:
+        if isinstance(opts, tuple):
+            opts = " ".join(opts)
+        u = u.difference_update_query(["options"])
+        ss = dict(ca.get("server_settings") or {})
+        ss.update(pg_server_settings(opts))
+        ca["server_settings"] = ss
+    # fail fast when the server is away (the writer spools meanwhile) instead of asyncpg's 60 s
+    ca.setdefault("timeout", 10)
+    ca.setdefault("command_timeout", 60)
+    kw["connect_args"] = ca
+    kw.setdefault("pool_size", pool_size)
+    kw.setdefault("max_overflow", pool_size)
+    kw.setdefault("pool_pre_ping", True)
+    return create_async_engine(u, **kw)
+
+
+def make_sync_engine(url: str, **kw: Any) -> Any:
+    """A synchronous engine (migrations, CLI maintenance)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+    kw.setdefault("poolclass", NullPool)
+    eng = create_engine(sync_url(url), **kw)
+    if is_sqlite(url) and sqlite_path(url):
+        event.listen(eng, "connect", _sqlite_pragmas)
+    return eng

@@ -1,0 +1,73 @@
+"""GET /v1/usage: tokens, requests, errors and cost per day, provider, model, user or application.
+
+A caller sees only their own usage (their user id, or their key when the key has no user); an admin sees
+everyone's and may filter with ``user_id=`` / ``application=``."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from ..errors import GatewayError
+from ..store import queries
+from .http import Request, send_json
+
+MAX_SPAN = dt.timedelta(days=3660)
+
+
+def _bad(msg: str, param: str) -> GatewayError:
+    return GatewayError(400, msg, param=param, code="invalid_request")
+
+
+async def usage(gw: Any, req: Request) -> None:
+    ident = await gw.authorize(req, "usage")
+    store = gw.services["records"]
+    now = dt.datetime.now(dt.timezone.utc)
+    for name in req.query:
+        if name not in ("from", "to", "group_by", "user_id", "application"):
+            raise _bad(f"unknown query parameter {name!r} (use from, to, group_by, user_id, application)", name)
+    try:
+        end = queries.parse_time(req.q("to"), "to", end=True) if req.q("to") else now
+        start = queries.parse_time(req.q("from"), "from") if req.q("from") else end - dt.timedelta(days=30)
+    except ValueError as exc:
+        raise _bad(str(exc), str(exc).split(":")[0]) from None
+    if start >= end:
+        raise _bad("from must be before to", "from")
+    if end - start > MAX_SPAN:
+        raise _bad("the range from..to may span at most 10 years", "from")
+    group_by = req.q("group_by") or "day"
+    if group_by not in queries.GROUP_BY:
+        raise _bad(f"group_by must be one of {', '.join(queries.GROUP_BY)}", "group_by")
+    user_id = req.q("user_id") or None
+    application = req.q("application") or None
+    key_id = None
+    scope = "all"
+    if ident.role != "admin":
+        if ident.user_id is not None:
+            if user_id is not None and user_id != ident.user_id:
+                raise GatewayError(403, "you may only see your own usage", type="permission_error",
+                                   code="insufficient_permissions", param="user_id")
+            user_id = ident.user_id
+            scope = "user"
+        else:
+            if user_id is not None:
+                raise GatewayError(403, "you may only see your own usage", type="permission_error",
+                                   code="insufficient_permissions", param="user_id")
+            key_id = ident.key_id
+            scope = "key"
+            if key_id is None:
+                raise GatewayError(403, "this key has no identity to report usage for", type="permission_error",
+                                   code="insufficient_permissions")
+    try:
+        result = await queries.usage(store.engine, start, end, group_by, user_id=user_id, key_id=key_id,
+                                     application=application)
+    except Exception as exc:
+        raise GatewayError(503, f"the usage database is unavailable ({type(exc).__name__})",
+                           code="database_unavailable", retryable=True) from None
+    result["scope"] = scope
+    if user_id is not None:
+        result["user_id"] = user_id
+    await send_json(req.send, 200, result)
+
+
+def install(gw: Any) -> None:
+    gw.route("GET", "/v1/usage", usage)

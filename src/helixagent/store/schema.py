@@ -1,0 +1,46 @@
+"""The ``completions`` table (SQLAlchemy Core).  Alembic's revision 0001_completions creates it."""
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+completions = sa.Table(
+    "completions", metadata,
+    # HelixAgent's own id (x-helixagent-request-id; x-request-id too unless the client sent one);
+    # never the client's nor the provider's id.
+    sa.Column("request_id", sa.String(), primary_key=True),
+    sa.Column("client_request_id", sa.String(), nullable=True),   # the client's X-Request-ID, if any
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("user_id", sa.String(), nullable=True),
+    sa.Column("application", sa.String(), nullable=True),
+    sa.Column("key_id", sa.String(), nullable=True),
+    sa.Column("provider", sa.String(), nullable=True),
+    sa.Column("model", sa.String(), nullable=True),
+    sa.Column("endpoint", sa.String(), nullable=False),
+    sa.Column("status", sa.Integer(), nullable=False),
+    sa.Column("error_type", sa.String(), nullable=True),
+    sa.Column("prompt_tokens", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("completion_tokens", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("total_tokens", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("cost", sa.Numeric(20, 10, asdecimal=False), nullable=False, server_default="0"),
+    sa.Column("latency_ms", sa.Float(), nullable=True),
+    sa.Column("ttft_ms", sa.Float(), nullable=True),
+    sa.Column("cache_hit", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("streamed", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("request_body", sa.LargeBinary(), nullable=True),
+    sa.Column("response_body", sa.LargeBinary(), nullable=True),
+    sa.Column("enc_key_id", sa.String(), nullable=True),   # NULL: bodies stored in the clear
+    sa.Index("ix_completions_created_at", "created_at"),
+    sa.Index("ix_completions_user_id", "user_id", "created_at"),
+    sa.Index("ix_completions_application", "application", "created_at"),
+    sa.Index("ix_completions_provider", "provider", "created_at"),
+    sa.Index("ix_completions_key_id", "key_id", "created_at"),
+)
+
+# Column order of a record as the request path journals it (bodies travel separately).
+META_COLUMNS = (
+    "request_id", "client_request_id", "created_at", "user_id", "application", "key_id", "provider", "model",
+    "endpoint", "status", "error_type", "prompt_tokens", "completion_tokens", "total_tokens", "cost",
+    "latency_ms", "ttft_ms", "cache_hit", "streamed", "enc_key_id",
+)
