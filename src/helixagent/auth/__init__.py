@@ -249,9 +249,9 @@ def install(gw: Any) -> None:
 
     async def start() -> None:
         try:
-            if await store.ensure_table():
-                log.warning("the api_keys table was missing and has been created; run `helixagent migrate` "
-                            "to manage the schema with migrations")
+            if not await store.has_table():
+                log.error("the api_keys table does not exist in the database: run `helixagent migrate up` "
+                          "(or set database.auto_migrate: true); virtual keys will not authenticate until then")
         except Exception as exc:
             log.error("cannot prepare the api_keys table in %s (%s: %s); virtual keys will not authenticate "
                       "until the database is reachable", cfg.database.url.split("@")[-1], type(exc).__name__, exc)

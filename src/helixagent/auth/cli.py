@@ -83,7 +83,16 @@ async def _with_store(fn: Any, cfg: Any, args: argparse.Namespace) -> int:
     engine = make_engine(cfg.database.url)
     try:
         store = KeyStore(engine)
-        await store.ensure_table()
+        if not await store.has_table():
+            from ..store.record import auto_migrate
+            if not auto_migrate(cfg):
+                print("helixagent: the api_keys table does not exist: run `helixagent migrate up` first",
+                      file=sys.stderr)
+                return 1
+            import asyncio
+
+            from ..store import migrate
+            await asyncio.to_thread(migrate.upgrade, cfg.database.url)
         return await fn(cfg, store, args)
     finally:
         await engine.dispose()

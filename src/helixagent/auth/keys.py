@@ -149,9 +149,15 @@ class KeyStore:
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
 
+    async def has_table(self) -> bool:
+        from sqlalchemy import inspect
+
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(lambda c: inspect(c).has_table("api_keys"))
+
     async def ensure_table(self) -> bool:
-        """Fallback for a database on which ``helixagent migrate`` (Alembic, revision 0002_api_keys) has not
-        been run: create the table if it is missing.  Returns True if it had to be created."""
+        """Create the table outside the migrations (for tests and embedding only; the gateway and the CLI
+        use ``helixagent migrate``, revision 0002_api_keys).  Returns True if it had to be created."""
         from sqlalchemy import inspect
 
         async with self.engine.begin() as conn:
