@@ -18,6 +18,7 @@ import orjson
 import pytest
 import yaml
 
+from helixagent.observability.metrics import FLUSH_SECONDS
 from support.observability import parse_metrics, value
 from support.servers import free_port, wait_until
 
@@ -79,6 +80,7 @@ def test_two_workers_exact_totals(tmp_path, fake_openai):
                 codes = list(pool.map(one, range(20)))
                 sent_ok += codes.count(200)
                 sent_bad += codes.count(400)
+                time.sleep(FLUSH_SECONDS + 0.3)  # workers hand their counts to the files every FLUSH_SECONDS
                 workers = per_worker_requests(str(mpdir))
                 if len([p for p, n in workers.items() if n > 0]) >= 2:
                     break
@@ -87,11 +89,14 @@ def test_two_workers_exact_totals(tmp_path, fake_openai):
         assert len([p for p, n in workers.items() if n > 0]) == 2, workers  # both workers served traffic
         assert sum(workers.values()) == sent_ok + sent_bad
 
-        pids = set()
+        def settled() -> bool:
+            with httpx.Client(timeout=10) as c:
+                return value(parse_metrics(c.get(base + "/metrics").text), "helixagent_requests_total") == sent_ok + sent_bad
+
+        assert wait_until(settled, timeout=10, interval=0.1)
         for _ in range(8):  # scrapes land on either worker: all report the same exact totals
             with httpx.Client(timeout=10) as c:
                 m = parse_metrics(c.get(base + "/metrics").text)
-                pids.add(c.get(base + "/dashboard/data").json()["pid"])
             assert value(m, "helixagent_requests_total", provider="openai", model="gpt-4o-mini", status="200") == sent_ok
             assert value(m, "helixagent_requests_total", provider="none", status="400") == sent_bad
             assert value(m, "helixagent_errors_total") == sent_bad

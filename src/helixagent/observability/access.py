@@ -1,7 +1,8 @@
 """The access log: one line per request, written by the observability stage when the request is done.
 
 JSON format: the line is one dict, serialised once with orjson and written straight to the handler that
-:func:`~helixagent.observability.logs.configure_logging` installed (no LogRecord, no formatter).  Console
+:func:`~helixagent.observability.logs.configure_logging` installed (no LogRecord, no formatter), in
+batches at most 50 ms old (flushed at shutdown too).  Console
 format and any other set-up go through the ``helixagent.access`` logger as usual.  Nothing is built when
 the logger's level filters INFO out.
 
@@ -10,6 +11,7 @@ key-shaped), request or response bodies unless ``logging.include_bodies`` is tru
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -20,6 +22,10 @@ import orjson
 from . import logs
 
 INFO = logging.INFO
+# JSON lines are written in batches: at most FLUSH_DELAY seconds after the first of a batch, or at once
+# when MAX_BATCH are pending (a write + flush per line would cost more CPU than everything else here).
+FLUSH_DELAY = 0.05
+MAX_BATCH = 256
 _KEYLIKE = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|sk-ant-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}|"
                       r"hk-[A-Za-z0-9_\-]{6,}|(?i:bearer)\s+[A-Za-z0-9_\-\.=+/]{6,})")
 
@@ -45,6 +51,8 @@ class AccessLog:
         self.include_bodies = bool(lc.include_bodies)
         self.console = lc.format == "console"
         # the secrets this process knows, longest first (a key that contains another is replaced whole)
+        self._buf = bytearray()  # pending JSON lines (copied in: the line objects are freed at once)
+        self._pending = 0
         self.secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
 
     def scrub(self, text: str) -> str:
@@ -107,6 +115,33 @@ class AccessLog:
         if body is not None:
             d["response_body"] = body
 
+    def flush(self) -> None:
+        """Write the pending JSON lines in one go (bytes straight to the stream's binary buffer)."""
+        buf = self._buf
+        if not buf:
+            return
+        data = bytes(buf)
+        buf.clear()
+        self._pending = 0
+        sink = logs.SINK
+        if sink is None:
+            return
+        sink.acquire()
+        try:
+            stream = sink.stream  # type: ignore[attr-defined]
+            raw = getattr(stream, "buffer", None)
+            if raw is not None:
+                stream.flush()  # whatever the text layer holds goes first, so lines stay in order
+                raw.write(data)
+                raw.flush()
+            else:
+                stream.write(data.decode())
+                stream.flush()
+        except Exception:
+            sink.handleError(logging.makeLogRecord({"msg": "access log write failed"}))
+        finally:
+            sink.release()
+
     def emit(self, ctx: Any) -> None:
         logger = self.logger
         if not logger.isEnabledFor(INFO):
@@ -115,16 +150,18 @@ class AccessLog:
         d = self.record(ctx, now)
         sink = logs.SINK
         if sink is not None and not self.console and sink.level <= INFO:
-            line = orjson.dumps(d, default=str).decode() + "\n"
-            sink.acquire()
-            try:
-                stream = sink.stream  # type: ignore[attr-defined]
-                stream.write(line)
-                stream.flush()
-            except Exception:
-                sink.handleError(logging.makeLogRecord({"msg": "access log write failed"}))
-            finally:
-                sink.release()
+            buf = self._buf
+            buf += orjson.dumps(d, default=str)
+            buf += b"\n"
+            self._pending += 1
+            if self._pending == 1:
+                # the first line of a batch: write the batch out in FLUSH_DELAY (or at once off-loop)
+                try:
+                    asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
+                except RuntimeError:
+                    self.flush()
+            elif self._pending >= MAX_BATCH:
+                self.flush()
             return
         if self.console:
             tok = d.get("tokens")

@@ -22,6 +22,8 @@ import glob
 import logging
 import os
 import re
+import threading
+from bisect import bisect_left
 from typing import Any, Iterable
 
 import prometheus_client
@@ -47,6 +49,8 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 UPSTREAM_BUCKETS = DURATION_BUCKETS
 
+FLUSH_SECONDS = 0.5
+
 BREAKER_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "halfopen": 1, "open": 2}
 
 
@@ -65,38 +69,26 @@ def status_label(code: int) -> str:
 
 
 class Series:
-    """The label children of one (provider, model, endpoint, status) combination, resolved on first use."""
+    """The label children of one (provider, model, endpoint, status) combination, resolved on first use
+    (so that a series appears only once it has something to say: no ``errors_total{status="200"} 0``)."""
 
     __slots__ = ("m", "labels", "requests", "duration", "tok_prompt", "tok_completion", "cost", "ttft",
-                 "upstream", "fallbacks", "retries", "cache_hit", "cache_miss", "errors")
+                 "upstream", "fallbacks", "retries", "errors")
 
     def __init__(self, m: "Metrics", labels: tuple[str, str, str, str]):
+        p, mo, e, s = labels
         self.m = m
         self.labels = labels
         self.requests = m.requests.labels(*labels)
         self.duration = m.duration.labels(*labels)
-        self.tok_prompt = None
-        self.tok_completion = None
+        self.tok_prompt = m.tokens.labels(p, mo, e, s, "prompt") if s == "200" else None
+        self.tok_completion = m.tokens.labels(p, mo, e, s, "completion") if s == "200" else None
         self.cost = None
         self.ttft = None
         self.upstream = None
         self.fallbacks = None
         self.retries = None
-        self.cache_hit = None
-        self.cache_miss = None
         self.errors: dict[str, Any] = {}
-
-    # Children of the less common metrics are made on first use, so that a series appears only once it
-    # has something to say (no helixagent_errors_total{status="200"} 0 lines).
-    def tokens(self, prompt: int, completion: int) -> None:
-        if self.tok_prompt is None:
-            p, mo, e, s = self.labels
-            self.tok_prompt = self.m.tokens.labels(p, mo, e, s, "prompt")
-            self.tok_completion = self.m.tokens.labels(p, mo, e, s, "completion")
-        if prompt:
-            self.tok_prompt.inc(prompt)
-        if completion:
-            self.tok_completion.inc(completion)
 
     def error(self, kind: str) -> Any:
         child = self.errors.get(kind)
@@ -148,7 +140,6 @@ class Metrics:
         self.budget = Gauge("helixagent_budget_remaining_ratio",
                             "Lowest remaining fraction of a cost/token budget, per scope",
                             ("scope",), registry=reg, multiprocess_mode="livemin")
-        self.inflight_value = self.inflight  # the unlabelled gauge is its own child
 
         # -- label vocabularies from the configuration --------------------------------------------------
         self.provider_names: dict[str, str] = {n: n for n in gw.providers}
@@ -163,6 +154,11 @@ class Metrics:
         self._ttft_children: dict[tuple[str, str, str], Any] = {}
         self._upstream_children: dict[tuple[str, str], Any] = {}
         self._cost_children: dict[tuple[str, str], Any] = {}
+        self._pc: dict[Any, float] = {}
+        self._ph: dict[Any, list[Any]] = {}
+        self._lock = threading.Lock()
+        self._inflight_n = 0
+        self._inflight_set = 0
 
     # -- label normalisation -------------------------------------------------------------------------
     def endpoint_label(self, path: str) -> str:
@@ -202,60 +198,114 @@ class Metrics:
         return s
 
     # -- the per-request update ----------------------------------------------------------------------
+    # Requests only add to plain Python numbers (``_pc``: counter child -> pending amount, ``_ph``:
+    # histogram child -> [sum, bucket counts]); :meth:`flush` hands them to prometheus_client every
+    # FLUSH_SECONDS and before every scrape of this process.  A value update through prometheus_client
+    # costs 0.4 us (1 us in multi-process mode, an mmap write under a lock) and a request makes ~10.
     def observe(self, ctx: Any, provider: str, model: str, endpoint: str) -> None:
         status = _STATUS.get(ctx.status) or "other"
         s = self._series.get((provider, model, endpoint, status))
         if s is None:
             s = self.series(provider, model, endpoint, status)
-        s.requests.inc()
-        s.duration.observe(ctx.latency)
-        u = ctx.usage
-        if u is not None and (u.prompt_tokens or u.completion_tokens):
-            s.tokens(u.prompt_tokens, u.completion_tokens)
-        if ctx.cost:
-            c = s.cost
-            if c is None:
-                c = s.cost = self._child(self._cost_children, self.cost, (provider, model))
-            c.inc(ctx.cost)
-        if ctx.upstream_latency is not None:
-            c = s.upstream
-            if c is None:
-                c = s.upstream = self._child(self._upstream_children, self.upstream, (provider, model))
-            c.observe(ctx.upstream_latency)
-        if ctx.first_token_at is not None:
-            c = s.ttft
-            if c is None:
-                c = s.ttft = self._child(self._ttft_children, self.ttft, (provider, model, endpoint))
-            c.observe(ctx.first_token_at - ctx.started)
-        if ctx.fallbacks:
-            if s.fallbacks is None:
-                s.fallbacks = self.fallbacks.labels(*s.labels)
-            s.fallbacks.inc(ctx.fallbacks)
-        if ctx.retries:
-            if s.retries is None:
-                s.retries = self.retries.labels(*s.labels)
-            s.retries.inc(ctx.retries)
-        cs = ctx.cache_status
-        if cs is not None:
-            self.cache_result(endpoint, cs)
-        err = ctx.error
-        if err is not None:
-            s.error(self.kind_label(err.kind)).inc()
-            if err.status == 429:
-                code = err.code or ""
-                if not code.startswith("upstream"):
-                    reason = "budget" if "budget" in code else "rate_limit"
-                    self._child(self._rejection_children, self.rejections, (endpoint, reason)).inc()
+        pc = self._pc
+        ph = self._ph
+        with self._lock:
+            child = s.requests
+            pc[child] = pc.get(child, 0) + 1
+            self._hist(ph, s.duration, ctx.latency)
+            u = ctx.usage
+            if u is not None:
+                if u.prompt_tokens or u.completion_tokens:
+                    tp = s.tok_prompt
+                    if tp is None:
+                        p_, mo, e, st = s.labels
+                        tp = s.tok_prompt = self.tokens.labels(p_, mo, e, st, "prompt")
+                        s.tok_completion = self.tokens.labels(p_, mo, e, st, "completion")
+                    pc[tp] = pc.get(tp, 0) + u.prompt_tokens
+                    tc = s.tok_completion
+                    pc[tc] = pc.get(tc, 0) + u.completion_tokens
+            cost = ctx.cost
+            if cost:
+                c = s.cost
+                if c is None:
+                    c = s.cost = self._child(self._cost_children, self.cost, (provider, model))
+                pc[c] = pc.get(c, 0) + cost
+            v = ctx.upstream_latency
+            if v is not None:
+                c = s.upstream
+                if c is None:
+                    c = s.upstream = self._child(self._upstream_children, self.upstream, (provider, model))
+                self._hist(ph, c, v)
+            v = ctx.first_token_at
+            if v is not None:
+                c = s.ttft
+                if c is None:
+                    c = s.ttft = self._child(self._ttft_children, self.ttft, (provider, model, endpoint))
+                self._hist(ph, c, v - ctx.started)
+            n = ctx.fallbacks
+            if n:
+                if s.fallbacks is None:
+                    s.fallbacks = self.fallbacks.labels(*s.labels)
+                pc[s.fallbacks] = pc.get(s.fallbacks, 0) + n
+            n = ctx.retries
+            if n:
+                if s.retries is None:
+                    s.retries = self.retries.labels(*s.labels)
+                pc[s.retries] = pc.get(s.retries, 0) + n
+            cs = ctx.cache_status
+            if cs is not None:
+                c = self._cache_children.get((endpoint, cs))
+                if c is None:
+                    c = self._cache_child(endpoint, cs)
+                pc[c] = pc.get(c, 0) + 1
+            err = ctx.error
+            if err is not None:
+                c = s.error(self.kind_label(err.kind))
+                pc[c] = pc.get(c, 0) + 1
+                if err.status == 429:
+                    code = err.code or ""
+                    if not code.startswith("upstream"):
+                        reason = "budget" if "budget" in code else "rate_limit"
+                        c = self._child(self._rejection_children, self.rejections, (endpoint, reason))
+                        pc[c] = pc.get(c, 0) + 1
 
-    def cache_result(self, endpoint: str, status: str) -> None:
-        c = self._cache_children.get((endpoint, status))
-        if c is None:
-            low = status.lower()
-            result = "hit" if "hit" in low else "miss" if "miss" in low else self.kind_label(low)
-            c = self._child(self._cache_children, self.cache, (endpoint, result))
-            if len(self._cache_children) < 256:
-                self._cache_children[(endpoint, status)] = c
-        c.inc()
+    @staticmethod
+    def _hist(ph: dict[Any, list[Any]], child: Any, v: float) -> None:
+        h = ph.get(child)
+        if h is None:
+            h = ph[child] = [0.0, [0] * len(child._upper_bounds)]
+        h[0] += v
+        h[1][bisect_left(child._upper_bounds, v)] += 1
+
+    def inflight_add(self, n: int) -> None:
+        self._inflight_n += n  # only the event loop thread writes it
+
+    def flush(self) -> None:
+        """Hand the pending amounts to prometheus_client (the per-process files in multi-process mode)."""
+        with self._lock:
+            pc, self._pc = self._pc, {}
+            ph, self._ph = self._ph, {}
+            inflight = self._inflight_n
+        if inflight != self._inflight_set:
+            self.inflight.set(inflight)
+            self._inflight_set = inflight
+        for child, v in pc.items():
+            if v:
+                child.inc(v)
+        for child, (total, counts) in ph.items():
+            child._sum.inc(total)
+            buckets = child._buckets
+            for i, n in enumerate(counts):
+                if n:
+                    buckets[i].inc(n)
+
+    def _cache_child(self, endpoint: str, status: str) -> Any:
+        low = status.lower()
+        result = "hit" if "hit" in low else "miss" if "miss" in low else self.kind_label(low)
+        c = self._child(self._cache_children, self.cache, (endpoint, result))
+        if len(self._cache_children) < 256:
+            self._cache_children[(endpoint, status)] = c
+        return c
 
     @staticmethod
     def _child(cache: dict[Any, Any], metric: Any, key: tuple[str, ...]) -> Any:
@@ -298,13 +348,16 @@ class Metrics:
                 log.debug("limits.budget_remaining() failed", exc_info=True)
 
     def exposition(self) -> bytes:
-        """The Prometheus text for a scrape (all workers' values in multi-process mode)."""
+        """The Prometheus text for a scrape (all workers' values in multi-process mode: this worker's are
+        exact, the others' at most FLUSH_SECONDS old)."""
+        self.flush()
         self.refresh()
         if self.multiprocess and self.dir:
             return scrape_multiprocess(self.dir)
         return generate_latest(self.registry)
 
     def mark_dead(self) -> None:
+        self.flush()
         if self.multiprocess and self.dir:
             from prometheus_client import multiprocess
             try:

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..pipeline import RequestContext, Stage
 from .access import AccessLog
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE, FLUSH_SECONDS, Metrics
 from .tracing import setup_tracing
 from .window import Window
 
@@ -39,13 +39,12 @@ class ObservabilityStage(Stage):
         if self.tracing is not None:
             for p in gw.providers.values():
                 self.tracing.instrument(p)
-        m = self.metrics
-        self._inflight = m.inflight if m is not None else None
 
     async def pre(self, ctx: RequestContext) -> bool:
         ctx.state["obs"] = True  # entered: post() takes it back off the in-flight gauge
-        if self._inflight is not None:
-            self._inflight.inc()
+        m = self.metrics
+        if m is not None:
+            m.inflight_add(1)
         if self.tracing is not None:
             self.tracing.start(ctx)
         return False
@@ -56,7 +55,7 @@ class ObservabilityStage(Stage):
         u = ctx.usage
         if m is not None:
             if entered:
-                m.inflight.dec()
+                m.inflight_add(-1)
             provider = m.provider_label(ctx.provider)
             m.observe(ctx, provider, m.model_label(ctx.upstream_model), m.endpoint_label(ctx.path))
         else:
@@ -109,7 +108,7 @@ class ObservabilityStage(Stage):
         snap["version"] = gw.version
         snap["pid"] = os.getpid()
         snap["workers"] = gw.cfg.server.workers
-        snap["in_flight"] = int(self.metrics.inflight._value.get()) if self.metrics is not None else None
+        snap["in_flight"] = self.metrics._inflight_n if self.metrics is not None else None
         return snap
 
 
@@ -135,12 +134,16 @@ def install(gw: Any) -> ObservabilityStage:
 
         async def start() -> None:
             async def loop() -> None:
+                n = 0
                 while True:
                     try:
-                        m.refresh()
+                        m.flush()
+                        if n % int(REFRESH_SECONDS / FLUSH_SECONDS) == 0:
+                            m.refresh()
                     except Exception:
-                        log.exception("metrics refresh failed")
-                    await asyncio.sleep(REFRESH_SECONDS)
+                        log.exception("metrics flush failed")
+                    n += 1
+                    await asyncio.sleep(FLUSH_SECONDS)
             refresher["task"] = asyncio.ensure_future(loop())
             if cfg.metrics.port and not os.environ.get(METRICS_PORT_SERVED_ENV):
                 refresher["server"] = start_metrics_server(m.exposition, cfg.server.host, cfg.metrics.port)
@@ -158,6 +161,10 @@ def install(gw: Any) -> ObservabilityStage:
         gw.on_startup(start)
         gw.on_shutdown(stop)
 
+    async def flush_access_log() -> None:
+        stage.access.flush()
+
+    gw.on_shutdown(flush_access_log)
     page = (STATIC / "dashboard.html").read_bytes()
 
     async def dashboard(gw: Any, req: Any) -> None:
