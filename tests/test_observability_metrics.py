@@ -1,6 +1,8 @@
 """/metrics after known traffic: exact counter values, bounded label values, auth, the metrics port."""
 from __future__ import annotations
 
+import re
+
 import httpx
 import openai
 import orjson
@@ -165,9 +167,13 @@ def test_request_id_honoured_and_returned(make_gateway, fake_openai):
     r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-request-id": "client-rid-42"},
                    content=orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "a"}]}))
     assert r.status_code == 200 and r.headers["x-request-id"] == "client-rid-42"
-    r = httpx.post(gw.url + "/v1/chat/completions",
-                   content=orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "a"}]}))
-    assert len(r.headers["x-request-id"]) == 32
+    made = set()
+    for _ in range(2):  # none given: one is made, different each time
+        r = httpx.post(gw.url + "/v1/chat/completions",
+                       content=orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "a"}]}))
+        assert re.fullmatch(r"[A-Za-z0-9._:\-]{8,128}", r.headers["x-request-id"])
+        made.add(r.headers["x-request-id"])
+    assert len(made) == 2
 
 
 def _ok(url):
