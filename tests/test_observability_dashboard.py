@@ -46,8 +46,13 @@ def dash_gw(make_gateway, fake_openai):
 
 def test_dashboard_data_endpoint(dash_gw, fake_openai):
     gw = dash_gw
-    page = httpx.get(gw.url + "/dashboard")
+    # a browser without a key gets the sign-in shell (no data in it); API callers need the admin key
+    page = httpx.get(gw.url + "/dashboard", headers={"accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert httpx.get(gw.url + "/dashboard").status_code == 401
+    assert httpx.get(gw.url + "/dashboard", headers={"accept": "text/html", "authorization": "Bearer nope"}
+                     ).status_code == 401
+    assert httpx.get(gw.url + "/dashboard", headers={"authorization": f"Bearer {MASTER}"}).text == page.text
     assert "<canvas" in page.text and "http://" not in page.text and "https://" not in page.text  # no CDN
     assert httpx.get(gw.url + "/dashboard/data").status_code == 401
     assert httpx.get(gw.url + "/dashboard/data", headers={"authorization": "Bearer nope"}).status_code == 401

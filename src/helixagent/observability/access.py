@@ -27,7 +27,7 @@ INFO = logging.INFO
 FLUSH_DELAY = 0.05
 MAX_BATCH = 256
 _KEYLIKE = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|sk-ant-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}|"
-                      r"hk-[A-Za-z0-9_\-]{6,}|(?i:bearer)\s+[A-Za-z0-9_\-\.=+/]{6,})")
+                      r"hk-[A-Za-z0-9_\-]{6,}|hx-[A-Za-z0-9_\-]{6,}|(?i:bearer)\s+[A-Za-z0-9_\-\.=+/]{6,})")
 
 _ts_sec = -1
 _ts_prefix = ""

@@ -265,7 +265,7 @@ class Metrics:
                 if err.status == 429:
                     code = err.code or ""
                     if not code.startswith("upstream"):
-                        reason = "budget" if "budget" in code else "rate_limit"
+                        reason = "budget" if ("budget" in code or "budget" in (err.kind or "")) else "rate_limit"
                         c = self._child(self._rejection_children, self.rejections, (endpoint, reason))
                         pc[c] = pc.get(c, 0) + 1
 

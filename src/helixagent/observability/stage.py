@@ -169,9 +169,13 @@ def install(gw: Any) -> ObservabilityStage:
 
     async def dashboard(gw: Any, req: Any) -> None:
         # The page is a static shell holding no data; the browser sends the admin key as a header to
-        # /dashboard/data (a login form keeps it in sessionStorage, never in a URL).
+        # /dashboard/data (a login form keeps it in sessionStorage, never in a URL).  So a browser
+        # navigating here without a key (Accept: text/html) gets the shell and its sign-in form; any other
+        # caller is authenticated like every admin endpoint (a key, and the admin role).
         from ..api.http import send_bytes
-        await send_bytes(req.send, 200, page, {"cache-control": "no-store",
+        if req.bearer() is not None or "text/html" not in req.headers.get("accept", ""):
+            await gw.authorize(req, "admin")
+        await send_bytes(req.send, 200, page, {"cache-control": "no-store", "vary": "accept, authorization",
                                                "content-security-policy": "default-src 'self'; script-src "
                                                "'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:",
                                                "x-frame-options": "DENY", "referrer-policy": "no-referrer"},
