@@ -12,4 +12,16 @@ if [ -n "${HELIX_TEST_REDIS_URL:-}" ] && command -v redis-server >/dev/null 2>&1
     redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no || true
   fi
 fi
+# System packages the observability tests drive: promtool (prometheus) checks the alert rules, headless
+# Chromium + chromedriver load the dashboard page.
+need=""
+command -v promtool >/dev/null 2>&1 || need="$need prometheus"
+command -v chromium >/dev/null 2>&1 || need="$need chromium"
+command -v chromedriver >/dev/null 2>&1 || need="$need chromium-driver"
+if [ -n "$need" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null 2>&1 || true
+  # shellcheck disable=SC2086
+  apt-get install -y -qq --no-install-recommends $need >/dev/null || echo "test-setup: could not install$need" >&2
+fi
 exit 0

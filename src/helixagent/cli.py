@@ -60,13 +60,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.config:
         os.environ["HELIXAGENT_CONFIG"] = os.path.abspath(args.config)
     workers = args.workers or cfg.server.workers
+    metrics_dir, own_dir, metrics_srv = _setup_metrics(cfg, host, workers)
     import uvicorn
     log.info("HelixAgent %s listening on http://%s:%d (%d worker%s)", __version__, host, port, workers,
              "" if workers == 1 else "s")
-    uvicorn.run("helixagent.cli:app_factory", factory=True, host=host, port=port, workers=workers,
-                loop="uvloop", http="httptools", lifespan="on", access_log=False, log_config=None,
-                server_header=False, date_header=False, timeout_graceful_shutdown=30)
+    try:
+        uvicorn.run("helixagent.cli:app_factory", factory=True, host=host, port=port, workers=workers,
+                    loop="uvloop", http="httptools", lifespan="on", access_log=False, log_config=None,
+                    server_header=False, date_header=False, timeout_graceful_shutdown=30)
+    finally:
+        if metrics_srv is not None:
+            metrics_srv.shutdown()
+            metrics_srv.server_close()
+        if own_dir and metrics_dir:
+            import shutil
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _setup_metrics(cfg: Any, host: str, workers: int) -> tuple[str | None, bool, Any]:
+    """Several workers (or a separate metrics port): prometheus_client's multiprocess mode.  The directory
+    is $PROMETHEUS_MULTIPROC_DIR if set, else a fresh temporary one; it is emptied before the workers start
+    (stale files would be added up) and a temporary one is removed at exit.  Must run before anything
+    imports prometheus_client, which picks its value store on import."""
+    if not cfg.metrics.enabled or (workers <= 1 and not cfg.metrics.port):
+        return None, False, None
+    import tempfile
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    own = not path
+    if own:
+        path = tempfile.mkdtemp(prefix="helixagent-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    from .observability.metrics import prepare_multiprocess_dir
+    prepare_multiprocess_dir(path)
+    srv = None
+    if cfg.metrics.port:
+        # the supervising process serves the port, adding up every worker's values
+        from .observability.stage import METRICS_PORT_SERVED_ENV, start_multiprocess_metrics_server
+        srv = start_multiprocess_metrics_server(path, host, cfg.metrics.port)
+        os.environ[METRICS_PORT_SERVED_ENV] = "1"
+    return path, own, srv
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

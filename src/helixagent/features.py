@@ -10,7 +10,9 @@ from typing import Any
 def install_features(gw: Any) -> None:
     from . import auth, limits
     from .api import anthropic_routes, openai_routes
+    from .observability import stage as observability
 
+    observability.install(gw)  # first: outermost stage, its post-hook runs last
     openai_routes.install(gw)
     from .store import record; record.install(gw)  # noqa: E702  (record: outer stage, before auth)
     auth.install(gw)

@@ -9,6 +9,11 @@ from typing import Any
 import orjson
 
 
+# The handler HelixAgent installed (JSON format): the access log writes its ready-made lines straight to
+# it, skipping LogRecord creation and formatting (see access.py); None when not configured.
+SINK: logging.Handler | None = None
+
+
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -27,6 +32,7 @@ class JSONFormatter(logging.Formatter):
 
 
 def configure_logging(cfg: Any) -> None:
+    global SINK
     level = str(cfg.level).upper()
     if level == "WARN":
         level = "WARNING"
@@ -34,13 +40,27 @@ def configure_logging(cfg: Any) -> None:
     for h in list(root.handlers):
         if getattr(h, "_helixagent", False):
             root.removeHandler(h)
+            h.close()
     handler: logging.Handler = logging.FileHandler(cfg.file) if getattr(cfg, "file", None) else logging.StreamHandler(sys.stderr)
     handler._helixagent = True  # type: ignore[attr-defined]
+    SINK = None
     if cfg.format == "json":
         handler.setFormatter(JSONFormatter())
+        SINK = handler
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
     for noisy in ("uvicorn.access", "aiosqlite", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def reset_logging() -> None:
+    """Remove the handler installed by :func:`configure_logging` (tests, embedding)."""
+    global SINK
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_helixagent", False):
+            root.removeHandler(h)
+            h.close()
+    SINK = None

@@ -1,0 +1,232 @@
+"""The observability stage (the first, outermost stage: its post-hook runs last, when every other stage
+has filled in cost, cache status and identity) and the /metrics, /dashboard and /dashboard/data routes."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..pipeline import RequestContext, Stage
+from .access import AccessLog
+from .metrics import CONTENT_TYPE, FLUSH_SECONDS, Metrics
+from .tracing import setup_tracing
+from .window import Window
+
+log = logging.getLogger("helixagent.observability")
+
+STATIC = Path(__file__).with_name("static")
+REFRESH_SECONDS = 5.0
+# Set by `helixagent serve` when it serves metrics.port itself (from the supervising process).
+METRICS_PORT_SERVED_ENV = "HELIXAGENT_METRICS_PORT_SERVED"
+
+
+class ObservabilityStage(Stage):
+    name = "observability"
+    outer = True
+
+    def __init__(self, gw: Any):
+        self.gw = gw
+        self.metrics: Metrics | None = Metrics(gw) if gw.cfg.metrics.enabled else None
+        self.window = Window()
+        secrets = [gw.cfg.auth.master_key or ""]
+        secrets += [p.api_key or "" for p in gw.cfg.providers]
+        secrets += [p.cfg.api_key or "" for p in gw.providers.values()]
+        self.access = AccessLog(gw.cfg, secrets)
+        self.tracing = setup_tracing(gw.cfg)
+        if self.tracing is not None:
+            for p in gw.providers.values():
+                self.tracing.instrument(p)
+
+    async def pre(self, ctx: RequestContext) -> bool:
+        ctx.state["obs"] = True  # entered: post() takes it back off the in-flight gauge
+        m = self.metrics
+        if m is not None:
+            m.inflight_add(1)
+        if self.tracing is not None:
+            self.tracing.start(ctx)
+        return False
+
+    async def post(self, ctx: RequestContext) -> None:
+        m = self.metrics
+        entered = ctx.state.pop("obs", False)
+        u = ctx.usage
+        if m is not None:
+            if entered:
+                m.inflight_add(-1)
+            provider = m.provider_label(ctx.provider)
+            m.observe(ctx, provider, m.model_label(ctx.upstream_model), m.endpoint_label(ctx.path))
+        else:
+            provider = ctx.provider or "none"
+        cs = ctx.cache_status
+        if cs is not None:
+            low = cs.lower()
+            cs = "hit" if "hit" in low else "miss" if "miss" in low else None
+        self.window.add(int(time.time()), ctx.latency, ctx.error is not None, cs, provider,
+                        u.prompt_tokens if u is not None else 0, u.completion_tokens if u is not None else 0,
+                        ctx.cost or 0.0)
+        self.access.emit(ctx)
+        if self.tracing is not None:
+            self.tracing.end(ctx)
+
+    # -- dashboard data ----------------------------------------------------------------------------------
+    def dashboard_data(self, span: int = 300) -> dict[str, Any]:
+        gw = self.gw
+        snap = self.window.snapshot(span=span)
+        health = gw.services.get("health")
+        avail = getattr(health, "availability", None) if health is not None else None
+        bstate = getattr(health, "breaker_state", None) if health is not None else None
+        providers = []
+        for name, p in gw.providers.items():
+            enabled = bool(p.cfg.enabled)
+            a = 1.0 if enabled else 0.0
+            if enabled and avail is not None:
+                try:
+                    a = float(avail(name))
+                except Exception:
+                    pass
+            state = "closed" if enabled else "disabled"
+            if bstate is not None:
+                try:
+                    state = str(bstate(name))
+                except Exception:
+                    pass
+            w = snap["providers"].get(name, {})
+            providers.append({"name": name, "type": p.cfg.type, "enabled": enabled, "availability": a,
+                              "breaker": state, "stand_in_for": getattr(p, "stand_in_for", None),
+                              "requests": w.get("requests", 0), "errors": w.get("errors", 0),
+                              "prompt_tokens": w.get("prompt_tokens", 0),
+                              "completion_tokens": w.get("completion_tokens", 0),
+                              "cost": round(w.get("cost", 0.0), 6)})
+        for name, w in snap["providers"].items():  # "none"/"other": requests that reached no provider
+            if name not in gw.providers:
+                providers.append({"name": name, "type": None, "enabled": None, "availability": None,
+                                  "breaker": None, "stand_in_for": None, **w})
+        snap["providers"] = providers
+        snap["version"] = gw.version
+        snap["pid"] = os.getpid()
+        snap["workers"] = gw.cfg.server.workers
+        snap["in_flight"] = self.metrics._inflight_n if self.metrics is not None else None
+        return snap
+
+
+# -- routes ---------------------------------------------------------------------------------------------------
+def install(gw: Any) -> ObservabilityStage:
+    stage = ObservabilityStage(gw)
+    gw.services["observability"] = stage
+    gw.add_stage(stage)
+    cfg = gw.cfg
+    m = stage.metrics
+    if m is not None:
+        gw.services["metrics"] = m
+
+        async def metrics_route(gw: Any, req: Any) -> None:
+            from ..api.http import send_bytes
+            if not gw.services["auth"].open:  # with a master key, the main port's /metrics is admin-only
+                await gw.authorize(req, "metrics")
+            body = await asyncio.to_thread(m.exposition) if m.multiprocess else m.exposition()
+            await send_bytes(req.send, 200, body, content_type=CONTENT_TYPE)
+
+        gw.route("GET", cfg.metrics.path, metrics_route)
+        refresher: dict[str, Any] = {}
+
+        async def start() -> None:
+            async def loop() -> None:
+                n = 0
+                while True:
+                    try:
+                        m.flush()
+                        if n % int(REFRESH_SECONDS / FLUSH_SECONDS) == 0:
+                            m.refresh()
+                    except Exception:
+                        log.exception("metrics flush failed")
+                    n += 1
+                    await asyncio.sleep(FLUSH_SECONDS)
+            refresher["task"] = asyncio.ensure_future(loop())
+            if cfg.metrics.port and not os.environ.get(METRICS_PORT_SERVED_ENV):
+                refresher["server"] = start_metrics_server(m.exposition, cfg.server.host, cfg.metrics.port)
+
+        async def stop() -> None:
+            t = refresher.pop("task", None)
+            if t is not None:
+                t.cancel()
+            srv = refresher.pop("server", None)
+            if srv is not None:
+                await asyncio.to_thread(srv.shutdown)
+                srv.server_close()
+            m.mark_dead()
+
+        gw.on_startup(start)
+        gw.on_shutdown(stop)
+
+    async def flush_access_log() -> None:
+        stage.access.flush()
+
+    gw.on_shutdown(flush_access_log)
+    page = (STATIC / "dashboard.html").read_bytes()
+
+    async def dashboard(gw: Any, req: Any) -> None:
+        # The page is a static shell holding no data; the browser sends the admin key as a header to
+        # /dashboard/data (a login form keeps it in sessionStorage, never in a URL).  So a browser
+        # navigating here without a key (Accept: text/html) gets the shell and its sign-in form; any other
+        # caller is authenticated like every admin endpoint (a key, and the admin role).
+        from ..api.http import send_bytes
+        if req.bearer() is not None or "text/html" not in req.headers.get("accept", ""):
+            await gw.authorize(req, "admin")
+        await send_bytes(req.send, 200, page, {"cache-control": "no-store", "vary": "accept, authorization",
+                                               "content-security-policy": "default-src 'self'; script-src "
+                                               "'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:",
+                                               "x-frame-options": "DENY", "referrer-policy": "no-referrer"},
+                         content_type=b"text/html; charset=utf-8")
+
+    async def dashboard_data(gw: Any, req: Any) -> None:
+        from ..api.http import send_json
+        await gw.authorize(req, "admin")
+        try:
+            span = int(req.q("span", "300") or 300)
+        except ValueError:
+            span = 300
+        await send_json(req.send, 200, stage.dashboard_data(span), {"cache-control": "no-store"})
+
+    gw.route("GET", "/dashboard", dashboard)
+    gw.route("GET", "/dashboard/data", dashboard_data)
+    return stage
+
+
+def start_multiprocess_metrics_server(path: str, host: str, port: int) -> Any:
+    from .metrics import scrape_multiprocess
+    return start_metrics_server(lambda: scrape_multiprocess(path), host, port)
+
+
+def start_metrics_server(expose: Any, host: str, port: int) -> Any:
+    """Serve the metrics alone on ``port`` (no authentication: bind it to a private interface)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path.split("?")[0] not in ("/", "/metrics"):
+                self.send_error(404)
+                return
+            try:
+                body = expose()
+            except Exception:
+                log.exception("metrics scrape failed")
+                self.send_error(500)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE.decode())
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    srv = ThreadingHTTPServer((host, port), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True, name="helixagent-metrics").start()
+    log.info("metrics served on http://%s:%d/metrics (no authentication)", host, port)
+    return srv
