@@ -77,7 +77,8 @@ def test_json_access_lines_fields_and_no_secrets(make_gateway, fake_openai, logf
     first = acc[0]
     assert set(ACCESS_LOG_FIELDS) <= set(first)
     assert first["method"] == "POST" and first["path"] == "/v1/chat/completions"
-    assert first["status_code"] == 200 and first["request_id"] == "req-log-1"
+    assert first["status_code"] == 200 and first["client_request_id"] == "req-log-1"
+    assert len(first["request_id"]) == 28  # our own id, the record's key
     assert first["user_agent"] == "log-test/1.0" and first["ip"] == "127.0.0.1"
     assert first["provider"] == "openai" and first["model"] == "gpt-4o-mini"
     assert first["tokens"]["total"] == first["tokens"]["prompt"] + first["tokens"]["completion"] > 0

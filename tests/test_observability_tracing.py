@@ -41,7 +41,7 @@ def test_request_and_upstream_spans(make_gateway, fake_openai):
     c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "a"}],
                               extra_headers={"x-request-id": "trace-3"})
     spans = EXPORTER.get_finished_spans()
-    servers = {s.attributes["helixagent.request_id"]: s for s in spans if s.kind == trace.SpanKind.SERVER}
+    servers = {s.attributes["helixagent.client_request_id"]: s for s in spans if s.kind == trace.SpanKind.SERVER}
     assert set(servers) == {"trace-1", "trace-2", "trace-3"}
     clients = [s for s in spans if s.kind == trace.SpanKind.CLIENT]
     by_parent: dict[int, list] = {}

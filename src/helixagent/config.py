@@ -140,7 +140,7 @@ class ServerConfig(Strict):
 # The fields of the access log (one line per request); `logging.fields` selects a subset.
 ACCESS_LOG_FIELDS = (
     "timestamp", "method", "path", "ip", "user_agent", "response_time", "status_code", "request_id",
-    "endpoint", "provider", "model", "stream", "tokens", "cost", "cache", "key_id", "user", "application",
+    "client_request_id", "endpoint", "provider", "model", "stream", "tokens", "cost", "cache", "key_id", "user", "application",
     "error", "fallbacks", "retries", "ttft", "upstream_latency",
 )
 

@@ -78,6 +78,7 @@ class AccessLog:
             "response_time": round(ctx.latency * 1000.0, 3),
             "status_code": ctx.status,
             "request_id": ctx.request_id,
+            "client_request_id": ctx.client_request_id,
             "endpoint": ctx.endpoint,
             "provider": ctx.provider,
             "model": ctx.upstream_model,
@@ -169,7 +170,8 @@ class AccessLog:
             msg = "%s %s %s %.1fms %s/%s%s%s rid=%s" % (
                 ctx.method, ctx.path, ctx.status, ctx.latency * 1000.0, ctx.provider or "-", ctx.upstream_model or "-",
                 f" tokens={tok['prompt']}+{tok['completion']}" if tok else "",
-                f" error={err['code'] or err['type']}: {err['message']}" if err else "", ctx.request_id)
+                f" error={err['code'] or err['type']}: {err['message']}" if err else "",
+                ctx.request_id + (f" client_rid={ctx.client_request_id}" if ctx.client_request_id else ""))
             logger.info(msg)
         else:
             d.pop("level", None)

@@ -34,6 +34,8 @@ class Tracing:
         span = self.tracer.start_span(f"{ctx.method} {ctx.endpoint}", kind=self.SpanKind.SERVER, attributes={
             "http.request.method": ctx.method, "url.path": ctx.path, "helixagent.request_id": ctx.request_id,
             "helixagent.endpoint": ctx.endpoint})
+        if ctx.client_request_id:
+            span.set_attribute("helixagent.client_request_id", ctx.client_request_id)
         ctx.state["otel_span"] = span
         _REQUEST_SPAN.set(span)
 
