@@ -11,11 +11,14 @@ def install_features(gw: Any) -> None:
     from . import auth, limits
     from .api import anthropic_routes, openai_routes
 
+    from . import routing
+
     openai_routes.install(gw)
     from .store import record; record.install(gw)  # noqa: E702  (record: outer stage, before auth)
     auth.install(gw)
     anthropic_routes.install(gw)  # after auth: /v1/messages and its provider-feature check
     limits.install(gw)
+    routing.install(gw)
 
 
 def install_commands(subparsers: Any) -> None:
