@@ -379,29 +379,34 @@ class Router:
         Reports the outcome to the provider's breaker.  For streams: returns (first chunk, stream)."""
         h = c.health
         assert h is not None
-        timeout = c.timeout if c.timeout <= remaining else remaining
+        budget_limited = remaining < c.timeout
         sub = req
         if req.model != c.model:
             sub = req.copy_for(c.model) if op != "embed" else EmbeddingRequest(c.model, req.input, req.params,
                                                                                req.provider)
         p = c.provider
+        # Non-streamed calls are bounded by the HTTP client's total timeout (providers/http.py); the
+        # router arms its own timer for the wait for a stream's first chunk (the HTTP client bounds
+        # only each read there) and whenever the request's remaining budget is the tighter bound.
+        timer: _Timer | None = None
+        if op == "stream" or budget_limited:
+            timer = _Timer(remaining if budget_limited else c.timeout)
         t0 = _perf()
         try:
-            async with asyncio.timeout(timeout):
-                if op == "chat":
-                    res = await p.chat(sub)
-                elif op == "stream":
-                    s = await p.stream(sub)
-                    try:
-                        first = await s.__anext__()
-                    except StopAsyncIteration:
-                        first = _END
-                    except BaseException:
-                        await _aclose(s)
-                        raise
-                    res = (first, s)
-                else:
-                    res = await p.embed(sub)
+            if op == "chat":
+                res = await p.chat(sub)
+            elif op == "stream":
+                s = await p.stream(sub)
+                try:
+                    first = await s.__anext__()
+                except StopAsyncIteration:
+                    first = _END
+                except BaseException:
+                    await _aclose(s)
+                    raise
+                res = (first, s)
+            else:
+                res = await p.embed(sub)
         except GatewayError as exc:
             if not exc.retryable and (exc.status >= 500 or exc.status == 429):
                 exc.retryable = True  # an upstream failure (e.g. a stream that broke before its first chunk)
@@ -410,22 +415,26 @@ class Router:
             else:  # the provider answered (the request was at fault): it is up
                 h.success(None, False, probe)
             raise
-        except TimeoutError:
-            if timeout < c.timeout:  # our budget ran out, not the provider's timeout: no verdict
+        except asyncio.CancelledError:
+            if timer is None or not timer.expired:
+                h.cancelled(probe)
+                raise
+            timer.task.uncancel()
+            if budget_limited:  # our budget ran out, not the provider's timeout: no verdict
                 h.cancelled(probe)
                 raise self._budget_error() from None
             h.failure(probe, "timeout")
             raise GatewayError(504, f"provider {c.name!r} timed out after {c.provider.cfg.timeout_ms} ms",
                                type="timeout_error", code="upstream_timeout", provider=c.name, retryable=True,
                                kind="timeout") from None
-        except asyncio.CancelledError:
-            h.cancelled(probe)
-            raise
         except Exception as exc:  # an adapter bug or an unexpected upstream answer: degrade, do not crash
             log.exception("provider %s failed unexpectedly", c.name)
             h.failure(probe, "provider_error")
             raise GatewayError(502, f"provider {c.name!r} failed: {type(exc).__name__}", provider=c.name,
                                retryable=True, kind="provider_error") from None
+        finally:
+            if timer is not None:
+                timer.handle.cancel()
         h.success(_perf() - t0 if op != "embed" else None, op == "stream", probe)
         return res
 
@@ -534,6 +543,22 @@ class Router:
                 usage.get("completion_tokens") or 0)
             ctx.cost = cost
 
+
+
+class _Timer:
+    """A deadline for the current task: cancels it when it expires (cheaper than asyncio.timeout)."""
+
+    __slots__ = ("task", "expired", "handle")
+
+    def __init__(self, seconds: float):
+        loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.expired = False
+        self.handle = loop.call_at(loop.time() + seconds, self._fire)
+
+    def _fire(self) -> None:
+        self.expired = True
+        self.task.cancel()  # type: ignore[union-attr]
 
 
 def _reap(t: asyncio.Task[Any]) -> None:
