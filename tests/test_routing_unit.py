@@ -261,3 +261,93 @@ def test_connect_timeout_holds(make_gateway, fake_openai):
         for s in fillers:
             s.close()
         srv.close()
+
+
+# -- the router's handler in process, with scripted providers ------------------------------------------
+import asyncio  # noqa: E402
+
+from helixagent.canonical import ChatResponse, Usage, new_completion  # noqa: E402
+from helixagent.pipeline import RequestContext  # noqa: E402
+from helixagent.providers.base import Provider  # noqa: E402
+
+
+class Scripted(Provider):
+    """Answers after ``delay`` seconds, or raises the next scripted error."""
+
+    def __init__(self, cfg, http, delay: float = 0.0, errors=()):
+        super().__init__(cfg, http)
+        self.delay = delay
+        self.errors = list(errors)
+        self.calls = 0
+        self.cancelled = 0
+
+    def serves(self, model: str) -> bool:
+        return model in self.cfg.models
+
+    async def chat(self, req):
+        self.calls += 1
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.errors:
+            e = self.errors.pop(0)
+            raise e
+        u = Usage(10, 5, 15)
+        return ChatResponse(new_completion("id", req.model, {"role": "assistant", "content": "hi"}, "stop", u),
+                            u, self.name, req.model)
+
+
+def scripted_router(specs: dict, routing: dict | None = None) -> Router:
+    cfg = load_config_dict({"providers": [dict(mock(n, priority=i), **spec.pop("cfg", {}))
+                                          for i, (n, spec) in enumerate(specs.items())],
+                            "routing": routing or {"retries": {"backoff_base_ms": 1, "backoff_max_ms": 2}}})
+    provs = {pc.name: Scripted(pc, cfg.http, **specs[pc.name]) for pc in cfg.providers}
+    return Router(cfg, provs)
+
+
+async def run_chat(r: Router, **kw) -> RequestContext:
+    ctx = RequestContext("chat")
+    ctx.request = req(**kw)
+    await r.handle_chat(ctx)
+    return ctx
+
+
+async def test_counters_on_context_and_adapter_bug_degrades():
+    r = scripted_router({"a": {"errors": [GatewayError(503, "busy", retryable=True), KeyError("x")]},
+                         "b": {}})
+    ctx = await run_chat(r)
+    assert ctx.provider == "b"
+    assert (ctx.attempts, ctx.retries, ctx.fallbacks) == (3, 1, 1)
+    assert ctx.candidates_tried == ["a", "a", "b"]
+    assert r.counters == {"attempts": 3, "retries": 1, "fallbacks": 1, "hedges": 0}
+    assert r.health.describe("a")["last_error"] == "provider_error"
+
+
+async def test_hedging_is_bounded_by_max_extra_and_cancels_losers():
+    r = scripted_router({"a": {"delay": 0.5}, "b": {"delay": 0.4}, "c": {}},
+                        {"hedging": {"enabled": True, "min_delay_ms": 50, "min_samples": 1, "max_extra": 1}})
+    for n in "abc":
+        r.health.get(n).success(0.01, False, NORMAL)
+    ctx = await run_chat(r)
+    # a started, b hedged after 50 ms, c never (max_extra 1); b answers first
+    assert ctx.provider == "b"
+    assert [r.providers[n].calls for n in "abc"] == [1, 1, 0]
+    await asyncio.sleep(0.05)
+    assert r.providers["a"].cancelled == 1
+    assert r.counters["hedges"] == 1 and ctx.state["hedged"] == 1
+
+
+async def test_stream_cost_is_settled_from_the_usage_chunk():
+    prices = {"m": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}
+    cfg = load_config_dict({"providers": [mock("a", model_prices=prices)]})
+    r = Router(cfg, {pc.name: build_provider(pc, cfg.http) for pc in cfg.providers})
+    ctx = RequestContext("chat")
+    ctx.request = ChatRequest("m", [{"role": "user", "content": "hello"}], {}, stream=True)
+    await r.handle_chat(ctx)
+    assert "x-helixagent-cost" not in ctx.response_headers  # headers left before the cost was known
+    chunks = [c async for c in ctx.stream]
+    u = chunks[-1]["usage"]
+    assert ctx.cost == pytest.approx(u["prompt_tokens"] * 1e-6 + u["completion_tokens"] * 2e-6)
+    assert r.health.describe("a")["ttfb_ewma_ms"] is not None
