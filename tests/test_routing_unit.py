@@ -351,3 +351,18 @@ async def test_stream_cost_is_settled_from_the_usage_chunk():
     u = chunks[-1]["usage"]
     assert ctx.cost == pytest.approx(u["prompt_tokens"] * 1e-6 + u["completion_tokens"] * 2e-6)
     assert r.health.describe("a")["ttfb_ewma_ms"] is not None
+
+
+def test_rate_limits_give_no_breaker_verdict():
+    h, clock = breaker(failure_threshold=2, cooldown=5)
+    for _ in range(5):
+        h.throttled(NORMAL)
+    assert h.state == CLOSED and h.rate_limited == 5 and h.last_error == "rate_limited"
+    h.failure(NORMAL)
+    assert h.state == CLOSED  # rate limits did not count towards the run of failures
+    h.failure(NORMAL)
+    assert h.state == OPEN
+    clock.t += 5
+    assert h.acquire(clock()) == PROBE
+    h.throttled(PROBE)  # frees the probe slot, stays half-open
+    assert h.state == HALF_OPEN and h.acquire(clock()) == PROBE

@@ -11,8 +11,9 @@ Breaker states::
     └──(half_open_probes probe requests succeed)─────────────────── half-open ──(a probe fails)──► open
 
 While open the provider is skipped; half-open lets at most ``half_open_probes`` requests through at a
-time.  Only upstream failures count (timeouts, connection errors, 429, 5xx, refused credentials); an
-answer to a bad request (400-class) proves the provider is up and counts as a success.
+time.  Only upstream failures count (timeouts, connection errors, 5xx, refused credentials, broken streams);
+an answer to a bad request (400-class) proves the provider is up and counts as a success; a 429 is
+counted separately and gives no verdict (the provider is up, only throttling).
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ class LatencyStats:
 class ProviderHealth:
     __slots__ = ("name", "cfg", "clock", "state", "consecutive", "opened_at", "probes", "probe_ok",
                  "width", "b_req", "b_fail", "b_stamp", "err_ewma", "full", "ttfb", "successes",
-                 "failures", "opens", "last_error")
+                 "failures", "opens", "last_error", "rate_limited")
 
     def __init__(self, name: str, cfg: BreakerConfig, clock: Any = time.monotonic):
         self.name = name
@@ -88,6 +89,7 @@ class ProviderHealth:
         self.failures = 0
         self.opens = 0
         self.last_error: str | None = None
+        self.rate_limited = 0
 
     # -- admission -----------------------------------------------------------------------------
     def available(self, now: float) -> bool:
@@ -171,6 +173,14 @@ class ProviderHealth:
                 req, fail = self.window_counts(now)
                 if req >= cfg.min_requests and fail >= cfg.error_rate_threshold * req:
                     self._trip(now)
+
+    def throttled(self, probe: int, kind: str | None = "rate_limited") -> None:
+        """A 429: the provider is up but throttling us.  Counted, but no breaker verdict (a burst of
+        rate limits must not shut a provider out for a whole cooldown); Retry-After governs instead."""
+        self.rate_limited += 1
+        self.last_error = kind
+        if probe == PROBE:
+            self.probes = max(0, self.probes - 1)
 
     def cancelled(self, probe: int) -> None:
         """The attempt was abandoned (lost a hedge race, client went away): no verdict."""
@@ -258,7 +268,8 @@ class Health:
             "requests_in_window": req, "consecutive_failures": h.consecutive,
             "latency_ewma_ms": ms(h.full.ewma), "latency_p95_ms": ms(h.full.p95()) if h.full.count else None,
             "ttfb_ewma_ms": ms(h.ttfb.ewma), "ttfb_p95_ms": ms(h.ttfb.p95()) if h.ttfb.count else None,
-            "successes": h.successes, "failures": h.failures, "breaker_opens": h.opens,
+            "successes": h.successes, "failures": h.failures, "rate_limited": h.rate_limited,
+            "breaker_opens": h.opens,
             "last_error": h.last_error,
         }
         if h.state is OPEN:

@@ -410,7 +410,9 @@ class Router:
         except GatewayError as exc:
             if not exc.retryable and (exc.status >= 500 or exc.status == 429):
                 exc.retryable = True  # an upstream failure (e.g. a stream that broke before its first chunk)
-            if exc.retryable:
+            if exc.status == 429:
+                h.throttled(probe, exc.kind)
+            elif exc.retryable:
                 h.failure(probe, exc.kind)
             else:  # the provider answered (the request was at fault): it is up
                 h.success(None, False, probe)
