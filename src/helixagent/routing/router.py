@@ -327,6 +327,7 @@ class Router:
             h = c.health
             assert h is not None
             tries = 0
+            failed = False
             while True:
                 now = self.clock()
                 remaining = deadline - now
@@ -355,6 +356,7 @@ class Router:
                     last = exc
                     if not exc.retryable:
                         raise
+                failed = True
                 tries += 1
                 if tries >= c.max_attempts or last.kind == "upstream_auth" or h.state is OPEN:
                     break
@@ -363,7 +365,7 @@ class Router:
                     break
                 if delay > 0:
                     await asyncio.sleep(delay)
-            if last is not None:
+            if failed and last is not None:
                 log.warning("provider %s failed (%s); %s", c.name, last.kind,
                             "falling back" if c is not cands[-1] else "no fallback left")
         if last is None:  # every candidate's breaker opened in the meantime
