@@ -8,10 +8,8 @@ from typing import Any
 
 
 def install_features(gw: Any) -> None:
-    from . import auth, limits
+    from . import auth, limits, routing
     from .api import anthropic_routes, openai_routes
-
-    from . import routing
 
     openai_routes.install(gw)
     from .store import record; record.install(gw)  # noqa: E702  (record: outer stage, before auth)

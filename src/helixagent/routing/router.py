@@ -214,14 +214,15 @@ class Router:
         n_primary = sum(1 for c in kept if any(c is p for p in primary))
         return Plan(kept[:n_primary], kept[n_primary:], route, priced_out)
 
-    def order(self, plan: Plan, req: Any, stream: bool = False) -> list[Candidate]:
-        """The candidates for this request, best first: strategy order, cost limits, open breakers out."""
+    def order(self, plan: Plan, req: Any, stream: bool = False, prompt_tokens: int = 0) -> list[Candidate]:
+        """The candidates for this request, best first: strategy order, cost limits, open breakers out.
+        ``prompt_tokens``: the prompt estimate when an earlier stage already made it (0 = count here)."""
         strategy = plan.route.strategy
         prim = plan.primary
         est: tuple[int, int] | None = None
         if plan.needs_estimate and isinstance(req, ChatRequest):
             mt = req.max_tokens
-            est = (estimate_messages(req.messages, req.params.get("tools")),
+            est = (prompt_tokens or estimate_messages(req.messages, req.params.get("tools")),
                    mt if mt is not None else self.rcfg.estimate_completion_tokens)
         if strategy == "priority" or len(prim) < 2:
             seq = plan.all if not plan.fallback else prim + plan.fallback
@@ -277,7 +278,7 @@ class Router:
     async def handle_chat(self, ctx: RequestContext) -> None:
         req: ChatRequest = ctx.request
         plan = self.plan(req.model, req.provider)
-        cands = self.order(plan, req, req.stream)
+        cands = self.order(plan, req, req.stream, ctx.estimated_tokens)
         hedging = plan.route.hedging
         if hedging is not None and len(cands) > 1:
             c, res = await self._hedged(ctx, cands, req, hedging)
