@@ -438,11 +438,21 @@ def test_cost_header_from_real_usage(make_gateway, fakes):
     assert float(r.headers["x-helixagent-cost"]) == pytest.approx(expected, rel=1e-6)
 
 
+def test_cost_header_from_the_catalogue(make_gateway, fakes):
+    from helixagent.providers import catalogue
+    fa = fakes[0]
+    gw = make_gateway({"providers": [fa.provider("a")]})
+    r = chat(gw)
+    u = r.json()["usage"]
+    expected = catalogue.estimate_cost(gw.cfg.providers[0], "gpt-4o-mini", u["prompt_tokens"], u["completion_tokens"])
+    assert expected and float(r.headers["x-helixagent-cost"]) == pytest.approx(expected, rel=1e-6)
+
+
 def test_unknown_price_gives_no_cost_header_and_is_not_skipped(make_gateway, fakes):
     fa = fakes[0]
-    gw = make_gateway({"providers": [fa.provider("a")],
+    gw = make_gateway({"providers": [fa.provider("a", models=["house-model-1"])],
                        "routing": {"max_cost_per_token": 1e-9, "max_cost_per_request": 1e-9}})
-    r = chat(gw)
+    r = post(gw, {"model": "house-model-1", "messages": MSG})
     assert r.status_code == 200
     assert "x-helixagent-cost" not in r.headers
 

@@ -42,7 +42,17 @@ def format_cost(cost: float) -> str:
     return s or "0"
 
 
-def usage_cost(p: tuple[float, float] | None, usage: Any) -> float | None:
+def usage_cost(cfg: ProviderConfig, model: str, p: tuple[float, float] | None, usage: Any) -> float | None:
+    """The cost of a finished call from its real usage (cached prompt tokens at the catalogue's cache
+    prices when it has them)."""
     if p is None or usage is None:
         return None
+    if _catalogue is not None:
+        try:
+            c = _catalogue.estimate_cost(cfg, model, usage.prompt_tokens, usage.completion_tokens,
+                                         usage.cache_read_tokens, usage.cache_creation_tokens)
+        except Exception:
+            c = None
+        if c is not None:
+            return c
     return p[0] * usage.prompt_tokens + p[1] * usage.completion_tokens

@@ -22,7 +22,7 @@ import random
 import time
 from typing import Any, AsyncIterator
 
-from ..canonical import ChatRequest, EmbeddingRequest
+from ..canonical import ChatRequest, EmbeddingRequest, Usage
 from ..config import Config, HedgingConfig, RouteConfig
 from ..errors import GatewayError, not_found
 from ..pipeline import RequestContext
@@ -292,7 +292,7 @@ class Router:
             ctx.streamed = True
         else:
             ctx.response = res
-            cost = costs.usage_cost(c.price, res.usage)
+            cost = costs.usage_cost(c.provider.cfg, c.model, c.price, res.usage)
             if cost is not None:
                 ctx.cost = cost
                 ctx.response_headers["x-helixagent-cost"] = costs.format_cost(cost)
@@ -305,7 +305,7 @@ class Router:
         ctx.provider = c.name
         ctx.upstream_model = c.model
         ctx.response = res
-        cost = costs.usage_cost(c.price, res.usage)
+        cost = costs.usage_cost(c.provider.cfg, c.model, c.price, res.usage)
         if cost is not None:
             ctx.cost = cost
             ctx.response_headers["x-helixagent-cost"] = costs.format_cost(cost)
@@ -544,9 +544,9 @@ class Router:
         finally:
             await _aclose(stream)
         if usage and c.price is not None:
-            cost = c.price[0] * int(usage.get("prompt_tokens") or 0) + c.price[1] * int(
-                usage.get("completion_tokens") or 0)
-            ctx.cost = cost
+            cost = costs.usage_cost(c.provider.cfg, c.model, c.price, Usage.from_openai(usage))
+            if cost is not None:
+                ctx.cost = cost
 
 
 
