@@ -47,7 +47,7 @@ def usage_cost(cfg: ProviderConfig, model: str, p: tuple[float, float] | None, u
     prices when it has them)."""
     if p is None or usage is None:
         return None
-    if _catalogue is not None:
+    if _catalogue is not None and (usage.cache_read_tokens or usage.cache_creation_tokens):
         try:
             c = _catalogue.estimate_cost(cfg, model, usage.prompt_tokens, usage.completion_tokens,
                                          usage.cache_read_tokens, usage.cache_creation_tokens)
