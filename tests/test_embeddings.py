@@ -58,17 +58,20 @@ def test_openai_upstream_token_arrays(oa_gw, fake_openai):
 
 def test_openai_upstream_errors(oa_gw, fake_openai):
     c = client(oa_gw)
-    fake_openai.push(Fault(status=429, headers={"retry-after": "2"}))
+    # a Retry-After above routing.retries.max_retry_after_ms is not waited for: the 429 reaches the client
+    fake_openai.push(Fault(status=429, headers={"retry-after": "30"}))
     with pytest.raises(openai.RateLimitError) as ei:
         c.embeddings.create(model="text-embedding-3-small", input="x")
-    assert ei.value.response.headers["retry-after"] == "2"
-    fake_openai.push(Fault(status=200, body=b"<html>oops</html>"))
+    assert ei.value.response.headers["retry-after"] == "30"
+    # sticky: routing retries a bad upstream answer once on the same provider (routing.retries)
+    fake_openai.sticky = Fault(status=200, body=b"<html>oops</html>")
     with pytest.raises(openai.InternalServerError) as ei:
         c.embeddings.create(model="text-embedding-3-small", input="x")
     assert ei.value.status_code == 502 and "unexpected embeddings body" in ei.value.message
-    fake_openai.push(Fault(status=200, body=b'{"object":"list","data":[]}'))
+    fake_openai.sticky = Fault(status=200, body=b'{"object":"list","data":[]}')
     with pytest.raises(openai.InternalServerError):
         c.embeddings.create(model="text-embedding-3-small", input="x")
+    fake_openai.sticky = None
     with pytest.raises(openai.NotFoundError):
         c.embeddings.create(model="no-such-embedder", input="x")
     assert fake_openai.api_key not in str(fake_openai.calls[-1]["body"])

@@ -172,14 +172,16 @@ def test_sdk_exception_classes(gateway, fake_openai):
         c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert ei.value.response.headers["retry-after"] == "7"
     assert "openai" in ei.value.message
-    fake_openai.push(Fault(status=500))
+    # sticky: routing retries a 5xx once on the same provider (routing.retries)
+    fake_openai.sticky = Fault(status=500)
     with pytest.raises(openai.InternalServerError) as ei:
         c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert ei.value.status_code == 502 and "'openai'" in ei.value.message
-    fake_openai.push(Fault(status=503))
+    fake_openai.sticky = Fault(status=503)
     with pytest.raises(openai.InternalServerError) as ei:
         c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert ei.value.status_code == 503
+    fake_openai.sticky = None
     fake_openai.push(Fault(status=400, message="Invalid value for 'logit_bias'."))
     with pytest.raises(openai.BadRequestError) as ei:
         c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
@@ -195,7 +197,7 @@ def test_upstream_key_never_leaks(make_gateway, fake_openai):
 
 
 def test_timeout_and_reset(make_gateway, fake_openai):
-    gw = make_gateway({"providers": [fake_openai.provider(timeout_ms=400)]})
+    gw = make_gateway({"providers": [fake_openai.provider(timeout_ms=400, max_retries=0)]})
     fake_openai.push(Fault(delay=3))
     r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": MSG}, timeout=10)
     assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"

@@ -192,12 +192,17 @@ class HedgingConfig(Strict):
     enabled: bool = False
     min_delay_ms: int = Field(default=50, ge=0)
     max_extra: int = Field(default=1, ge=1)
+    # A provider's p95 is trusted once it has this many latency samples; before that no hedge is sent.
+    min_samples: int = Field(default=8, ge=1)
 
 
 class RouteConfig(Strict):
+    # Public model names (or aliases) this route applies to; a trailing '*' matches a prefix.
     models: list[str] = Field(default_factory=list)
-    strategy: Literal["priority", "cost", "latency", "weighted"] = "priority"
+    strategy: Literal["priority", "cost", "latency", "weighted"] | None = None
     hedging: HedgingConfig | None = None
+    max_cost_per_token: float | None = Field(default=None, ge=0)
+    max_cost_per_request: float | None = Field(default=None, ge=0)
 
 
 class RoutingConfig(Strict):
@@ -207,6 +212,13 @@ class RoutingConfig(Strict):
     retries: RetryConfig = Field(default_factory=RetryConfig)
     circuit_breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     hedging: HedgingConfig = Field(default_factory=HedgingConfig)
+    # Cost limits applied to every provider (a provider's own limit, when lower, wins).
+    max_cost_per_token: float | None = Field(default=None, ge=0)
+    max_cost_per_request: float | None = Field(default=None, ge=0)
+    # Completion tokens assumed by max_cost_per_request when the request sets no max_tokens.
+    estimate_completion_tokens: int = Field(default=1024, ge=0)
+    # Budget of one request across all attempts, retries, back-off sleeps and fallbacks.
+    request_timeout_ms: int = Field(default=120000, gt=0)
 
 
 class CacheConfig(Strict):

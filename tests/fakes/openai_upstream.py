@@ -11,6 +11,11 @@ tool calls streamed as argument deltas), ``POST /v1/completions`` (legacy), ``PO
 * ``Fault(cut_after=3)`` -- a stream that breaks after 3 chunks (no [DONE])
 * ``Fault(hang=True)`` -- never answer
 * ``Fault(chunk_delay=0.2)`` -- a slow body: pause between stream chunks
+* ``Fault(stall_after=2)`` -- a stream that sends 2 chunks and then goes silent (stays open)
+* ``Fault(body_delay=0.2)`` -- a slow non-streamed body: the JSON is sent in 8 pieces, this far apart
+
+Each call is recorded in :attr:`FakeOpenAI.calls`; ``call["disconnected"]`` becomes True when the
+gateway closed the connection while the fake was still waiting (a delay, a hang or a stall).
 """
 from __future__ import annotations
 
@@ -41,6 +46,29 @@ class Fault:
     cut_after: int | None = None
     chunk_delay: float = 0.0
     body: bytes | None = None
+    stall_after: int | None = None
+    body_delay: float = 0.0
+
+
+CALL = web.RequestKey("call", dict) if hasattr(web, "RequestKey") else "call"
+
+
+def _gone(request: web.Request) -> bool:
+    t = request.transport
+    return t is None or t.is_closing()
+
+
+async def _wait(request: web.Request, call: dict[str, Any], seconds: float) -> bool:
+    """Sleep up to ``seconds``; return False (and mark the call) as soon as the client goes away."""
+    end = time.monotonic() + seconds
+    while True:
+        if _gone(request):
+            call["disconnected"] = True
+            return False
+        left = end - time.monotonic()
+        if left <= 0:
+            return True
+        await asyncio.sleep(min(0.02, left))
 
 
 class FakeOpenAI:
@@ -100,16 +128,20 @@ class FakeOpenAI:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return None, None, self._error(400, "We could not parse the JSON body of your request.")
-        self.calls.append({"path": request.path, "body": body, "headers": dict(request.headers), "t": time.time()})
+        call = {"path": request.path, "body": body, "headers": dict(request.headers), "t": time.time(),
+                "disconnected": False}
+        self.calls.append(call)
+        request[CALL] = call
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return body, None, self._error(401, "Incorrect API key provided: " + request.headers.get(
                 "Authorization", "")[7:] + ". You can find your API key at https://platform.openai.com/account/api-keys.")
         fault = self.faults.pop(0) if self.faults else self.sticky
         if fault is not None:
             if fault.hang:
-                await asyncio.sleep(3600)
-            if fault.delay:
-                await asyncio.sleep(fault.delay)
+                await _wait(request, call, 3600)
+                return body, fault, web.Response(status=500)
+            if fault.delay and not await _wait(request, call, fault.delay):
+                return body, fault, web.Response(status=500)
             if fault.reset:
                 assert request.transport is not None
                 request.transport.abort()
@@ -178,11 +210,24 @@ class FakeOpenAI:
                                    "refusal": None}
             if tool_call:
                 msg["tool_calls"] = [tool_call]
-            return web.json_response({
+            payload = {
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
                 "system_fingerprint": "fp_fake", "service_tier": "default",
                 "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
-                "usage": usage}, dumps=lambda o: orjson.dumps(o).decode())
+                "usage": usage}
+            if fault is not None and fault.body_delay:
+                raw = orjson.dumps(payload)
+                slow = web.StreamResponse(headers={"content-type": "application/json",
+                                                   "content-length": str(len(raw))})
+                await slow.prepare(request)
+                step = max(1, len(raw) // 8 + 1)
+                for i in range(0, len(raw), step):
+                    if not await _wait(request, request[CALL], fault.body_delay):
+                        return slow
+                    await slow.write(raw[i:i + step])
+                await slow.write_eof()
+                return slow
+            return web.json_response(payload, dumps=lambda o: orjson.dumps(o).decode())
         resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -211,10 +256,16 @@ class FakeOpenAI:
         for i, c in enumerate(chunks):
             if fault is not None and fault.cut_after is not None and i >= fault.cut_after:
                 assert request.transport is not None
+                if i:  # let the chunks already written reach the peer before the reset discards them
+                    await asyncio.sleep(0.05)
                 request.transport.abort()
                 return resp
+            if fault is not None and fault.stall_after is not None and i >= fault.stall_after:
+                await _wait(request, request[CALL], 3600)
+                return resp
             if fault is not None and fault.chunk_delay:
-                await asyncio.sleep(fault.chunk_delay)
+                if not await _wait(request, request[CALL], fault.chunk_delay):
+                    return resp
             await resp.write(b"data: " + orjson.dumps(c) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()

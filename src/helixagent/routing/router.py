@@ -1,36 +1,117 @@
-"""Routing: which providers may serve a request, in which order, and failing over between them."""
+"""Routing: which providers may serve a request, in which order, and failing over between them.
+
+Per request:
+
+1. **Plan** (cached per ``(pinned provider, model)``): the primary candidates (the providers serving
+   the model, an alias's targets, or the pinned provider), each provider's ``fallback_to`` chain
+   appended breadth-first, the route that applies (strategy, hedging, cost limits), each candidate's
+   price and static cost-per-token verdict.
+2. **Order**: the route's strategy orders the primary candidates (priority / cost / latency /
+   weighted); the fallback chain follows.  Candidates whose circuit breaker is open, or whose estimated
+   cost exceeds ``max_cost_per_request``, are left out.
+3. **Execute**: attempts run one after another -- retries on the same provider with jittered
+   exponential back-off that honours ``Retry-After``, then the next candidate -- all inside the
+   request's budget (``routing.request_timeout_ms``); or, with hedging on, a second candidate is
+   started when the first has not answered within its recent p95 latency and the first answer wins.
+"""
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import time
 from typing import Any, AsyncIterator
 
-from ..canonical import ChatRequest, EmbeddingRequest
-from ..config import Config
+from ..canonical import ChatRequest, EmbeddingRequest, Usage
+from ..config import Config, HedgingConfig, RouteConfig
 from ..errors import GatewayError, not_found
 from ..pipeline import RequestContext
 from ..providers import Provider
+from ..tokens import estimate_messages
+from . import costs
+from .health import DENIED, NORMAL, OPEN, Health, ProviderHealth
 
 log = logging.getLogger("helixagent.routing")
 
+_monotonic = time.monotonic
+_perf = time.perf_counter
+_END = object()
+
 
 class Candidate:
-    __slots__ = ("provider", "model")
+    __slots__ = ("provider", "model", "health", "price", "per_request_limit", "timeout", "max_attempts",
+                 "weight", "name")
 
     def __init__(self, provider: Provider, model: str):
         self.provider = provider
         self.model = model
+        self.name = provider.name
+        self.health: ProviderHealth | None = None
+        self.price: tuple[float, float] | None = None
+        self.per_request_limit: float | None = None
+        self.timeout = provider.cfg.timeout_ms / 1000.0
+        self.max_attempts = 1
+        self.weight = provider.cfg.weight
 
     def __repr__(self) -> str:
         return f"Candidate({self.provider.name}, {self.model})"
 
 
+class Route:
+    """The routing policy that applies to one public model name."""
+
+    __slots__ = ("strategy", "hedging", "max_cost_per_token", "max_cost_per_request")
+
+    def __init__(self, strategy: str, hedging: HedgingConfig | None, cpt: float | None, cpr: float | None):
+        self.strategy = strategy
+        self.hedging = hedging if hedging is not None and hedging.enabled else None
+        self.max_cost_per_token = cpt
+        self.max_cost_per_request = cpr
+
+
+class Plan:
+    __slots__ = ("primary", "fallback", "all", "route", "priced_out", "needs_estimate")
+
+    def __init__(self, primary: list[Candidate], fallback: list[Candidate], route: Route,
+                 priced_out: list[str]):
+        self.primary = primary
+        self.fallback = fallback
+        self.all = primary + fallback
+        self.route = route
+        self.priced_out = priced_out
+        self.needs_estimate = route.strategy == "cost" or any(
+            c.per_request_limit is not None and c.price is not None for c in self.all)
+
+
+def _min_limit(*vals: float | None) -> float | None:
+    xs = [v for v in vals if v is not None]
+    return min(xs) if xs else None
+
+
 class Router:
-    def __init__(self, cfg: Config, providers: dict[str, Provider]):
+    def __init__(self, cfg: Config, providers: dict[str, Provider], clock: Any = _monotonic):
         self.cfg = cfg
+        self.rcfg = cfg.routing
         self.providers = providers
         self.ordered = sorted((p for p in providers.values() if p.cfg.enabled), key=lambda p: p.cfg.priority)
-        self._cache: dict[tuple[str | None, str], list[Candidate]] = {}
+        self.clock = clock
+        self.health = Health(cfg.routing.circuit_breaker, providers, clock)
+        self._plans: dict[tuple[str | None, str], Plan] = {}
+        self._exact_routes: dict[str, RouteConfig] = {}
+        self._prefix_routes: list[tuple[str, RouteConfig]] = []
+        for rc in cfg.routing.routes:
+            for m in rc.models:
+                if m.endswith("*"):
+                    self._prefix_routes.append((m[:-1], rc))
+                else:
+                    self._exact_routes.setdefault(m, rc)
+        self.budget = cfg.routing.request_timeout_ms / 1000.0
+        r = cfg.routing.retries
+        self._base = r.backoff_base_ms / 1000.0
+        self._max_backoff = r.backoff_max_ms / 1000.0
+        self._max_retry_after = r.max_retry_after_ms / 1000.0
+        # process-wide counters (the metrics exporter reads them)
+        self.counters = {"attempts": 0, "retries": 0, "fallbacks": 0, "hedges": 0}
 
     # -- candidate selection -----------------------------------------------------------------------
     def default_model(self, p: Provider) -> str:
@@ -41,14 +122,32 @@ class Router:
         return ms[0]
 
     def candidates(self, model: str, pinned: str | None) -> list[Candidate]:
+        """Every candidate for ``model`` in static order (primary by priority, then fallback chains)."""
+        return self.plan(model, pinned).all
+
+    def plan(self, model: str, pinned: str | None) -> Plan:
         key = (pinned, model)
-        hit = self._cache.get(key)
+        hit = self._plans.get(key)
         if hit is not None:
             return hit
-        out = self._select(model, pinned)
-        if len(self._cache) < 4096:
-            self._cache[key] = out
+        out = self._build_plan(model, pinned)
+        if len(self._plans) < 4096:
+            self._plans[key] = out
         return out
+
+    def route_for(self, model: str) -> Route:
+        rc = self._exact_routes.get(model)
+        if rc is None:
+            for prefix, r in self._prefix_routes:
+                if model.startswith(prefix):
+                    rc = r
+                    break
+        g = self.rcfg
+        if rc is None:
+            return Route(g.strategy, g.hedging, g.max_cost_per_token, g.max_cost_per_request)
+        return Route(rc.strategy or g.strategy, rc.hedging if rc.hedging is not None else g.hedging,
+                     _min_limit(rc.max_cost_per_token, g.max_cost_per_token),
+                     _min_limit(rc.max_cost_per_request, g.max_cost_per_request))
 
     def _select(self, model: str, pinned: str | None) -> list[Candidate]:
         primary: list[Candidate] = []
@@ -60,7 +159,7 @@ class Router:
                                 code="provider_not_found", param="provider")
             primary.append(Candidate(p, model or self.default_model(p)))
         else:
-            aliases = self.cfg.routing.aliases.get(model)
+            aliases = self.rcfg.aliases.get(model)
             if aliases:
                 for t in aliases:
                     p = self.providers.get(t.provider)
@@ -77,96 +176,411 @@ class Router:
             if not primary:
                 raise not_found(f"the model {model!r} does not exist or is not served by any configured provider",
                                 code="model_not_found", param="model")
-        # Append fallback chains (breadth-first, no repeats).
+        return primary
+
+    def _build_plan(self, model: str, pinned: str | None) -> Plan:
+        primary = self._select(model, pinned)
+        # Fallback chains (breadth-first, no repeats).
         seen = {c.provider.name for c in primary}
-        out = list(primary)
+        chain = list(primary)
         i = 0
-        while i < len(out):
-            for name in out[i].provider.cfg.fallback_to:
+        while i < len(chain):
+            for name in chain[i].provider.cfg.fallback_to:
                 if name in seen:
                     continue
                 p = self.providers.get(name)
                 if p is None or not p.cfg.enabled:
                     continue
                 seen.add(name)
-                m = out[i].model if p.serves(out[i].model) else (p.models()[0] if p.models() else None)
+                m = chain[i].model if p.serves(chain[i].model) else (p.models()[0] if p.models() else None)
                 if m:
-                    out.append(Candidate(p, m))
+                    chain.append(Candidate(p, m))
             i += 1
+        route = self.route_for(model)
+        retries = self.rcfg.retries
+        kept: list[Candidate] = []
+        priced_out: list[str] = []
+        for c in chain:
+            pc = c.provider.cfg
+            c.health = self.health.get(c.name)
+            c.price = costs.price(pc, c.model)
+            c.max_attempts = pc.max_retries + 1 if "max_retries" in pc.model_fields_set else retries.max_attempts
+            per_token = _min_limit(pc.max_cost_per_token, route.max_cost_per_token)
+            if per_token is not None and c.price is not None and max(c.price) > per_token:
+                priced_out.append(f"{c.name}/{c.model} costs {max(c.price):.10g}/token > {per_token:.10g}")
+                continue
+            c.per_request_limit = _min_limit(pc.max_cost_per_request, route.max_cost_per_request)
+            kept.append(c)
+        n_primary = sum(1 for c in kept if any(c is p for p in primary))
+        return Plan(kept[:n_primary], kept[n_primary:], route, priced_out)
+
+    def order(self, plan: Plan, req: Any, stream: bool = False, prompt_tokens: int = 0) -> list[Candidate]:
+        """The candidates for this request, best first: strategy order, cost limits, open breakers out.
+        ``prompt_tokens``: the prompt estimate when an earlier stage already made it (0 = count here)."""
+        strategy = plan.route.strategy
+        prim = plan.primary
+        est: tuple[int, int] | None = None
+        if plan.needs_estimate and isinstance(req, ChatRequest):
+            mt = req.max_tokens
+            est = (prompt_tokens or estimate_messages(req.messages, req.params.get("tools")),
+                   mt if mt is not None else self.rcfg.estimate_completion_tokens)
+        if strategy == "priority" or len(prim) < 2:
+            seq = plan.all if not plan.fallback else prim + plan.fallback
+        else:
+            if strategy == "cost":
+                pt, ct = est if est is not None else (1, 1)
+                inf = float("inf")
+                prim = sorted(prim, key=lambda c: inf if c.price is None else c.price[0] * pt + c.price[1] * ct)
+            elif strategy == "latency":
+                if stream:
+                    prim = sorted(prim, key=lambda c: c.health.ttfb.ewma or c.health.full.ewma or 0.0)  # type: ignore[union-attr]
+                else:
+                    prim = sorted(prim, key=lambda c: c.health.full.ewma or 0.0)  # type: ignore[union-attr]
+            elif strategy == "weighted":
+                rnd = random.random
+                prim = sorted(prim, key=lambda c: -(rnd() ** (1.0 / c.weight)) if c.weight > 0 else 1.0)
+            seq = prim + plan.fallback
+        now = self.clock()
+        out: list[Candidate] = []
+        over: list[str] | None = None
+        for c in seq:
+            if not c.health.available(now):  # type: ignore[union-attr]
+                continue
+            lim = c.per_request_limit
+            if lim is not None and est is not None and c.price is not None:
+                cost = c.price[0] * est[0] + c.price[1] * est[1]
+                if cost > lim:
+                    if over is None:
+                        over = []
+                    over.append(f"{c.name}/{c.model} ~{cost:.6g} > {lim:.6g}")
+                    continue
+            out.append(c)
+        if not out:
+            raise self._nothing_left(plan, over, now)
         return out
+
+    def _nothing_left(self, plan: Plan, over: list[str] | None, now: float) -> GatewayError:
+        if not plan.all or (over and all(c.health.available(now) for c in plan.all)):  # type: ignore[union-attr]
+            why = list(plan.priced_out) + list(over or ())
+            return GatewayError(400, "no provider can serve this request within the configured cost limits ("
+                                + "; ".join(why) + ")", code="cost_limit_exceeded", kind="cost_limit")
+        return self._unavailable(plan.all, now)
+
+    def _unavailable(self, cands: list[Candidate], now: float) -> GatewayError:
+        waits = [c.health.cfg.cooldown - (now - c.health.opened_at) for c in cands  # type: ignore[union-attr]
+                 if c.health.state is OPEN]  # type: ignore[union-attr]
+        return GatewayError(503, "every provider for this model is unavailable (circuit breaker open: "
+                            + ", ".join(c.name for c in cands) + ")", type="service_unavailable",
+                            code="providers_unavailable", retry_after=max(0.0, min(waits)) if waits else None,
+                            kind="breaker_open")
 
     # -- execution ---------------------------------------------------------------------------------
     async def handle_chat(self, ctx: RequestContext) -> None:
         req: ChatRequest = ctx.request
-        cands = self.candidates(req.model, req.provider)
-        last: GatewayError | None = None
-        for i, c in enumerate(cands):
-            ctx.attempts += 1
-            if i:
-                ctx.fallbacks += 1
-            ctx.candidates_tried.append(c.provider.name)
-            ctx.provider = c.provider.name
-            ctx.upstream_model = c.model
-            sub = req if c.model == req.model else req.copy_for(c.model)
-            t0 = time.perf_counter()
-            try:
-                if req.stream:
-                    stream = await c.provider.stream(sub)
-                    first = await _first(stream)
-                    ctx.upstream_latency = time.perf_counter() - t0
-                    ctx.stream = _prepend(first, stream)
-                    ctx.streamed = True
-                else:
-                    ctx.response = await c.provider.chat(sub)
-                    ctx.upstream_latency = time.perf_counter() - t0
-                return
-            except GatewayError as exc:
-                last = exc
-                if not exc.retryable:
-                    raise
-                log.warning("provider %s failed (%s); %s", c.provider.name, exc.kind,
-                            "falling back" if i + 1 < len(cands) else "no fallback left")
-        assert last is not None
-        raise last
+        plan = self.plan(req.model, req.provider)
+        cands = self.order(plan, req, req.stream, ctx.estimated_tokens)
+        hedging = plan.route.hedging
+        if hedging is not None and len(cands) > 1:
+            c, res = await self._hedged(ctx, cands, req, hedging)
+        else:
+            c, res = await self._sequential(ctx, cands, req, "stream" if req.stream else "chat")
+        ctx.provider = c.name
+        ctx.upstream_model = c.model
+        if req.stream:
+            first, stream = res
+            ctx.stream = self._relay(ctx, c, first, stream)
+            ctx.streamed = True
+        else:
+            ctx.response = res
+            cost = costs.usage_cost(c.provider.cfg, c.model, c.price, res.usage)
+            if cost is not None:
+                ctx.cost = cost
+                ctx.response_headers["x-helixagent-cost"] = costs.format_cost(cost)
 
     async def handle_embeddings(self, ctx: RequestContext) -> None:
         req: EmbeddingRequest = ctx.request
-        cands = self.candidates(req.model, req.provider)
+        plan = self.plan(req.model, req.provider)
+        cands = self.order(plan, req)
+        c, res = await self._sequential(ctx, cands, req, "embed")
+        ctx.provider = c.name
+        ctx.upstream_model = c.model
+        ctx.response = res
+        cost = costs.usage_cost(c.provider.cfg, c.model, c.price, res.usage)
+        if cost is not None:
+            ctx.cost = cost
+            ctx.response_headers["x-helixagent-cost"] = costs.format_cost(cost)
+
+    def _backoff(self, n: int, exc: GatewayError) -> float | None:
+        """Seconds to wait before retry ``n`` (1-based) on the same provider; None = do not retry it."""
+        ra = exc.retry_after
+        if ra is not None:
+            return ra if ra <= self._max_retry_after else None
+        d = min(self._max_backoff, self._base * (1 << (n - 1)))
+        return d * 0.5 + random.random() * d * 0.5  # "equal jitter"
+
+    async def _sequential(self, ctx: RequestContext, cands: list[Candidate], req: Any,
+                          op: str) -> tuple[Candidate, Any]:
+        deadline = self.clock() + self.budget
         last: GatewayError | None = None
+        first_name: str | None = None
+        counters = self.counters
         for c in cands:
-            ctx.attempts += 1
-            ctx.provider = c.provider.name
-            ctx.upstream_model = c.model
-            req.model = c.model
-            try:
-                ctx.response = await c.provider.embed(req)
-                return
-            except GatewayError as exc:
-                last = exc
-                if not exc.retryable:
+            h = c.health
+            assert h is not None
+            tries = 0
+            failed = False
+            while True:
+                now = self.clock()
+                remaining = deadline - now
+                if remaining <= 0:
+                    raise last or self._budget_error()
+                probe = h.acquire(now)
+                if probe == DENIED:
+                    break
+                ctx.attempts += 1
+                counters["attempts"] += 1
+                if tries:
+                    ctx.retries += 1
+                    counters["retries"] += 1
+                elif first_name is None:
+                    first_name = c.name
+                else:
+                    ctx.fallbacks += 1
+                    counters["fallbacks"] += 1
+                ctx.candidates_tried.append(c.name)
+                ctx.provider = c.name
+                ctx.upstream_model = c.model
+                try:
+                    res = await self._attempt(c, req, op, remaining, probe)
+                    return c, res
+                except GatewayError as exc:
+                    last = exc
+                    if not exc.retryable:
+                        raise
+                failed = True
+                tries += 1
+                if tries >= c.max_attempts or last.kind == "upstream_auth" or h.state is OPEN:
+                    break
+                delay = self._backoff(tries, last)
+                if delay is None or delay >= deadline - self.clock():
+                    break
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            if failed and last is not None:
+                log.warning("provider %s failed (%s); %s", c.name, last.kind,
+                            "falling back" if c is not cands[-1] else "no fallback left")
+        if last is None:  # every candidate's breaker opened in the meantime
+            raise self._unavailable(cands, self.clock())
+        raise last
+
+    def _budget_error(self) -> GatewayError:
+        return GatewayError(504, f"the request's time budget ({self.rcfg.request_timeout_ms} ms) ran out",
+                            type="timeout_error", code="upstream_timeout", kind="timeout")
+
+    async def _attempt(self, c: Candidate, req: Any, op: str, remaining: float, probe: int) -> Any:
+        """One upstream call, bounded by the provider's timeout and the request's remaining budget.
+        Reports the outcome to the provider's breaker.  For streams: returns (first chunk, stream)."""
+        h = c.health
+        assert h is not None
+        budget_limited = remaining < c.timeout
+        sub = req
+        if req.model != c.model:
+            sub = req.copy_for(c.model) if op != "embed" else EmbeddingRequest(c.model, req.input, req.params,
+                                                                               req.provider)
+        p = c.provider
+        # Non-streamed calls are bounded by the HTTP client's total timeout (providers/http.py); the
+        # router arms its own timer for the wait for a stream's first chunk (the HTTP client bounds
+        # only each read there) and whenever the request's remaining budget is the tighter bound.
+        timer: _Timer | None = None
+        if op == "stream" or budget_limited:
+            timer = _Timer(remaining if budget_limited else c.timeout)
+        t0 = _perf()
+        try:
+            if op == "chat":
+                res = await p.chat(sub)
+            elif op == "stream":
+                s = await p.stream(sub)
+                try:
+                    first = await s.__anext__()
+                except StopAsyncIteration:
+                    first = _END
+                except BaseException:
+                    await _aclose(s)
                     raise
+                res = (first, s)
+            else:
+                res = await p.embed(sub)
+        except GatewayError as exc:
+            if not exc.retryable and (exc.status >= 500 or exc.status == 429):
+                exc.retryable = True  # an upstream failure (e.g. a stream that broke before its first chunk)
+            if exc.status == 429:
+                h.throttled(probe, exc.kind)
+            elif exc.retryable:
+                h.failure(probe, exc.kind)
+            else:  # the provider answered (the request was at fault): it is up
+                h.success(None, False, probe)
+            raise
+        except asyncio.CancelledError:
+            if timer is None or not timer.expired:
+                h.cancelled(probe)
+                raise
+            timer.task.uncancel()
+            if budget_limited:  # our budget ran out, not the provider's timeout: no verdict
+                h.cancelled(probe)
+                raise self._budget_error() from None
+            h.failure(probe, "timeout")
+            raise GatewayError(504, f"provider {c.name!r} timed out after {c.provider.cfg.timeout_ms} ms",
+                               type="timeout_error", code="upstream_timeout", provider=c.name, retryable=True,
+                               kind="timeout") from None
+        except Exception as exc:  # an adapter bug or an unexpected upstream answer: degrade, do not crash
+            log.exception("provider %s failed unexpectedly", c.name)
+            h.failure(probe, "provider_error")
+            raise GatewayError(502, f"provider {c.name!r} failed: {type(exc).__name__}", provider=c.name,
+                               retryable=True, kind="provider_error") from None
+        finally:
+            if timer is not None:
+                timer.handle.cancel()
+        h.success(_perf() - t0 if op != "embed" else None, op == "stream", probe)
+        return res
+
+    async def _hedged(self, ctx: RequestContext, cands: list[Candidate], req: ChatRequest,
+                      hcfg: HedgingConfig) -> tuple[Candidate, Any]:
+        """Race candidates: start the next one when the newest has not answered within its p95 latency
+        (at least ``min_delay_ms``), at most ``max_extra`` extra; the first answer wins and the others
+        are cancelled.  A failed attempt is replaced by the next candidate at once (no same-provider
+        retry in hedged mode)."""
+        op = "stream" if req.stream else "chat"
+        deadline = self.clock() + self.budget
+        tasks: dict[asyncio.Task[Any], Candidate] = {}
+        idx = 0
+        extra = 0
+        last: GatewayError | None = None
+        last_launch = 0.0
+        hedge_delay: float | None = None
+        counters = self.counters
+        floor = hcfg.min_delay_ms / 1000.0
+
+        def launch(hedge: bool) -> bool:
+            nonlocal idx, last_launch, hedge_delay
+            while idx < len(cands):
+                c = cands[idx]
+                idx += 1
+                now = self.clock()
+                probe = c.health.acquire(now)  # type: ignore[union-attr]
+                if probe == DENIED:
+                    continue
+                ctx.attempts += 1
+                counters["attempts"] += 1
+                if ctx.candidates_tried:
+                    if hedge:
+                        counters["hedges"] += 1
+                    else:
+                        ctx.fallbacks += 1
+                        counters["fallbacks"] += 1
+                ctx.candidates_tried.append(c.name)
+                t = asyncio.ensure_future(self._attempt(c, req, op, deadline - now, probe))
+                tasks[t] = c
+                last_launch = now
+                stats = c.health.ttfb if req.stream else c.health.full  # type: ignore[union-attr]
+                hedge_delay = max(floor, stats.p95() or 0.0) if stats.count >= hcfg.min_samples else None
+                return True
+            return False
+
+        if not launch(False):
+            raise self._unavailable(cands, self.clock())
+        try:
+            while tasks:
+                now = self.clock()
+                wait = deadline - now
+                can_hedge = extra < hcfg.max_extra and idx < len(cands) and hedge_delay is not None
+                if can_hedge:
+                    wait = min(wait, last_launch + hedge_delay - now)  # type: ignore[operator]
+                done, _ = await asyncio.wait(tasks, timeout=max(0.0, wait), return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    if self.clock() >= deadline:
+                        raise last or self._budget_error()
+                    if can_hedge:
+                        extra += 1
+                        ctx.state["hedged"] = extra
+                        launch(True)
+                    continue
+                for t in done:
+                    c = tasks.pop(t)
+                    exc = t.exception()
+                    if exc is None:
+                        return c, t.result()
+                    if not isinstance(exc, GatewayError) or not exc.retryable:
+                        ctx.provider = c.name
+                        raise exc
+                    last = exc
+                    ctx.provider = c.name
+                if not tasks and not launch(False):
+                    break
+        finally:
+            for t in tasks:  # the losers
+                t.cancel()
+                t.add_done_callback(_reap)
         assert last is not None
         raise last
 
+    async def _relay(self, ctx: RequestContext, c: Candidate, first: Any,
+                     stream: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        """The client's stream: the first chunk (already received), then the rest.  A failure after the
+        first chunk counts against the provider; the pipeline turns it into an error event."""
+        usage = None
+        try:
+            if first is _END:
+                return
+            usage = first.get("usage")
+            yield first
+            async for chunk in stream:
+                u = chunk.get("usage")
+                if u:
+                    usage = u
+                yield chunk
+        except GatewayError as exc:
+            c.health.failure(NORMAL, exc.kind)  # type: ignore[union-attr]
+            raise
+        finally:
+            await _aclose(stream)
+        if usage and c.price is not None:
+            cost = costs.usage_cost(c.provider.cfg, c.model, c.price, Usage.from_openai(usage))
+            if cost is not None:
+                ctx.cost = cost
 
-_END = object()
 
 
-async def _first(stream: AsyncIterator[dict[str, Any]]) -> Any:
-    try:
-        return await stream.__anext__()
-    except StopAsyncIteration:
-        return _END
+class _Timer:
+    """A deadline for the current task: cancels it when it expires (cheaper than asyncio.timeout)."""
+
+    __slots__ = ("task", "expired", "handle")
+
+    def __init__(self, seconds: float):
+        loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.expired = False
+        self.handle = loop.call_at(loop.time() + seconds, self._fire)
+
+    def _fire(self) -> None:
+        self.expired = True
+        self.task.cancel()  # type: ignore[union-attr]
 
 
-async def _prepend(first: Any, stream: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-    try:
-        if first is _END:
-            return
-        yield first
-        async for chunk in stream:
-            yield chunk
-    finally:
-        closer = getattr(stream, "aclose", None)
-        if closer is not None:
+def _reap(t: asyncio.Task[Any]) -> None:
+    """Done-callback of a cancelled hedge loser: retrieve its outcome; close a stream it opened anyway."""
+    if t.cancelled():
+        return
+    exc = t.exception()
+    if exc is None:
+        res = t.result()
+        if isinstance(res, tuple) and len(res) == 2 and hasattr(res[1], "aclose"):
+            asyncio.ensure_future(_aclose(res[1]))
+
+
+async def _aclose(stream: Any) -> None:
+    closer = getattr(stream, "aclose", None)
+    if closer is not None:
+        try:
             await closer()
+        except Exception:
+            pass

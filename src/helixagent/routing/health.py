@@ -1,0 +1,277 @@
+"""Per-provider health: a circuit breaker, latency statistics (EWMA + recent p95) and an error-rate EWMA.
+
+State lives in this process (each gateway instance learns its upstreams' health on its own).
+
+Breaker states::
+
+    closed ──(failure_threshold consecutive failures, or error rate >= error_rate_threshold
+    ▲         over `window` with at least min_requests requests)──► open
+    │                                                                 │ cooldown elapsed
+    │                                                                 ▼
+    └──(half_open_probes probe requests succeed)─────────────────── half-open ──(a probe fails)──► open
+
+While open the provider is skipped; half-open lets at most ``half_open_probes`` requests through at a
+time.  Only upstream failures count (timeouts, connection errors, 5xx, refused credentials, broken streams);
+an answer to a bad request (400-class) proves the provider is up and counts as a success; a 429 is
+counted separately and gives no verdict (the provider is up, only throttling).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..config import BreakerConfig
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+_AVAIL = {CLOSED: 1.0, HALF_OPEN: 0.5, OPEN: 0.0}
+
+# acquire() results
+DENIED, NORMAL, PROBE = 0, 1, 2
+
+_BUCKETS = 10          # the error-rate window is kept as 10 time buckets
+_RING = 64             # latency samples kept for the p95
+_LAT_ALPHA = 0.2       # EWMA weights
+_ERR_ALPHA = 0.1
+
+
+class LatencyStats:
+    """EWMA and p95 over the last 64 samples (seconds).  The p95 is recomputed lazily."""
+
+    __slots__ = ("ewma", "ring", "pos", "count", "_p95", "_dirty")
+
+    def __init__(self) -> None:
+        self.ewma: float | None = None
+        self.ring = [0.0] * _RING
+        self.pos = 0
+        self.count = 0
+        self._p95: float | None = None
+        self._dirty = False
+
+    def add(self, v: float) -> None:
+        e = self.ewma
+        self.ewma = v if e is None else e + _LAT_ALPHA * (v - e)
+        self.ring[self.pos] = v
+        self.pos = (self.pos + 1) % _RING
+        self.count += 1
+        self._dirty = True
+
+    def p95(self) -> float | None:
+        if self._dirty:
+            n = min(self.count, _RING)
+            s = sorted(self.ring[:n])
+            self._p95 = s[min(n - 1, int(n * 0.95))]
+            self._dirty = False
+        return self._p95
+
+
+class ProviderHealth:
+    __slots__ = ("name", "cfg", "clock", "state", "consecutive", "opened_at", "probes", "probe_ok",
+                 "width", "b_req", "b_fail", "b_stamp", "err_ewma", "full", "ttfb", "successes",
+                 "failures", "opens", "last_error", "rate_limited")
+
+    def __init__(self, name: str, cfg: BreakerConfig, clock: Any = time.monotonic):
+        self.name = name
+        self.cfg = cfg
+        self.clock = clock
+        self.state = CLOSED
+        self.consecutive = 0
+        self.opened_at = 0.0
+        self.probes = 0          # probes in flight (half-open)
+        self.probe_ok = 0        # successful probes since half-open
+        self.width = max(cfg.window / _BUCKETS, 1e-3)
+        self.b_req = [0] * _BUCKETS
+        self.b_fail = [0] * _BUCKETS
+        self.b_stamp = [-1] * _BUCKETS
+        self.err_ewma = 0.0
+        self.full = LatencyStats()   # whole non-streamed answers
+        self.ttfb = LatencyStats()   # time to the first stream chunk
+        self.successes = 0
+        self.failures = 0
+        self.opens = 0
+        self.last_error: str | None = None
+        self.rate_limited = 0
+
+    # -- admission -----------------------------------------------------------------------------
+    def available(self, now: float) -> bool:
+        """Whether a request could be sent now (no side effect)."""
+        st = self.state
+        if st is CLOSED:
+            return True
+        if st is OPEN:
+            return now - self.opened_at >= self.cfg.cooldown
+        return self.probes < self.cfg.half_open_probes
+
+    def acquire(self, now: float) -> int:
+        """Admit one attempt: NORMAL, PROBE (half-open; must be reported) or DENIED."""
+        st = self.state
+        if st is CLOSED:
+            return NORMAL
+        if st is OPEN:
+            if now - self.opened_at < self.cfg.cooldown:
+                return DENIED
+            self.state = HALF_OPEN
+            self.probes = 0
+            self.probe_ok = 0
+        if self.probes < self.cfg.half_open_probes:
+            self.probes += 1
+            return PROBE
+        return DENIED
+
+    # -- outcomes ------------------------------------------------------------------------------
+    def _bucket(self, now: float) -> int:
+        b = int(now / self.width)
+        j = b % _BUCKETS
+        if self.b_stamp[j] != b:
+            self.b_stamp[j] = b
+            self.b_req[j] = 0
+            self.b_fail[j] = 0
+        return j
+
+    def window_counts(self, now: float | None = None) -> tuple[int, int]:
+        b = int((self.clock() if now is None else now) / self.width)
+        req = fail = 0
+        for j in range(_BUCKETS):
+            if b - self.b_stamp[j] < _BUCKETS:
+                req += self.b_req[j]
+                fail += self.b_fail[j]
+        return req, fail
+
+    def success(self, latency: float | None, stream: bool, probe: int) -> None:
+        now = self.clock()
+        self.b_req[self._bucket(now)] += 1
+        self.consecutive = 0
+        self.successes += 1
+        self.err_ewma -= _ERR_ALPHA * self.err_ewma
+        if latency is not None:
+            (self.ttfb if stream else self.full).add(latency)
+        if probe == PROBE:
+            self.probes = max(0, self.probes - 1)
+            if self.state is HALF_OPEN:
+                self.probe_ok += 1
+                if self.probe_ok >= self.cfg.half_open_probes:
+                    self._close()
+
+    def failure(self, probe: int, kind: str | None = None) -> None:
+        now = self.clock()
+        j = self._bucket(now)
+        self.b_req[j] += 1
+        self.b_fail[j] += 1
+        self.consecutive += 1
+        self.failures += 1
+        self.last_error = kind
+        self.err_ewma += _ERR_ALPHA * (1.0 - self.err_ewma)
+        if probe == PROBE:
+            self.probes = max(0, self.probes - 1)
+        st = self.state
+        if st is HALF_OPEN:
+            self._trip(now)
+        elif st is CLOSED:
+            cfg = self.cfg
+            if self.consecutive >= cfg.failure_threshold:
+                self._trip(now)
+            else:
+                req, fail = self.window_counts(now)
+                if req >= cfg.min_requests and fail >= cfg.error_rate_threshold * req:
+                    self._trip(now)
+
+    def throttled(self, probe: int, kind: str | None = "rate_limited") -> None:
+        """A 429: the provider is up but throttling us.  Counted, but no breaker verdict (a burst of
+        rate limits must not shut a provider out for a whole cooldown); Retry-After governs instead."""
+        self.rate_limited += 1
+        self.last_error = kind
+        if probe == PROBE:
+            self.probes = max(0, self.probes - 1)
+
+    def cancelled(self, probe: int) -> None:
+        """The attempt was abandoned (lost a hedge race, client went away): no verdict."""
+        if probe == PROBE:
+            self.probes = max(0, self.probes - 1)
+
+    def _trip(self, now: float) -> None:
+        self.state = OPEN
+        self.opened_at = now
+        self.opens += 1
+        self.probes = 0
+        self.probe_ok = 0
+
+    def _close(self) -> None:
+        self.state = CLOSED
+        self.consecutive = 0
+        self.b_stamp = [-1] * _BUCKETS
+        self.b_req = [0] * _BUCKETS
+        self.b_fail = [0] * _BUCKETS
+
+    # -- reporting -----------------------------------------------------------------------------
+    def effective_state(self, now: float | None = None) -> str:
+        st = self.state
+        if st is OPEN and (self.clock() if now is None else now) - self.opened_at >= self.cfg.cooldown:
+            return HALF_OPEN  # next request is let through as a probe
+        return st
+
+    def availability(self) -> float:
+        return _AVAIL[self.effective_state()]
+
+
+class Health:
+    """The ``health`` service: breaker state and health score per provider."""
+
+    def __init__(self, cfg: BreakerConfig, names: Any = (), clock: Any = time.monotonic):
+        self.cfg = cfg
+        self.clock = clock
+        self.providers: dict[str, ProviderHealth] = {}
+        for n in names:
+            self.get(n)
+
+    def get(self, name: str) -> ProviderHealth:
+        h = self.providers.get(name)
+        if h is None:
+            h = self.providers[name] = ProviderHealth(name, self.cfg, self.clock)
+        return h
+
+    def availability(self, name: str) -> float:
+        """1 closed, 0.5 half-open, 0 open (for helixagent_provider_availability{provider})."""
+        h = self.providers.get(name)
+        return 1.0 if h is None else h.availability()
+
+    def state(self, name: str) -> str:
+        h = self.providers.get(name)
+        return CLOSED if h is None else h.effective_state()
+
+    def score(self, name: str) -> float:
+        """0..1: availability x (1 - error-rate EWMA) x latency factor, where the latency factor is the
+        fastest provider's latency EWMA divided by this one's (1.0 for the fastest or when unknown)."""
+        h = self.providers.get(name)
+        if h is None:
+            return 1.0
+        lat = h.full.ewma if h.full.ewma is not None else h.ttfb.ewma
+        factor = 1.0
+        if lat:
+            best = min((x.full.ewma if x.full.ewma is not None else x.ttfb.ewma) or lat
+                       for x in self.providers.values())
+            factor = min(1.0, best / lat) if best > 0 else 1.0
+        return round(h.availability() * (1.0 - h.err_ewma) * factor, 4)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        h = self.providers.get(name)
+        if h is None:
+            return {"breaker": CLOSED, "availability": 1.0, "score": 1.0}
+        now = self.clock()
+        req, fail = h.window_counts(now)
+        st = h.effective_state(now)
+
+        def ms(v: float | None) -> float | None:
+            return None if v is None else round(v * 1000, 3)
+
+        out: dict[str, Any] = {
+            "breaker": st, "availability": _AVAIL[st], "score": self.score(name),
+            "error_rate": round(fail / req, 4) if req else 0.0, "error_rate_ewma": round(h.err_ewma, 4),
+            "requests_in_window": req, "consecutive_failures": h.consecutive,
+            "latency_ewma_ms": ms(h.full.ewma), "latency_p95_ms": ms(h.full.p95()) if h.full.count else None,
+            "ttfb_ewma_ms": ms(h.ttfb.ewma), "ttfb_p95_ms": ms(h.ttfb.p95()) if h.ttfb.count else None,
+            "successes": h.successes, "failures": h.failures, "rate_limited": h.rate_limited,
+            "breaker_opens": h.opens,
+            "last_error": h.last_error,
+        }
+        if h.state is OPEN:
+            out["cooldown_remaining_s"] = round(max(0.0, h.cfg.cooldown - (now - h.opened_at)), 3)
+        return out
