@@ -37,7 +37,8 @@ def traffic(gw, fake_openai, rounds=3):
 
 @pytest.fixture
 def dash_gw(make_gateway, fake_openai):
-    gw = make_gateway({"providers": [fake_openai.provider(), fake_openai.provider(name="spare", priority=5,
+    free = {m: {"input_per_mtok": 0, "output_per_mtok": 0} for m in ("gpt-4o-mini", "gpt-4o")}  # stand-in costs only
+    gw = make_gateway({"providers": [fake_openai.provider(max_retries=0, model_prices=free), fake_openai.provider(max_retries=0, name="spare", priority=5,
                                                                                  models=["gpt-4o"])],
                        "auth": {"master_key": MASTER}})
     add_stage(gw, FeatureStandIn())

@@ -47,7 +47,7 @@ def access(path):
 
 def test_json_access_lines_fields_and_no_secrets(make_gateway, fake_openai, logfile):
     path, lc = logfile(level="info", format="json")
-    gw = make_gateway({"providers": [fake_openai.provider()], "auth": {"master_key": MASTER}, "logging": lc})
+    gw = make_gateway({"providers": [fake_openai.provider(max_retries=0)], "auth": {"master_key": MASTER}, "logging": lc})
     add_stage(gw, FeatureStandIn())
     c = openai.OpenAI(base_url=gw.url + "/v1", api_key=MASTER, max_retries=0)
     r = c.chat.completions.with_raw_response.create(
@@ -99,7 +99,7 @@ def test_json_access_lines_fields_and_no_secrets(make_gateway, fake_openai, logf
 
 def test_fields_selection_and_bodies(make_gateway, fake_openai, logfile):
     path, lc = logfile(fields=["timestamp", "status_code", "request_id", "tokens"], include_bodies=True)
-    gw = make_gateway({"providers": [fake_openai.provider()], "logging": lc})
+    gw = make_gateway({"providers": [fake_openai.provider(max_retries=0)], "logging": lc})
     openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": PROMPT_WORD}])
     httpx.post(gw.url + "/v1/chat/completions", content=b"{broken " + PROMPT_WORD.encode())
@@ -114,7 +114,7 @@ def test_fields_selection_and_bodies(make_gateway, fake_openai, logfile):
 
 def test_level_filters_access_log(make_gateway, fake_openai, logfile):
     path, lc = logfile(level="warning")
-    gw = make_gateway({"providers": [fake_openai.provider()], "logging": lc})
+    gw = make_gateway({"providers": [fake_openai.provider(max_retries=0)], "logging": lc})
     openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": "a"}])
     fake_openai.push(Fault(status=500))
@@ -128,7 +128,7 @@ def test_level_filters_access_log(make_gateway, fake_openai, logfile):
 
 def test_console_format(make_gateway, fake_openai, logfile):
     path, lc = logfile(format="console")
-    gw = make_gateway({"providers": [fake_openai.provider()], "auth": {"master_key": MASTER}, "logging": lc})
+    gw = make_gateway({"providers": [fake_openai.provider(max_retries=0)], "auth": {"master_key": MASTER}, "logging": lc})
     openai.OpenAI(base_url=gw.url + "/v1", api_key=MASTER, max_retries=0).chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": PROMPT_WORD}], extra_headers={"x-request-id": "cons-1"})
     assert wait_until(lambda: "cons-1" in path.read_text())

@@ -26,8 +26,11 @@ def scrape(gw, key=None):
     return r.text
 
 
+FREE = {"gpt-4o-mini": {"input_per_mtok": 0, "output_per_mtok": 0}}  # costs come only from the stand-in
+
+
 def test_exact_counters_after_known_traffic(make_gateway, fake_openai):
-    gw = make_gateway({"providers": [fake_openai.provider()]})
+    gw = make_gateway({"providers": [fake_openai.provider(max_retries=0, model_prices=FREE)]})
     add_stage(gw, FeatureStandIn())
 
     class Health:
@@ -108,7 +111,7 @@ def test_exact_counters_after_known_traffic(make_gateway, fake_openai):
 
 
 def test_label_values_come_from_configuration_only(make_gateway, fake_openai):
-    gw = make_gateway({"providers": [fake_openai.provider()]})
+    gw = make_gateway({"providers": [fake_openai.provider(max_retries=0)]})
     c = client(gw)
     hostile = ["evil-model-" + str(i) for i in range(20)]
     for name in hostile:  # a client pinning the provider may name any model: the upstream answers
@@ -137,7 +140,7 @@ def test_label_values_come_from_configuration_only(make_gateway, fake_openai):
 
 def test_metrics_auth_on_main_port_and_open_metrics_port(make_gateway, fake_openai):
     port = free_port()
-    gw = make_gateway({"providers": [fake_openai.provider()], "auth": {"master_key": MASTER},
+    gw = make_gateway({"providers": [fake_openai.provider(max_retries=0)], "auth": {"master_key": MASTER},
                        "metrics": {"port": port}})
     assert httpx.get(gw.url + "/metrics").status_code == 401
     assert httpx.get(gw.url + "/metrics", headers={"authorization": "Bearer wrong"}).status_code == 401
@@ -152,10 +155,10 @@ def test_metrics_auth_on_main_port_and_open_metrics_port(make_gateway, fake_open
 
 
 def test_metrics_path_and_disabled(make_gateway, fake_openai):
-    gw = make_gateway({"providers": [fake_openai.provider()], "metrics": {"path": "/internal/prom"}})
+    gw = make_gateway({"providers": [fake_openai.provider(max_retries=0)], "metrics": {"path": "/internal/prom"}})
     assert httpx.get(gw.url + "/internal/prom").status_code == 200
     assert httpx.get(gw.url + "/metrics").status_code == 404
-    gw2 = make_gateway({"providers": [fake_openai.provider()], "metrics": {"enabled": False}})
+    gw2 = make_gateway({"providers": [fake_openai.provider(max_retries=0)], "metrics": {"enabled": False}})
     assert httpx.get(gw2.url + "/metrics").status_code == 404
     # requests are still served (and logged) without metrics
     r = client(gw2).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "a"}])
@@ -163,7 +166,7 @@ def test_metrics_path_and_disabled(make_gateway, fake_openai):
 
 
 def test_request_id_honoured_and_returned(make_gateway, fake_openai):
-    gw = make_gateway({"providers": [fake_openai.provider()]})
+    gw = make_gateway({"providers": [fake_openai.provider(max_retries=0)]})
     r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-request-id": "client-rid-42"},
                    content=orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "a"}]}))
     assert r.status_code == 200 and r.headers["x-request-id"] == "client-rid-42"

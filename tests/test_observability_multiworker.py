@@ -45,7 +45,7 @@ def test_two_workers_exact_totals(tmp_path, fake_openai):
     mpdir = tmp_path / "prom"
     mpdir.mkdir()
     (mpdir / "counter_999999.db").write_bytes(b"stale")  # a leftover from an earlier run: must be cleaned
-    cfg = {"server": {"port": port}, "providers": [fake_openai.provider()], "metrics": {"port": mport},
+    cfg = {"server": {"port": port}, "providers": [fake_openai.provider(max_retries=0)], "metrics": {"port": mport},
            "database": {"url": f"sqlite:///{tmp_path}/h.db", "spool_dir": str(tmp_path / "spool")},
            "logging": {"level": "warning"}}
     cfgfile = tmp_path / "helix.yaml"

@@ -29,8 +29,8 @@ def provider():
 
 def test_request_and_upstream_spans(make_gateway, fake_openai):
     EXPORTER.clear()
-    gw = make_gateway({"providers": [fake_openai.provider(fallback_to=["backup"]),
-                                     fake_openai.provider(name="backup", priority=2)],
+    gw = make_gateway({"providers": [fake_openai.provider(max_retries=0, fallback_to=["backup"]),
+                                     fake_openai.provider(max_retries=0, name="backup", priority=2)],
                        "tracing": {"enabled": True}})
     c = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
     c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "a"}],
@@ -61,7 +61,7 @@ def test_request_and_upstream_spans(make_gateway, fake_openai):
 
 def test_tracing_disabled_makes_no_spans(make_gateway, fake_openai):
     EXPORTER.clear()
-    gw = make_gateway({"providers": [fake_openai.provider()]})
+    gw = make_gateway({"providers": [fake_openai.provider(max_retries=0)]})
     openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": "a"}])
     assert EXPORTER.get_finished_spans() == ()

@@ -351,7 +351,9 @@ class Router:
                 ctx.provider = c.name
                 ctx.upstream_model = c.model
                 try:
+                    t0 = _perf()
                     res = await self._attempt(c, req, op, remaining, probe)
+                    ctx.upstream_latency = _perf() - t0  # to the whole answer, or a stream's first chunk
                     return c, res
                 except GatewayError as exc:
                     last = exc
@@ -486,6 +488,7 @@ class Router:
                 return True
             return False
 
+        started = _perf()
         if not launch(False):
             raise self._unavailable(cands, self.clock())
         try:
@@ -508,6 +511,7 @@ class Router:
                     c = tasks.pop(t)
                     exc = t.exception()
                     if exc is None:
+                        ctx.upstream_latency = _perf() - started
                         return c, t.result()
                     if not isinstance(exc, GatewayError) or not exc.retryable:
                         ctx.provider = c.name
