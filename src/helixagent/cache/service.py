@@ -401,6 +401,20 @@ class CacheService:
         ctx.response_headers[HEADER] = HIT
         self.stats.hits += 1
 
+    def serve_raw(self, ctx: RequestContext, raw: bytes, flight: Flight | None) -> bool:
+        """Answer from a stored value; a claimed flight hands the same value to its followers."""
+        try:
+            resp, model = decode(raw)
+        except Exception:  # noqa: BLE001 - a foreign or corrupt value: count it, go upstream
+            self.stats.errors += 1
+            return False
+        if flight is not None:
+            flight.resolve("resp", raw)
+            if self.inflight.get(flight.key) is flight:
+                del self.inflight[flight.key]
+        self.serve(ctx, resp, model)
+        return True
+
     async def follow(self, ctx: RequestContext, fl: Flight) -> bool:
         """Wait for an identical in-flight request.  True: ctx answered; False: start over."""
         kind, val = await asyncio.shield(fl.future)
@@ -531,26 +545,14 @@ class CacheStage(Stage):
             return False  # the router answers with the proper error
         except (TypeError, ValueError):
             return svc.bypass(ctx)  # not canonicalisable (e.g. an integer beyond 64 bits)
-        status = MISS
+        status = BYPASS if no_cache else MISS
         store = not no_store
-        if no_cache:
-            status = BYPASS
-        else:
-            backend = svc.backend
-            try:
-                raw = backend.get_now(key) if backend.sync else await backend.get(key)
-            except BackendUnavailable:
-                raw = None
-                status = BYPASS
-                store = False
-            if raw is not None:
-                try:
-                    resp, served_model = decode(raw)
-                except Exception:  # noqa: BLE001 - a foreign or corrupt value: count it, go upstream
-                    svc.stats.errors += 1
-                else:
-                    svc.serve(ctx, resp, served_model)
-                    return True
+        backend = svc.backend
+        if not no_cache and backend.sync:
+            # memory: looked up before the in-flight table (no await, so no race with a landing leader)
+            raw = backend.get_now(key)
+            if raw is not None and svc.serve_raw(ctx, raw, None):
+                return True
         flight = None
         if svc.dedupe:
             inflight = svc.inflight
@@ -558,6 +560,8 @@ class CacheStage(Stage):
             while True:
                 fl = inflight.get(key)
                 if fl is None:
+                    # claim the key *before* an awaited (Redis) lookup: identical requests arriving
+                    # meanwhile join this flight instead of racing the store of a leader that is landing
                     flight = inflight[key] = Flight(key, asyncio.get_running_loop())
                     break
                 if no_cache or tries >= _MAX_FOLLOW:
@@ -565,6 +569,19 @@ class CacheStage(Stage):
                 tries += 1
                 if await svc.follow(ctx, fl):
                     return True
+        if not no_cache and not backend.sync:
+            try:
+                raw = await backend.get(key)
+            except BackendUnavailable:
+                raw = None
+                status = BYPASS
+                store = False
+            except BaseException:  # cancelled while claiming the key: release the followers
+                if flight is not None:
+                    svc.settle(Pending(key, False, flight, provider, model), "retry", None)
+                raise
+            if raw is not None and svc.serve_raw(ctx, raw, flight):
+                return True
         ctx.state[_STATE] = Pending(key, store, flight, provider, model)
         ctx.cache_status = status
         ctx.response_headers[HEADER] = status
