@@ -549,3 +549,29 @@ def test_answer_from_a_fallback_is_shared_but_not_stored_under_the_primary(make_
     r = post(gw, body("primary down"))
     assert r.headers["x-helixagent-provider"] == "openai" and r.headers["x-helixagent-cache"] == "HIT"
     assert len(fake_openai.calls) == 3
+
+
+def test_anthropic_messages_share_the_cache_and_replay_as_anthropic_events(cached_gw: Any, fake_openai: Any) -> None:
+    import anthropic
+    from anthropic.types import Message
+    gw = cached_gw()
+    c = anthropic.Anthropic(base_url=gw.url, api_key="unused", max_retries=0, timeout=20)
+    kw = dict(model="gpt-4o-mini", max_tokens=50, extra_body={"temperature": 0},
+              messages=[{"role": "user", "content": "via anthropic"}])
+    first = c.messages.with_raw_response.create(**kw)
+    assert first.headers["x-helixagent-cache"] == "MISS"
+    m1 = Message.model_validate(orjson.loads(first.http_response.content))
+    second = c.messages.with_raw_response.create(**kw)
+    assert second.headers["x-helixagent-cache"] == "HIT"
+    m2 = Message.model_validate(orjson.loads(second.http_response.content))
+    assert m2.content[0].text == m1.content[0].text == "echo:via echo:anthropic"
+    assert m2.usage.output_tokens == m1.usage.output_tokens
+    with c.messages.stream(**kw) as s:  # the cached answer as Anthropic SSE
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == "echo:via echo:anthropic" and final.stop_reason == "end_turn"
+    Message.model_validate(final.model_dump())
+    # the same question through the OpenAI API resolves to the same canonical request: shared entry
+    r = post(gw, {"model": "gpt-4o-mini", "max_tokens": 50, "temperature": 0, "messages": msgs("via anthropic")})
+    assert r.headers["x-helixagent-cache"] == "HIT"
+    assert len(fake_openai.calls) == 1

@@ -37,6 +37,7 @@ IGNORED_PARAMS = frozenset((
     "store",              # whether OpenAI keeps the completion
     "safety_identifier",  # the successor of `user`
     "prompt_cache_key",   # routing hint for the upstream's prompt cache
+    "cache_control",      # Anthropic automatic prompt caching: a billing/latency hint, not content
 ))
 # Numeric parameters whose int and float spellings are the same value.
 _FLOAT_PARAMS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
