@@ -128,7 +128,8 @@ async def test_100_different_concurrent_requests_make_100_upstream_calls(cached_
 
 async def test_leader_failure_gives_followers_the_same_error(cached_gw: Any, fake_openai: Any) -> None:
     gw = cached_gw()
-    fake_openai.push(Fault(delay=0.3, status=400, message="the leader's request was refused"))
+    # a generous delay: every request must arrive while the leader is still waiting
+    fake_openai.push(Fault(delay=1.0, status=400, message="the leader's request was refused"))
     rs = await _burst(gw, [body("doomed")] * 20)
     assert len(fake_openai.calls) == 1
     errs = [r.json() for r in rs]
@@ -208,7 +209,12 @@ async def test_stream_follower_survives_the_leaders_client_going_away(cached_gw:
             if (await lines.__anext__()).startswith("data: "):
                 n += 1
         follower = asyncio.ensure_future(c.post(URL, json=data))
-        await asyncio.sleep(0.05)
+        svc = gw.app.services["cache"]
+        for _ in range(500):  # until the follower is attached to the leader's stream
+            if svc.stats.coalesced:
+                break
+            await asyncio.sleep(0.01)
+        assert svc.stats.coalesced == 1
         await leader_cm.__aexit__(None, None, None)  # the leader's client disconnects mid-stream
         r = await follower
     chunks, done = sse(r)
@@ -218,7 +224,7 @@ async def test_stream_follower_survives_the_leaders_client_going_away(cached_gw:
 
 async def test_stream_leader_failure_reaches_followers_and_is_not_stored(cached_gw: Any, fake_openai: Any) -> None:
     gw = cached_gw()
-    fake_openai.push(Fault(cut_after=3, chunk_delay=0.1))
+    fake_openai.push(Fault(cut_after=3, chunk_delay=0.3))
     data = body("a b c d e", stream=True)
     async with httpx.AsyncClient(base_url=gw.url, timeout=30) as c:
         rs = await asyncio.gather(*(c.post(URL, json=data) for _ in range(5)))
