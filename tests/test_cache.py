@@ -581,3 +581,29 @@ def test_anthropic_messages_share_the_cache_and_replay_as_anthropic_events(cache
     r = post(gw, {"model": "gpt-4o-mini", "max_tokens": 50, "temperature": 0, "messages": msgs("via anthropic")})
     assert r.headers["x-helixagent-cache"] == "HIT"
     assert len(fake_openai.calls) == 1
+
+
+def test_records_say_cache_hit(make_gateway: Any, fake_openai: Any, tmp_path: Any) -> None:
+    from helixagent.store.db import make_sync_engine
+    from helixagent.store.schema import completions as C
+    import sqlalchemy as sa
+    db = f"sqlite:///{tmp_path}/cache-records.db"
+    gw = make_gateway({"providers": [fake_openai.provider()], "cache": {"enabled": True},
+                       "database": {"url": db, "spool_dir": str(tmp_path / "spool"), "auto_migrate": True,
+                                    "flush_interval": "50ms"}})
+    ids = []
+    for b in (body("record me"), body("record me"), body("record me", stream=True)):
+        r = post(gw, b)
+        assert r.status_code == 200
+        ids.append((r.headers["x-helixagent-request-id"], r.headers["x-helixagent-cache"]))
+    assert gw.run(gw.app.services["records"].writer.flush(20), timeout=30)
+    eng = make_sync_engine(db)
+    try:
+        with eng.connect() as conn:
+            got = {r["request_id"]: r for r in conn.execute(sa.select(C)).mappings()}
+    finally:
+        eng.dispose()
+    assert [got[i]["cache_hit"] for i, _ in ids] == [False, True, True]
+    assert [s for _, s in ids] == ["MISS", "HIT", "HIT"]
+    assert len({got[i]["total_tokens"] for i, _ in ids}) == 1  # the original answer's usage, reported
+    assert len(fake_openai.calls) == 1
