@@ -54,8 +54,13 @@ VARIANTS = {
 
 
 def write_config(path: str, up_port: int, cache: bool) -> None:
+    tmp = os.path.dirname(path)
+    name = os.path.splitext(os.path.basename(path))[0]
     cfg = {
         "logging": {"level": "warning"},
+        # every request is recorded (the production default), into a throw-away SQLite file
+        "database": {"url": f"sqlite:///{tmp}/{name}.db", "spool_dir": f"{tmp}/{name}-spool",
+                     "auto_migrate": True},
         "providers": [{"name": "openai", "type": "openai", "base_url": f"http://127.0.0.1:{up_port}/v1",
                        "api_key": "sk-upstream-test", "models": ["gpt-4o-mini"]}],
     }
@@ -80,7 +85,8 @@ def stage_microbench(n: int = 20000) -> list[str]:
     from helixagent.config import load_config_dict
     from helixagent.pipeline import RequestContext
 
-    gw = create_app(load_config_dict({"providers": [{"name": "openai", "type": "openai", "api_key": "sk-x",
+    gw = create_app(load_config_dict({"database": {"url": "sqlite:///:memory:"},
+                                      "providers": [{"name": "openai", "type": "openai", "api_key": "sk-x",
                                                      "base_url": "http://127.0.0.1:1/v1",
                                                      "models": ["gpt-4o-mini"]}],
                                       "cache": {"enabled": True}}))
