@@ -231,8 +231,19 @@ class CacheConfig(Strict):
     cache_nonzero_temperature: bool = False
     scope: Literal["application", "global"] = "application"
     dedupe: bool = True
+    # Redis: every key is prefixed (several gateways or environments can share one Redis)
+    key_prefix: str = "helixagent:cache:"
+    # Redis: connect / command timeout; a slower Redis counts as unreachable for that request
+    redis_timeout: float = Field(default=0.25, gt=0)
 
-    _d = field_validator("ttl", mode="before")(lambda v: parse_duration(v))
+    _d = field_validator("ttl", "redis_timeout", mode="before")(lambda v: parse_duration(v))
+
+    @field_validator("ttl")
+    @classmethod
+    def _ttl_positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("ttl must be positive (e.g. 300s, 1h)")
+        return v
 
 
 class IPLimit(Strict):

@@ -8,7 +8,7 @@ from typing import Any
 
 
 def install_features(gw: Any) -> None:
-    from . import auth, limits, routing
+    from . import auth, cache, limits, routing
     from .api import anthropic_routes, openai_routes
     from .observability import stage as observability
 
@@ -18,6 +18,7 @@ def install_features(gw: Any) -> None:
     auth.install(gw)
     anthropic_routes.install(gw)  # after auth: /v1/messages and its provider-feature check
     limits.install(gw)
+    cache.install(gw)  # the last stage before the router; wraps the router's handler for de-duplication
     routing.install(gw)
 
 

@@ -133,7 +133,7 @@ class RecordWriter:
                 float(ctx.cost or 0.0),
                 round(((ctx.finished_at or time.perf_counter()) - ctx.started) * 1000.0, 3),
                 None if first is None else round((first - ctx.started) * 1000.0, 3),
-                ctx.cache_status == "hit",
+                ctx.cache_status == "HIT",
                 bool(ctx.streamed or getattr(req, "stream", False)),
                 keyring.active_id if keyring is not None else None,
             ]

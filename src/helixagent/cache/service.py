@@ -1,0 +1,613 @@
+"""The response cache stage, in-flight de-duplication and the streaming broadcast.
+
+Flow of a chat request through :class:`CacheStage` (after auth and limits, just before the router):
+
+1. ``pre``: decide whether the request may use the cache (``"cache": false``, ``Cache-Control``, the
+   temperature policy), compute the key, look it up.  A hit short-circuits the pipeline with the stored
+   answer (as JSON or replayed as an SSE stream).  On a miss, with ``cache.dedupe``, the request either
+   *follows* an identical request already in flight (and short-circuits with its answer) or becomes the
+   *leader* of a new flight.
+2. the wrapped router handler (:meth:`CacheService.wrap`) runs the leader's upstream call; a non-streamed
+   answer is handed to the followers and stored; a streamed answer is pumped by a :class:`Broadcast`
+   task into a buffer that the leader and every follower read (late joiners replay the buffer, then
+   follow live), and is stored once it completed with a finish_reason.
+
+The contract with the other stages: ``ctx.cache_status == "HIT"`` means the answer cost no upstream
+tokens (``ctx.usage`` then holds the original answer's usage, for reporting only; limits must not
+charge it).  ``"MISS"``: looked up, went upstream.  ``"BYPASS"``: not looked up.  ``None``: the cache
+did not consider the request (embeddings, a request the router rejects).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator, Callable
+
+import orjson
+
+from ..canonical import ChatRequest, ChatResponse, StreamAccumulator, Usage, new_chunk, usage_chunk
+from ..errors import GatewayError, bad_request
+from ..pipeline import RequestContext, Stage
+from .backends import BackendUnavailable, CacheStats, MemoryBackend, RedisBackend
+from .key import cache_key, scope_of
+
+log = logging.getLogger("helixagent.cache")
+
+HIT, MISS, BYPASS = "HIT", "MISS", "BYPASS"
+HEADER = "x-helixagent-cache"
+_STATE = "_cache"          # ctx.state key of a leader's pending entry
+_MAX_FOLLOW = 3            # a follower whose leader vanished retries this often, then goes alone
+_dumps = orjson.dumps
+_loads = orjson.loads
+
+
+# -- stored values ------------------------------------------------------------------------------------
+
+def encode(resp: ChatResponse, provider: str | None, model: str | None) -> bytes:
+    """Compact value: the canonical chat.completion body, its usage, who served it."""
+    body = resp.body
+    if "provider" in body:  # added by the OpenAI renderer; not part of the answer
+        body = {k: v for k, v in body.items() if k != "provider"}
+    u = resp.usage or Usage()
+    return _dumps({"p": provider or resp.provider, "m": model or resp.model,
+                   "u": [u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cache_read_tokens,
+                         u.cache_creation_tokens], "b": body})
+
+
+def decode(raw: bytes) -> tuple[ChatResponse, str]:
+    """-> (response, upstream model).  A private copy every time: renderers may mutate it."""
+    d = _loads(raw)
+    b = d["b"]
+    if not isinstance(b, dict) or not isinstance(b.get("choices"), list):
+        raise ValueError("not a cached chat.completion")
+    return ChatResponse(b, Usage(*d["u"]), d["p"], b.get("model") or d["m"]), d["m"]
+
+
+def complete(resp: ChatResponse | None) -> bool:
+    """Every choice ended with a finish_reason (a cut stream or an empty answer is never stored)."""
+    if resp is None:
+        return False
+    choices = resp.body.get("choices")
+    return bool(choices) and all(c.get("finish_reason") for c in choices)
+
+
+def replay(resp: ChatResponse, include_usage: bool) -> list[dict[str, Any]]:
+    """A complete answer as OpenAI ``chat.completion.chunk`` dicts (role, content with its logprobs,
+    refusal, tool calls, finish), then a usage chunk when the client asked for one."""
+    b = resp.body
+    id_ = b.get("id") or ""
+    model = b.get("model") or resp.model
+    created = b.get("created") or int(time.time())
+    out: list[dict[str, Any]] = []
+    for ch in b.get("choices") or ():
+        idx = ch.get("index", 0)
+        msg = ch.get("message") or {}
+        out.append(new_chunk(id_, model, created, {"role": msg.get("role") or "assistant", "content": ""},
+                             index=idx))
+        content = msg.get("content")
+        if content:
+            c = new_chunk(id_, model, created, {"content": content}, index=idx)
+            if ch.get("logprobs"):
+                c["choices"][0]["logprobs"] = ch["logprobs"]
+            out.append(c)
+        if msg.get("refusal"):
+            out.append(new_chunk(id_, model, created, {"refusal": msg["refusal"]}, index=idx))
+        calls = msg.get("tool_calls")
+        if calls:
+            out.append(new_chunk(id_, model, created, {"tool_calls": [
+                {"index": i, "id": tc.get("id"), "type": tc.get("type") or "function",
+                 "function": {"name": (tc.get("function") or {}).get("name") or "",
+                              "arguments": (tc.get("function") or {}).get("arguments") or ""}}
+                for i, tc in enumerate(calls)]}, index=idx))
+        out.append(new_chunk(id_, model, created, {}, ch.get("finish_reason") or "stop", index=idx))
+    fp = b.get("system_fingerprint")
+    if fp:
+        for c in out:
+            c["system_fingerprint"] = fp
+    if include_usage:
+        out.append(usage_chunk(id_, model, created, resp.usage))
+    return out
+
+
+async def _aiter(chunks: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    for c in chunks:
+        yield c
+
+
+def clone_error(exc: GatewayError) -> GatewayError:
+    """A private copy of a shared error (each follower raises its own; tracebacks are per raise)."""
+    c = type(exc).__new__(type(exc))
+    c.__dict__.update(exc.__dict__)
+    c.args = exc.args
+    c.headers = dict(exc.headers)
+    return c
+
+
+def parse_cache_control(value: str) -> tuple[bool, bool]:
+    """-> (no_cache, no_store).  ``max-age=0`` is read as no-cache."""
+    no_cache = no_store = False
+    for part in value.lower().split(","):
+        d = part.strip()
+        if d == "no-cache" or d == "max-age=0":
+            no_cache = True
+        elif d == "no-store":
+            no_store = True
+    return no_cache, no_store
+
+
+# -- in-flight de-duplication ----------------------------------------------------------------------
+
+class Flight:
+    """An upstream call in progress for one key.  ``future`` resolves to ``(kind, value)``:
+    ``("resp", payload bytes)``, ``("stream", Broadcast)``, ``("error", GatewayError)`` or
+    ``("retry", None)`` (the leader went away before an answer: followers start over)."""
+
+    __slots__ = ("key", "future")
+
+    def __init__(self, key: str, loop: asyncio.AbstractEventLoop):
+        self.key = key
+        self.future: asyncio.Future[tuple[str, Any]] = loop.create_future()
+
+    def resolve(self, kind: str, value: Any) -> None:
+        if not self.future.done():
+            self.future.set_result((kind, value))
+
+
+class Pending:
+    """A leader's cache state between ``pre`` and the end of its upstream call."""
+
+    __slots__ = ("key", "store", "flight", "provider", "model")
+
+    def __init__(self, key: str, store: bool, flight: Flight | None, provider: str, model: str):
+        self.key = key
+        self.store = store
+        self.flight = flight
+        self.provider = provider
+        self.model = model
+
+
+class Broadcast:
+    """Pumps one upstream stream into a buffer read by any number of readers (the leader and the
+    followers).  The upstream is consumed independently of any one client: a follower keeps receiving
+    when the leader's client disconnects; the upstream is closed only when no reader is left."""
+
+    __slots__ = ("svc", "pending", "source", "provider", "model", "chunks", "done", "error", "abandoned",
+                 "readers", "event", "task", "payload")
+
+    def __init__(self, svc: "CacheService", pending: Pending, source: AsyncIterator[dict[str, Any]],
+                 provider: str | None, model: str | None):
+        self.svc = svc
+        self.pending = pending
+        self.source = source
+        self.provider = provider
+        self.model = model
+        self.chunks: list[dict[str, Any]] = []
+        self.done = False
+        self.error: GatewayError | None = None
+        self.abandoned = False
+        self.readers = 0
+        self.event = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.payload: bytes | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._pump())
+        self.task.add_done_callback(self._task_done)
+        self.svc.pumps.add(self)
+
+    def reader(self) -> "BroadcastReader":
+        return BroadcastReader(self)
+
+    def hold(self) -> None:
+        self.readers += 1
+
+    def release(self) -> None:
+        self.readers -= 1
+        if self.readers <= 0 and not self.done and self.task is not None:
+            self.abandoned = True
+            self.task.cancel()
+
+    async def wait_done(self) -> None:
+        while not self.done:
+            self.event.clear()
+            await self.event.wait()
+
+    async def _pump(self) -> None:
+        acc = StreamAccumulator()
+        src = self.source
+        try:
+            try:
+                async for chunk in src:
+                    acc.add(chunk)
+                    self.chunks.append(chunk)
+                    self.event.set()
+            finally:
+                closer = getattr(src, "aclose", None)
+                if closer is not None:
+                    try:
+                        await closer()
+                    except Exception:  # noqa: BLE001
+                        pass
+        except GatewayError as exc:
+            self.error = exc
+        except asyncio.CancelledError:
+            self.abandoned = True
+        except Exception as exc:  # noqa: BLE001
+            log.exception("cache: stream pump failed")
+            self.error = GatewayError(502, f"stream failed: {type(exc).__name__}", provider=self.provider,
+                                      kind="stream_error")
+        resp = acc.response(self.provider or "") if acc.chunks and self.error is None and not self.abandoned \
+            else None
+        if resp is not None:
+            self.payload = encode(resp, self.provider, self.model)
+        self._conclude()
+        p = self.pending
+        if (resp is not None and p.store and self.provider == p.provider and self.model == p.model
+                and complete(resp)):
+            await self.svc.store(p.key, self.payload)  # type: ignore[arg-type]
+        self.svc.land(p)
+
+    def _conclude(self) -> None:
+        if self.done:
+            return
+        if self.abandoned and self.error is None:
+            self.error = GatewayError(502, "the upstream stream was abandoned", provider=self.provider,
+                                      kind="stream_error")
+        self.done = True
+        self.event.set()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        # normally a no-op; covers a pump cancelled before it ever ran (its body never executed)
+        self.svc.pumps.discard(self)
+        if not self.done:
+            self.abandoned = True
+            self._conclude()
+            self.svc.land(self.pending)
+            closer = getattr(self.source, "aclose", None)
+            if closer is not None:
+                try:
+                    asyncio.get_running_loop().create_task(closer())
+                except RuntimeError:
+                    pass
+
+
+class BroadcastReader:
+    """One reader of a :class:`Broadcast`: the buffered chunks first, then live ones."""
+
+    __slots__ = ("bc", "i", "open")
+
+    def __init__(self, bc: Broadcast):
+        self.bc = bc
+        self.i = 0
+        self.open = True
+        bc.readers += 1
+
+    def __aiter__(self) -> "BroadcastReader":
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        bc = self.bc
+        while True:
+            chunks = bc.chunks
+            if self.i < len(chunks):
+                c = chunks[self.i]
+                self.i += 1
+                return c
+            if bc.done:
+                self._close()
+                if bc.error is not None:
+                    raise clone_error(bc.error)
+                raise StopAsyncIteration
+            bc.event.clear()
+            await bc.event.wait()
+
+    async def aclose(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.open:
+            self.open = False
+            self.bc.release()
+
+
+# -- the service ----------------------------------------------------------------------------------------
+
+class CacheService:
+    """``gw.services["cache"]``: the backend, the in-flight table and the counters."""
+
+    def __init__(self, cfg: Any, router: Any):
+        self.cfg = cfg
+        self.router = router
+        self.stats = CacheStats()
+        self.ttl = float(cfg.ttl)
+        self.scope = cfg.scope
+        self.nonzero = cfg.cache_nonzero_temperature
+        self.dedupe = cfg.dedupe
+        if cfg.type == "redis":
+            self.backend: Any = RedisBackend(cfg.redis_url, cfg.key_prefix, cfg.redis_timeout, self.stats)
+        else:
+            self.backend = MemoryBackend(cfg.max_size, cfg.max_bytes, self.stats)
+        self.inflight: dict[str, Flight] = {}
+        self.pumps: set[Broadcast] = set()
+
+    # counters (the observability module exports these)
+    @property
+    def hits(self) -> int:
+        return self.stats.hits
+
+    @property
+    def misses(self) -> int:
+        return self.stats.misses
+
+    @property
+    def evictions(self) -> int:
+        return self.stats.evictions
+
+    @property
+    def errors(self) -> int:
+        return self.stats.errors
+
+    def snapshot(self) -> dict[str, int]:
+        d = self.stats.as_dict()
+        d["inflight"] = len(self.inflight)
+        return d
+
+    async def start(self) -> None:
+        await self.backend.start()
+
+    async def close(self) -> None:
+        for bc in list(self.pumps):
+            if bc.task is not None:
+                bc.task.cancel()
+        await self.backend.close()
+
+    # -- backend access (never raises) ---------------------------------------------------------------
+    async def store(self, key: str, payload: bytes) -> None:
+        b = self.backend
+        try:
+            ok = b.set_now(key, payload, self.ttl) if b.sync else await b.set(key, payload, self.ttl)
+        except BackendUnavailable:
+            return
+        if ok:
+            self.stats.stores += 1
+
+    # -- flights ---------------------------------------------------------------------------------
+    def land(self, p: Pending) -> None:
+        fl = p.flight
+        if fl is not None:
+            fl.resolve("retry", None)  # no-op when already resolved
+            if self.inflight.get(fl.key) is fl:
+                del self.inflight[fl.key]
+            p.flight = None
+
+    def settle(self, p: Pending, kind: str, value: Any) -> None:
+        if p.flight is not None:
+            p.flight.resolve(kind, value)
+        self.land(p)
+
+    def serve(self, ctx: RequestContext, resp: ChatResponse, model: str) -> None:
+        """Answer ``ctx`` from a stored or shared answer (no upstream tokens)."""
+        ctx.provider = resp.provider
+        ctx.upstream_model = model
+        ctx.usage = resp.usage
+        req: ChatRequest = ctx.request
+        if req.stream:
+            ctx.stream = _aiter(replay(resp, req.include_usage))
+            ctx.streamed = True
+        else:
+            ctx.response = resp
+        ctx.cache_status = HIT
+        ctx.response_headers[HEADER] = HIT
+        self.stats.hits += 1
+
+    def serve_raw(self, ctx: RequestContext, raw: bytes, flight: Flight | None) -> bool:
+        """Answer from a stored value; a claimed flight hands the same value to its followers."""
+        try:
+            resp, model = decode(raw)
+        except Exception:  # noqa: BLE001 - a foreign or corrupt value: count it, go upstream
+            self.stats.errors += 1
+            return False
+        if flight is not None:
+            flight.resolve("resp", raw)
+            if self.inflight.get(flight.key) is flight:
+                del self.inflight[flight.key]
+        self.serve(ctx, resp, model)
+        return True
+
+    async def follow(self, ctx: RequestContext, fl: Flight) -> bool:
+        """Wait for an identical in-flight request.  True: ctx answered; False: start over."""
+        kind, val = await asyncio.shield(fl.future)
+        if kind == "retry":
+            return False
+        if kind == "error":
+            self._follower_failed(ctx)
+            raise clone_error(val)
+        if kind == "resp":
+            resp, model = decode(val)
+            self.serve(ctx, resp, model)
+            self.stats.coalesced += 1
+            return True
+        bc: Broadcast = val
+        if bc.abandoned:
+            return False
+        req: ChatRequest = ctx.request
+        if req.stream:
+            ctx.stream = bc.reader()
+            ctx.streamed = True
+            ctx.provider = bc.provider
+            ctx.upstream_model = bc.model
+            ctx.cache_status = HIT
+            ctx.response_headers[HEADER] = HIT
+            self.stats.hits += 1
+            self.stats.coalesced += 1
+            return True
+        bc.hold()
+        try:
+            await bc.wait_done()
+        finally:
+            bc.release()
+        if bc.abandoned:
+            return False
+        if bc.error is not None or bc.payload is None:
+            self._follower_failed(ctx)
+            raise clone_error(bc.error or GatewayError(502, "the upstream stream ended without an answer",
+                                                     provider=bc.provider, kind="stream_error"))
+        resp, model = decode(bc.payload)
+        self.serve(ctx, resp, model)
+        self.stats.coalesced += 1
+        return True
+
+    def _follower_failed(self, ctx: RequestContext) -> None:
+        ctx.cache_status = MISS
+        ctx.response_headers[HEADER] = MISS
+        self.stats.misses += 1
+
+    def bypass(self, ctx: RequestContext) -> bool:
+        ctx.cache_status = BYPASS
+        ctx.response_headers[HEADER] = BYPASS
+        self.stats.bypasses += 1
+        return False
+
+    # -- the leader's upstream call ----------------------------------------------------------------
+    def wrap(self, inner: Callable[[RequestContext], Any]) -> Callable[[RequestContext], Any]:
+        """Wrap the router's chat handler: share the leader's outcome with its followers, store it."""
+
+        async def handle(ctx: RequestContext) -> None:
+            p: Pending | None = ctx.state.get(_STATE)
+            if p is None:
+                await inner(ctx)
+                return
+            try:
+                await inner(ctx)
+            except GatewayError as exc:
+                self.settle(p, "error", exc)
+                raise
+            except asyncio.CancelledError:
+                self.settle(p, "retry", None)
+                raise
+            except Exception as exc:
+                self.settle(p, "error", GatewayError(500, f"internal error: {type(exc).__name__}",
+                                                     kind="internal"))
+                raise
+            if ctx.stream is not None:
+                bc = Broadcast(self, p, ctx.stream, ctx.provider, ctx.upstream_model)
+                ctx.stream = bc.reader()
+                if p.flight is not None:
+                    p.flight.resolve("stream", bc)  # stays in flight (late joiners) until the pump lands
+                bc.start()
+                return
+            resp = ctx.response
+            if resp is None:
+                self.settle(p, "retry", None)
+                return
+            want_store = (p.store and ctx.provider == p.provider and ctx.upstream_model == p.model
+                          and complete(resp))
+            if p.flight is None and not want_store:
+                return
+            payload = encode(resp, ctx.provider, ctx.upstream_model)
+            if p.flight is not None:
+                p.flight.resolve("resp", payload)
+            if want_store:
+                await self.store(p.key, payload)
+            self.land(p)
+
+        return handle
+
+
+class CacheStage(Stage):
+    name = "cache"
+
+    def __init__(self, svc: CacheService):
+        self.svc = svc
+
+    async def pre(self, ctx: RequestContext) -> bool:
+        req = ctx.request
+        if type(req) is not ChatRequest:   # embeddings: not cached
+            return False
+        svc = self.svc
+        helix = ctx.state.get("helix")
+        flag = helix.get("cache") if helix else None
+        if flag is not None and type(flag) is not bool:
+            raise bad_request("'cache' must be a boolean: false skips the cache for this request, true "
+                              "caches it even with a non-zero temperature", param="cache", code="invalid_type")
+        if flag is False:
+            return svc.bypass(ctx)
+        if flag is None and not svc.nonzero and req.params.get("temperature") != 0:
+            return svc.bypass(ctx)  # sampled answers differ run to run: not cached by default
+        cc = ctx.headers.get("cache-control")
+        no_cache, no_store = parse_cache_control(cc) if cc else (False, False)
+        try:
+            cand = svc.router.candidates(req.model, req.provider)[0]
+            provider, model = cand.provider.name, cand.model
+            key = cache_key(req, scope_of(ctx.identity, svc.scope), provider, model)
+        except (GatewayError, IndexError):
+            return False  # the router answers with the proper error
+        except (TypeError, ValueError):
+            return svc.bypass(ctx)  # not canonicalisable (e.g. an integer beyond 64 bits)
+        status = BYPASS if no_cache else MISS
+        store = not no_store
+        backend = svc.backend
+        if not no_cache and backend.sync:
+            # memory: looked up before the in-flight table (no await, so no race with a landing leader)
+            raw = backend.get_now(key)
+            if raw is not None and svc.serve_raw(ctx, raw, None):
+                return True
+        flight = None
+        if svc.dedupe:
+            inflight = svc.inflight
+            tries = 0
+            while True:
+                fl = inflight.get(key)
+                if fl is None:
+                    # claim the key *before* an awaited (Redis) lookup: identical requests arriving
+                    # meanwhile join this flight instead of racing the store of a leader that is landing
+                    flight = inflight[key] = Flight(key, asyncio.get_running_loop())
+                    break
+                if no_cache or tries >= _MAX_FOLLOW:
+                    break  # a refresh, or a leader that keeps vanishing: go upstream alone
+                tries += 1
+                if await svc.follow(ctx, fl):
+                    return True
+        if not no_cache and not backend.sync:
+            try:
+                raw = await backend.get(key)
+            except BackendUnavailable:
+                raw = None
+                status = BYPASS
+                store = False
+            except BaseException:  # cancelled while claiming the key: release the followers
+                if flight is not None:
+                    svc.settle(Pending(key, False, flight, provider, model), "retry", None)
+                raise
+            if raw is not None and svc.serve_raw(ctx, raw, flight):
+                return True
+        ctx.state[_STATE] = Pending(key, store, flight, provider, model)
+        ctx.cache_status = status
+        ctx.response_headers[HEADER] = status
+        if status == MISS:
+            svc.stats.misses += 1
+        else:
+            svc.stats.bypasses += 1
+        return False
+
+    async def post(self, ctx: RequestContext) -> None:
+        p: Pending | None = ctx.state.get(_STATE)
+        if p is not None and p.flight is not None and not p.flight.future.done():
+            # the upstream call never ran (a later stage answered or rejected): release the followers
+            if ctx.error is not None:
+                self.svc.settle(p, "error", ctx.error)
+            else:
+                self.svc.settle(p, "retry", None)
+
+
+def install(gw: Any) -> None:
+    cfg = gw.cfg.cache
+    if not cfg.enabled:
+        return
+    svc = CacheService(cfg, gw.router)
+    gw.services["cache"] = svc
+    gw.add_stage(CacheStage(svc))
+    gw.chat_pipeline.handler = svc.wrap(gw.chat_pipeline.handler)
+    gw.on_startup(svc.start)
+    gw.on_shutdown(svc.close)
