@@ -47,6 +47,7 @@ def backend(request: Any) -> Any:
         if kind == "redis":
             c.setdefault("redis_url", url)
             c["key_prefix"] = prefix
+            c.setdefault("redis_timeout", "3s")  # correctness tests: no spurious timeouts on a loaded CI host
         return c
 
     make.kind = kind  # type: ignore[attr-defined]
@@ -543,7 +544,7 @@ def test_redis_down_serves_without_cache_counts_and_logs_once_per_outage(make_ga
 
 
 def test_answer_from_a_fallback_is_shared_but_not_stored_under_the_primary(make_gateway: Any, fake_openai: Any) -> None:
-    gw = make_gateway({"providers": [fake_openai.provider("openai", fallback_to=["backup"]),
+    gw = make_gateway({"providers": [fake_openai.provider("openai", fallback_to=["backup"], max_retries=0),
                                      fake_openai.provider("backup", priority=2)],
                        "cache": {"enabled": True}})
     fake_openai.push(Fault(status=503))

@@ -26,7 +26,8 @@ def shared(make_gateway, tmp_path):
     prefix = unique_prefix()
 
     def start(rate_limits: dict, n: int = 3, latency_ms: float = 20) -> list:
-        rl = {"backend": "redis", "redis_url": url, "key_prefix": prefix, **rate_limits}
+        # a generous Redis timeout: exactness is tested here, not the outage policy (a loaded CI host)
+        rl = {"backend": "redis", "redis_url": url, "key_prefix": prefix, "redis_timeout": 3.0, **rate_limits}
         cfg = {"auth": {"master_key": MASTER, "redis_prefix": prefix},
                "database": {"url": f"sqlite:///{tmp_path}/shared.db"},
                "providers": [{"name": "mock", "type": "mock", "mock_tokens": 50, "models": [MODEL],

@@ -234,7 +234,7 @@ class CacheConfig(Strict):
     # Redis: every key is prefixed (several gateways or environments can share one Redis)
     key_prefix: str = "helixagent:cache:"
     # Redis: connect / command timeout; a slower Redis counts as unreachable for that request
-    redis_timeout: float = Field(default=0.25, gt=0)
+    redis_timeout: float = Field(default=0.5, gt=0)
 
     _d = field_validator("ttl", "redis_timeout", mode="before")(lambda v: parse_duration(v))
 
@@ -292,6 +292,8 @@ class RateLimitsConfig(Strict):
     cost: CostBudgets | None = None
     # Redis keys are named <key_prefix>:rl:...
     key_prefix: str = Field(default="helixagent", min_length=1)
+    # socket timeout for each Redis call; past it on_backend_error decides
+    redis_timeout: float = Field(default=0.5, gt=0)
     # Completion tokens reserved for a request that sets no max_tokens (settled to the real usage after).
     default_completion_tokens: int = Field(default=1024, ge=0)
 

@@ -399,7 +399,7 @@ def _headers(limits: list[Limit], res: Reservation) -> dict[str, str]:
 def make_backend(cfg: Any) -> Any:
     rl = cfg.rate_limits
     if rl.backend == "redis":
-        return RedisBackend(rl.redis_url)
+        return RedisBackend(rl.redis_url, timeout=rl.redis_timeout)
     return MemoryBackend()
 
 
