@@ -93,7 +93,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--conns", type=int, default=16)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "gateway.md"))
-    ap.add_argument("--scenarios", default="chat,stream,full")
+    ap.add_argument("--scenarios", default="chat,stream,full,hit")
     args = ap.parse_args()
     ensure_wrk()
     scenarios = args.scenarios.split(",")
@@ -111,27 +111,54 @@ def main() -> int:
         p = start_gateway(plain_cfg, port)
         procs.append(p)
         gws["plain"] = (p, f"http://127.0.0.1:{port}/v1/chat/completions")
-        if "full" in scenarios:
+        vkey = None
+        if "full" in scenarios or "hit" in scenarios:
+            # Everything a production config turns on: a virtual key (auth), limits on the key, user and
+            # application, the cache (a miss for temperature 0.2, a hit for temperature 0), records in SQLite.
             fdir = os.path.join(tmp, "full")
             os.makedirs(fdir)
             full_cfg = os.path.join(fdir, "full.yaml")
             write_config(full_cfg, up_port, """
+auth: {master_key: hx-bench-master-key-000000000000}
 rate_limits:
   ip: {requests_per_minute: 100000000, burst_size: 1000000}
   api_key: {requests_per_minute: 100000000, tokens_per_minute: 1000000000}
-cache: {enabled: true, type: memory, ttl: 1, max_size: 1000, cache_nonzero_temperature: false}
+  user: {tokens_per_minute: 1000000000, tokens_per_day: 100000000000}
+  application: {tokens_per_month: 100000000000}
+cache: {enabled: true, type: memory, ttl: 600, max_size: 1000}
 """)
+            env = {"PYTHONPATH": os.path.join(ROOT, "src")}
+            subprocess.run([PY, "-m", "helixagent", "migrate", "up", "--config", full_cfg], check=True,
+                           capture_output=True, env={**os.environ, **env})
+            out = subprocess.run([PY, "-m", "helixagent", "keys", "create", "--config", full_cfg, "--user", "bench",
+                                  "--app", "bench", "--role", "user", "--json"], check=True, capture_output=True,
+                                 text=True, env={**os.environ, **env}).stdout
+            import json
+            vkey = json.loads(out)["key"]
             port = hs.free_port()
             p = start_gateway(full_cfg, port)
             procs.append(p)
             gws["full"] = (p, f"http://127.0.0.1:{port}/v1/chat/completions")
+        plain_lua = hs.WRK_LUA
+        keyed_lua = plain_lua.replace("sk-client-test", vkey) if vkey else plain_lua
+        import urllib.request
         for name, (p, url) in gws.items():
-            hs.wait_ready(url, p)
+            for _ in range(200):
+                try:
+                    req = urllib.request.Request(url, data=hs.REQUEST_BODY, method="POST", headers={
+                        "content-type": "application/json", "authorization": f"Bearer {vkey or 'x'}"})
+                    urllib.request.urlopen(req, timeout=5).read()
+                    break
+                except Exception:
+                    if p.poll() is not None:
+                        raise RuntimeError(hs.stop(p)[-2000:])
+                    time.sleep(0.1)
         body = hs.REQUEST_BODY
         sbody = hs.STREAM_REQUEST_BODY
-        results: dict[str, list[dict]] = {k: [] for k in ["direct", "chat", "stream", "full"]}
+        hit_body = hs.orjson.dumps({**hs.REQUEST_OBJ, "temperature": 0})
+        results: dict[str, list[dict]] = {k: [] for k in ["direct", "chat", "stream", "full", "hit"]}
         for rnd in range(args.rounds):
-            order = ["direct", "chat", "stream", "full"]
+            order = ["direct", "chat", "stream", "full", "hit"]
             if rnd % 2:
                 order.reverse()
             for sc in order:
@@ -144,9 +171,13 @@ cache: {enabled: true, type: memory, ttl: 1, max_size: 1000, cache_nonzero_tempe
                     n = max(500, args.requests // 5)
                     r = hs.measure(gws["plain"][1], gws["plain"][0].pid, up.pid, sbody, n, args.warmup // 5,
                                    args.conns, tmp)
-                elif sc == "full" and "full" in scenarios:
-                    r = hs.measure(gws["full"][1], gws["full"][0].pid, up.pid, body, args.requests, args.warmup,
-                                   args.conns, tmp)
+                elif sc in ("full", "hit") and sc in scenarios:
+                    hs.WRK_LUA = keyed_lua
+                    try:
+                        r = hs.measure(gws["full"][1], gws["full"][0].pid, up.pid, body if sc == "full" else hit_body,
+                                       args.requests, args.warmup, args.conns, tmp)
+                    finally:
+                        hs.WRK_LUA = plain_lua
                 else:
                     continue
                 results[sc].append(r)
@@ -154,8 +185,9 @@ cache: {enabled: true, type: memory, ttl: 1, max_size: 1000, cache_nonzero_tempe
         rows = []
         labels = {"chat": "chat, non-streamed (OpenAI pass-through)",
                   "stream": "chat, streamed (20 chunks + [DONE])",
-                  "full": "chat, non-streamed, limits + cache(miss) + records + metrics"}
-        for sc in ("chat", "stream", "full"):
+                  "full": "chat, non-streamed, all stages: virtual key + 6 limits + cache miss + record + metrics/log",
+                  "hit": "chat, non-streamed, all stages, answered from the memory cache"}
+        for sc in ("chat", "stream", "full", "hit"):
             if results[sc]:
                 rows.append((labels[sc], median_of(results[sc])))
         table = fmt(rows, direct)

@@ -101,6 +101,7 @@ class Gateway:
         self.loop = asyncio.get_running_loop()
         for fn in self._startup:
             await fn()
+        tune_gc()
 
     async def shutdown(self) -> None:
         for fn in reversed(self._shutdown):
@@ -171,6 +172,17 @@ class Gateway:
         if req.path.startswith("/v1/messages"):
             return exc.anthropic_body()
         return exc.openai_body()
+
+
+def tune_gc() -> None:
+    """Garbage-collector settings for a long-running server: the objects built at start-up (config,
+    SQLAlchemy metadata, catalogues, compiled regexes) move to the permanent generation so full
+    collections stop re-scanning them, and young collections run less often.  Measured: about 15-30%
+    less CPU per request with every stage on (bench/results/gateway.md)."""
+    import gc
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20000, 20, 50)
 
 
 def create_app(cfg: Config) -> Gateway:
