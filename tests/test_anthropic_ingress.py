@@ -16,6 +16,7 @@ from pydantic import TypeAdapter
 
 from fakes.openai_upstream import Fault
 from helixagent.api import anthropic_format as afmt
+from helixagent.providers.anthropic_mapping import canonical_to_anthropic_request
 from helixagent.canonical import StreamAccumulator, new_chunk, usage_chunk, Usage
 
 EVENT = TypeAdapter(RawMessageStreamEvent)
@@ -510,7 +511,7 @@ def normalize(body: dict[str, Any]) -> dict[str, Any]:
 @given(anthropic_request())
 def test_roundtrip_anthropic_canonical_anthropic(body):
     req, helix = afmt.parse_messages(orjson.dumps(body), {})
-    back = afmt.to_anthropic_request(req)
+    back = canonical_to_anthropic_request(req)
     assert normalize(back) == normalize(body)
     # the canonical request is plain OpenAI shape apart from the documented extensions
     for m in req.messages:

@@ -17,9 +17,10 @@ from pydantic import TypeAdapter
 from fakes.anthropic_upstream import FakeAnthropic, Fault
 from helixagent.canonical import ChatRequest, StreamAccumulator
 from helixagent.errors import GatewayError
-from helixagent.providers.anthropic_mapping import (AnthropicStreamDecoder, AnthropicStreamEncoder,
-                                                    anthropic_request_to_canonical, anthropic_response_to_canonical,
-                                                    canonical_response_to_anthropic, canonical_to_anthropic_request)
+from helixagent.api.anthropic_format import StreamTranslator, canonical_response_to_anthropic
+from helixagent.providers.anthropic_mapping import (AnthropicStreamDecoder, anthropic_response_to_canonical,
+                                                    canonical_to_anthropic_request)
+from support.anthropic_inverse import anthropic_request_to_canonical
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
                                            "parameters": {"type": "object", "properties": {"q": {"type": "string"}},
@@ -414,7 +415,7 @@ def test_roundtrip_response_and_stream(msg):
     assert (sm["content"] or None) == (bm["content"] or None)
     assert sm.get("tool_calls") == bm.get("tool_calls")
     # and canonical chunks encode back into an Anthropic event stream the SDK accepts
-    enc = AnthropicStreamEncoder("claude-x", message_id=msg["id"])
+    enc = StreamTranslator("claude-x")
     adapter = TypeAdapter(anthropic.types.RawMessageStreamEvent)
     dec2 = AnthropicStreamDecoder("claude-x", created=body["created"])
     acc2 = StreamAccumulator()
@@ -422,8 +423,11 @@ def test_roundtrip_response_and_stream(msg):
     dec = AnthropicStreamDecoder("claude-x", created=body["created"])
     for ev in _events_for(msg):
         dec_chunks.extend(dec.feed(ev))
-    events = [e for c in dec_chunks for e in enc.feed(c)] + enc.finish()
+    sse = b"".join(enc.feed(c) for c in dec_chunks) + enc.end()
+    events = [(fr.split(b"\n")[0][7:].decode(), orjson.loads(fr.split(b"\n")[1][6:]))
+              for fr in sse.split(b"\n\n") if fr]
     for _name, data in events:
+        assert data["type"] == _name
         adapter.validate_python(data)
         for ch in dec2.feed(data):
             acc2.add(ch)

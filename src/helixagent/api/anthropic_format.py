@@ -25,20 +25,14 @@ import orjson
 
 from ..canonical import ChatRequest, ChatResponse, Usage, text_of
 from ..errors import GatewayError, bad_request
+from ..providers.anthropic_mapping import finish_to_stop_reason, sse_event, tool_input, usage_to_anthropic
 from ..tokens import estimate_messages
 from .openai_format import HELIX_FIELDS, load_json_object, split_model
 
 # -- tables -------------------------------------------------------------------------------------------
 
-# canonical (OpenAI) finish_reason -> Anthropic stop_reason
-STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
-                "content_filter": "refusal"}
-# Anthropic stop_reason -> canonical finish_reason (the inverse, for tests and providers)
-FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
-                  "refusal": "content_filter", "pause_turn": "stop", "model_context_window_exceeded": "length"}
 IMAGE_TYPES = frozenset(("image/jpeg", "image/png", "image/gif", "image/webp"))
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
-_DATA_URL = re.compile(r"^data:([^;,]+);base64,(.*)$", re.S)
 _KNOWN_FIELDS = frozenset(("model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream",
                            "temperature", "top_p", "top_k", "tools", "tool_choice", "thinking", "cache_control",
                            "output_config"))
@@ -507,132 +501,6 @@ def lower_for_openai(req: ChatRequest) -> None:
     req.params.pop("cache_control", None)
 
 
-# -- request: canonical -> Anthropic (the inverse; used by tests and usable by providers) ----------------
-
-def _block_of_part(part: dict[str, Any]) -> dict[str, Any]:
-    t = part.get("type")
-    if t == "text":
-        b: dict[str, Any] = {"type": "text", "text": part["text"]}
-    elif t == "image_url":
-        url = part["image_url"]["url"]
-        m = _DATA_URL.match(url)
-        b = ({"type": "image", "source": {"type": "base64", "media_type": m.group(1), "data": m.group(2)}}
-             if m else {"type": "image", "source": {"type": "url", "url": url}})
-    elif t == "file":
-        data = part["file"]["file_data"].split(",", 1)[1]
-        b = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": data}}
-        if part["file"].get("filename"):
-            b["title"] = part["file"]["filename"]
-    else:
-        raise ValueError(f"no Anthropic block for part {t!r}")
-    if "cache_control" in part:
-        b["cache_control"] = part["cache_control"]
-    return b
-
-
-def _blocks(content: Any) -> Any:
-    return content if isinstance(content, str) else [_block_of_part(p) for p in content]
-
-
-def to_anthropic_request(req: ChatRequest) -> dict[str, Any]:
-    """canonical -> Anthropic Messages request body (the inverse of :func:`parse_messages`)."""
-    out: dict[str, Any] = {"model": req.model}
-    p = req.params
-    if "max_tokens" in p:
-        out["max_tokens"] = p["max_tokens"]
-    msgs: list[dict[str, Any]] = []
-    for m in req.messages:
-        role = m["role"]
-        if role in ("system", "developer"):
-            out["system"] = _blocks(m["content"])
-        elif role == "user":
-            c = _blocks(m["content"])
-            if msgs and msgs[-1]["role"] == "user" and isinstance(msgs[-1]["content"], list) and \
-                    msgs[-1]["content"] and msgs[-1]["content"][-1]["type"] == "tool_result":
-                msgs[-1]["content"].extend(c if isinstance(c, list) else [{"type": "text", "text": c}])
-            else:
-                msgs.append({"role": "user", "content": c})
-        elif role == "tool":
-            c = m["content"]
-            if isinstance(c, list):
-                c = [_block_of_part(x) for x in c]
-            b: dict[str, Any] = {"type": "tool_result", "tool_use_id": m["tool_call_id"], "content": c}
-            if "cache_control" in m:
-                b["cache_control"] = m["cache_control"]
-            if m.get("is_error"):
-                b["is_error"] = True
-            if msgs and msgs[-1]["role"] == "user" and isinstance(msgs[-1]["content"], list) and \
-                    all(x["type"] == "tool_result" for x in msgs[-1]["content"]):
-                msgs[-1]["content"].append(b)
-            else:
-                msgs.append({"role": "user", "content": [b]})
-        elif role == "assistant":
-            blocks: list[dict[str, Any]] = list(m.get("thinking_blocks") or ())
-            c = m.get("content")
-            if m.get("tool_calls") or blocks or isinstance(c, list):
-                if isinstance(c, str):
-                    if c:
-                        blocks.append({"type": "text", "text": c})
-                elif c:
-                    blocks.extend(_block_of_part(x) for x in c)
-                for tc in m.get("tool_calls") or ():
-                    tb = {"type": "tool_use", "id": tc["id"], "name": tc["function"]["name"],
-                          "input": orjson.loads(tc["function"]["arguments"] or "{}")}
-                    if "cache_control" in tc:
-                        tb["cache_control"] = tc["cache_control"]
-                    blocks.append(tb)
-                msgs.append({"role": "assistant", "content": blocks})
-            else:
-                msgs.append({"role": "assistant", "content": c or ""})
-    out["messages"] = msgs
-    if "stop" in p:
-        out["stop_sequences"] = [p["stop"]] if isinstance(p["stop"], str) else list(p["stop"])
-    for k in ("temperature", "top_p", "top_k", "thinking"):
-        if k in p:
-            out[k] = p[k]
-    if "user" in p:
-        out["metadata"] = {"user_id": p["user"]}
-    if p.get("tools"):
-        out["tools"] = []
-        for t in p["tools"]:
-            fn = t["function"]
-            tool = {"name": fn["name"]}
-            if "description" in fn:
-                tool["description"] = fn["description"]
-            tool["input_schema"] = fn.get("parameters") or {"type": "object"}
-            if "cache_control" in t:
-                tool["cache_control"] = t["cache_control"]
-            out["tools"].append(tool)
-    tc = p.get("tool_choice")
-    if tc is not None:
-        if tc == "auto":
-            choice: dict[str, Any] = {"type": "auto"}
-        elif tc == "required":
-            choice = {"type": "any"}
-        elif tc == "none":
-            choice = {"type": "none"}
-        else:
-            choice = {"type": "tool", "name": tc["function"]["name"]}
-        if p.get("parallel_tool_calls") is False:
-            choice["disable_parallel_tool_use"] = True
-        out["tool_choice"] = choice
-    elif p.get("parallel_tool_calls") is False:
-        out["tool_choice"] = {"type": "auto", "disable_parallel_tool_use": True}
-    if "cache_control" in p:
-        out["cache_control"] = p["cache_control"]
-    oc: dict[str, Any] = {}
-    rf = p.get("response_format")
-    if isinstance(rf, dict) and rf.get("type") == "json_schema":
-        oc["format"] = {"type": "json_schema", "schema": rf["json_schema"]["schema"]}
-    if "reasoning_effort" in p:
-        oc["effort"] = p["reasoning_effort"]
-    if oc:
-        out["output_config"] = oc
-    if req.stream:
-        out["stream"] = True
-    return out
-
-
 # -- response: canonical -> Anthropic -------------------------------------------------------------------
 
 def message_id(upstream_id: str | None) -> str:
@@ -643,33 +511,16 @@ def message_id(upstream_id: str | None) -> str:
     return "msg_" + upstream_id.removeprefix("chatcmpl-")
 
 
-def usage_of(u: Usage) -> dict[str, Any]:
-    """Anthropic usage: input_tokens excludes cache reads and writes (OpenAI's prompt_tokens includes them)."""
-    cached = u.cache_read_tokens + u.cache_creation_tokens
-    return {"input_tokens": max(0, u.prompt_tokens - cached), "output_tokens": u.completion_tokens,
-            "cache_creation_input_tokens": u.cache_creation_tokens, "cache_read_input_tokens": u.cache_read_tokens}
-
-
-def tool_input(arguments: str | None) -> dict[str, Any]:
-    """A tool call's JSON arguments as Anthropic's ``input`` object."""
-    if not arguments:
-        return {}
-    try:
-        v = orjson.loads(arguments)
-    except orjson.JSONDecodeError:
-        return {"_raw_arguments": arguments}  # keep what the model produced; never drop it
-    return v if isinstance(v, dict) else {"_value": v}
-
-
 def stop_reason_of(choice: dict[str, Any]) -> tuple[str, str | None]:
     seq = choice.get("stop_sequence")  # set by providers that know which sequence matched
     if isinstance(seq, str) and seq:
         return "stop_sequence", seq
-    return STOP_REASONS.get(choice.get("finish_reason") or "stop", "end_turn"), None
+    return finish_to_stop_reason(choice.get("finish_reason") or "stop"), None
 
 
-def render_message(resp: ChatResponse, request_model: str = "") -> dict[str, Any]:
-    b = resp.body
+def canonical_response_to_anthropic(b: dict[str, Any], usage: Usage | None = None, model: str = "") -> dict[str, Any]:
+    """A canonical chat.completion body -> an Anthropic ``message`` object (first choice).  ``usage``
+    defaults to the body's; ``model`` is used when the body names none."""
     choices = b.get("choices") or ()
     choice = choices[0] if choices else {}
     msg = choice.get("message") or {}
@@ -687,15 +538,15 @@ def render_message(resp: ChatResponse, request_model: str = "") -> dict[str, Any
                         "name": fn.get("name") or "", "input": tool_input(fn.get("arguments"))})
     reason, seq = stop_reason_of(choice)
     return {"id": message_id(b.get("id")), "type": "message", "role": "assistant", "content": content,
-            "model": b.get("model") or resp.model or request_model, "stop_reason": reason, "stop_sequence": seq,
-            "usage": usage_of(resp.usage)}
+            "model": b.get("model") or model, "stop_reason": reason, "stop_sequence": seq,
+            "usage": usage_to_anthropic(usage if usage is not None else Usage.from_openai(b.get("usage")))}
+
+
+def render_message(resp: ChatResponse, request_model: str = "") -> dict[str, Any]:
+    return canonical_response_to_anthropic(resp.body, resp.usage, resp.model or request_model)
 
 
 # -- stream: canonical chunks -> Anthropic SSE -----------------------------------------------------------
-
-def frame(event: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
-
 
 _TEXT_DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
 _TEXT_DELTA_MID = b',"delta":{"type":"text_delta","text":'
@@ -731,7 +582,7 @@ class StreamTranslator:
         if chunk.get("model"):
             self.model = chunk["model"]
         est = estimate_messages(self.messages) if self.messages else 0
-        return frame("message_start", {"type": "message_start", "message": {
+        return sse_event("message_start", {"type": "message_start", "message": {
             "id": self.msg_id, "type": "message", "role": "assistant", "content": [], "model": self.model,
             "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": est, "output_tokens": 0, "cache_creation_input_tokens": 0,
@@ -740,14 +591,14 @@ class StreamTranslator:
     def _close(self) -> bytes:
         if self.kind:
             self.kind = ""
-            return frame("content_block_stop", {"type": "content_block_stop", "index": self.block})
+            return sse_event("content_block_stop", {"type": "content_block_stop", "index": self.block})
         return b""
 
     def _open(self, kind: str, block: dict[str, Any]) -> bytes:
         out = self._close()
         self.block += 1
         self.kind = kind
-        return out + frame("content_block_start", {"type": "content_block_start", "index": self.block,
+        return out + sse_event("content_block_start", {"type": "content_block_start", "index": self.block,
                                                    "content_block": block})
 
     def _text(self, text: str) -> bytes:
@@ -779,7 +630,7 @@ class StreamTranslator:
                                                "name": fn.get("name") or "", "input": {}})
                 args = fn.get("arguments")
                 if args:
-                    out += frame("content_block_delta", {"type": "content_block_delta", "index": self.block,
+                    out += sse_event("content_block_delta", {"type": "content_block_delta", "index": self.block,
                                                          "delta": {"type": "input_json_delta", "partial_json": args}})
             fr = ch.get("finish_reason")
             if fr:
@@ -793,14 +644,14 @@ class StreamTranslator:
     def end(self, error: GatewayError | None = None) -> bytes:
         out = b"" if self.started else self._start({})
         if error is not None:
-            return out + frame("error", error.anthropic_body())
+            return out + sse_event("error", error.anthropic_body())
         out += self._close()
         if self.seq:
             reason: str = "stop_sequence"
         else:
-            reason = STOP_REASONS.get(self.finish or "stop", "end_turn")
-        usage = usage_of(self.usage) if self.usage is not None else {"output_tokens": 0}
-        out += frame("message_delta", {"type": "message_delta",
+            reason = finish_to_stop_reason(self.finish or "stop")
+        usage = usage_to_anthropic(self.usage) if self.usage is not None else {"output_tokens": 0}
+        out += sse_event("message_delta", {"type": "message_delta",
                                        "delta": {"stop_reason": reason, "stop_sequence": self.seq},
                                        "usage": usage})
-        return out + frame("message_stop", {"type": "message_stop"})
+        return out + sse_event("message_stop", {"type": "message_stop"})

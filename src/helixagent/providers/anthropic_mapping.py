@@ -1,18 +1,15 @@
-"""Anthropic Messages API <-> canonical (OpenAI chat) mapping, as pure functions.
+"""Anthropic Messages API <-> canonical (OpenAI chat) mapping, as pure functions.  Nothing here does I/O.
 
-Shared by the Anthropic provider (canonical -> Claude upstream) and the ``/v1/messages`` ingress
-(Anthropic client -> canonical -> any provider).  Nothing here does I/O.
+Each direction of the Anthropic wire format has exactly one owner:
 
-Public API (stable; the ingress imports it):
-
-* :func:`canonical_to_anthropic_request` (ChatRequest -> Messages API body dict)
-* :func:`anthropic_request_to_canonical` (Messages API body dict -> ChatRequest)
-* :func:`anthropic_response_to_canonical` (Message dict -> (chat.completion dict, Usage))
-* :func:`canonical_response_to_anthropic` (chat.completion dict [+ Usage] -> Message dict)
-* :class:`AnthropicStreamDecoder` (Anthropic SSE events -> canonical chunks)
-* :class:`AnthropicStreamEncoder` (canonical chunks -> Anthropic SSE events)
-* :func:`stop_reason_to_finish`, :func:`finish_to_stop_reason`, :func:`usage_from_anthropic`,
-  :func:`usage_to_anthropic`, :class:`AnthropicStreamError`
+* this module (the provider side): canonical request -> Messages API body
+  (:func:`canonical_to_anthropic_request`), Message -> canonical (:func:`anthropic_response_to_canonical`),
+  Anthropic SSE events -> canonical chunks (:class:`AnthropicStreamDecoder`), and the shared vocabulary
+  both sides use: :func:`stop_reason_to_finish`, :func:`finish_to_stop_reason`, :func:`usage_from_anthropic`,
+  :func:`usage_to_anthropic`, :func:`tool_input`, :func:`sse_event`, :class:`AnthropicStreamError`.
+* ``helixagent.api.anthropic_format`` (the ``/v1/messages`` ingress): Messages API body -> canonical
+  request (validated, with 400s in Anthropic's error shape), canonical response -> Message, canonical
+  chunks -> Anthropic SSE.  It imports the vocabulary above.
 
 Decisions (documented in docs/providers.md):
 
@@ -35,7 +32,8 @@ Decisions (documented in docs/providers.md):
 * thinking blocks become ``reasoning_content`` (text) plus ``thinking_blocks`` (with signatures) on the
   assistant message, and come back as thinking blocks, so extended thinking survives multi-turn tool use.
 * ``name`` on chat messages and the ``detail`` of image parts have no Anthropic equivalent and are
-  dropped; ``is_error`` of a tool result has no OpenAI equivalent and is dropped.
+  dropped.  The ingress's canonical extensions (``cache_control`` on parts, tools, tool calls, tool
+  messages and in params; ``is_error`` on tool messages) become the Anthropic fields again.
 """
 from __future__ import annotations
 
@@ -285,8 +283,11 @@ def _convert_messages(messages: list[dict[str, Any]], unsupported: Unsupported
                 if not fn.get("name") or not tc.get("id"):
                     raise bad_request(f"'{w}' needs an id and a function name", param=w,
                                       code="missing_required_parameter")
-                blocks.append({"type": "tool_use", "id": tc["id"], "name": fn["name"],
-                               "input": _tool_input(fn.get("arguments"), w + ".function.arguments")})
+                tb = {"type": "tool_use", "id": tc["id"], "name": fn["name"],
+                      "input": _tool_input(fn.get("arguments"), w + ".function.arguments")}
+                if "cache_control" in tc:
+                    tb["cache_control"] = tc["cache_control"]
+                blocks.append(tb)
             if m.get("function_call"):
                 raise unsupported("the legacy function_call message field (use tool_calls)", where)
             if blocks:
@@ -301,6 +302,10 @@ def _convert_messages(messages: list[dict[str, Any]], unsupported: Unsupported
                 block["content"] = content
             elif content is not None:
                 block["content"] = _parts_to_blocks(content, where + ".content", unsupported)
+            if m.get("is_error"):  # canonical extension set by the /v1/messages ingress
+                block["is_error"] = True
+            if "cache_control" in m:
+                block["cache_control"] = m["cache_control"]
             if out and out[-1]["role"] == "user":
                 prev = out[-1]
                 if isinstance(prev["content"], str):
@@ -463,198 +468,8 @@ def canonical_to_anthropic_request(req: ChatRequest, default_max_tokens: int = 4
     return body
 
 
-# -- request: Anthropic -> canonical -------------------------------------------------------------------
-def _block_to_part(b: dict[str, Any], where: str) -> dict[str, Any]:
-    t = b.get("type")
-    if t == "text":
-        part: dict[str, Any] = {"type": "text", "text": b.get("text", "")}
-    elif t == "image":
-        src = b.get("source") or {}
-        if src.get("type") == "base64":
-            url = f"data:{src.get('media_type', 'image/png')};base64,{src.get('data', '')}"
-        elif src.get("type") == "url":
-            url = src.get("url", "")
-        else:
-            raise bad_request(f"'{where}.source.type' {src.get('type')!r} is not supported", param=where,
-                              code="invalid_value")
-        part = {"type": "image_url", "image_url": {"url": url}}
-    elif t == "document":
-        src = b.get("source") or {}
-        if src.get("type") != "base64":
-            raise bad_request(f"'{where}': only base64 documents can be translated", param=where,
-                              code="unsupported_feature")
-        f: dict[str, Any] = {"file_data": f"data:{src.get('media_type', 'application/pdf')};base64,{src.get('data', '')}"}
-        if b.get("title"):
-            f["filename"] = b["title"]
-        part = {"type": "file", "file": f}
-    else:
-        raise bad_request(f"'{where}.type' {t!r} cannot be translated for this model", param=where,
-                          code="unsupported_feature")
-    if "cache_control" in b:
-        part["cache_control"] = b["cache_control"]
-    return part
-
-
 def _json_args(v: Any) -> str:
     return orjson.dumps(v if v is not None else {}).decode()
-
-
-def anthropic_request_to_canonical(body: dict[str, Any]) -> ChatRequest:
-    """Translate a Messages API request body into a canonical request (input is validated)."""
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object", code="invalid_json")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("model: Field required", param="model", code="missing_required_parameter")
-    msgs_in = body.get("messages")
-    if not isinstance(msgs_in, list):
-        raise bad_request("messages: Field required (an array)", param="messages", code="missing_required_parameter")
-    messages: list[dict[str, Any]] = []
-    system = body.get("system")
-    if isinstance(system, str):
-        messages.append({"role": "system", "content": system})
-    elif isinstance(system, list):
-        for j, b in enumerate(system):
-            if not isinstance(b, dict) or b.get("type") != "text":
-                raise bad_request(f"system.{j}: only text blocks are allowed", param="system", code="invalid_value")
-            if "cache_control" in b:
-                messages.append({"role": "system", "content": [{"type": "text", "text": b.get("text", ""),
-                                                                 "cache_control": b["cache_control"]}]})
-            else:
-                messages.append({"role": "system", "content": b.get("text", "")})
-    elif system is not None:
-        raise bad_request("system: must be a string or an array of text blocks", param="system", code="invalid_type")
-    for i, m in enumerate(msgs_in):
-        where = f"messages.{i}"
-        if not isinstance(m, dict):
-            raise bad_request(f"{where}: must be an object", param=where, code="invalid_type")
-        role = m.get("role")
-        content = m.get("content")
-        if role not in ("user", "assistant"):
-            raise bad_request(f"{where}.role: must be 'user' or 'assistant', got {role!r}", param=where,
-                              code="invalid_value")
-        if isinstance(content, str):
-            messages.append({"role": role, "content": content})
-            continue
-        if not isinstance(content, list):
-            raise bad_request(f"{where}.content: must be a string or an array of content blocks", param=where,
-                              code="invalid_type")
-        for j, b in enumerate(content):
-            if not isinstance(b, dict):
-                raise bad_request(f"{where}.content.{j}: must be an object", param=where, code="invalid_type")
-        if role == "user":
-            parts: list[dict[str, Any]] = []
-            for j, b in enumerate(content):
-                if b.get("type") == "tool_result":
-                    if parts:  # a result after other content: flush the content first to keep order
-                        messages.append({"role": "user", "content": parts})
-                        parts = []
-                    tc = b.get("content")
-                    if isinstance(tc, list):
-                        tc = [_block_to_part(x, f"{where}.content.{j}.content") for x in tc]
-                    elif tc is None:
-                        tc = ""
-                    messages.append({"role": "tool", "tool_call_id": b.get("tool_use_id", ""), "content": tc})
-                else:
-                    parts.append(_block_to_part(b, f"{where}.content.{j}"))
-            if parts or not content:
-                messages.append({"role": "user", "content": parts})
-        else:
-            msg: dict[str, Any] = {"role": "assistant"}
-            parts = []
-            calls = []
-            thinking = []
-            for j, b in enumerate(content):
-                t = b.get("type")
-                if t == "tool_use":
-                    calls.append({"id": b.get("id", ""), "type": "function",
-                                  "function": {"name": b.get("name", ""), "arguments": _json_args(b.get("input"))}})
-                elif t in ("thinking", "redacted_thinking"):
-                    thinking.append(b)
-                else:
-                    parts.append(_block_to_part(b, f"{where}.content.{j}"))
-            if len(parts) == 1 and parts[0]["type"] == "text" and "cache_control" not in parts[0]:
-                msg["content"] = parts[0]["text"]  # the usual OpenAI shape of an assistant turn
-            else:
-                msg["content"] = parts if parts else (None if calls else "")
-            if calls:
-                msg["tool_calls"] = calls
-            if thinking:
-                msg["thinking_blocks"] = thinking
-                msg["reasoning_content"] = "".join(x.get("thinking", "") for x in thinking)
-            messages.append(msg)
-    params: dict[str, Any] = {}
-    for k, v in body.items():
-        if k in ("model", "messages", "system", "stream"):
-            continue
-        if k == "stop_sequences":
-            params["stop"] = v
-        elif k == "tools":
-            params["tools"] = _tools_to_canonical(v)
-        elif k == "tool_choice":
-            tc, parallel = _tool_choice_to_canonical(v)
-            if tc is not None:
-                params["tool_choice"] = tc
-            if parallel is not None:
-                params["parallel_tool_calls"] = parallel
-        elif k == "metadata":
-            if isinstance(v, dict) and v.get("user_id") is not None:
-                params["user"] = v["user_id"]
-        elif k == "output_config" and isinstance(v, dict):
-            rest = dict(v)
-            fmt = rest.pop("format", None)
-            if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-                params["response_format"] = {"type": "json_schema",
-                                             "json_schema": {"name": "response", "schema": fmt.get("schema") or {}}}
-            elif fmt is not None:
-                rest["format"] = fmt
-            if rest.get("effort") is not None:
-                params["reasoning_effort"] = rest.pop("effort")
-            if rest:
-                params["output_config"] = rest
-        else:
-            params[k] = v  # max_tokens, temperature, top_p, top_k, thinking, ...
-    stream = body.get("stream") is True
-    return ChatRequest(model=model, messages=messages, params=params, stream=stream, include_usage=stream,
-                       endpoint="chat")
-
-
-def _tools_to_canonical(tools: Any) -> list[dict[str, Any]]:
-    if not isinstance(tools, list):
-        raise bad_request("tools: must be an array", param="tools", code="invalid_type")
-    out = []
-    for i, t in enumerate(tools):
-        if not isinstance(t, dict):
-            raise bad_request(f"tools.{i}: must be an object", param="tools", code="invalid_type")
-        if t.get("type") in (None, "custom") and "input_schema" in t:
-            fn: dict[str, Any] = {"name": t.get("name", "")}
-            if t.get("description") is not None:
-                fn["description"] = t["description"]
-            fn["parameters"] = t["input_schema"]
-            d: dict[str, Any] = {"type": "function", "function": fn}
-            if "cache_control" in t:
-                d["cache_control"] = t["cache_control"]
-            out.append(d)
-        else:
-            out.append(t)  # server tools (web_search_..., bash_...) stay Anthropic-native
-    return out
-
-
-def _tool_choice_to_canonical(tc: Any) -> tuple[Any, bool | None]:
-    if not isinstance(tc, dict):
-        raise bad_request("tool_choice: must be an object", param="tool_choice", code="invalid_type")
-    t = tc.get("type")
-    parallel = False if tc.get("disable_parallel_tool_use") else None
-    if t == "auto":
-        return "auto", parallel
-    if t == "any":
-        return "required", parallel
-    if t == "none":
-        return "none", parallel
-    if t == "tool":
-        return {"type": "function", "function": {"name": tc.get("name", "")}}, parallel
-    raise bad_request(f"tool_choice.type: {t!r} is not one of auto, any, tool, none", param="tool_choice",
-                      code="invalid_value")
 
 
 # -- response: Anthropic -> canonical ------------------------------------------------------------------
@@ -689,8 +504,10 @@ def anthropic_response_to_canonical(msg: dict[str, Any], created: int | None = N
     return body, usage
 
 
-# -- response: canonical -> Anthropic ------------------------------------------------------------------
-def _parse_args(s: Any) -> dict[str, Any]:
+# -- tool arguments: canonical JSON string -> Anthropic ``input`` --------------------------------------
+def tool_input(s: Any) -> dict[str, Any]:
+    """A tool call's arguments (canonical JSON string) as Anthropic's ``input`` object, never failing: the
+    upstream model may have produced invalid JSON, which is kept visible rather than dropped."""
     if isinstance(s, dict):
         return s
     if not s:
@@ -698,38 +515,8 @@ def _parse_args(s: Any) -> dict[str, Any]:
     try:
         v = orjson.loads(s)
     except (orjson.JSONDecodeError, TypeError):
-        return {"_raw_arguments": s}  # the upstream model produced invalid JSON; keep it visible
+        return {"_raw_arguments": s}
     return v if isinstance(v, dict) else {"_value": v}
-
-
-def canonical_response_to_anthropic(body: dict[str, Any], usage: Usage | None = None,
-                                    model: str | None = None) -> dict[str, Any]:
-    """A canonical chat.completion body -> an Anthropic ``message`` object (first choice)."""
-    choices = body.get("choices") or [{}]
-    ch = choices[0]
-    m = ch.get("message") or {}
-    content: list[dict[str, Any]] = []
-    for tb in m.get("thinking_blocks") or ():
-        content.append(tb)
-    if not m.get("thinking_blocks") and m.get("reasoning_content"):
-        content.append({"type": "thinking", "thinking": m["reasoning_content"], "signature": ""})
-    c = m.get("content")
-    text = c if isinstance(c, str) else "".join(p.get("text", "") for p in c or () if isinstance(p, dict))
-    if text:
-        content.append({"type": "text", "text": text})
-    elif m.get("refusal"):
-        content.append({"type": "text", "text": m["refusal"]})
-    for tc in m.get("tool_calls") or ():
-        fn = tc.get("function") or {}
-        content.append({"type": "tool_use", "id": tc.get("id", ""), "name": fn.get("name", ""),
-                        "input": _parse_args(fn.get("arguments"))})
-    u = usage if usage is not None else Usage.from_openai(body.get("usage"))
-    stop = finish_to_stop_reason(ch.get("finish_reason"))
-    if m.get("refusal") and not text:
-        stop = "refusal"
-    return {"id": body.get("id", ""), "type": "message", "role": "assistant",
-            "model": model or body.get("model", ""), "content": content, "stop_reason": stop,
-            "stop_sequence": None, "usage": usage_to_anthropic(u)}
 
 
 # -- streams ---------------------------------------------------------------------------------------
@@ -838,103 +625,6 @@ class AnthropicStreamDecoder:
             e = ev.get("error") or {}
             raise AnthropicStreamError(e.get("type"), str(e.get("message") or e.get("type") or "stream error"))
         return []  # ping, content_block_stop, unknown future events
-
-
-class AnthropicStreamEncoder:
-    """Canonical chunks -> Anthropic stream events ``(event_name, data)``.  Call :meth:`feed` per chunk
-    and :meth:`finish` once at the end (it closes the open block, then sends message_delta with the
-    stop reason and usage, and message_stop).  Only choice 0 is rendered."""
-
-    __slots__ = ("id", "model", "started", "block", "block_kind", "next_index", "tool_blocks", "finish_reason",
-                 "usage", "message_id")
-
-    def __init__(self, model: str = "", message_id: str | None = None):
-        self.model = model
-        self.message_id = message_id
-        self.started = False
-        self.block = -1            # index of the open block, -1 when none is open
-        self.block_kind = ""
-        self.next_index = 0
-        self.tool_blocks: dict[int, int] = {}  # tool call index -> block index
-        self.finish_reason: str | None = None
-        self.usage: Usage | None = None
-
-    def _start(self, chunk: dict[str, Any], out: list[tuple[str, dict[str, Any]]]) -> None:
-        self.started = True
-        mid = self.message_id or chunk.get("id") or "msg_helix"
-        self.model = self.model or chunk.get("model") or ""
-        out.append(("message_start", {"type": "message_start", "message": {
-            "id": mid, "type": "message", "role": "assistant", "model": self.model, "content": [],
-            "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 0, "output_tokens": 0}}}))
-
-    def _close(self, out: list[tuple[str, dict[str, Any]]]) -> None:
-        if self.block >= 0:
-            out.append(("content_block_stop", {"type": "content_block_stop", "index": self.block}))
-            self.block = -1
-            self.block_kind = ""
-
-    def _open(self, kind: str, block: dict[str, Any], out: list[tuple[str, dict[str, Any]]]) -> int:
-        self._close(out)
-        idx = self.next_index
-        self.next_index += 1
-        self.block = idx
-        self.block_kind = kind
-        out.append(("content_block_start", {"type": "content_block_start", "index": idx, "content_block": block}))
-        return idx
-
-    def feed(self, chunk: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        out: list[tuple[str, dict[str, Any]]] = []
-        if not self.started:
-            self._start(chunk, out)
-        u = chunk.get("usage")
-        if u:
-            self.usage = Usage.from_openai(u)
-        for ch in chunk.get("choices") or ():
-            if ch.get("index", 0) != 0:
-                continue
-            d = ch.get("delta") or {}
-            rc = d.get("reasoning_content")
-            if rc:
-                if self.block_kind != "thinking":
-                    self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}, out)
-                out.append(("content_block_delta", {"type": "content_block_delta", "index": self.block,
-                                                    "delta": {"type": "thinking_delta", "thinking": rc}}))
-            text = d.get("content") or d.get("refusal")
-            if text:
-                if self.block_kind != "text":
-                    self._open("text", {"type": "text", "text": ""}, out)
-                out.append(("content_block_delta", {"type": "content_block_delta", "index": self.block,
-                                                    "delta": {"type": "text_delta", "text": text}}))
-            for tc in d.get("tool_calls") or ():
-                ti = tc.get("index", 0)
-                fn = tc.get("function") or {}
-                bi = self.tool_blocks.get(ti)
-                if bi is None:
-                    bi = self.tool_blocks[ti] = self._open("tool", {
-                        "type": "tool_use", "id": tc.get("id") or f"toolu_helix_{ti}",
-                        "name": fn.get("name") or "", "input": {}}, out)
-                if fn.get("arguments"):
-                    out.append(("content_block_delta", {"type": "content_block_delta", "index": bi,
-                                                        "delta": {"type": "input_json_delta",
-                                                                  "partial_json": fn["arguments"]}}))
-            if ch.get("finish_reason"):
-                self.finish_reason = ch["finish_reason"]
-        return out
-
-    def finish(self) -> list[tuple[str, dict[str, Any]]]:
-        out: list[tuple[str, dict[str, Any]]] = []
-        if not self.started:
-            self._start({}, out)
-        self._close(out)
-        u = self.usage or Usage()
-        ua = usage_to_anthropic(u)
-        out.append(("message_delta", {"type": "message_delta",
-                                      "delta": {"stop_reason": finish_to_stop_reason(self.finish_reason or "stop"),
-                                                "stop_sequence": None},
-                                      "usage": ua}))
-        out.append(("message_stop", {"type": "message_stop"}))
-        return out
 
 
 def sse_event(name: str, data: dict[str, Any]) -> bytes:
