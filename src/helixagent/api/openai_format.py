@@ -81,13 +81,19 @@ def _common(body: dict[str, Any]) -> None:
         raise bad_request("'stream_options' must be an object", param="stream_options", code="invalid_type")
 
 
-def parse_chat(raw: bytes, known_providers: Any) -> tuple[ChatRequest, dict[str, Any]]:
-    """Parse a /v1/chat/completions body.  Returns the canonical request and the HelixAgent fields."""
+def _open_body(raw: bytes, known_providers: Any) -> tuple[dict[str, Any], dict[str, Any], str, str | None]:
+    """The JSON body (HelixAgent fields and ``model`` taken out), the HelixAgent fields, model, provider."""
     body = load_json_object(raw)
     helix = {k: body.pop(k) for k in HELIX_FIELDS if k in body}
     if "model" not in body and "provider" not in helix:
         raise bad_request("'model' is required", param="model", code="missing_required_parameter")
     model, provider = split_model(body.pop("model", None), helix.get("provider"), known_providers)
+    return body, helix, model, provider
+
+
+def parse_chat(raw: bytes, known_providers: Any) -> tuple[ChatRequest, dict[str, Any]]:
+    """Parse a /v1/chat/completions body.  Returns the canonical request and the HelixAgent fields."""
+    body, helix, model, provider = _open_body(raw, known_providers)
     messages = body.pop("messages", None)
     if messages is None:
         raise bad_request("'messages' is required", param="messages", code="missing_required_parameter")
@@ -122,11 +128,7 @@ def parse_completion(raw: bytes, known_providers: Any) -> tuple[ChatRequest, dic
 
     ``prompt`` keeps the original prompt for upstreams that speak the legacy API natively;
     ``messages`` carries it as one user turn for every other provider."""
-    body = load_json_object(raw)
-    helix = {k: body.pop(k) for k in HELIX_FIELDS if k in body}
-    if "model" not in body and "provider" not in helix:
-        raise bad_request("'model' is required", param="model", code="missing_required_parameter")
-    model, provider = split_model(body.pop("model", None), helix.get("provider"), known_providers)
+    body, helix, model, provider = _open_body(raw, known_providers)
     prompt = body.pop("prompt", None)
     if prompt is None:
         raise bad_request("'prompt' is required", param="prompt", code="missing_required_parameter")
@@ -163,11 +165,7 @@ def _token_array(x: Any) -> bool:
 
 
 def parse_embeddings(raw: bytes, known_providers: Any) -> EmbeddingRequest:
-    body = load_json_object(raw)
-    helix = {k: body.pop(k) for k in HELIX_FIELDS if k in body}
-    if "model" not in body and "provider" not in helix:
-        raise bad_request("'model' is required", param="model", code="missing_required_parameter")
-    model, provider = split_model(body.pop("model", None), helix.get("provider"), known_providers)
+    body, _helix, model, provider = _open_body(raw, known_providers)
     inp = body.pop("input", None)
     if inp is None:
         raise bad_request("'input' is required", param="input", code="missing_required_parameter")

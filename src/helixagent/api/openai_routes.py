@@ -38,6 +38,13 @@ def base_headers(ctx: RequestContext) -> dict[str, str]:
     return h
 
 
+async def _send_error(req: Request, ctx: RequestContext) -> None:
+    """The request's error in OpenAI's error shape, with its status and headers (retry-after, ...)."""
+    h = base_headers(ctx)
+    h.update(ctx.error.response_headers())
+    await send_bytes(req.send, ctx.error.status, orjson.dumps(ctx.error.openai_body()), h)
+
+
 async def _parse(gw: Any, req: Request, ctx: RequestContext, parser: Any) -> Any:
     try:
         raw = await req.body(gw.cfg.server.max_body_bytes)
@@ -68,9 +75,7 @@ async def _serve_chat(gw: Any, req: Request, endpoint: str, parser: Any) -> None
     if ctx.error is not None or ctx.stream is None:
         await pipeline.finish(ctx, entered)
         if ctx.error is not None:
-            h = base_headers(ctx)
-            h.update(ctx.error.response_headers())
-            await send_bytes(req.send, ctx.error.status, orjson.dumps(ctx.error.openai_body()), h)
+            await _send_error(req, ctx)
             return
         body = fmt.render_chat(ctx.response) if endpoint == "chat" else fmt.render_completion(ctx.response)
         await send_bytes(req.send, 200, orjson.dumps(body), base_headers(ctx))
@@ -120,9 +125,7 @@ async def embeddings(gw: Any, req: Request) -> None:
         entered = await pipeline.run(ctx)
     await pipeline.finish(ctx, entered)
     if ctx.error is not None:
-        h = base_headers(ctx)
-        h.update(ctx.error.response_headers())
-        await send_bytes(req.send, ctx.error.status, orjson.dumps(ctx.error.openai_body()), h)
+        await _send_error(req, ctx)
         return
     body = ctx.response.body
     if ctx.request.params.get("encoding_format") == "base64":
