@@ -44,6 +44,7 @@ import orjson
 
 from ..canonical import ChatRequest, Usage, new_chunk, usage_chunk
 from ..errors import GatewayError, bad_request
+from .base import image_url_of, split_image_data_url
 
 Unsupported = Callable[[str, "str | None"], GatewayError]
 
@@ -114,16 +115,9 @@ def usage_to_anthropic(usage: Usage) -> dict[str, Any]:
 
 # -- content parts ---------------------------------------------------------------------------------
 def _image_to_anthropic(part: dict[str, Any], where: str, unsupported: Unsupported) -> dict[str, Any]:
-    iu = part.get("image_url")
-    url = iu.get("url") if isinstance(iu, dict) else iu
-    if not isinstance(url, str) or not url:
-        raise bad_request(f"'{where}.image_url.url' must be a non-empty string", param=where, code="invalid_value")
+    url = image_url_of(part, where)
     if url.startswith("data:"):
-        head, sep, data = url[5:].partition(",")
-        media, _, enc = head.partition(";")
-        if not sep or enc != "base64" or not media:
-            raise bad_request(f"'{where}': image data URLs must be 'data:<media type>;base64,<data>'",
-                              param=where, code="invalid_value")
+        media, data = split_image_data_url(url, where)
         block: dict[str, Any] = {"type": "image", "source": {"type": "base64", "media_type": media, "data": data}}
     elif url.startswith(("http://", "https://")):
         block = {"type": "image", "source": {"type": "url", "url": url}}

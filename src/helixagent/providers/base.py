@@ -10,7 +10,7 @@ import orjson
 
 from ..canonical import ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingResponse
 from ..config import HTTPConfig, ProviderConfig
-from ..errors import GatewayError
+from ..errors import GatewayError, bad_request
 from .http import UpstreamHTTP
 
 _KEYLIKE = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|sk-ant-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}|"
@@ -140,3 +140,23 @@ def parse_retry_after(value: str | None) -> float | None:
             return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
         except (TypeError, ValueError):
             return None
+
+
+# -- canonical content parts, as every vendor mapping reads them -----------------------------------------
+def image_url_of(part: dict[str, Any], where: str) -> str:
+    """The URL of a canonical ``image_url`` part (a 400 naming ``where`` when it is missing)."""
+    iu = part.get("image_url")
+    url = iu.get("url") if isinstance(iu, dict) else iu
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"'{where}.image_url.url' must be a non-empty string", param=where, code="invalid_value")
+    return url
+
+
+def split_image_data_url(url: str, where: str) -> tuple[str, str]:
+    """``data:<media type>;base64,<data>`` -> (media type, base64 data), or a 400 naming ``where``."""
+    head, sep, data = url[5:].partition(",")
+    media, _, enc = head.partition(";")
+    if not sep or enc != "base64" or not media:
+        raise bad_request(f"'{where}': image data URLs must be 'data:<media type>;base64,<data>'",
+                          param=where, code="invalid_value")
+    return media, data

@@ -43,7 +43,7 @@ from ..canonical import (ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingR
                          usage_chunk)
 from ..errors import GatewayError, bad_request
 from ..tokens import estimate_text
-from .base import Provider, parse_retry_after
+from .base import Provider, image_url_of, parse_retry_after, split_image_data_url
 from .sse import sse_from_chunks
 
 SIG_SEP = "~ts~"
@@ -109,16 +109,9 @@ def _split_id(tcid: str) -> tuple[str, str | None]:
 
 
 def _image_part(part: dict[str, Any], where: str, unsupported: Any) -> dict[str, Any]:
-    iu = part.get("image_url")
-    url = iu.get("url") if isinstance(iu, dict) else iu
-    if not isinstance(url, str) or not url:
-        raise bad_request(f"'{where}.image_url.url' must be a non-empty string", param=where, code="invalid_value")
+    url = image_url_of(part, where)
     if url.startswith("data:"):
-        head, sep, data = url[5:].partition(",")
-        media, _, enc = head.partition(";")
-        if not sep or enc != "base64" or not media:
-            raise bad_request(f"'{where}': image data URLs must be 'data:<media type>;base64,<data>'",
-                              param=where, code="invalid_value")
+        media, data = split_image_data_url(url, where)
         return {"inlineData": {"mimeType": media, "data": data}}
     if url.startswith("gs://") or (url.startswith("https://generativelanguage.googleapis.com/") and "/files/" in url):
         import mimetypes
