@@ -151,6 +151,11 @@ def test_token_budget_reserves_then_settles(limited):
     assert codes == [200, 200, 200]
     r = chat(limited, k2, max_tokens=8)
     assert r.status_code == 429 and "tokens per day for user 'budget'" in r.json()["error"]["message"]
+    err = r.json()["error"]
+    # a budget, not a per-minute rate: its own code, still OpenAI's 429 type and headers
+    assert err["code"] == "budget_exceeded" and err["type"] == "rate_limit_error"
+    assert err["message"].startswith("budget exceeded: ")
+    assert int(r.headers["retry-after"]) >= 1
     assert r.headers["x-ratelimit-remaining-tokens"] == "12"
     # a request reserving more than its real usage is refunded: max_tokens 400 > what is left, refused;
     # a smaller one that fits in the remaining half passes
@@ -207,6 +212,8 @@ def test_cost_budget_in_dollars(make_gateway):
     assert codes.count(200) == expected and codes[expected:] == [429] * 3
     r = chat(gw, k, max_tokens=8)
     assert "cost budget per day for API key" in r.json()["error"]["message"]
+    assert r.status_code == 429 and r.json()["error"]["code"] == "budget_exceeded"
+    assert gw.app.services["limits"].budget_rejected == 4
     # per-key override raises this key's budget
     k2 = admin_create(gw, user_id="rich", limits={"cost_per_day": 1.0})["key"]
     assert sum(chat(gw, k2, max_tokens=8).status_code == 200 for _ in range(expected + 3)) == expected + 3

@@ -110,6 +110,7 @@ class Limiter:
         self.backend_errors = 0      # requests (or settlements) decided without the backend
         self.outages = 0
         self.rejected = 0
+        self.budget_rejected = 0     # of the rejections: day/month token or cost budgets
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         if isinstance(backend, RedisBackend):
             backend.on_error = self._backend_down
@@ -317,9 +318,17 @@ class LimitsStage(Stage):
                 left_s = f"${left / MICRO:.6f}" if bad.unit == USD else f"{left}"
                 msg = (f"rate limit exceeded: {bad.describe()}; this request reserves about {need_s} "
                        f"({left_s} left); retry after {fmt_reset(res.retry_after)}")
-            lm._emit("rejected", {"limit": bad.describe(), "unit": _UNIT_WORD[bad.unit]})
-            raise GatewayError(429, msg, type="rate_limit_error", code="rate_limit_exceeded",
-                               retry_after=res.retry_after, headers=headers, kind="rate_limited")
+            budget = bad.algo >= DAY  # a day/month token or cost budget, not a per-minute rate
+            if budget:
+                lm.budget_rejected += 1
+                msg = "budget exceeded" + msg[len("rate limit exceeded"):]
+            lm._emit("rejected", {"limit": bad.describe(), "unit": _UNIT_WORD[bad.unit],
+                                  "reason": "budget" if budget else "rate_limit"})
+            # the same 429, type and headers as OpenAI's rate limits; only the code tells a budget apart
+            raise GatewayError(429, msg, type="rate_limit_error",
+                               code="budget_exceeded" if budget else "rate_limit_exceeded",
+                               retry_after=res.retry_after, headers=headers,
+                               kind="budget_exceeded" if budget else "rate_limited")
         ctx.response_headers.update(headers)
         if plan.tok or plan.usd:
             ctx.state["limits"] = (limits, res.handles, costs)
