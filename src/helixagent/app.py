@@ -50,6 +50,10 @@ class Gateway:
         self._startup: list[Callable[[], Awaitable[None]]] = []
         self._shutdown: list[Callable[[], Awaitable[None]]] = []
         self.services: dict[str, Any] = {}   # shared services (store, limiter, cache, metrics...)
+        # Routes that run the pipeline (whose outer stages write the access line themselves); every other
+        # request is reported to http_done(req, status, started, error) when set (the access log).
+        self.pipeline_routes: set[tuple[str, str]] = set()
+        self.http_done: Callable[[Any, int, float, GatewayError | None], None] | None = None
         self.chat_pipeline = Pipeline([], self.router.handle_chat)
         self.embed_pipeline = Pipeline([], self.router.handle_embeddings)
         from .features import install_features
@@ -76,8 +80,10 @@ class Gateway:
             f" in place of {', '.join(pc.name for pc in enabled)}" if enabled else "")
 
     # -- registration -------------------------------------------------------------------------------
-    def route(self, method: str, path: str, handler: RouteHandler) -> None:
+    def route(self, method: str, path: str, handler: RouteHandler, pipeline: bool = False) -> None:
         self.routes[(method, path)] = handler
+        if pipeline:
+            self.pipeline_routes.add((method, path))
         self.paths.setdefault(path, []).append(method)
 
     def prefix_route(self, method: str, prefix: str, handler: Any) -> None:
@@ -86,7 +92,9 @@ class Gateway:
         self.paths.setdefault(prefix, []).append(method)
 
     async def authorize(self, req: Any, action: str) -> Any:
-        return await self.services["auth"].authorize(req.bearer(), action)
+        ident = await self.services["auth"].authorize(req.bearer(), action)
+        req.scope["helixagent.identity"] = ident  # for the access line
+        return ident
 
     def add_stage(self, stage: Stage) -> None:
         self.stages.append(stage)
@@ -137,6 +145,33 @@ class Gateway:
                 return
 
     async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        done = self.http_done
+        if done is not None and (scope["method"], scope["path"]) not in self.pipeline_routes:
+            await self._http_logged(scope, receive, send, done)
+            return
+        await self._http_inner(scope, receive, send)
+
+    async def _http_logged(self, scope: dict[str, Any], receive: Any, send: Any, done: Any) -> None:
+        """A request outside the pipeline (models, health, admin, usage, metrics, dashboard, 404s): served
+        as usual, then reported once (status, duration, error) for its access line."""
+        started = time.perf_counter()
+        status = [0]
+
+        async def watch(msg: dict[str, Any]) -> None:
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        scope["helixagent.error"] = None
+        try:
+            await self._http_inner(scope, receive, watch)
+        finally:
+            try:
+                done(scope, status[0] or 499, started, scope.get("helixagent.error"))
+            except Exception:
+                log.exception("access hook failed")
+
+    async def _http_inner(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         from .api.http import Request, send_json
         req = Request(scope, receive, send, self.cfg.server.trust_forwarded_for)
         handler = self.routes.get((req.method, req.path))
@@ -160,13 +195,15 @@ class Gateway:
                 raise GatewayError(404, f"no such endpoint: {req.method} {req.path}", code="unknown_url")
             await handler(self, req)
         except GatewayError as exc:
+            scope["helixagent.error"] = exc
             await send_json(send, exc.status, self.error_body(req, exc), exc.response_headers())
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("unhandled error on %s %s", req.method, req.path)
-            await send_json(send, 500, self.error_body(req, GatewayError(500, "internal error", type="server_error",
-                                                                         code="internal_error")))
+            exc = GatewayError(500, "internal error", type="server_error", code="internal_error")
+            scope["helixagent.error"] = exc
+            await send_json(send, 500, self.error_body(req, exc))
 
     def error_body(self, req: Any, exc: GatewayError) -> dict[str, Any]:
         if req.path.startswith("/v1/messages"):

@@ -101,6 +101,6 @@ class AnthropicFeatureStage(Stage):
 
 
 def install(gw: Any) -> None:
-    gw.route("POST", "/v1/messages", messages)
+    gw.route("POST", "/v1/messages", messages, pipeline=True)
     gw.route("POST", "/v1/messages/count_tokens", count_tokens)
     gw.add_stage(AnthropicFeatureStage(gw))

@@ -199,14 +199,14 @@ async def health(gw: Any, req: Request) -> None:
 
 
 def install(gw: Any) -> None:
-    gw.route("POST", "/v1/chat/completions", chat_completions)
-    gw.route("POST", "/v1/completions", completions)
-    gw.route("POST", "/v1/embeddings", embeddings)
+    gw.route("POST", "/v1/chat/completions", chat_completions, pipeline=True)
+    gw.route("POST", "/v1/completions", completions, pipeline=True)
+    gw.route("POST", "/v1/embeddings", embeddings, pipeline=True)
     gw.route("GET", "/v1/models", list_models)
     gw.route("GET", "/health", health)
     gw.prefix_route("GET", "/v1/models/", get_model)
     # convenience aliases without the /v1 prefix, as several SDKs and tools call them
-    gw.route("POST", "/chat/completions", chat_completions)
-    gw.route("POST", "/completions", completions)
-    gw.route("POST", "/embeddings", embeddings)
+    gw.route("POST", "/chat/completions", chat_completions, pipeline=True)
+    gw.route("POST", "/completions", completions, pipeline=True)
+    gw.route("POST", "/embeddings", embeddings, pipeline=True)
     gw.route("GET", "/models", list_models)

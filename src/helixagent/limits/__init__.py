@@ -16,8 +16,10 @@ reservation is taken before the upstream call, concurrent requests cannot oversh
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import time
 from typing import Any, Callable
 
 from ..errors import GatewayError
@@ -32,6 +34,9 @@ REQ, TOK, USD = 0, 1, 2
 MICRO = 1_000_000  # dollar budgets are counted in micro-dollars (integers, exact in Redis and Lua)
 _TTL = {SLIDING: 2 * MINUTE_MS + 5000, GCRA: 2 * MINUTE_MS, DAY: 2 * DAY_MS, MONTH: 33 * DAY_MS}
 _UNIT_WORD = {REQ: "requests", TOK: "tokens", USD: "cost"}
+BUDGET_ACTIVE_SECONDS = 3600.0   # a principal's budgets are reported for an hour after its last request
+BUDGET_MAX_TRACKED = 10_000      # at most this many budget counters are read per refresh
+BUDGET_REFRESH_SECONDS = 5.0     # Redis: how often the tracked budgets are read
 _WINDOW_WORD = {SLIDING: "per minute", GCRA: "per minute", DAY: "per day", MONTH: "per month"}
 
 try:  # the shipped price catalogue (optional): estimate_cost(provider_cfg, model, usage) -> float | None
@@ -41,9 +46,9 @@ except Exception:  # pragma: no cover - depends on what is installed
 
 
 class Limit:
-    __slots__ = ("unit", "algo", "key", "limit", "burst", "scope", "ttl")
+    __slots__ = ("unit", "algo", "key", "limit", "burst", "scope", "ttl", "cat")
 
-    def __init__(self, unit: int, algo: int, key: str, limit: int, scope: str, burst: int = 0):
+    def __init__(self, unit: int, algo: int, key: str, limit: int, scope: str, burst: int = 0, cat: str = ""):
         self.unit = unit
         self.algo = algo
         self.key = key
@@ -51,6 +56,7 @@ class Limit:
         self.burst = burst
         self.scope = scope
         self.ttl = _TTL[algo]
+        self.cat = cat  # "api_key" | "user" | "application" | "ip": a metric label (never the principal)
 
     def describe(self) -> str:
         if self.unit == USD:
@@ -59,7 +65,7 @@ class Limit:
 
 
 class Plan:
-    __slots__ = ("limits", "req", "tok", "usd", "source")
+    __slots__ = ("limits", "req", "tok", "usd", "source", "budgets")
 
     def __init__(self, limits: list[Limit], source: Any):
         self.limits = limits
@@ -67,6 +73,7 @@ class Plan:
         self.tok = any(x.unit == TOK for x in limits)
         self.usd = any(x.unit == USD for x in limits)
         self.source = source
+        self.budgets = [x for x in limits if x.algo >= DAY]  # day/month budgets (for budget_remaining)
 
 
 EMPTY = Plan([], None)
@@ -112,6 +119,12 @@ class Limiter:
         self.rejected = 0
         self.budget_rejected = 0     # of the rejections: day/month token or cost budgets
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        # budget_remaining(): the plans with day/month budgets used since the last computation (one dict
+        # store per request), then tracked by limit key for BUDGET_ACTIVE_SECONDS
+        self.active: dict[Any, Plan] = {}
+        self._tracked: dict[str, tuple[Limit, float]] = {}
+        self._configured = configured_budgets(rl)
+        self._remaining: dict[tuple[str, str], float] = dict.fromkeys(self._configured, 1.0)
         if isinstance(backend, RedisBackend):
             backend.on_error = self._backend_down
             backend.on_recover = self._backend_up
@@ -137,6 +150,60 @@ class Limiter:
         log.warning("rate limit backend (Redis) is reachable again; limits are enforced")
         self._emit("backend_recovered", {})
 
+    @property
+    def backend_up(self) -> bool:
+        """False while the (Redis) backend is in an outage."""
+        return not getattr(self.backend, "in_outage", False)
+
+    # -- budget_remaining ------------------------------------------------------------------------------
+    def budget_remaining(self) -> dict[tuple[str, str], float]:
+        """``{(scope, window): fraction}``: the lowest remaining fraction of any day/month token or cost
+        budget among the principals (keys, users, applications) that used one in the last
+        BUDGET_ACTIVE_SECONDS; 1.0 for a configured budget nobody used.  scope is ``api_key``, ``user`` or
+        ``application`` and window ``day`` or ``month`` -- label values from the configuration only.
+        The memory backend is read now; Redis is read by :meth:`refresh_budgets` every few seconds."""
+        if getattr(self.backend, "sync", False):
+            limits = self._collect()
+            self._compute(limits, self.backend.used(limits))
+        return self._remaining
+
+    def _collect(self) -> list[Limit]:
+        now = time.monotonic()
+        active, self.active = self.active, {}
+        tracked = self._tracked
+        for plan in active.values():
+            for lim in plan.budgets:
+                tracked[lim.key] = (lim, now)
+        cutoff = now - BUDGET_ACTIVE_SECONDS
+        dead = [k for k, (_, t) in tracked.items() if t < cutoff]
+        for k in dead:
+            del tracked[k]
+        if len(tracked) > BUDGET_MAX_TRACKED:  # keep the most recently used
+            keep = sorted(tracked.items(), key=lambda kv: kv[1][1])[-BUDGET_MAX_TRACKED:]
+            self._tracked = tracked = dict(keep)
+        return [lim for lim, _ in tracked.values()]
+
+    def _compute(self, limits: list[Limit], used: list[float]) -> None:
+        out = dict.fromkeys(self._configured, 1.0)
+        for lim, u in zip(limits, used):
+            k = (lim.cat, "day" if lim.algo == DAY else "month")
+            frac = max(0.0, lim.limit - u) / lim.limit if lim.limit > 0 else 0.0
+            if frac < out.get(k, 2.0):
+                out[k] = frac
+        self._remaining = out
+
+    async def refresh_budgets(self) -> None:
+        """Read the tracked budgets' usage from the backend (one MGET per 500 with Redis)."""
+        limits = self._collect()
+        if getattr(self.backend, "sync", False):
+            used = self.backend.used(limits)
+        else:
+            try:
+                used = await self.backend.used(limits)
+            except BackendUnavailable:
+                return  # keep the last values; the outage is counted and logged by the request path
+        self._compute(limits, used)
+
     # -- plans ---------------------------------------------------------------------------------------
     def plan(self, ident: Any) -> Plan:
         if ident is None or ident.key_id is None or ident.is_master:
@@ -160,7 +227,8 @@ class Limiter:
             if value is None:
                 return
             v = int(round(value * MICRO)) if unit == USD else int(value)
-            out.append(Limit(unit, algo, key, v, scope))
+            cat = "api_key" if scope.startswith("API key ") else "user" if scope.startswith("user ") else "application"
+            out.append(Limit(unit, algo, key, v, scope, cat=cat))
 
         kid = ident.key_id
         ks = f"API key {kid}"
@@ -282,6 +350,8 @@ class LimitsStage(Stage):
         lm = self.limiter
         plan = lm.plan(ctx.identity)
         limits = plan.limits
+        if plan.budgets:
+            lm.active[plan.source.key_id] = plan
         if lm.ip_rpm is not None:
             limits = [Limit(REQ, GCRA, f"{lm.prefix}:ip:{ctx.ip}", lm.ip_rpm, f"IP {ctx.ip}", lm.ip_burst), *limits]
         if not limits:
@@ -412,9 +482,49 @@ def make_backend(cfg: Any) -> Any:
     return MemoryBackend()
 
 
+def configured_budgets(rl: Any) -> list[tuple[str, str]]:
+    """The (scope, window) budgets named in the configuration (per-key overrides add theirs when used)."""
+    out: list[tuple[str, str]] = []
+    if rl.user is not None and rl.user.tokens_per_day is not None:
+        out.append(("user", "day"))
+    if rl.application is not None and rl.application.tokens_per_month is not None:
+        out.append(("application", "month"))
+    cost = rl.cost
+    if cost is not None:
+        for scope in ("api_key", "user", "application"):
+            c = getattr(cost, scope, None)
+            if c is not None:
+                if c.per_day is not None:
+                    out.append((scope, "day"))
+                if c.per_month is not None:
+                    out.append((scope, "month"))
+    return list(dict.fromkeys(out))
+
+
 def install(gw: Any) -> None:
     backend = make_backend(gw.cfg)
     limiter = Limiter(gw.cfg, backend, gw)
     gw.services["limits"] = limiter
     gw.add_stage(LimitsStage(limiter))
+    if not backend.sync:
+        task: dict[str, Any] = {}
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(BUDGET_REFRESH_SECONDS)
+                try:
+                    await limiter.refresh_budgets()
+                except Exception:
+                    log.exception("budget refresh failed")
+
+        async def start() -> None:
+            task["t"] = asyncio.ensure_future(loop())
+
+        async def stop() -> None:
+            t = task.pop("t", None)
+            if t is not None:
+                t.cancel()
+
+        gw.on_startup(start)
+        gw.on_shutdown(stop)
     gw.on_shutdown(backend.close)

@@ -165,6 +165,18 @@ class MemoryBackend:
             self._sweep(now)
         return Reservation(True, -1, 0.0, remaining, reset, handles)
 
+    def used(self, limits: list[Any]) -> list[float]:
+        """What each day/month limit has used in its current window (for budget_remaining)."""
+        now = self.clock() * 1000.0
+        day = int(now // DAY_MS)
+        month, _ = self._month(now)
+        st = self.state
+        out = []
+        for lim in limits:
+            s = st.get(lim.key)
+            out.append(s[1] if s is not None and len(s) == 2 and s[0] == (day if lim.algo == DAY else month) else 0.0)
+        return out
+
     def settle(self, handles: list[Any], deltas: list[int], ttls: list[int] | None = None) -> None:
         st = self.state
         for h, d in zip(handles, deltas):
@@ -436,6 +448,30 @@ class RedisBackend:
         except Exception as exc:
             raise self._failed(exc) from None
         self._ok()
+
+    async def used(self, limits: list[Any]) -> list[float]:
+        """What each day/month limit has used in its current window, read with MGET (500 keys a call).
+        The window is computed with this host's clock (Redis' own decides the reservations: they differ
+        only in the seconds around midnight UTC)."""
+        if not limits:
+            return []
+        if self.in_outage and time.monotonic() < self.down_until:
+            raise BackendUnavailable("redis marked down")
+        now = time.time() * 1000.0
+        day = f":d{int(now // DAY_MS)}"
+        month = f":m{next_month_start_ms(now)[0]}"
+        keys = [lim.key + (day if lim.algo == DAY else month) for lim in limits]
+        out: list[float] = []
+        try:
+            for i in range(0, len(keys), 500):
+                vals = await self.redis.mget(keys[i:i + 500])
+                out.extend(float(v) if v is not None else 0.0 for v in vals)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise self._failed(exc) from None
+        self._ok()
+        return out
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -51,6 +51,9 @@ UPSTREAM_BUCKETS = DURATION_BUCKETS
 
 FLUSH_SECONDS = 0.5
 
+BUDGET_SCOPES = ("api_key", "user", "application", "global")
+BUDGET_WINDOWS = ("day", "month", "all")
+
 BREAKER_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "halfopen": 1, "open": 2}
 
 
@@ -138,8 +141,38 @@ class Metrics:
         self.fallbacks = Counter("helixagent_fallbacks", "Fallbacks to another provider", L, registry=reg)
         self.retries = Counter("helixagent_retries", "Retries of an upstream call", L, registry=reg)
         self.budget = Gauge("helixagent_budget_remaining_ratio",
-                            "Lowest remaining fraction of a cost/token budget, per scope",
-                            ("scope",), registry=reg, multiprocess_mode="livemin")
+                            "Lowest remaining fraction of a day/month token or cost budget among recently "
+                            "active principals, per scope and window (lowest among live workers)",
+                            ("scope", "window"), registry=reg, multiprocess_mode="livemin")
+        self._budget_set: set[tuple[str, str]] = set()
+        # -- other services' counters, pushed as deltas at refresh time (each worker adds its own) --------
+        self.cache_evictions = Counter("helixagent_cache_evictions",
+                                       "Cache entries dropped to honour cache.max_size / max_bytes", registry=reg)
+        self.cache_expirations = Counter("helixagent_cache_expirations",
+                                         "Cache entries found expired (memory backend)", registry=reg)
+        self.cache_stores = Counter("helixagent_cache_stores", "Cache entries written", registry=reg)
+        self.cache_coalesced = Counter("helixagent_cache_coalesced",
+                                       "Requests answered by joining an identical in-flight request", registry=reg)
+        self.cache_errors = Counter("helixagent_cache_errors",
+                                    "Cache backend failures (Redis unreachable or timed out, undecodable values)",
+                                    registry=reg)
+        self.cache_entries = Gauge("helixagent_cache_entries", "Entries in the memory cache (sum over workers)",
+                                   registry=reg, multiprocess_mode="livesum")
+        self.cache_bytes = Gauge("helixagent_cache_bytes", "Value bytes in the memory cache (sum over workers)",
+                                 registry=reg, multiprocess_mode="livesum")
+        self.cache_up = Gauge("helixagent_cache_backend_up",
+                              "1 when the cache backend is reachable, 0 during an outage (lowest among workers)",
+                              registry=reg, multiprocess_mode="livemin")
+        self.limits_errors = Counter("helixagent_rate_limit_backend_errors",
+                                     "Requests (and settlements) decided without the rate limit backend, by "
+                                     "rate_limits.on_backend_error", registry=reg)
+        self.limits_outages = Counter("helixagent_rate_limit_backend_outages",
+                                      "Times the rate limit backend (Redis) became unreachable", registry=reg)
+        self.limits_up = Gauge("helixagent_rate_limit_backend_up",
+                               "1 when the rate limit backend is reachable, 0 during an outage (lowest among "
+                               "workers)", registry=reg, multiprocess_mode="livemin")
+        self._pushed: dict[Any, float] = {}
+        self._svc_lock = threading.Lock()
 
         # -- label vocabularies from the configuration --------------------------------------------------
         self.provider_names: dict[str, str] = {n: n for n in gw.providers}
@@ -341,11 +374,50 @@ class Metrics:
         remaining = getattr(limits, "budget_remaining", None) if limits is not None else None
         if remaining is not None:
             try:
-                for scope, frac in dict(remaining()).items():
-                    if scope in ("api_key", "user", "application", "global"):
-                        self.budget.labels(scope).set(float(frac))
+                seen = set()
+                for key, frac in dict(remaining()).items():
+                    scope, window = key if isinstance(key, tuple) else (key, "all")
+                    if scope in BUDGET_SCOPES and window in BUDGET_WINDOWS:
+                        self.budget.labels(scope, window).set(float(frac))
+                        seen.add((scope, window))
+                for gone in self._budget_set - seen:  # no longer reported: nothing is near exhaustion
+                    self.budget.labels(*gone).set(1.0)
+                self._budget_set |= seen
             except Exception:
                 log.debug("limits.budget_remaining() failed", exc_info=True)
+        with self._svc_lock:
+            self._push_services(gw.services.get("cache"), limits)
+
+    def _push(self, child: Any, total: Any) -> None:
+        """Add to ``child`` what the service's running total gained since the last push."""
+        try:
+            v = float(total)
+        except (TypeError, ValueError):
+            return
+        last = self._pushed.get(child)
+        if last is None or v < last:  # first sight, or the service was rebuilt: count from here
+            last = 0.0 if last is None else v
+        if v > last:
+            child.inc(v - last)
+        self._pushed[child] = v
+
+    def _push_services(self, cache: Any, limits: Any) -> None:
+        st = getattr(cache, "stats", None) if cache is not None else None
+        if st is not None:
+            self._push(self.cache_evictions, st.evictions)
+            self._push(self.cache_expirations, st.expirations)
+            self._push(self.cache_stores, st.stores)
+            self._push(self.cache_coalesced, st.coalesced)
+            self._push(self.cache_errors, st.errors)
+            backend = getattr(cache, "backend", None)
+            if hasattr(backend, "data"):  # the memory LRU: its size (Redis keeps its own)
+                self.cache_entries.set(st.entries)
+                self.cache_bytes.set(st.bytes)
+            self.cache_up.set(0 if getattr(backend, "down", False) else 1)
+        if limits is not None and hasattr(limits, "backend_errors"):
+            self._push(self.limits_errors, limits.backend_errors)
+            self._push(self.limits_outages, getattr(limits, "outages", 0))
+            self.limits_up.set(1 if getattr(limits, "backend_up", True) else 0)
 
     def exposition(self) -> bytes:
         """The Prometheus text for a scrape (all workers' values in multi-process mode: this worker's are

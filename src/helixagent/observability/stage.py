@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..api.http import _REQ_ID_OK
 from ..pipeline import RequestContext, Stage
 from .access import AccessLog
 from .metrics import CONTENT_TYPE, FLUSH_SECONDS, Metrics
@@ -70,6 +71,37 @@ class ObservabilityStage(Stage):
         self.access.emit(ctx)
         if self.tracing is not None:
             self.tracing.end(ctx)
+
+    def http_done(self, scope: dict[str, Any], status: int, started: float, error: Any) -> None:
+        """The access line of a request outside the pipeline (/v1/models, /health, /admin/*, /v1/usage,
+        /metrics, /dashboard, unknown paths): the same fields, those that do not apply are null."""
+        access = self.access
+        if not access.logger.isEnabledFor(logging.INFO):
+            return
+        ua = rid = fwd = None
+        for k, v in scope.get("headers") or ():
+            if k == b"user-agent":
+                ua = v.decode("latin-1")
+            elif k == b"x-request-id":
+                rid = v.decode("latin-1")
+            elif k == b"x-forwarded-for":
+                fwd = v.decode("latin-1")
+        if rid is not None and not _REQ_ID_OK.match(rid):
+            rid = None
+        ctx = RequestContext(None, client_request_id=rid)  # type: ignore[arg-type]
+        ctx.started = started
+        ctx.finished_at = time.perf_counter()
+        ctx.method = scope.get("method", "")
+        ctx.path = scope.get("path", "")
+        client = scope.get("client")
+        ctx.ip = client[0] if client else ""
+        if fwd and self.gw.cfg.server.trust_forwarded_for:
+            ctx.ip = fwd.split(",")[0].strip()
+        ctx.user_agent = ua or ""
+        ctx.identity = scope.get("helixagent.identity")
+        ctx.status = status
+        ctx.error = error
+        access.emit(ctx)
 
     # -- dashboard data ----------------------------------------------------------------------------------
     def dashboard_data(self, span: int = 300) -> dict[str, Any]:
@@ -160,6 +192,8 @@ def install(gw: Any) -> ObservabilityStage:
 
         gw.on_startup(start)
         gw.on_shutdown(stop)
+
+    gw.http_done = stage.http_done  # one access line for requests outside the pipeline too
 
     async def flush_access_log() -> None:
         stage.access.flush()

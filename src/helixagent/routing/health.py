@@ -237,6 +237,8 @@ class Health:
         h = self.providers.get(name)
         return CLOSED if h is None else h.effective_state()
 
+    breaker_state = state  # the name the observability module reads (helixagent_provider_breaker_state)
+
     def score(self, name: str) -> float:
         """0..1: availability x (1 - error-rate EWMA) x latency factor, where the latency factor is the
         fastest provider's latency EWMA divided by this one's (1.0 for the fastest or when unknown)."""
