@@ -56,7 +56,7 @@ def _exported(make_gateway, fake_openai) -> set[str]:
 
     class Limits:
         def budget_remaining(self):
-            return {"application": 0.4}
+            return {("application", "month"): 0.4}
 
     gw.app.services["limits"] = Limits()
     c = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
