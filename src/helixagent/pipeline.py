@@ -8,6 +8,7 @@ with ``ctx.response`` holding the accumulated answer.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -153,6 +154,18 @@ class Pipeline:
         except GatewayError as exc:
             ctx.error = exc
             ctx.stream = None
+        except asyncio.CancelledError:
+            if not ctx.client_disconnected:
+                raise
+            # the client hung up while we waited (api.http.DisconnectWatch): the wait was cancelled, which
+            # abandons the upstream request; the post-hooks still run (the caller finishes with a 499)
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            stream, ctx.stream = ctx.stream, None
+            closer = getattr(stream, "aclose", None)
+            if closer is not None:
+                asyncio.ensure_future(closer())
         except Exception as exc:  # a bug must not kill the worker nor lose the record
             log.exception("pipeline failure in request %s", ctx.request_id)
             ctx.error = GatewayError(500, f"internal error: {type(exc).__name__}", kind="internal")

@@ -13,7 +13,7 @@ from ..errors import GatewayError
 from ..pipeline import RequestContext, Stage
 from ..tokens import estimate_messages
 from . import anthropic_format as afmt
-from .http import Request, send_bytes, send_json, send_sse
+from .http import DisconnectWatch, Request, send_bytes, send_json, send_sse
 from .openai_routes import _parse, base_headers, disconnected, new_context
 
 
@@ -34,7 +34,14 @@ async def messages(gw: Any, req: Request) -> None:
         beta = req.headers.get("anthropic-beta")
         if beta:
             ctx.state["anthropic_beta"] = beta
-        entered = await pipeline.run(ctx)
+        watch = DisconnectWatch(req, disconnected, ctx)
+        try:
+            entered = await pipeline.run(ctx)
+        finally:
+            watch.stop()
+        if ctx.client_disconnected:  # nobody to answer: record the 499
+            await pipeline.finish(ctx, entered)
+            return
     if ctx.error is not None or ctx.stream is None:
         await pipeline.finish(ctx, entered)
         h = _headers(ctx)

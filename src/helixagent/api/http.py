@@ -4,6 +4,7 @@ A plain ASGI application (no framework) keeps the request path short; see README
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qs
@@ -108,6 +109,49 @@ async def send_bytes(send: Callable[..., Awaitable[Any]], status: int, body: byt
 async def send_json(send: Callable[..., Awaitable[Any]], status: int, obj: Any,
                     headers: dict[str, str] | None = None) -> None:
     await send_bytes(send, status, orjson.dumps(obj), headers)
+
+
+# A client that hangs up while we wait for an answer (a non-streamed one, or a stream's first chunk) is
+# noticed by a watcher that is armed only once the request has waited this long: a quick answer then
+# costs one timer, not a task.  Overridable for measurements (bench/gateway_bench.py) only.
+WATCH_AFTER = float(os.environ.get("HELIX_DISCONNECT_WATCH_AFTER", "0.05"))
+
+
+class DisconnectWatch:
+    """While the current task waits for the answer: if the client disconnects, call ``on_gone(arg)``
+    and cancel the task (the pipeline turns that into a 499 and runs its post-hooks).  Call
+    :meth:`stop` as soon as the wait is over, with no await in between."""
+
+    __slots__ = ("receive", "on_gone", "arg", "task", "handle", "watcher")
+
+    def __init__(self, req: Request, on_gone: Callable[[Any], None], arg: Any, after: float = -1.0):
+        self.receive = req.receive
+        self.on_gone = on_gone
+        self.arg = arg
+        self.task = asyncio.current_task()
+        self.watcher: asyncio.Task[None] | None = None
+        self.handle = asyncio.get_running_loop().call_later(WATCH_AFTER if after < 0 else after, self._arm)
+
+    def _arm(self) -> None:
+        self.watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        try:
+            while True:
+                msg = await self.receive()
+                if msg["type"] == "http.disconnect":
+                    break
+        except Exception:  # the server's receive() failed: nothing to watch
+            return
+        self.on_gone(self.arg)
+        if self.task is not None:
+            self.task.cancel()
+
+    def stop(self) -> None:
+        self.handle.cancel()
+        w = self.watcher
+        if w is not None:
+            w.cancel()
 
 
 async def send_sse(req: Request, status: int, headers: dict[str, str] | None,

@@ -9,7 +9,7 @@ import orjson
 from ..errors import GatewayError
 from ..pipeline import RequestContext
 from . import openai_format as fmt
-from .http import Request, send_bytes, send_json, send_sse
+from .http import DisconnectWatch, Request, send_bytes, send_json, send_sse
 
 _DONE = b"data: [DONE]\n\n"
 
@@ -71,7 +71,14 @@ async def _serve_chat(gw: Any, req: Request, endpoint: str, parser: Any) -> None
         entered = await pipeline.run_rejected(ctx)
     else:
         ctx.request, ctx.state["helix"] = parsed
-        entered = await pipeline.run(ctx)
+        watch = DisconnectWatch(req, disconnected, ctx)
+        try:
+            entered = await pipeline.run(ctx)
+        finally:
+            watch.stop()
+        if ctx.client_disconnected:  # nobody to answer: record the 499
+            await pipeline.finish(ctx, entered)
+            return
     if ctx.error is not None or ctx.stream is None:
         await pipeline.finish(ctx, entered)
         if ctx.error is not None:
