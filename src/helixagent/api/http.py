@@ -112,9 +112,52 @@ async def send_json(send: Callable[..., Awaitable[Any]], status: int, obj: Any,
 
 
 # A client that hangs up while we wait for an answer (a non-streamed one, or a stream's first chunk) is
-# noticed by a watcher that is armed only once the request has waited this long: a quick answer then
-# costs one timer, not a task.  Overridable for measurements (bench/gateway_bench.py) only.
+# noticed by a watcher task that is armed only once the request has waited WATCH_AFTER seconds: a quick
+# answer costs a dict insert and pop (one shared timer per event loop arms the old ones), not a task.
+# The environment override is for measurements (bench) only.
 WATCH_AFTER = float(os.environ.get("HELIX_DISCONNECT_WATCH_AFTER", "0.05"))
+
+
+class _Waiting:
+    """Per event loop: the requests waiting for their answer, oldest first, and the one timer that arms
+    the watchers of those that have waited WATCH_AFTER."""
+
+    __slots__ = ("loop", "since", "handle")
+    by_loop: dict[Any, "_Waiting"] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.since: dict[DisconnectWatch, float] = {}
+        self.handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "_Waiting":
+        w = cls.by_loop.get(loop)
+        if w is None:
+            if len(cls.by_loop) > 16:  # event loops of the past (tests start many gateways)
+                for old in [lp for lp in cls.by_loop if lp.is_closed()]:
+                    del cls.by_loop[old]
+            w = cls.by_loop[loop] = cls(loop)
+        return w
+
+    def add(self, watch: "DisconnectWatch") -> None:
+        now = self.loop.time()
+        self.since[watch] = now
+        if self.handle is None:
+            self.handle = self.loop.call_at(now + WATCH_AFTER, self.tick)
+
+    def tick(self) -> None:
+        self.handle = None
+        cutoff = self.loop.time() - WATCH_AFTER
+        due = []
+        for watch, t in self.since.items():  # insertion order is age order
+            if t > cutoff:
+                self.handle = self.loop.call_at(t + WATCH_AFTER, self.tick)
+                break
+            due.append(watch)
+        for watch in due:
+            del self.since[watch]
+            watch.arm()
 
 
 class DisconnectWatch:
@@ -122,17 +165,24 @@ class DisconnectWatch:
     and cancel the task (the pipeline turns that into a 499 and runs its post-hooks).  Call
     :meth:`stop` as soon as the wait is over, with no await in between."""
 
-    __slots__ = ("receive", "on_gone", "arg", "task", "handle", "watcher")
+    __slots__ = ("receive", "on_gone", "arg", "task", "waiting", "watcher")
 
-    def __init__(self, req: Request, on_gone: Callable[[Any], None], arg: Any, after: float = -1.0):
+    def __init__(self, req: Request, on_gone: Callable[[Any], None], arg: Any):
         self.receive = req.receive
         self.on_gone = on_gone
         self.arg = arg
         self.task = asyncio.current_task()
         self.watcher: asyncio.Task[None] | None = None
-        self.handle = asyncio.get_running_loop().call_later(WATCH_AFTER if after < 0 else after, self._arm)
+        loop = asyncio.get_running_loop()
+        if WATCH_AFTER > 0:
+            self.waiting: _Waiting | None = _Waiting.of(loop)
+            self.waiting.add(self)
+        else:
+            self.waiting = None
+            self.arm()
 
-    def _arm(self) -> None:
+    def arm(self) -> None:
+        self.waiting = None
         self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
@@ -148,7 +198,10 @@ class DisconnectWatch:
             self.task.cancel()
 
     def stop(self) -> None:
-        self.handle.cancel()
+        waiting = self.waiting
+        if waiting is not None:
+            self.waiting = None
+            waiting.since.pop(self, None)
         w = self.watcher
         if w is not None:
             w.cancel()
