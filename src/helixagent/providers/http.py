@@ -9,6 +9,11 @@ Timeouts (per provider): ``connect_timeout_ms`` bounds the TCP/TLS connect, ``fi
 (default ``timeout_ms``) bounds every read -- the wait for the response head and each later read --
 and ``timeout_ms`` bounds a whole non-streamed exchange.  A stream has no total bound: it ends when the
 upstream ends it, or stalls past the read timeout.
+
+Cancellation: pyreqwest 0.15.1 detaches (does not abort) the tokio task of a cancelled request, so a
+request cancelled before its response head arrived keeps its upstream connection until the head (a
+stream) or the whole answer (``post``) arrives, or the timeout -- see docs/routing.md, "Cancelled
+requests and the upstream connection".
 """
 from __future__ import annotations
 
