@@ -306,10 +306,15 @@ class RecordWriter:
                     self._park_queue()
                     return
         q = self.queue
-        while q:
+        # Drain what was queued when the cycle began, in batches; what arrives meanwhile waits for the
+        # next cycle (flush_interval, or sooner once batch_size records wait) so that batches stay large
+        # under load instead of degenerating into many small inserts.
+        left = len(q)
+        while q and left > 0:
             batch = []
             segs = []
-            n = min(len(q), self.batch_size)
+            n = min(len(q), self.batch_size, left)
+            left -= n
             for _ in range(n):
                 seg, meta, rb, pb = q.popleft()
                 if seg is not None and seg.failed:
