@@ -67,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         uvicorn.run("helixagent.cli:app_factory", factory=True, host=host, port=port, workers=workers,
                     loop="uvloop", http="httptools", lifespan="on", access_log=False, log_config=None,
-                    server_header=False, date_header=False, timeout_graceful_shutdown=30)
+                    server_header=False, date_header=False, proxy_headers=False, timeout_graceful_shutdown=30)
     finally:
         if metrics_srv is not None:
             metrics_srv.shutdown()

@@ -101,12 +101,17 @@ class RecordWriter:
         self._cycle_done: asyncio.Event | None = None
         self._insert_stmt = self._make_insert()
 
-    def _make_insert(self) -> Any:
+    def _make_insert(self) -> str:
+        """The batch INSERT as driver SQL: executed with executemany on plain tuples, it skips SQLAlchemy's
+        per-parameter processing (measured: about half the writer's CPU per row on SQLite).  Replays are
+        idempotent: a request id already stored is left alone."""
+        cols = META_COLUMNS + ("request_body", "response_body")
         if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
+            marks = ", ".join(f"${i}" for i in range(1, len(cols) + 1))
         else:
-            from sqlalchemy.dialects.sqlite import insert
-        return insert(completions).on_conflict_do_nothing(index_elements=["request_id"])
+            marks = ", ".join("?" for _ in cols)
+        return (f"INSERT INTO completions ({', '.join(cols)}) VALUES ({marks}) "
+                f"ON CONFLICT (request_id) DO NOTHING")
 
     # -- request path ---------------------------------------------------------------------------------
     def record(self, ctx: Any) -> None:
@@ -432,20 +437,22 @@ class RecordWriter:
         seg.release(unlink=True)
         return True
 
-    def _params(self, item: Item) -> dict[str, Any]:
+    def _params(self, item: Item) -> tuple[Any, ...]:
         meta, rb, pb = item
-        d = dict(zip(META_COLUMNS, meta))
-        d["created_at"] = dt.datetime.fromtimestamp(meta[_IDX_CREATED], _UTC)
-        d["request_body"] = rb
-        d["response_body"] = pb
-        return d
+        row = list(meta)
+        created = dt.datetime.fromtimestamp(meta[_IDX_CREATED], _UTC)
+        # SQLite keeps DateTime as text in SQLAlchemy's own format (naive UTC), which its queries compare
+        row[_IDX_CREATED] = created if self.dialect == "postgresql" else created.strftime("%Y-%m-%d %H:%M:%S.%f")
+        row.append(rb)
+        row.append(pb)
+        return tuple(row)
 
     async def _insert(self, items: list[Item]) -> bool:
         """Insert; True when every record is committed (or set aside as rejected by the database)."""
         rows = [self._params(it) for it in items]
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(self._insert_stmt, rows)
+                await conn.exec_driver_sql(self._insert_stmt, rows)
             self.inserted += len(rows)
             self.db_error = None
             return True
@@ -461,7 +468,7 @@ class RecordWriter:
         for it, row in zip(items, rows):
             try:
                 async with self.engine.begin() as conn:
-                    await conn.execute(self._insert_stmt, [row])
+                    await conn.exec_driver_sql(self._insert_stmt, [row])
                 self.inserted += 1
             except asyncio.CancelledError:
                 raise
