@@ -18,7 +18,7 @@ from fakes.anthropic_upstream import Fault
 from fakes.gemini_upstream import FakeGemini
 from helixagent.canonical import ChatRequest, StreamAccumulator
 from helixagent.errors import GatewayError
-from helixagent.providers.gemini import (GeminiStreamDecoder, canonical_to_gemini_request,
+from helixagent.providers.gemini_mapping import (GeminiStreamDecoder, canonical_to_gemini_request,
                                          gemini_request_to_canonical, gemini_response_to_canonical, sanitize_schema)
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
