@@ -64,10 +64,14 @@ database: {{url: "sqlite:///{os.path.dirname(path)}/bench.db", spool_dir: "{os.p
 """)
 
 
+GATEWAY_CPU: int | None = None
+
+
 def start_gateway(cfg: str, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
     e = {"PYTHONPATH": os.path.join(ROOT, "src")}
     e.update(env or {})
-    return hs.start([PY, "-m", "helixagent", "serve", "--config", cfg, "--port", str(port)], e)
+    pin = ["taskset", "-c", str(GATEWAY_CPU)] if GATEWAY_CPU is not None else []
+    return hs.start(pin + [PY, "-m", "helixagent", "serve", "--config", cfg, "--port", str(port)], e)
 
 
 def fmt(rows: list[tuple[str, dict]], direct: dict) -> str:
@@ -94,8 +98,15 @@ def main() -> int:
     ap.add_argument("--conns", type=int, default=16)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "gateway.md"))
     ap.add_argument("--scenarios", default="chat,stream,full,hit")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin the gateway to its own core")
     args = ap.parse_args()
     ensure_wrk()
+    global GATEWAY_CPU
+    cpus = sorted(os.sched_getaffinity(0))
+    if not args.no_pin and len(cpus) >= 2 and shutil.which("taskset"):
+        # "on one core": the gateway gets a core to itself; wrk and the upstream share the other
+        GATEWAY_CPU = cpus[0]
+        os.sched_setaffinity(0, set(cpus[1:]))
     scenarios = args.scenarios.split(",")
     tmp = tempfile.mkdtemp(prefix="helixbench-")
     up_port = hs.free_port()
@@ -195,6 +206,9 @@ cache: {enabled: true, type: memory, ttl: 600, max_size: 1000}
                 f"- machine: nproc={os.cpu_count()}, {platform.machine()}, Python {platform.python_version()}\n"
                 f"- wrk -t1 -c{args.conns}; {args.requests} requests per round after {args.warmup} warm-up; "
                 f"median of {args.rounds} alternating rounds; wrk, upstream and gateway share the machine\n"
+                f"- gateway CPU = utime+stime of the gateway process tree during the measured phase / requests\n"
+                f"- gateway pinned to CPU {GATEWAY_CPU} (wrk and the upstream on the other core)\n"
+                if GATEWAY_CPU is not None else
                 f"- gateway CPU = utime+stime of the gateway process tree during the measured phase / requests\n")
         text = head + "\n" + table + "\n"
         print(text)
