@@ -1,7 +1,7 @@
 """Which feature modules make up the gateway, in pipeline order.
 
 Stages are entered in the order installed here (pre-hooks in order, post-hooks in reverse):
-observability -> record -> auth -> limits -> cache -> [route -> provider]."""
+observability -> record -> auth -> (Anthropic feature check) -> limits -> cache -> [route -> provider]."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,10 +11,11 @@ def install_features(gw: Any) -> None:
     from . import auth, cache, limits, routing
     from .api import anthropic_routes, openai_routes
     from .observability import stage as observability
+    from .store import record
 
     observability.install(gw)  # first: outermost stage, its post-hook runs last
     openai_routes.install(gw)
-    from .store import record; record.install(gw)  # noqa: E702  (record: outer stage, before auth)
+    record.install(gw)  # outer stage: records requests rejected by any later stage too
     auth.install(gw)
     anthropic_routes.install(gw)  # after auth: /v1/messages and its provider-feature check
     limits.install(gw)
