@@ -101,20 +101,17 @@ def disconnected(ctx: RequestContext) -> None:
 async def _sse_frames(ctx: RequestContext, chunks: AsyncIterator[dict[str, Any]], legacy: bool) -> AsyncIterator[bytes]:
     include_usage = ctx.request.include_usage
     dumps = orjson.dumps
-    try:
-        async for chunk in chunks:
-            if "usage" in chunk and chunk["usage"] is not None and not include_usage:
-                if not chunk.get("choices"):
-                    continue
-                chunk = dict(chunk)
-                chunk.pop("usage")
-            if legacy:
-                chunk = fmt.completion_chunk(chunk)
-                if chunk is None:
-                    continue
-            yield b"data: " + dumps(chunk) + b"\n\n"
-    finally:
-        pass
+    async for chunk in chunks:
+        if "usage" in chunk and chunk["usage"] is not None and not include_usage:
+            if not chunk.get("choices"):
+                continue
+            chunk = dict(chunk)
+            chunk.pop("usage")
+        if legacy:
+            chunk = fmt.completion_chunk(chunk)
+            if chunk is None:
+                continue
+        yield b"data: " + dumps(chunk) + b"\n\n"
     if ctx.error is not None:
         yield b"data: " + dumps(ctx.error.openai_body()) + b"\n\n"
     else:
