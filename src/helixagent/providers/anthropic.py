@@ -42,31 +42,16 @@ class AnthropicProvider(Provider):
         return orjson.dumps(b)
 
     async def chat(self, req: ChatRequest) -> ChatResponse:
-        status, headers, data = await self.http.post(self.url, self.body(req, False), self.headers)
-        if status != 200:
-            raise self.upstream_error(status, data, headers)
-        try:
-            msg = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise GatewayError(502, f"provider {self.name!r} returned a body that is not JSON",
-                               provider=self.name, retryable=True, kind="bad_upstream_body") from None
-        if not isinstance(msg, dict) or msg.get("type") != "message" or not isinstance(msg.get("content"), list):
-            if isinstance(msg, dict) and msg.get("type") == "error":
+        msg, headers, data = await self.post_json(self.url, self.body(req, False), self.headers)
+        if msg.get("type") != "message" or not isinstance(msg.get("content"), list):
+            if msg.get("type") == "error":
                 raise self.upstream_error(500, data, headers)
-            raise GatewayError(502, f"provider {self.name!r} returned an unexpected body",
-                               provider=self.name, retryable=True, kind="bad_upstream_body")
+            raise self.bad_body()
         body, usage = anthropic_response_to_canonical(msg)
         return ChatResponse(body, usage, self.name, body["model"] or req.model)
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
-        resp = await self.http.open_stream(self.url, self.body(req, True), self.stream_headers)
-        if resp.status != 200:
-            try:
-                data = await resp.read()
-            finally:
-                resp.close()
-            raise self.upstream_error(resp.status, data, resp.headers)
-        return self._chunks(resp, req.model)
+        return self._chunks(await self.open_sse(self.url, self.body(req, True), self.stream_headers), req.model)
 
     async def _chunks(self, resp: Any, model: str) -> AsyncIterator[dict[str, Any]]:
         dec = AnthropicStreamDecoder(model)

@@ -60,6 +60,39 @@ class Provider:
         await self.http.close()
 
     # -- shared helpers ---------------------------------------------------------------------------
+    def map_error(self, status: int, data: bytes, headers: Any = None) -> GatewayError:
+        """The vendor's error response as a GatewayError (vendors with their own error shape override)."""
+        return self.upstream_error(status, data, headers)
+
+    def bad_body(self, what: str = "an unexpected body") -> GatewayError:
+        return GatewayError(502, f"provider {self.name!r} returned {what}", provider=self.name, retryable=True,
+                            kind="bad_upstream_body")
+
+    async def post_json(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[dict[str, Any], Any, bytes]:
+        """POST, map a non-200 answer to an error, parse the JSON object: (object, headers, raw bytes)."""
+        status, h, data = await self.http.post(url, body, headers)
+        if status != 200:
+            raise self.map_error(status, data, h)
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise self.bad_body("a body that is not JSON") from None
+        if not isinstance(obj, dict):
+            raise self.bad_body()
+        return obj, h, data
+
+    async def open_sse(self, url: str, body: bytes, headers: dict[str, str]) -> Any:
+        """Open a streamed POST; a non-200 answer is read, closed and raised as an error (before the
+        first byte reaches the client, so routing can still fail over)."""
+        resp = await self.http.open_stream(url, body, headers)
+        if resp.status != 200:
+            try:
+                data = await resp.read()
+            finally:
+                resp.close()
+            raise self.map_error(resp.status, data, resp.headers)
+        return resp
+
     def scrub(self, text: str) -> str:
         """Remove secrets (our upstream key, anything key-shaped) from an upstream message."""
         if self.cfg.api_key:

@@ -45,7 +45,7 @@ class GeminiProvider(Provider):
                 self._urls[key] = u
         return u
 
-    def error(self, status: int, data: bytes, headers: Any = None) -> GatewayError:
+    def map_error(self, status: int, data: bytes, headers: Any = None) -> GatewayError:
         msg, gstatus, reason, delay = google_error(data)
         if reason in ("API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED") or gstatus in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
             status = 401
@@ -58,31 +58,14 @@ class GeminiProvider(Provider):
 
     async def chat(self, req: ChatRequest) -> ChatResponse:
         body = canonical_to_gemini_request(req, self.unsupported)
-        status, headers, data = await self.http.post(self.url(req.model, "generateContent"),
-                                                     orjson.dumps(body), self.headers)
-        if status != 200:
-            raise self.error(status, data, headers)
-        try:
-            resp = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise GatewayError(502, f"provider {self.name!r} returned a body that is not JSON",
-                               provider=self.name, retryable=True, kind="bad_upstream_body") from None
-        if not isinstance(resp, dict):
-            raise GatewayError(502, f"provider {self.name!r} returned an unexpected body",
-                               provider=self.name, retryable=True, kind="bad_upstream_body")
+        resp, _, _ = await self.post_json(self.url(req.model, "generateContent"), orjson.dumps(body), self.headers)
         out, usage = gemini_response_to_canonical(resp, req.model, self.name)
         return ChatResponse(out, usage, self.name, out["model"])
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
         body = canonical_to_gemini_request(req, self.unsupported)
-        resp = await self.http.open_stream(self.url(req.model, "streamGenerateContent") + "?alt=sse",
-                                           orjson.dumps(body), self.stream_headers)
-        if resp.status != 200:
-            try:
-                data = await resp.read()
-            finally:
-                resp.close()
-            raise self.error(resp.status, data, resp.headers)
+        resp = await self.open_sse(self.url(req.model, "streamGenerateContent") + "?alt=sse",
+                                   orjson.dumps(body), self.stream_headers)
         return self._chunks(resp, req.model)
 
     async def _chunks(self, resp: Any, model: str) -> AsyncIterator[dict[str, Any]]:
@@ -105,7 +88,7 @@ class GeminiProvider(Provider):
                         out = dec.feed(e)
                     except StreamErrorEvent as exc:
                         code = exc.err.get("code")
-                        raise self.error(code if isinstance(code, int) else 0, orjson.dumps({"error": exc.err})) from None
+                        raise self.map_error(code if isinstance(code, int) else 0, orjson.dumps({"error": exc.err})) from None
                     for c in out:
                         yield c
         finally:
@@ -147,14 +130,7 @@ class GeminiProvider(Provider):
             url = self.url(m, "batchEmbedContents")
             body = {"requests": [{"model": f"models/{m}", "content": {"parts": [{"text": t}]}, **extra}
                                  for t in inputs]}
-        status, headers, data = await self.http.post(url, orjson.dumps(body), self.headers)
-        if status != 200:
-            raise self.error(status, data, headers)
-        try:
-            resp = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise GatewayError(502, f"provider {self.name!r} returned a body that is not JSON",
-                               provider=self.name, retryable=True, kind="bad_upstream_body") from None
+        resp, _, _ = await self.post_json(url, orjson.dumps(body), self.headers)
         vecs = [resp["embedding"]] if "embedding" in resp else resp.get("embeddings")
         if not isinstance(vecs, list) or len(vecs) != len(inputs):
             raise GatewayError(502, f"provider {self.name!r} returned {len(vecs or [])} embeddings for "

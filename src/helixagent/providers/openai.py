@@ -57,31 +57,16 @@ class OpenAIProvider(Provider):
     async def chat(self, req: ChatRequest) -> ChatResponse:
         legacy = req.endpoint == "completion"
         url = self.url_completions if legacy else self.url_chat
-        status, headers, data = await self.http.post(url, self.body(req, False), self.headers)
-        if status != 200:
-            raise self.upstream_error(status, data, headers)
-        try:
-            body = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise GatewayError(502, f"provider {self.name!r} returned a body that is not JSON",
-                               provider=self.name, retryable=True, kind="bad_upstream_body") from None
-        if not isinstance(body, dict) or "choices" not in body:
-            raise GatewayError(502, f"provider {self.name!r} returned an unexpected body",
-                               provider=self.name, retryable=True, kind="bad_upstream_body")
+        body, _, _ = await self.post_json(url, self.body(req, False), self.headers)
+        if "choices" not in body:
+            raise self.bad_body()
         if legacy:
             body = _legacy_to_chat(body)
         return ChatResponse(body, Usage.from_openai(body.get("usage")), self.name, body.get("model") or req.model)
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
         url = self.url_completions if req.endpoint == "completion" else self.url_chat
-        resp = await self.http.open_stream(url, self.body(req, True), self.headers)
-        if resp.status != 200:
-            try:
-                data = await resp.read()
-            finally:
-                resp.close()
-            raise self.upstream_error(resp.status, data, resp.headers)
-        return self._chunks(resp)
+        return self._chunks(await self.open_sse(url, self.body(req, True), self.headers))
 
     async def _chunks(self, resp) -> AsyncIterator[dict[str, Any]]:
         done = False
@@ -112,18 +97,16 @@ class OpenAIProvider(Provider):
         b = dict(req.params)
         b["model"] = req.model
         b["input"] = req.input
-        status, headers, data = await self.http.post(self.url_embeddings, orjson.dumps(b), self.headers)
-        if status != 200:
-            raise self.upstream_error(status, data, headers)
         try:
-            body = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            body = None
-        items = body.get("data") if isinstance(body, dict) else None
+            body, _, _ = await self.post_json(self.url_embeddings, orjson.dumps(b), self.headers)
+        except GatewayError as exc:
+            if exc.kind == "bad_upstream_body":
+                raise self.bad_body("an unexpected embeddings body") from None
+            raise
+        items = body.get("data")
         if not isinstance(items, list) or len(items) != len(req.input) or not all(
                 isinstance(d, dict) and isinstance(d.get("embedding"), (list, str)) for d in items):
-            raise GatewayError(502, f"provider {self.name!r} returned an unexpected embeddings body",
-                               provider=self.name, retryable=True, kind="bad_upstream_body")
+            raise self.bad_body("an unexpected embeddings body")
         return EmbeddingResponse(body, Usage.from_openai(body.get("usage")), self.name)
 
 
