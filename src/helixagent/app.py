@@ -8,6 +8,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from . import __version__
+from .api.http import Request, send_json
 from .config import Config
 from .errors import GatewayError
 from .pipeline import Pipeline, Stage
@@ -172,7 +173,6 @@ class Gateway:
                 log.exception("access hook failed")
 
     async def _http_inner(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        from .api.http import Request, send_json
         req = Request(scope, receive, send, self.cfg.server.trust_forwarded_for)
         handler = self.routes.get((req.method, req.path))
         try:
