@@ -17,7 +17,7 @@ from pydantic import TypeAdapter
 from fakes.openai_upstream import Fault
 from helixagent.api import anthropic_format as afmt
 from helixagent.providers.anthropic_mapping import canonical_to_anthropic_request
-from helixagent.canonical import StreamAccumulator, new_chunk, usage_chunk, Usage
+from helixagent.canonical import StreamAccumulator, new_chunk, replay_chunks, usage_chunk, Usage
 
 EVENT = TypeAdapter(RawMessageStreamEvent)
 MOCK = {"name": "mock", "type": "mock", "models": ["mock-1"], "mock_tokens": 6}
@@ -101,6 +101,12 @@ def fold(events: list[dict[str, Any]]) -> dict[str, Any]:
             if d["type"] == "text_delta":
                 assert msg["content"][e["index"]]["type"] == "text"
                 msg["content"][e["index"]]["text"] += d["text"]
+            elif d["type"] == "thinking_delta":
+                assert msg["content"][e["index"]]["type"] == "thinking"
+                msg["content"][e["index"]]["thinking"] += d["thinking"]
+            elif d["type"] == "signature_delta":
+                assert msg["content"][e["index"]]["type"] == "thinking"
+                msg["content"][e["index"]]["signature"] += d["signature"]
             else:
                 assert d["type"] == "input_json_delta" and msg["content"][e["index"]]["type"] == "tool_use"
                 partial[e["index"]] = partial.get(e["index"], "") + d["partial_json"]
@@ -529,6 +535,22 @@ def test_roundtrip_anthropic_canonical_anthropic(body):
 def chunk_stream(draw: Any) -> tuple[list[dict[str, Any]], bool]:
     cid, model, created = "chatcmpl-p1", "gpt-x", 1700000000
     chunks = [new_chunk(cid, model, created, {"role": "assistant", "content": ""})]
+    mode = draw(st.sampled_from(["none", "reasoning_content", "blocks"]))
+    if mode == "reasoning_content":  # DeepSeek / vLLM: text only, no block boundaries, no signature
+        for piece in draw(st.lists(_text, max_size=3)):
+            chunks.append(new_chunk(cid, model, created, {"reasoning_content": piece}))
+    elif mode == "blocks":  # Anthropic: blocks with signatures, redacted blocks
+        for k in range(draw(st.integers(1, 3))):
+            if draw(st.booleans()):
+                chunks.append(new_chunk(cid, model, created, {"thinking_blocks": [{"index": k, "type": "thinking"}]}))
+                for piece in draw(st.lists(_text, max_size=3)):
+                    chunks.append(new_chunk(cid, model, created, {"reasoning_content": piece}))
+                sig = draw(st.text("abcXYZ019+/=", max_size=12))
+                if sig:
+                    chunks.append(new_chunk(cid, model, created, {"thinking_blocks": [{"index": k, "signature": sig}]}))
+            else:
+                chunks.append(new_chunk(cid, model, created, {"thinking_blocks": [
+                    {"index": k, "type": "redacted_thinking", "data": draw(st.text("abcXYZ019", min_size=1, max_size=8))}]}))
     for piece in draw(st.lists(_text, max_size=4)):
         chunks.append(new_chunk(cid, model, created, {"content": piece}))
     ncalls = draw(st.integers(0, 3))
@@ -577,6 +599,10 @@ def test_stream_translation_property(sample):
         acc.add(c)
     expect = afmt.render_message(acc.response("p"), "gpt-x")
     assert msg["content"] == expect["content"]
+    # a cache hit replays the accumulated response: the same events again
+    tr2 = afmt.StreamTranslator("gpt-x", [{"role": "user", "content": "hi"}])
+    replayed = _parse_frames(b"".join(tr2.feed(c) for c in replay_chunks(acc.response("p"))) + tr2.end())
+    assert fold(replayed)["content"] == msg["content"]
     assert msg["stop_reason"] == expect["stop_reason"] and msg["id"] == expect["id"]
     if with_usage:
         assert msg["usage"] == expect["usage"] == {"input_tokens": 8, "output_tokens": 7,

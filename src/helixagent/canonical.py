@@ -15,6 +15,16 @@ held as plain dicts/lists for speed (no per-field object allocation on the hot p
 * ``ChatResponse.body`` -- an OpenAI ``chat.completion`` object.  Upstream fields are kept.
 * stream events -- OpenAI ``chat.completion.chunk`` dicts.  A provider yields them; a client
   format renders them (OpenAI SSE as is, Anthropic SSE via a stateful translator).
+
+Reasoning ("thinking") rides on the same shapes.  A response message may carry ``reasoning_content``
+(the text, as DeepSeek and vLLM return it) and ``thinking_blocks`` (Anthropic's blocks, signatures
+included).  A chunk's delta carries them incrementally:
+
+* ``delta["reasoning_content"]`` -- reasoning text, appended to the message's ``reasoning_content`` and
+  to the thinking block opened last (DeepSeek-style upstreams send only this);
+* ``delta["thinking_blocks"]`` -- fragments ``{"index": k, ...}`` like ``tool_calls``: the first
+  fragment of index ``k`` opens block ``k`` and names its ``type`` (``thinking``, or ``redacted_thinking``
+  with its ``data``); later fragments of ``k`` carry ``signature`` text, appended.
 """
 from __future__ import annotations
 
@@ -64,6 +74,8 @@ class ChatRequest:
     endpoint: str = "chat"
     # the original prompt of a legacy completion (sent natively to upstreams that speak that API)
     prompt: Any = None
+    # the client's ``anthropic-beta`` header (/v1/messages); only Anthropic providers send it upstream
+    anthropic_beta: str | None = None
 
     @property
     def max_tokens(self) -> int | None:
@@ -72,7 +84,7 @@ class ChatRequest:
 
     def copy_for(self, model: str) -> "ChatRequest":
         return ChatRequest(model, self.messages, self.params, self.stream, self.include_usage,
-                           self.provider, self.endpoint, self.prompt)
+                           self.provider, self.endpoint, self.prompt, self.anthropic_beta)
 
 
 @dataclass(slots=True)
@@ -128,7 +140,7 @@ def new_completion(id: str, model: str, message: dict[str, Any], finish_reason: 
 class StreamAccumulator:
     """Folds canonical chunks into one ``chat.completion`` body (for records, cache, usage)."""
 
-    __slots__ = ("id", "model", "created", "choices", "usage", "extra", "chunks")
+    __slots__ = ("id", "model", "created", "choices", "usage", "extra", "chunks", "think")
 
     def __init__(self) -> None:
         self.id = ""
@@ -138,6 +150,7 @@ class StreamAccumulator:
         self.usage: Usage | None = None
         self.extra: dict[str, Any] = {}
         self.chunks = 0
+        self.think: dict[int, Any] = {}   # choice index -> index of its open thinking block fragment
 
     def add(self, chunk: dict[str, Any]) -> None:
         self.chunks += 1
@@ -165,6 +178,20 @@ class StreamAccumulator:
                 msg["content"] = (msg["content"] or "") + text
             if delta.get("refusal"):
                 msg["refusal"] = (msg.get("refusal") or "") + delta["refusal"]
+            tbs = delta.get("thinking_blocks")
+            if tbs:
+                self.think[idx] = _fold_thinking(msg, tbs, self.think.get(idx))
+            rc = delta.get("reasoning_content")
+            if rc:
+                msg["reasoning_content"] = (msg.get("reasoning_content") or "") + rc
+                blocks = msg.get("thinking_blocks")
+                if blocks:
+                    last = blocks[-1]
+                    if last.get("type") != "thinking":
+                        last = {"type": "thinking", "thinking": "", "signature": ""}
+                        blocks.append(last)
+                        self.think[idx] = None
+                    last["thinking"] += rc
             for tc in delta.get("tool_calls") or ():
                 calls = msg.setdefault("tool_calls", [])
                 ti = tc.get("index", 0)
@@ -195,6 +222,45 @@ class StreamAccumulator:
         return ChatResponse(body, usage, provider, self.model)
 
 
+def _fold_thinking(msg: dict[str, Any], frags: list[dict[str, Any]], cur: Any) -> Any:
+    """Fold ``thinking_blocks`` delta fragments into ``msg``; returns the index of the open block."""
+    blocks = msg.setdefault("thinking_blocks", [])
+    for f in frags:
+        k = f.get("index", 0)
+        if k != cur or not blocks:
+            cur = k
+            if f.get("type") == "redacted_thinking":
+                blocks.append({"type": "redacted_thinking", "data": f.get("data") or ""})
+            else:
+                blocks.append({"type": "thinking", "thinking": "", "signature": ""})
+        sig = f.get("signature")
+        if sig and blocks[-1]["type"] == "thinking":
+            blocks[-1]["signature"] += sig
+    return cur
+
+
+def thinking_chunks(id_: str, model: str, created: int, msg: dict[str, Any], idx: int = 0
+                    ) -> list[dict[str, Any]]:
+    """The reasoning of a complete message (``thinking_blocks`` or bare ``reasoning_content``) as deltas."""
+    blocks = msg.get("thinking_blocks")
+    if not blocks:
+        rc = msg.get("reasoning_content")
+        return [new_chunk(id_, model, created, {"reasoning_content": rc}, index=idx)] if rc else []
+    out = []
+    for k, b in enumerate(blocks):
+        if b.get("type") == "redacted_thinking":
+            out.append(new_chunk(id_, model, created, {"thinking_blocks": [
+                {"index": k, "type": "redacted_thinking", "data": b.get("data", "")}]}, index=idx))
+            continue
+        out.append(new_chunk(id_, model, created, {"thinking_blocks": [{"index": k, "type": "thinking"}]}, index=idx))
+        if b.get("thinking"):
+            out.append(new_chunk(id_, model, created, {"reasoning_content": b["thinking"]}, index=idx))
+        if b.get("signature"):
+            out.append(new_chunk(id_, model, created, {"thinking_blocks": [{"index": k, "signature": b["signature"]}]},
+                                 index=idx))
+    return out
+
+
 def replay_chunks(resp: ChatResponse) -> list[dict[str, Any]]:
     """Turn a complete response into a canonical chunk sequence (cache hits served as streams)."""
     b = resp.body
@@ -204,6 +270,8 @@ def replay_chunks(resp: ChatResponse) -> list[dict[str, Any]]:
         idx = ch.get("index", 0)
         msg = ch.get("message") or {}
         out.append(new_chunk(id_, model, created, {"role": msg.get("role", "assistant"), "content": ""}, index=idx))
+        if msg.get("reasoning_content") or msg.get("thinking_blocks"):
+            out.extend(thinking_chunks(id_, model, created, msg, idx))
         if msg.get("content"):
             out.append(new_chunk(id_, model, created, {"content": msg["content"]}, index=idx))
         for ti, tc in enumerate(msg.get("tool_calls") or ()):

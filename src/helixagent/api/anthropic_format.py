@@ -525,8 +525,12 @@ def canonical_response_to_anthropic(b: dict[str, Any], usage: Usage | None = Non
     choice = choices[0] if choices else {}
     msg = choice.get("message") or {}
     content: list[dict[str, Any]] = []
-    for tb in msg.get("thinking_blocks") or ():
-        content.append(tb)
+    tbs = msg.get("thinking_blocks")
+    if tbs:
+        content.extend(tbs)
+    elif msg.get("reasoning_content"):
+        # reasoning from a non-Anthropic upstream (DeepSeek, vLLM): a thinking block without a signature
+        content.append({"type": "thinking", "thinking": msg["reasoning_content"], "signature": ""})
     text = text_of(msg.get("content"))
     if not text and msg.get("refusal"):
         text = msg["refusal"]
@@ -556,21 +560,23 @@ _TEXT_DELTA_TAIL = b'}}\n\n'
 class StreamTranslator:
     """Stateful: canonical OpenAI chunks in, Anthropic SSE frames out.
 
-    message_start, then per block content_block_start / content_block_delta* / content_block_stop (text
-    blocks, and one tool_use block per tool call index with input_json_delta), then message_delta
+    message_start, then per block content_block_start / content_block_delta* / content_block_stop (thinking
+    blocks with thinking_delta / signature_delta, redacted_thinking blocks, text blocks, and one tool_use
+    block per tool call index with input_json_delta), then message_delta
     (stop_reason + usage) and message_stop once the stream has ended (OpenAI sends usage after the finish
     chunk).  A failure ends with an ``error`` event in Anthropic's error shape."""
 
-    __slots__ = ("model", "messages", "started", "block", "kind", "tool_index", "finish", "usage", "seq",
-                 "msg_id")
+    __slots__ = ("model", "messages", "started", "block", "kind", "tool_index", "think_index", "finish", "usage",
+                 "seq", "msg_id")
 
     def __init__(self, model: str, messages: list[dict[str, Any]] | None = None):
         self.model = model
         self.messages = messages
         self.started = False
         self.block = -1           # index of the open block (-1: none open)
-        self.kind = ""            # "text" | "tool" for the open block
+        self.kind = ""            # "text" | "tool" | "thinking" | "redacted" for the open block
         self.tool_index = -1      # canonical tool call index of the open tool block
+        self.think_index: Any = None  # canonical thinking block index of the open thinking block
         self.finish: str | None = None
         self.seq: str | None = None
         self.usage: Usage | None = None
@@ -607,6 +613,22 @@ class StreamTranslator:
         return (out + _TEXT_DELTA_HEAD + str(self.block).encode() + _TEXT_DELTA_MID + orjson.dumps(text)
                 + _TEXT_DELTA_TAIL)
 
+    def _thinking_frags(self, frags: list[dict[str, Any]]) -> bytes:
+        out = b""
+        for f in frags:
+            k = f.get("index", 0)
+            if k != self.think_index or self.kind not in ("thinking", "redacted"):
+                self.think_index = k
+                if f.get("type") == "redacted_thinking":
+                    out += self._open("redacted", {"type": "redacted_thinking", "data": f.get("data") or ""})
+                else:
+                    out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            sig = f.get("signature")
+            if sig and self.kind == "thinking":
+                out += sse_event("content_block_delta", {"type": "content_block_delta", "index": self.block,
+                                                         "delta": {"type": "signature_delta", "signature": sig}})
+        return out
+
     def feed(self, chunk: dict[str, Any]) -> bytes:
         out = b"" if self.started else self._start(chunk)
         u = chunk.get("usage")
@@ -616,6 +638,16 @@ class StreamTranslator:
             if ch.get("index", 0) != 0:
                 continue
             d = ch.get("delta") or {}
+            tbs = d.get("thinking_blocks")
+            if tbs:
+                out += self._thinking_frags(tbs)
+            rc = d.get("reasoning_content")
+            if rc:
+                if self.kind != "thinking":
+                    self.think_index = None
+                    out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                out += sse_event("content_block_delta", {"type": "content_block_delta", "index": self.block,
+                                                         "delta": {"type": "thinking_delta", "thinking": rc}})
             text = d.get("content")
             if text:
                 out += self._text(text)

@@ -31,6 +31,8 @@ Decisions (documented in docs/providers.md):
   subtracts them again.  The canonical usage dict also carries ``cache_creation_input_tokens``.
 * thinking blocks become ``reasoning_content`` (text) plus ``thinking_blocks`` (with signatures) on the
   assistant message, and come back as thinking blocks, so extended thinking survives multi-turn tool use.
+  In streams, ``thinking_delta`` becomes a ``reasoning_content`` delta and block starts / ``signature_delta``
+  become ``thinking_blocks`` delta fragments (see :mod:`helixagent.canonical`).
 * ``name`` on chat messages and the ``detail`` of image parts have no Anthropic equivalent and are
   dropped.  The ingress's canonical extensions (``cache_control`` on parts, tools, tool calls, tool
   messages and in params; ``is_error`` on tool messages) become the Anthropic fields again.
@@ -528,8 +530,8 @@ class AnthropicStreamDecoder:
     """Anthropic stream events -> canonical chunks.  ``feed(data)`` takes one decoded event object and
     returns the chunks it produces; ``done`` turns true at ``message_stop``."""
 
-    __slots__ = ("id", "model", "created", "usage_in", "output_tokens", "tools", "ntools", "done",
-                 "finish", "started", "_usage_raw")
+    __slots__ = ("id", "model", "created", "usage_in", "output_tokens", "tools", "ntools", "thinks", "nthinks",
+                 "done", "finish", "started", "_usage_raw")
 
     def __init__(self, model: str = "", created: int | None = None):
         self.id = ""
@@ -538,6 +540,8 @@ class AnthropicStreamDecoder:
         self.output_tokens = 0
         self.tools: dict[int, int] = {}   # content block index -> tool call index
         self.ntools = 0
+        self.thinks: dict[int, int] = {}  # content block index -> canonical thinking block index
+        self.nthinks = 0
         self.done = False
         self.finish: str | None = None
         self.started = False
@@ -564,8 +568,13 @@ class AnthropicStreamDecoder:
                     return []
                 return [self._chunk({"tool_calls": [{"index": ti, "function": {"arguments": d["partial_json"]}}]})]
             if dt == "thinking_delta":
-                return [self._chunk({"reasoning_content": d.get("thinking", "")})]
-            return []  # signature_delta, citations_delta
+                return [self._chunk({"reasoning_content": d["thinking"]})] if d.get("thinking") else []
+            if dt == "signature_delta":
+                k = self.thinks.get(ev.get("index", 0))
+                if k is None or not d.get("signature"):
+                    return []
+                return [self._chunk({"thinking_blocks": [{"index": k, "signature": d["signature"]}]})]
+            return []  # citations_delta
         if t == "content_block_start":
             b = ev.get("content_block") or {}
             bt = b.get("type")
@@ -580,8 +589,20 @@ class AnthropicStreamDecoder:
                     out.append(self._chunk({"tool_calls": [{"index": ti, "function": {
                         "arguments": _json_args(b["input"])}}]}))
                 return out
-            if bt == "thinking" and b.get("thinking"):
-                return [self._chunk({"reasoning_content": b["thinking"]})]
+            if bt == "thinking":
+                k = self.thinks[ev.get("index", 0)] = self.nthinks
+                self.nthinks += 1
+                out = [self._chunk({"thinking_blocks": [{"index": k, "type": "thinking"}]})]
+                if b.get("thinking"):
+                    out.append(self._chunk({"reasoning_content": b["thinking"]}))
+                if b.get("signature"):
+                    out.append(self._chunk({"thinking_blocks": [{"index": k, "signature": b["signature"]}]}))
+                return out
+            if bt == "redacted_thinking":
+                k = self.thinks[ev.get("index", 0)] = self.nthinks
+                self.nthinks += 1
+                return [self._chunk({"thinking_blocks": [{"index": k, "type": "redacted_thinking",
+                                                          "data": b.get("data") or ""}]})]
             return []
         if t == "message_start":
             m = ev.get("message") or {}
