@@ -483,3 +483,129 @@ def test_anthropic_sdk_through_gateway_to_gemini(make_gateway):
         assert text == "echo:a echo:b"
     finally:
         g.close()
+
+
+# -- extended thinking in streams, anthropic-beta forwarding ------------------------------------------
+EVENT = TypeAdapter(anthropic.types.RawMessageStreamEvent)
+THINK = {"type": "enabled", "budget_tokens": 1024}
+
+
+def _raw_events(gw, body: dict[str, Any], headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    import httpx
+    out: list[dict[str, Any]] = []
+    with httpx.Client(timeout=20) as h:
+        with h.stream("POST", gw.url + "/v1/messages", json=dict(body, stream=True),
+                      headers={"x-api-key": "k", "anthropic-version": "2023-06-01", **(headers or {})}) as r:
+            assert r.status_code == 200, r.read()
+            event = None
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    data = orjson.loads(line[6:])
+                    assert data["type"] == event
+                    EVENT.validate_python(data)
+                    out.append(data)
+    return out
+
+
+def test_thinking_stream_to_anthropic_client(gw, fake):
+    """Claude's thinking_delta / signature_delta reach an Anthropic client as a thinking block, in order,
+    before the text; the signed block is accepted by Claude when sent back in the next turn."""
+    thought = "The user wrote 'hi there'; answer by echoing."
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 2048, "thinking": THINK,
+            "messages": [{"role": "user", "content": "hi there"}]}
+    events = _raw_events(gw, body)
+    types = [(e["type"], (e.get("content_block") or e.get("delta") or {}).get("type")) for e in events]
+    assert types[:6] == [("message_start", None), ("content_block_start", "thinking"),
+                         ("content_block_delta", "thinking_delta"), ("content_block_delta", "thinking_delta"),
+                         ("content_block_delta", "thinking_delta"), ("content_block_delta", "thinking_delta")]
+    i_sig = types.index(("content_block_delta", "signature_delta"))
+    assert types[i_sig + 1] == ("content_block_stop", None) and events[i_sig + 1]["index"] == 0
+    assert types[i_sig + 2] == ("content_block_start", "text") and events[i_sig + 2]["index"] == 1
+    from fakes.anthropic_upstream import signature
+    assert events[i_sig]["delta"]["signature"] == signature(thought)
+    assert "".join(e["delta"]["thinking"] for e in events if e["type"] == "content_block_delta"
+                   and e["delta"]["type"] == "thinking_delta") == thought
+    # the SDK's own accumulator builds the same message
+    c = anthropic.Anthropic(base_url=gw.url, api_key="unused", max_retries=0, timeout=20)
+    with c.messages.stream(**body) as s:
+        thinking_text = "".join(e.thinking for e in s if e.type == "thinking")
+        final = s.get_final_message()
+    anthropic.types.Message.model_validate(final.model_dump())
+    assert thinking_text == thought
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == thought and final.content[0].signature == signature(thought)
+    assert final.content[1].text == "echo:hi echo:there"
+    # multi-turn: the streamed, signed block goes back to Claude unchanged (the fake checks the signature)
+    msg2 = c.messages.create(model="claude-sonnet-4-5", max_tokens=2048, thinking=THINK, messages=[
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": [b.model_dump() for b in final.content]},
+        {"role": "user", "content": "again"}])
+    assert msg2.content[-1].text == "echo:again"
+    sent = fake.calls[-1]["body"]["messages"][1]["content"][0]
+    assert sent == {"type": "thinking", "thinking": thought, "signature": signature(thought)}
+
+
+def test_thinking_stream_redacted_block(gw, fake):
+    events = _raw_events(gw, {"model": "claude-sonnet-4-5", "max_tokens": 2048, "thinking": THINK,
+                              "messages": [{"role": "user", "content": "please redact"}]})
+    starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    assert [b["type"] for b in starts] == ["thinking", "redacted_thinking", "text"]
+    assert starts[1]["data"] == "RWNyeXB0ZWQgcmVhc29uaW5n"
+
+
+def test_thinking_stream_openai_client_and_record_fold(gw, fake):
+    """OpenAI clients see reasoning_content deltas (valid ChatCompletionChunks); the accumulated response
+    (what records and the cache keep) has the thinking blocks with their signatures."""
+    from fakes.anthropic_upstream import signature
+    chunks = list(oai(gw).chat.completions.create(
+        model="claude-sonnet-4-5", max_tokens=2048, stream=True, extra_body={"thinking": THINK},
+        messages=[{"role": "user", "content": "hi there"}], stream_options={"include_usage": True}))
+    acc = StreamAccumulator()
+    for ch in chunks:
+        d = ch.model_dump(exclude_unset=True)
+        ChatCompletionChunk.model_validate(d)
+        acc.add(d)
+    thought = "The user wrote 'hi there'; answer by echoing."
+    assert "".join(getattr(ch.choices[0].delta, "reasoning_content", None) or "" for ch in chunks if ch.choices) == thought
+    m = acc.response().body["choices"][0]["message"]
+    assert m["reasoning_content"] == thought and m["content"] == "echo:hi echo:there"
+    assert m["thinking_blocks"] == [{"type": "thinking", "thinking": thought, "signature": signature(thought)}]
+    # the same as the non-streamed answer
+    ns = oai(gw).chat.completions.create(model="claude-sonnet-4-5", max_tokens=2048, extra_body={"thinking": THINK},
+                                         messages=[{"role": "user", "content": "hi there"}])
+    assert ns.choices[0].message.model_dump()["thinking_blocks"] == m["thinking_blocks"]
+
+
+def test_thinking_stream_cut_midway_is_error_event(gw, fake):
+    fake.push(Fault(cut_after=4))  # inside the thinking block
+    import httpx
+    with httpx.Client(timeout=20) as h:
+        r = h.post(gw.url + "/v1/messages", headers={"x-api-key": "k"},
+                   json={"model": "claude-sonnet-4-5", "max_tokens": 2048, "thinking": THINK, "stream": True,
+                         "messages": [{"role": "user", "content": "hi there"}]})
+    frames = [orjson.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert frames[1]["content_block"]["type"] == "thinking"
+    assert frames[-1]["type"] == "error" and "message_stop" not in [f["type"] for f in frames]
+
+
+def test_anthropic_beta_forwarded_to_claude_only(make_gateway, fake, fake_openai):
+    g = make_gateway({"providers": [fake.provider(max_retries=0, headers={"anthropic-beta": "configured-1"}),
+                                    fake_openai.provider()],
+                      "routing": {"retries": {"max_attempts": 1}}})
+    c = anthropic.Anthropic(base_url=g.url, api_key="unused", max_retries=0, timeout=20)
+    beta = {"anthropic-beta": "interleaved-thinking-2025-05-14, configured-1"}
+    c.messages.create(model="claude-sonnet-4-5", max_tokens=20, messages=[{"role": "user", "content": "a"}],
+                      extra_headers=beta)
+    assert fake.calls[-1]["headers"]["anthropic-beta"] == "configured-1,interleaved-thinking-2025-05-14"
+    with c.messages.stream(model="claude-sonnet-4-5", max_tokens=20, messages=[{"role": "user", "content": "b"}],
+                           extra_headers=beta) as s:
+        s.get_final_message()
+    assert fake.calls[-1]["headers"]["anthropic-beta"] == "configured-1,interleaved-thinking-2025-05-14"
+    # without the client header only the configured one; an OpenAI provider never gets it
+    c.messages.create(model="claude-sonnet-4-5", max_tokens=20, messages=[{"role": "user", "content": "c"}])
+    assert fake.calls[-1]["headers"]["anthropic-beta"] == "configured-1"
+    c.messages.create(model="gpt-4o-mini", max_tokens=20, messages=[{"role": "user", "content": "d"}],
+                      extra_headers=beta)
+    assert "anthropic-beta" not in {k.lower() for k in fake_openai.calls[-1]["headers"]}

@@ -5,7 +5,11 @@ API does (model, max_tokens, messages, roles, temperature 0..1, tool_result plac
 ``message`` object or the SSE event sequence (message_start, content_block_start/delta/stop with
 text_delta and input_json_delta, ping, message_delta, message_stop).  When the request has tools and
 tool_choice is not none, the model "calls" the first (or the forced) tool with ``{"q": <last user text>}``;
-otherwise it echoes the last user text.  Errors use Anthropic's body ``{"type": "error", "error": {...}}``.
+otherwise it echoes the last user text.  With ``thinking`` enabled/adaptive the answer starts with a
+signed ``thinking`` block (streamed as an empty block, ``thinking_delta`` events, one ``signature_delta``,
+as documented), plus a ``redacted_thinking`` block when the user text contains "redact"; thinking blocks
+sent back in the history must carry the signature the fake issued.  Request headers are recorded in
+``calls``.  Errors use Anthropic's body ``{"type": "error", "error": {...}}``.
 
 Faults (queued with :meth:`FakeAnthropic.push`):
 
@@ -16,6 +20,8 @@ Faults (queued with :meth:`FakeAnthropic.push`):
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +43,11 @@ ERROR_MESSAGES = {529: "Overloaded", 429: "Number of request tokens has exceeded
 class Fault(_BaseFault):
     error_after: int | None = None
     error_type: str = "overloaded_error"
+
+
+def signature(thinking: str) -> str:
+    """The fake's thinking-block signature (Anthropic's is opaque; ours is checkable when it comes back)."""
+    return base64.b64encode(hashlib.sha256(b"fake-claude:" + thinking.encode()).digest()).decode()
 
 
 def error_body(status: int, message: str | None = None, etype: str | None = None) -> dict[str, Any]:
@@ -123,10 +134,20 @@ class FakeAnthropic:
                                 "`tool_use` block in the previous message.")
                 else:
                     seen_other = True
+                if bt == "thinking" and (m["role"] != "assistant" or b.get("signature") != signature(b.get("thinking", ""))):
+                    return f"messages.{i}.content.{j}: Invalid `signature` in `thinking` block"
+                if bt == "redacted_thinking" and (m["role"] != "assistant" or not b.get("data")):
+                    return f"messages.{i}.content.{j}: invalid redacted_thinking block"
                 if bt == "image":
                     src = b.get("source") or {}
                     if src.get("type") not in ("base64", "url"):
                         return f"messages.{i}.content.{j}.source: invalid image source"
+        th = body.get("thinking")
+        if th is not None:
+            if th.get("type") not in ("enabled", "adaptive", "disabled"):
+                return "thinking.type: Input tag found does not match any of the expected tags"
+            if th["type"] == "enabled" and not (1024 <= int(th.get("budget_tokens") or 0) < body["max_tokens"]):
+                return "thinking.enabled.budget_tokens: must be >= 1024 and less than max_tokens"
         s = body.get("system")
         if s is not None and not isinstance(s, (str, list)):
             return "system: Input should be a valid string or list"
@@ -232,6 +253,12 @@ class FakeAnthropic:
         if tools and tc.get("type") != "none":
             tool = next((t for t in tools if t["name"] == tc.get("name")), tools[0]) if tc.get("type") == "tool" else tools[0]
         content: list[dict[str, Any]] = []
+        if (body.get("thinking") or {}).get("type") in ("enabled", "adaptive"):
+            # extended thinking: a signed thinking block first (and a redacted one when asked to)
+            thought = f"The user wrote {text!r}; answer by echoing."
+            content.append({"type": "thinking", "thinking": thought, "signature": signature(thought)})
+            if "redact" in text:
+                content.append({"type": "redacted_thinking", "data": "RWNyeXB0ZWQgcmVhc29uaW5n"})
         if tool is not None:
             content.append({"type": "text", "text": "Let me check."})
             content.append({"type": "tool_use", "id": f"toolu_fake{len(self.calls):04d}", "name": tool["name"],
@@ -254,7 +281,19 @@ class FakeAnthropic:
                      usage=dict(usage, output_tokens=1))
         events.append(("message_start", {"type": "message_start", "message": start}))
         for i, b in enumerate(content):
-            if b["type"] == "text":
+            if b["type"] == "thinking":  # Anthropic's documented sequence: empty block, thinking_delta*, signature_delta
+                events.append(("content_block_start", {"type": "content_block_start", "index": i,
+                                                       "content_block": {"type": "thinking", "thinking": "", "signature": ""}}))
+                parts = b["thinking"].split(" ")
+                for k, w in enumerate(parts):
+                    events.append(("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {
+                        "type": "thinking_delta", "thinking": w if k == 0 else " " + w}}))
+                events.append(("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {
+                    "type": "signature_delta", "signature": b["signature"]}}))
+            elif b["type"] == "redacted_thinking":
+                events.append(("content_block_start", {"type": "content_block_start", "index": i,
+                                                       "content_block": b}))
+            elif b["type"] == "text":
                 events.append(("content_block_start", {"type": "content_block_start", "index": i,
                                                        "content_block": {"type": "text", "text": ""}}))
                 if i == 0:

@@ -34,6 +34,7 @@ async def messages(gw: Any, req: Request) -> None:
         beta = req.headers.get("anthropic-beta")
         if beta:
             ctx.state["anthropic_beta"] = beta
+            ctx.request.anthropic_beta = beta  # sent on by Anthropic providers only
         watch = DisconnectWatch(req, disconnected, ctx)
         try:
             entered = await pipeline.run(ctx)

@@ -71,8 +71,10 @@ def canonical_params(params: dict[str, Any]) -> dict[str, Any]:
 
 def canonical_form(req: ChatRequest, scope: str, provider: str, model: str) -> bytes:
     """The bytes that are hashed (exposed for tests and debugging)."""
-    return orjson.dumps([1, req.endpoint, scope, provider, model, req.messages, canonical_params(req.params)],
-                        option=_SORT)
+    form = [1, req.endpoint, scope, provider, model, req.messages, canonical_params(req.params)]
+    if req.anthropic_beta:  # a beta can change the answer (an Anthropic upstream receives it)
+        form.append(req.anthropic_beta)
+    return orjson.dumps(form, option=_SORT)
 
 
 def cache_key(req: ChatRequest, scope: str, provider: str, model: str) -> str:

@@ -2,7 +2,9 @@
 
 ``base_url`` is what the Anthropic SDK takes (``https://api.anthropic.com``); a base_url that already
 ends in ``/v1`` is accepted too.  Auth is ``x-api-key``; ``anthropic-version`` is ``api_version`` from
-the provider config or ``2023-06-01``.  The request/response/stream mapping lives in
+the provider config or ``2023-06-01``.  A client's ``anthropic-beta`` header (``ChatRequest.anthropic_beta``,
+set by the ``/v1/messages`` ingress) is sent on, after any ``anthropic-beta`` configured in ``headers``.
+The request/response/stream mapping lives in
 :mod:`helixagent.providers.anthropic_mapping` (shared with the ``/v1/messages`` ingress); this module
 does the HTTP, the SSE decoding and the error mapping.
 """
@@ -34,15 +36,31 @@ class AnthropicProvider(Provider):
         h.update(cfg.headers)
         self.headers = h
         self.stream_headers = dict(h, accept="text/event-stream")
+        self._beta = {k: v for k, v in h.items() if k.lower() == "anthropic-beta"}
         base = cfg.base_url or ""
         self.url = f"{base}/messages" if base.endswith("/v1") else f"{base}/v1/messages"
+
+    def headers_for(self, req: ChatRequest, stream: bool) -> dict[str, str]:
+        h = self.stream_headers if stream else self.headers
+        beta = req.anthropic_beta
+        if not beta:
+            return h
+        h = dict(h)
+        conf = ""
+        for k, v in self._beta.items():  # configured betas first, the client's appended (no duplicates)
+            conf = v
+            del h[k]
+        have = [b.strip() for b in conf.split(",") if b.strip()]
+        have.extend(b for b in (x.strip() for x in beta.split(",")) if b and b not in have)
+        h["anthropic-beta"] = ",".join(have)
+        return h
 
     def body(self, req: ChatRequest, stream: bool) -> bytes:
         b = canonical_to_anthropic_request(req, self.cfg.default_max_tokens, self.unsupported, stream=stream)
         return orjson.dumps(b)
 
     async def chat(self, req: ChatRequest) -> ChatResponse:
-        msg, headers, data = await self.post_json(self.url, self.body(req, False), self.headers)
+        msg, headers, data = await self.post_json(self.url, self.body(req, False), self.headers_for(req, False))
         if msg.get("type") != "message" or not isinstance(msg.get("content"), list):
             if msg.get("type") == "error":
                 raise self.upstream_error(500, data, headers)
@@ -51,7 +69,8 @@ class AnthropicProvider(Provider):
         return ChatResponse(body, usage, self.name, body["model"] or req.model)
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
-        return self._chunks(await self.open_sse(self.url, self.body(req, True), self.stream_headers), req.model)
+        return self._chunks(await self.open_sse(self.url, self.body(req, True), self.headers_for(req, True)),
+                            req.model)
 
     async def _chunks(self, resp: Any, model: str) -> AsyncIterator[dict[str, Any]]:
         dec = AnthropicStreamDecoder(model)
