@@ -616,3 +616,47 @@ def test_error_mid_stream_translation():
     events = _parse_frames(data)
     assert [e["type"] for e in events] == ["message_start", "content_block_start", "content_block_delta", "error"]
     assert events[-1] == {"type": "error", "error": {"type": "api_error", "message": "upstream broke"}}
+
+
+# -- reasoning from an OpenAI-compatible upstream (DeepSeek's reasoning_content) ----------------------------
+
+@pytest.fixture
+def ds_gw(make_gateway, fake_openai):
+    return make_gateway({"providers": [fake_openai.provider("ds", type="deepseek", models=["deepseek-reasoner"])]})
+
+
+def test_deepseek_reasoning_becomes_thinking_block(ds_gw, fake_openai):
+    """reasoning_content deltas reach an Anthropic client as a thinking block before the text.  DeepSeek signs
+    nothing: the block's ``signature`` is "" (the SDK type requires the field, a string) and no
+    signature_delta is sent."""
+    thought = "Reasoning about 'a b' first."
+    body = {"model": "deepseek-reasoner", "max_tokens": 50, "messages": [{"role": "user", "content": "a b"}]}
+    events = raw_events(ds_gw, body)
+    check_order(events)
+    assert not any(e["type"] == "content_block_delta" and e["delta"]["type"] == "signature_delta" for e in events)
+    msg = fold(events)
+    Message.model_validate(msg)
+    assert msg["content"] == [{"type": "thinking", "thinking": thought, "signature": ""},
+                              {"type": "text", "text": "echo:a echo:b"}]
+    with client(ds_gw).messages.stream(**body) as s:
+        final = s.get_final_message()
+    assert [b.model_dump(exclude_none=True) for b in final.content] == msg["content"]
+    # non-streamed: the same blocks
+    m = client(ds_gw).messages.create(**body)
+    assert [b.model_dump(exclude_none=True) for b in m.content] == msg["content"]
+    # OpenAI clients get DeepSeek's reasoning_content deltas through unchanged, as valid chunks
+    import openai
+    from openai.types.chat import ChatCompletionChunk
+    oc = openai.OpenAI(base_url=ds_gw.url + "/v1", api_key="k", max_retries=0, timeout=20)
+    chunks = list(oc.chat.completions.create(model="deepseek-reasoner", stream=True,
+                                             messages=[{"role": "user", "content": "a b"}]))
+    for ch in chunks:
+        ChatCompletionChunk.model_validate(ch.model_dump())
+    assert "".join(getattr(ch.choices[0].delta, "reasoning_content", None) or "" for ch in chunks if ch.choices) == thought
+    # the next turn sends the unsigned block back (as Claude Code does): dropped, the conversation goes on
+    m2 = client(ds_gw).messages.create(model="deepseek-reasoner", max_tokens=50, messages=[
+        {"role": "user", "content": "a b"}, {"role": "assistant", "content": msg["content"]},
+        {"role": "user", "content": "c"}])
+    assert m2.content[-1].text == "echo:c"
+    sent = fake_openai.calls[-1]["body"]["messages"]
+    assert sent[1] == {"role": "assistant", "content": "echo:a echo:b"}

@@ -2,7 +2,9 @@
 
 It answers ``POST /v1/chat/completions`` (JSON and SSE with ``data: [DONE]``, ``stream_options.include_usage``,
 tool calls streamed as argument deltas), ``POST /v1/completions`` (legacy), ``POST /v1/embeddings`` and
-``GET /v1/models``, checks the bearer key, and returns OpenAI's error bodies.  Tests queue faults with
+``GET /v1/models``, checks the bearer key, reasons like DeepSeek for a model whose name contains
+"reasoner" (``reasoning_content`` on the message, streamed as ``reasoning_content`` deltas before the
+content), and returns OpenAI's error bodies.  Tests queue faults with
 :meth:`FakeOpenAI.push`:
 
 * ``Fault(status=429, headers={"retry-after": "1"})`` -- an error response with OpenAI's error body
@@ -115,6 +117,9 @@ class FakeOpenAI:
         return d
 
     # -- helpers ------------------------------------------------------------------------------------
+    def reasoning(self, body: dict[str, Any]) -> str:
+        return f"Reasoning about {self._last_user(body)!r} first."
+
     def _error(self, status: int, message: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
         etype, code = ERROR_TYPES.get(status, ("server_error", None))
         body = {"error": {"message": message or f"fake upstream error {status}", "type": etype, "param": None,
@@ -210,6 +215,8 @@ class FakeOpenAI:
                                    "refusal": None}
             if tool_call:
                 msg["tool_calls"] = [tool_call]
+            if "reasoner" in (model or ""):
+                msg["reasoning_content"] = self.reasoning(body)
             payload = {
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
                 "system_fingerprint": "fp_fake", "service_tier": "default",
@@ -238,6 +245,9 @@ class FakeOpenAI:
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
 
         chunks: list[dict[str, Any]] = [chunk({"role": "assistant", "content": "", "refusal": None})]
+        if "reasoner" in (model or ""):  # DeepSeek streams its reasoning first, with content null
+            for i, w in enumerate(self.reasoning(body).split(" ")):
+                chunks.append(chunk({"content": None, "reasoning_content": w if i == 0 else " " + w}))
         if tool_call:
             args = tool_call["function"]["arguments"]
             chunks.append(chunk({"tool_calls": [{"index": 0, "id": tool_call["id"], "type": "function",

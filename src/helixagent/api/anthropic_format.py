@@ -217,8 +217,13 @@ def _assistant_message(content: list[Any], path: str, flags: _Flags) -> dict[str
             texts.append(_text_part(b, bp, flags))
         elif t == "tool_use":
             calls.append(_tool_use(b, bp, flags))
-        elif t in ("thinking", "redacted_thinking"):
+        elif t == "redacted_thinking" or t == "thinking" and b.get("signature"):
             thinking.append(b)
+        elif t == "thinking":
+            # unsigned: reasoning HelixAgent relayed from a non-Anthropic upstream (DeepSeek's
+            # reasoning_content).  Those upstreams do not take earlier reasoning back and Anthropic rejects an
+            # unsigned block, so it is dropped, and the conversation can continue with any provider.
+            continue
         else:
             raise _err(bp + ".type", f"content blocks of type {t!r} cannot be translated by HelixAgent; "
                                      f"supported in assistant turns: text, tool_use, thinking", "unsupported_feature")
