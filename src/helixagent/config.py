@@ -219,6 +219,15 @@ class RoutingConfig(Strict):
     estimate_completion_tokens: int = Field(default=1024, ge=0)
     # Budget of one request across all attempts, retries, back-off sleeps and fallbacks.
     request_timeout_ms: int = Field(default=120000, gt=0)
+    # Cross-request cooldown of a (provider, model) that answered 429 (or 503/529 with Retry-After):
+    # benched for its Retry-After, at most rate_limit_cooldown_max (0 = off); without a Retry-After,
+    # for rate_limit_cooldown_default once rate_limit_cooldown_after consecutive 429s were seen.
+    rate_limit_cooldown_max: float = Field(default=60.0, ge=0)
+    rate_limit_cooldown_default: float = Field(default=1.0, ge=0)
+    rate_limit_cooldown_after: int = Field(default=3, ge=1)
+
+    _rl = field_validator("rate_limit_cooldown_max", "rate_limit_cooldown_default",
+                          mode="before")(lambda v: parse_duration(v))
 
 
 class CacheConfig(Strict):

@@ -212,6 +212,48 @@ class ProviderHealth:
         return _AVAIL[self.effective_state()]
 
 
+class Throttle:
+    """Cross-request rate-limit cooldown of one (provider, upstream model).
+
+    ``until`` (monotonic seconds) is when the upstream's Retry-After expires; the router moves the pair
+    behind every other candidate until then (one attribute read per candidate on the happy path).
+    ``streak`` counts consecutive 429s without a Retry-After; reset by a success."""
+
+    __slots__ = ("provider", "model", "until", "status", "streak", "benched")
+
+    def __init__(self, provider: str, model: str):
+        self.provider = provider
+        self.model = model
+        self.until = 0.0
+        self.status = 429
+        self.streak = 0
+        self.benched = 0       # times a cooldown was started (reported in /health)
+
+    def hit(self, now: float, status: int, retry_after: float | None, cap: float, default: float,
+            after: int) -> None:
+        """A 429 (or a 503/529 with Retry-After) from this pair: start a cooldown when warranted."""
+        if cap <= 0:
+            return
+        if retry_after is None:
+            if status != 429:
+                return  # an overload without Retry-After is the breaker's business
+            self.streak += 1
+            if self.streak < after:
+                return
+            wait = default
+        else:
+            wait = retry_after
+        wait = min(wait, cap)
+        if wait <= 0:
+            return
+        self.until = now + wait  # the newest answer is the best information
+        self.status = status
+        self.benched += 1
+
+    def remaining(self, now: float) -> float:
+        return self.until - now
+
+
 class Health:
     """The ``health`` service: breaker state and health score per provider."""
 
@@ -219,6 +261,7 @@ class Health:
         self.cfg = cfg
         self.clock = clock
         self.providers: dict[str, ProviderHealth] = {}
+        self.throttles: dict[tuple[str, str], Throttle] = {}
         for n in names:
             self.get(n)
 
@@ -227,6 +270,20 @@ class Health:
         if h is None:
             h = self.providers[name] = ProviderHealth(name, self.cfg, self.clock)
         return h
+
+    def throttle(self, name: str, model: str) -> Throttle:
+        """The shared cooldown state of (provider, upstream model); candidates keep a reference."""
+        key = (name, model)
+        t = self.throttles.get(key)
+        if t is None:
+            t = self.throttles[key] = Throttle(name, model)
+        return t
+
+    def cooling(self, name: str, now: float | None = None) -> dict[str, float]:
+        """{upstream model: seconds left} for this provider's pairs in a rate-limit cooldown."""
+        now = self.clock() if now is None else now
+        return {t.model: round(t.until - now, 3) for t in self.throttles.values()
+                if t.provider == name and t.until > now}
 
     def availability(self, name: str) -> float:
         """1 closed, 0.5 half-open, 0 open (for helixagent_provider_availability{provider})."""
@@ -256,7 +313,11 @@ class Health:
     def describe(self, name: str) -> dict[str, Any]:
         h = self.providers.get(name)
         if h is None:
-            return {"breaker": CLOSED, "availability": 1.0, "score": 1.0}
+            out0: dict[str, Any] = {"breaker": CLOSED, "availability": 1.0, "score": 1.0}
+            cooling = self.cooling(name)
+            if cooling:
+                out0["rate_limit_cooldown_s"] = cooling
+            return out0
         now = self.clock()
         req, fail = h.window_counts(now)
         st = h.effective_state(now)
@@ -274,6 +335,9 @@ class Health:
             "breaker_opens": h.opens,
             "last_error": h.last_error,
         }
+        cooling = self.cooling(name, now)
+        if cooling:
+            out["rate_limit_cooldown_s"] = cooling  # {upstream model: seconds left}
         if h.state is OPEN:
             out["cooldown_remaining_s"] = round(max(0.0, h.cfg.cooldown - (now - h.opened_at)), 3)
         return out

@@ -29,7 +29,7 @@ from ..pipeline import RequestContext
 from ..providers import Provider
 from ..tokens import estimate_messages
 from . import costs
-from .health import DENIED, NORMAL, OPEN, Health, ProviderHealth
+from .health import DENIED, NORMAL, OPEN, Health, ProviderHealth, Throttle
 
 log = logging.getLogger("helixagent.routing")
 
@@ -40,13 +40,14 @@ _END = object()
 
 class Candidate:
     __slots__ = ("provider", "model", "health", "price", "per_request_limit", "timeout", "max_attempts",
-                 "weight", "name")
+                 "weight", "name", "throttle")
 
     def __init__(self, provider: Provider, model: str):
         self.provider = provider
         self.model = model
         self.name = provider.name
         self.health: ProviderHealth | None = None
+        self.throttle: Throttle | None = None  # the (provider, model) rate-limit cooldown
         self.price: tuple[float, float] | None = None
         self.per_request_limit: float | None = None
         self.timeout = provider.cfg.timeout_ms / 1000.0
@@ -110,6 +111,8 @@ class Router:
         self._base = r.backoff_base_ms / 1000.0
         self._max_backoff = r.backoff_max_ms / 1000.0
         self._max_retry_after = r.max_retry_after_ms / 1000.0
+        g = cfg.routing
+        self._rl = (g.rate_limit_cooldown_max, g.rate_limit_cooldown_default, g.rate_limit_cooldown_after)
         # process-wide counters (the metrics exporter reads them)
         self.counters = {"attempts": 0, "retries": 0, "fallbacks": 0, "hedges": 0}
 
@@ -203,6 +206,7 @@ class Router:
         for c in chain:
             pc = c.provider.cfg
             c.health = self.health.get(c.name)
+            c.throttle = self.health.throttle(c.name, c.model)
             c.price = costs.price(pc, c.model)
             c.max_attempts = pc.max_retries + 1 if "max_retries" in pc.model_fields_set else retries.max_attempts
             per_token = _min_limit(pc.max_cost_per_token, route.max_cost_per_token)
@@ -243,6 +247,7 @@ class Router:
         now = self.clock()
         out: list[Candidate] = []
         over: list[str] | None = None
+        benched: list[Candidate] | None = None
         for c in seq:
             if not c.health.available(now):  # type: ignore[union-attr]
                 continue
@@ -254,7 +259,16 @@ class Router:
                         over = []
                     over.append(f"{c.name}/{c.model} ~{cost:.6g} > {lim:.6g}")
                     continue
+            if c.throttle.until > now:  # type: ignore[union-attr]  # in a Retry-After cooldown: last
+                if benched is None:
+                    benched = []
+                benched.append(c)
+                continue
             out.append(c)
+        if benched is not None:
+            if len(benched) > 1:
+                benched.sort(key=lambda c: c.throttle.until)  # type: ignore[union-attr]
+            out += benched
         if not out:
             raise self._nothing_left(plan, over, now)
         return out
@@ -273,6 +287,17 @@ class Router:
                             + ", ".join(c.name for c in cands) + ")", type="service_unavailable",
                             code="providers_unavailable", retry_after=max(0.0, min(waits)) if waits else None,
                             kind="breaker_open")
+
+    def _cooling(self, c: Candidate, wait: float) -> GatewayError:
+        """The answer for a candidate skipped because of its Retry-After cooldown (no upstream call)."""
+        t = c.throttle
+        assert t is not None
+        rl = t.status == 429
+        return GatewayError(t.status, f"provider {c.name!r} is {'rate limited' if rl else 'overloaded'} for model "
+                            f"{c.model!r}: the upstream asked to retry after {wait:.3g} s",
+                            type="rate_limit_error" if rl else "service_unavailable",
+                            code="upstream_rate_limited" if rl else "upstream_overloaded", provider=c.name,
+                            retryable=True, retry_after=wait, kind="rate_limit_cooldown")
 
     # -- execution ---------------------------------------------------------------------------------
     async def handle_chat(self, ctx: RequestContext) -> None:
@@ -334,6 +359,16 @@ class Router:
                 remaining = deadline - now
                 if remaining <= 0:
                     raise last or self._budget_error()
+                until = c.throttle.until  # type: ignore[union-attr]
+                if until > now:  # a Retry-After cooldown (this request's or another's): wait or move on
+                    wait = until - now
+                    if wait > self._max_retry_after or wait >= remaining:
+                        last = self._cooling(c, wait)
+                        if ctx.provider is None:
+                            ctx.provider = c.name
+                        break
+                    await asyncio.sleep(wait)
+                    continue
                 probe = h.acquire(now)
                 if probe == DENIED:
                     break
@@ -417,8 +452,11 @@ class Router:
                 exc.retryable = True  # an upstream failure (e.g. a stream that broke before its first chunk)
             if exc.status == 429:
                 h.throttled(probe, exc.kind)
+                c.throttle.hit(self.clock(), 429, exc.retry_after, *self._rl)  # type: ignore[union-attr]
             elif exc.retryable:
                 h.failure(probe, exc.kind)
+                if exc.retry_after is not None and exc.kind == "overloaded":
+                    c.throttle.hit(self.clock(), 503, exc.retry_after, *self._rl)  # type: ignore[union-attr]
             else:  # the provider answered (the request was at fault): it is up
                 h.success(None, False, probe)
             raise
@@ -443,6 +481,9 @@ class Router:
             if timer is not None:
                 timer.handle.cancel()
         h.success(_perf() - t0 if op != "embed" else None, op == "stream", probe)
+        t = c.throttle
+        if t.streak:  # type: ignore[union-attr]
+            t.streak = 0  # type: ignore[union-attr]
         return res
 
     async def _hedged(self, ctx: RequestContext, cands: list[Candidate], req: ChatRequest,
@@ -459,15 +500,20 @@ class Router:
         last: GatewayError | None = None
         last_launch = 0.0
         hedge_delay: float | None = None
+        cooling: GatewayError | None = None
         counters = self.counters
         floor = hcfg.min_delay_ms / 1000.0
 
         def launch(hedge: bool) -> bool:
-            nonlocal idx, last_launch, hedge_delay
+            nonlocal idx, last_launch, hedge_delay, cooling
             while idx < len(cands):
                 c = cands[idx]
                 idx += 1
                 now = self.clock()
+                until = c.throttle.until  # type: ignore[union-attr]
+                if until > now:  # in a Retry-After cooldown: hedged mode does not wait
+                    cooling = self._cooling(c, until - now)
+                    continue
                 probe = c.health.acquire(now)  # type: ignore[union-attr]
                 if probe == DENIED:
                     continue
@@ -490,7 +536,7 @@ class Router:
 
         started = _perf()
         if not launch(False):
-            raise self._unavailable(cands, self.clock())
+            raise cooling or self._unavailable(cands, self.clock())
         try:
             while tasks:
                 now = self.clock()
