@@ -497,3 +497,99 @@ def test_alias_routes_to_per_provider_models(make_gateway, fakes):
     assert r.headers["x-helixagent-provider"] == "b"
     assert r.headers["x-helixagent-model"] == "gpt-4o-mini"
     assert fa.calls[0]["body"]["model"] == "gpt-4o" and fb.calls[0]["body"]["model"] == "gpt-4o-mini"
+
+
+# -- Retry-After cooldown across requests ------------------------------------------------------------
+def cooling(gw: Any, name: str) -> dict[str, float]:
+    return httpx.get(gw.url + "/health").json()["providers"][name].get("rate_limit_cooldown_s", {})
+
+
+def test_429_retry_after_benches_provider_model_across_requests(make_gateway, fakes):
+    fa, fb, _ = fakes
+    fa.push(Fault(status=429, headers={"retry-after": "2"}))
+    gw = make_gateway(two(fakes, a={"max_retries": 0}))
+    r = chat(gw)
+    assert r.status_code == 200 and r.headers["x-helixagent-provider"] == "b"
+    assert len(fa.calls) == 1 and len(fb.calls) == 1
+    # the next requests (plain and streamed) go straight to b: a is not called while it cools down
+    r = chat(gw)
+    assert r.status_code == 200, r.text
+    ChatCompletion.model_validate(r.json())
+    assert r.headers["x-helixagent-provider"] == "b" and "x-helixagent-attempts" not in r.headers
+    r = chat(gw, stream=True)
+    assert r.status_code == 200 and r.headers["x-helixagent-provider"] == "b"
+    ChatCompletionChunk.model_validate(sse_events(r)[0])
+    assert len(fa.calls) == 1 and len(fb.calls) == 3
+    left = cooling(gw, "a")
+    assert set(left) == {"gpt-4o-mini"} and 0 < left["gpt-4o-mini"] <= 2
+    # the cooldown is per (provider, model): a still serves gpt-4o
+    r = post(gw, {"model": "gpt-4o", "messages": MSG})
+    assert r.headers["x-helixagent-provider"] == "a" and len(fa.calls) == 2
+    # once the Retry-After has passed, a is first again
+    assert wait_until(lambda: not cooling(gw, "a"), timeout=5)
+    r = chat(gw)
+    assert r.status_code == 200 and r.headers["x-helixagent-provider"] == "a"
+    assert len(fa.calls) == 3 and len(fb.calls) == 3
+    assert fa.calls[2]["t"] - fa.calls[0]["t"] >= 1.95
+
+
+def test_single_candidate_in_cooldown_fails_fast_with_remaining_retry_after(make_gateway, fakes):
+    fa = fakes[0]
+    fa.push(Fault(status=429, headers={"retry-after": "30"}))
+    gw = make_gateway({"providers": [fa.provider("a")],
+                       "routing": {"retries": FAST_RETRIES, "rate_limit_cooldown_max": "10s"}})
+    r = chat(gw)
+    assert r.status_code == 429 and r.headers["retry-after"] == "30"  # the upstream's own answer
+    r = chat(gw)  # 10 s (the cap) > max_retry_after_ms: answered at once, upstream not called
+    assert r.status_code == 429, r.text
+    assert 9 <= int(r.headers["retry-after"]) <= 10
+    err = r.json()["error"]
+    assert err["type"] == "rate_limit_error" and err["code"] == "upstream_rate_limited"
+    assert "'a'" in err["message"] and "gpt-4o-mini" in err["message"]
+    with pytest.raises(openai.RateLimitError):
+        openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="gpt-4o-mini", messages=MSG)  # type: ignore[arg-type]
+    assert len(fa.calls) == 1
+
+
+def test_single_candidate_short_cooldown_is_waited_for(make_gateway, fakes):
+    fa = fakes[0]
+    fa.push(Fault(status=429, headers={"retry-after": "1"}))
+    gw = make_gateway({"providers": [fa.provider("a", max_retries=0)], "routing": {"retries": FAST_RETRIES}})
+    r = chat(gw)
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    r = chat(gw)  # 1 s <= max_retry_after_ms (3 s) and fits the budget: the gateway waits, then calls a
+    assert r.status_code == 200, r.text
+    assert len(fa.calls) == 2
+    assert fa.calls[1]["t"] - fa.calls[0]["t"] >= 0.95
+
+
+def test_overloaded_503_with_retry_after_benches_too(make_gateway, fakes):
+    fa, fb, _ = fakes
+    fa.push(Fault(status=503, headers={"retry-after": "20"}))
+    gw = make_gateway(two(fakes, a={"max_retries": 0}))
+    assert chat(gw).headers["x-helixagent-provider"] == "b"
+    assert chat(gw).headers["x-helixagent-provider"] == "b"
+    assert len(fa.calls) == 1 and len(fb.calls) == 2
+
+
+def test_429_without_retry_after_benches_only_after_consecutive_hits(make_gateway, fakes):
+    fa, fb, _ = fakes
+    fa.push(Fault(status=429), Fault(status=429))
+    gw = make_gateway(two(fakes, routing={"rate_limit_cooldown_after": 2, "rate_limit_cooldown_default": "20s"},
+                          a={"max_retries": 0}))
+    assert chat(gw).headers["x-helixagent-provider"] == "b"
+    assert not cooling(gw, "a")  # one 429 without Retry-After does not bench a
+    assert chat(gw).headers["x-helixagent-provider"] == "b"  # a was tried again: second 429 in a row
+    assert len(fa.calls) == 2 and set(cooling(gw, "a")) == {"gpt-4o-mini"}
+    assert chat(gw).headers["x-helixagent-provider"] == "b"
+    assert len(fa.calls) == 2 and len(fb.calls) == 3  # benched now
+
+
+def test_429_without_retry_after_single_hit_is_not_remembered(make_gateway, fakes):
+    fa, fb, _ = fakes
+    fa.push(Fault(status=429))
+    gw = make_gateway(two(fakes, a={"max_retries": 0}))
+    assert chat(gw).headers["x-helixagent-provider"] == "b"
+    r = chat(gw)
+    assert r.headers["x-helixagent-provider"] == "a" and len(fa.calls) == 2 and len(fb.calls) == 1

@@ -366,3 +366,85 @@ def test_rate_limits_give_no_breaker_verdict():
     assert h.acquire(clock()) == PROBE
     h.throttled(PROBE)  # frees the probe slot, stays half-open
     assert h.state == HALF_OPEN and h.acquire(clock()) == PROBE
+
+
+# -- Retry-After cooldown across requests ----------------------------------------------------------------
+from helixagent.routing.health import Throttle  # noqa: E402
+
+
+def test_throttle_rules_cap_default_and_streak():
+    t = Throttle("p", "m")
+    t.hit(100.0, 429, 5.0, 60.0, 1.0, 3)
+    assert t.until == 105.0 and t.status == 429
+    t.hit(100.0, 429, 600.0, 60.0, 1.0, 3)
+    assert t.until == 160.0  # capped
+    t.hit(200.0, 503, 2.0, 60.0, 1.0, 3)
+    assert t.until == 202.0 and t.status == 503  # the newest Retry-After wins
+    t = Throttle("p", "m")
+    t.hit(100.0, 429, 0.0, 60.0, 1.0, 3)
+    t.hit(100.0, 503, None, 60.0, 1.0, 3)  # an overload without Retry-After: the breaker's business
+    assert t.until == 0.0 and t.streak == 0
+    t.hit(100.0, 429, None, 60.0, 1.0, 3)
+    t.hit(100.0, 429, None, 60.0, 1.0, 3)
+    assert t.until == 0.0 and t.streak == 2
+    t.hit(100.0, 429, None, 60.0, 1.0, 3)
+    assert t.until == 101.0
+    off = Throttle("p", "m")
+    off.hit(100.0, 429, 30.0, 0.0, 1.0, 1)  # rate_limit_cooldown_max: 0 turns the feature off
+    assert off.until == 0.0
+
+
+def test_order_puts_cooling_candidates_last_soonest_first_and_health_shows_them():
+    r = make_router({"providers": [mock("a", priority=1), mock("b", priority=2), mock("c", priority=3)]})
+    now = r.clock()
+    r.health.throttle("a", "m").hit(now, 429, 10.0, 60.0, 1.0, 3)
+    r.health.throttle("b", "m").hit(now, 429, 5.0, 60.0, 1.0, 3)
+    assert names(r.order(r.plan("m", None), req())) == ["c", "b", "a"]
+    assert r.health.describe("a")["rate_limit_cooldown_s"] == {"m": 10.0}
+    assert "rate_limit_cooldown_s" not in r.health.describe("c")
+    r.clock.t += 6
+    assert names(r.order(r.plan("m", None), req())) == ["b", "c", "a"]
+    r.clock.t += 5
+    assert names(r.order(r.plan("m", None), req())) == ["a", "b", "c"]
+    assert "rate_limit_cooldown_s" not in r.health.describe("a")
+
+
+def _rl(retry_after=None) -> GatewayError:
+    return GatewayError(429, "slow down", retryable=True, retry_after=retry_after, kind="rate_limited")
+
+
+async def test_success_resets_the_429_streak():
+    r = scripted_router({"a": {"errors": [_rl(), _rl(), _rl()], "cfg": {"max_retries": 0}}, "b": {}},
+                        {"rate_limit_cooldown_after": 2})
+    t = r.health.throttle("a", "m")
+    assert (await run_chat(r)).provider == "b" and t.streak == 1
+    r.providers["a"].errors = []
+    assert (await run_chat(r)).provider == "a" and t.streak == 0
+    r.providers["a"].errors = [_rl()]
+    assert (await run_chat(r)).provider == "b" and t.streak == 1 and t.until == 0.0
+
+
+async def test_hedged_mode_skips_cooling_candidates_and_fails_fast_when_all_cool():
+    r = scripted_router({"a": {}, "b": {}}, {"hedging": {"enabled": True, "min_delay_ms": 50}})
+    now = r.clock()
+    r.health.throttle("a", "m").hit(now, 429, 1.0, 60.0, 1.0, 3)
+    ctx = await run_chat(r)
+    assert ctx.provider == "b" and r.providers["a"].calls == 0
+    r.health.throttle("b", "m").hit(now, 503, 2.0, 60.0, 1.0, 3)
+    with pytest.raises(GatewayError) as ei:
+        await run_chat(r)
+    assert ei.value.status == 429 and ei.value.kind == "rate_limit_cooldown"  # a is free first
+    assert 0 < ei.value.retry_after <= 1.0
+    assert r.providers["a"].calls == 0 and r.providers["b"].calls == 1
+
+
+async def test_sequential_all_cooling_beyond_max_retry_after_answers_without_calling():
+    r = scripted_router({"a": {}, "b": {}}, {"retries": {"max_retry_after_ms": 100}})
+    now = r.clock()
+    r.health.throttle("a", "m").hit(now, 429, 5.0, 60.0, 1.0, 3)
+    r.health.throttle("b", "m").hit(now, 503, 3.0, 60.0, 1.0, 3)
+    with pytest.raises(GatewayError) as ei:
+        await run_chat(r)
+    # the client learns the soonest a provider is free again: b's overload, in <= 3 s
+    assert ei.value.status == 503 and ei.value.code == "upstream_overloaded" and 0 < ei.value.retry_after <= 3.0
+    assert r.providers["a"].calls == 0 and r.providers["b"].calls == 0

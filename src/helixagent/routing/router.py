@@ -288,8 +288,11 @@ class Router:
                             code="providers_unavailable", retry_after=max(0.0, min(waits)) if waits else None,
                             kind="breaker_open")
 
-    def _cooling(self, c: Candidate, wait: float) -> GatewayError:
-        """The answer for a candidate skipped because of its Retry-After cooldown (no upstream call)."""
+    def _cooling(self, c: Candidate, wait: float, prev: GatewayError | None) -> GatewayError:
+        """The answer for a candidate skipped because of its Retry-After cooldown (no upstream call).
+        When several are skipped, the client learns the soonest any of them is free again."""
+        if prev is not None and prev.kind == "rate_limit_cooldown" and prev.retry_after <= wait:  # type: ignore[operator]
+            return prev
         t = c.throttle
         assert t is not None
         rl = t.status == 429
@@ -363,7 +366,7 @@ class Router:
                 if until > now:  # a Retry-After cooldown (this request's or another's): wait or move on
                     wait = until - now
                     if wait > self._max_retry_after or wait >= remaining:
-                        last = self._cooling(c, wait)
+                        last = self._cooling(c, wait, last)
                         if ctx.provider is None:
                             ctx.provider = c.name
                         break
@@ -512,7 +515,7 @@ class Router:
                 now = self.clock()
                 until = c.throttle.until  # type: ignore[union-attr]
                 if until > now:  # in a Retry-After cooldown: hedged mode does not wait
-                    cooling = self._cooling(c, until - now)
+                    cooling = self._cooling(c, until - now, cooling)
                     continue
                 probe = c.health.acquire(now)  # type: ignore[union-attr]
                 if probe == DENIED:
