@@ -8,7 +8,8 @@ Per request:
    price and static cost-per-token verdict.
 2. **Order**: the route's strategy orders the primary candidates (priority / cost / latency /
    weighted); the fallback chain follows.  Candidates whose circuit breaker is open, or whose estimated
-   cost exceeds ``max_cost_per_request``, are left out.
+   cost exceeds ``max_cost_per_request``, are left out; a (provider, model) still inside an upstream
+   429/503 ``Retry-After`` (see ``health.Throttle``) moves behind the others.
 3. **Execute**: attempts run one after another -- retries on the same provider with jittered
    exponential back-off that honours ``Retry-After``, then the next candidate -- all inside the
    request's budget (``routing.request_timeout_ms``); or, with hedging on, a second candidate is
