@@ -58,11 +58,6 @@ def test_openai_upstream_token_arrays(oa_gw, fake_openai):
 
 def test_openai_upstream_errors(oa_gw, fake_openai):
     c = client(oa_gw)
-    # a Retry-After above routing.retries.max_retry_after_ms is not waited for: the 429 reaches the client
-    fake_openai.push(Fault(status=429, headers={"retry-after": "30"}))
-    with pytest.raises(openai.RateLimitError) as ei:
-        c.embeddings.create(model="text-embedding-3-small", input="x")
-    assert ei.value.response.headers["retry-after"] == "30"
     # sticky: routing retries a bad upstream answer once on the same provider (routing.retries)
     fake_openai.sticky = Fault(status=200, body=b"<html>oops</html>")
     with pytest.raises(openai.InternalServerError) as ei:
@@ -75,6 +70,16 @@ def test_openai_upstream_errors(oa_gw, fake_openai):
     with pytest.raises(openai.NotFoundError):
         c.embeddings.create(model="no-such-embedder", input="x")
     assert fake_openai.api_key not in str(fake_openai.calls[-1]["body"])
+    # a Retry-After above routing.retries.max_retry_after_ms is not waited for: the 429 reaches the client
+    # (last: later requests for this model are answered from the cooldown without calling the upstream)
+    fake_openai.push(Fault(status=429, headers={"retry-after": "30"}))
+    with pytest.raises(openai.RateLimitError) as ei:
+        c.embeddings.create(model="text-embedding-3-small", input="x")
+    assert ei.value.response.headers["retry-after"] == "30"
+    calls = len(fake_openai.calls)
+    with pytest.raises(openai.RateLimitError) as ei:
+        c.embeddings.create(model="text-embedding-3-small", input="x")
+    assert 29 <= int(ei.value.response.headers["retry-after"]) <= 30 and len(fake_openai.calls) == calls
 
 
 def test_mock_deterministic_vectors(mock_gw):

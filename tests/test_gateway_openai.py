@@ -172,19 +172,25 @@ def test_sdk_exception_classes(gateway, fake_openai):
         c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert ei.value.response.headers["retry-after"] == "7"
     assert "openai" in ei.value.message
+    # the Retry-After is respected by later requests: answered at once, the upstream is not called
+    calls = len(fake_openai.calls)
+    with pytest.raises(openai.RateLimitError) as ei:
+        c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    assert 6 <= int(ei.value.response.headers["retry-after"]) <= 7 and len(fake_openai.calls) == calls
+    # (the cooldown is per model: gpt-4o is served meanwhile)
     # sticky: routing retries a 5xx once on the same provider (routing.retries)
     fake_openai.sticky = Fault(status=500)
     with pytest.raises(openai.InternalServerError) as ei:
-        c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+        c.chat.completions.create(model="gpt-4o", messages=MSG)
     assert ei.value.status_code == 502 and "'openai'" in ei.value.message
     fake_openai.sticky = Fault(status=503)
     with pytest.raises(openai.InternalServerError) as ei:
-        c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+        c.chat.completions.create(model="gpt-4o", messages=MSG)
     assert ei.value.status_code == 503
     fake_openai.sticky = None
     fake_openai.push(Fault(status=400, message="Invalid value for 'logit_bias'."))
     with pytest.raises(openai.BadRequestError) as ei:
-        c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+        c.chat.completions.create(model="gpt-4o", messages=MSG)
     assert "logit_bias" in ei.value.message
 
 

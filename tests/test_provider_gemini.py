@@ -175,11 +175,6 @@ def test_unsupported_is_400(gw, fake, kw, param):
 
 
 def test_errors(gw, fake):
-    fake.push(Fault(status=429))
-    with pytest.raises(openai.RateLimitError) as ei:
-        oai(gw).chat.completions.create(model="gemini-2.0-flash", messages=[{"role": "user", "content": "x"}])
-    assert "Resource has been exhausted" in ei.value.message
-    assert ei.value.response.headers["retry-after"] == "7"  # from Google's RetryInfo detail
     fake.push(Fault(status=400, message="* GenerateContentRequest.contents: bad"))
     with pytest.raises(openai.BadRequestError) as ei:
         oai(gw).chat.completions.create(model="gemini-2.0-flash", messages=[{"role": "user", "content": "x"}])
@@ -188,6 +183,16 @@ def test_errors(gw, fake):
     with pytest.raises(openai.InternalServerError) as ei:
         oai(gw).chat.completions.create(model="gemini-2.0-flash", messages=[{"role": "user", "content": "x"}])
     assert ei.value.status_code == 503
+    # last: the RetryInfo delay also benches gemini-2.0-flash for later requests (routing cooldown)
+    fake.push(Fault(status=429))
+    with pytest.raises(openai.RateLimitError) as ei:
+        oai(gw).chat.completions.create(model="gemini-2.0-flash", messages=[{"role": "user", "content": "x"}])
+    assert "Resource has been exhausted" in ei.value.message
+    assert ei.value.response.headers["retry-after"] == "7"  # from Google's RetryInfo detail
+    calls = len(fake.calls)
+    with pytest.raises(openai.RateLimitError) as ei:
+        oai(gw).chat.completions.create(model="gemini-2.0-flash", messages=[{"role": "user", "content": "x"}])
+    assert 6 <= int(ei.value.response.headers["retry-after"]) <= 7 and len(fake.calls) == calls
 
 
 def test_bad_key_is_gateway_side(make_gateway, fake):

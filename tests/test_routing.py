@@ -11,6 +11,7 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from fakes.openai_upstream import Fault, FakeOpenAI
+from support.observability import parse_metrics, value
 from support.servers import free_port, wait_until
 
 MSG = [{"role": "user", "content": "hello there"}]
@@ -504,6 +505,11 @@ def cooling(gw: Any, name: str) -> dict[str, float]:
     return httpx.get(gw.url + "/health").json()["providers"][name].get("rate_limit_cooldown_s", {})
 
 
+def cooldown_metric(gw: Any, provider: str, model: str) -> float:
+    m = parse_metrics(httpx.get(gw.url + "/metrics").text)
+    return value(m, "helixagent_provider_rate_limit_cooldown_seconds", provider=provider, model=model)
+
+
 def test_429_retry_after_benches_provider_model_across_requests(make_gateway, fakes):
     fa, fb, _ = fakes
     fa.push(Fault(status=429, headers={"retry-after": "2"}))
@@ -522,11 +528,14 @@ def test_429_retry_after_benches_provider_model_across_requests(make_gateway, fa
     assert len(fa.calls) == 1 and len(fb.calls) == 3
     left = cooling(gw, "a")
     assert set(left) == {"gpt-4o-mini"} and 0 < left["gpt-4o-mini"] <= 2
+    assert 0 < cooldown_metric(gw, "a", "gpt-4o-mini") <= 2
+    assert cooldown_metric(gw, "a", "gpt-4o") == 0
     # the cooldown is per (provider, model): a still serves gpt-4o
     r = post(gw, {"model": "gpt-4o", "messages": MSG})
     assert r.headers["x-helixagent-provider"] == "a" and len(fa.calls) == 2
     # once the Retry-After has passed, a is first again
     assert wait_until(lambda: not cooling(gw, "a"), timeout=5)
+    assert cooldown_metric(gw, "a", "gpt-4o-mini") == 0
     r = chat(gw)
     assert r.status_code == 200 and r.headers["x-helixagent-provider"] == "a"
     assert len(fa.calls) == 3 and len(fb.calls) == 3
@@ -543,6 +552,7 @@ def test_single_candidate_in_cooldown_fails_fast_with_remaining_retry_after(make
     r = chat(gw)  # 10 s (the cap) > max_retry_after_ms: answered at once, upstream not called
     assert r.status_code == 429, r.text
     assert 9 <= int(r.headers["retry-after"]) <= 10
+    assert 9 < cooldown_metric(gw, "a", "gpt-4o-mini") <= 10
     err = r.json()["error"]
     assert err["type"] == "rate_limit_error" and err["code"] == "upstream_rate_limited"
     assert "'a'" in err["message"] and "gpt-4o-mini" in err["message"]

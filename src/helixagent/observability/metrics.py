@@ -124,6 +124,11 @@ class Metrics:
         self.breaker = Gauge("helixagent_provider_breaker_state",
                              "Circuit breaker state: 0 closed, 1 half-open, 2 open (worst among live workers)",
                              ("provider",), registry=reg, multiprocess_mode="livemax")
+        self.cooldown = Gauge("helixagent_provider_rate_limit_cooldown_seconds",
+                              "Seconds left of an upstream Retry-After during which the router does not call "
+                              "this provider/model first (0 when none; longest among live workers)",
+                              PM, registry=reg, multiprocess_mode="livemax")
+        self._cooling: set[tuple[str, str]] = set()
         self.ttft = Histogram("helixagent_time_to_first_token_seconds",
                               "Time from arrival to the first streamed token", PM + ("endpoint",),
                               buckets=TTFT_BUCKETS, registry=reg)
@@ -353,6 +358,9 @@ class Metrics:
         health = gw.services.get("health")
         avail = getattr(health, "availability", None) if health is not None else None
         bstate = getattr(health, "breaker_state", None) if health is not None else None
+        cooling = getattr(health, "cooling", None) if health is not None else None
+        cooled = self._cooling
+        now_cooling: set[tuple[str, str]] = set()
         for name, p in gw.providers.items():
             enabled = bool(getattr(p.cfg, "enabled", True))
             value = 1.0 if enabled else 0.0
@@ -370,6 +378,16 @@ class Metrics:
                 except Exception:
                     log.debug("health.breaker_state(%s) failed", name, exc_info=True)
             self.breaker.labels(name).set(state)
+            if cooling is not None:
+                try:
+                    for model, left in dict(cooling(name)).items():
+                        now_cooling.add((name, model))
+                        self.cooldown.labels(name, model).set(max(0.0, float(left)))
+                except Exception:
+                    log.debug("health.cooling(%s) failed", name, exc_info=True)
+        for key in cooled - now_cooling:  # over: back to 0 (the series stays, bounded by models served)
+            self.cooldown.labels(*key).set(0.0)
+        cooled |= now_cooling
         limits = gw.services.get("limits")
         remaining = getattr(limits, "budget_remaining", None) if limits is not None else None
         if remaining is not None:
