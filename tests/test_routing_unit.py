@@ -448,3 +448,16 @@ async def test_sequential_all_cooling_beyond_max_retry_after_answers_without_cal
     # the client learns the soonest a provider is free again: b's overload, in <= 3 s
     assert ei.value.status == 503 and ei.value.code == "upstream_overloaded" and 0 < ei.value.retry_after <= 3.0
     assert r.providers["a"].calls == 0 and r.providers["b"].calls == 0
+
+
+async def test_candidate_that_starts_cooling_mid_request_is_not_waited_for_when_another_is_free():
+    r = scripted_router({"a": {}, "b": {}})
+    plan = r.plan("m", None)
+    cands = r.order(plan, req())
+    assert names(cands) == ["a", "b"]
+    # another request benches a after this one ordered its candidates
+    r.health.throttle("a", "m").hit(r.clock(), 429, 2.0, 60.0, 1.0, 3)
+    ctx = RequestContext("chat")
+    ctx.request = req()
+    c, _ = await asyncio.wait_for(r._sequential(ctx, cands, req(), "chat"), 1.0)
+    assert c.name == "b" and r.providers["a"].calls == 0

@@ -366,7 +366,10 @@ class Router:
                 until = c.throttle.until  # type: ignore[union-attr]
                 if until > now:  # a Retry-After cooldown (this request's or another's): wait or move on
                     wait = until - now
-                    if wait > self._max_retry_after or wait >= remaining:
+                    if (wait > self._max_retry_after or wait >= remaining
+                            or any(x.throttle.until <= now for x in cands[cands.index(c) + 1:])):  # type: ignore[union-attr]
+                        # too long to wait, or a later candidate is free (this one started cooling
+                        # during the request): move on
                         last = self._cooling(c, wait, last)
                         if ctx.provider is None:
                             ctx.provider = c.name
