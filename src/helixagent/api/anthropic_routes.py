@@ -7,14 +7,12 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-import orjson
-
 from ..errors import GatewayError
 from ..pipeline import RequestContext, Stage
 from ..tokens import estimate_messages
 from . import anthropic_format as afmt
-from .http import DisconnectWatch, Request, send_bytes, send_json, send_sse
-from .openai_routes import _parse, base_headers, disconnected, new_context
+from .http import Request, send_json
+from .openai_routes import base_headers, new_context, serve_chat
 
 
 def _headers(ctx: RequestContext) -> dict[str, str]:
@@ -24,37 +22,18 @@ def _headers(ctx: RequestContext) -> dict[str, str]:
 
 
 async def messages(gw: Any, req: Request) -> None:
-    ctx = new_context(gw, req, "chat", "anthropic")
-    parsed = await _parse(gw, req, ctx, lambda raw: afmt.parse_messages(raw, gw.providers))
-    pipeline = gw.chat_pipeline
-    if parsed is None:
-        entered = await pipeline.run_rejected(ctx)
-    else:
-        ctx.request, ctx.state["helix"] = parsed
-        beta = req.headers.get("anthropic-beta")
+    beta = req.headers.get("anthropic-beta")
+
+    def on_parsed(ctx: RequestContext) -> None:
         if beta:
             ctx.state["anthropic_beta"] = beta
             ctx.request.anthropic_beta = beta  # sent on by Anthropic providers only
-        watch = DisconnectWatch(req, disconnected, ctx)
-        try:
-            entered = await pipeline.run(ctx)
-        finally:
-            watch.stop()
-        if ctx.client_disconnected:  # nobody to answer: record the 499
-            await pipeline.finish(ctx, entered)
-            return
-    if ctx.error is not None or ctx.stream is None:
-        await pipeline.finish(ctx, entered)
-        h = _headers(ctx)
-        if ctx.error is not None:
-            h.update(ctx.error.response_headers())
-            await send_bytes(req.send, ctx.error.status, orjson.dumps(ctx.error.anthropic_body()), h)
-            return
-        body = afmt.render_message(ctx.response, ctx.request.model)
-        await send_bytes(req.send, 200, orjson.dumps(body), h)
-        return
-    frames = _sse_frames(ctx, pipeline.iterate(ctx, entered))
-    await send_sse(req, 200, _headers(ctx), frames, lambda: disconnected(ctx))
+
+    await serve_chat(gw, req, new_context(gw, req, "chat", "anthropic"),
+                     lambda raw: afmt.parse_messages(raw, gw.providers),
+                     render=lambda ctx: afmt.render_message(ctx.response, ctx.request.model),
+                     frames=_sse_frames, error_body=GatewayError.anthropic_body, headers=_headers,
+                     on_parsed=on_parsed)
 
 
 async def _sse_frames(ctx: RequestContext, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:

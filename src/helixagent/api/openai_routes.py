@@ -64,13 +64,26 @@ async def completions(gw: Any, req: Request) -> None:
 
 
 async def _serve_chat(gw: Any, req: Request, endpoint: str, parser: Any) -> None:
-    ctx = new_context(gw, req, endpoint)
-    parsed = await _parse(gw, req, ctx, lambda raw: parser(raw, gw.providers))
+    legacy = endpoint == "completion"
+    await serve_chat(
+        gw, req, new_context(gw, req, endpoint), lambda raw: parser(raw, gw.providers),
+        render=lambda ctx: fmt.render_completion(ctx.response) if legacy else fmt.render_chat(ctx.response),
+        frames=lambda ctx, chunks: _sse_frames(ctx, chunks, legacy),
+        error_body=GatewayError.openai_body)
+
+
+async def serve_chat(gw: Any, req: Request, ctx: RequestContext, parse: Any, *, render: Any, frames: Any,
+                     error_body: Any, headers: Any = base_headers, on_parsed: Any = None) -> None:
+    """Serve one chat-like request through the pipeline, whatever the client format: the format gives
+    its parser, its renderer for a whole answer, its SSE framer for a stream and its error shape."""
+    parsed = await _parse(gw, req, ctx, parse)
     pipeline = gw.chat_pipeline
     if parsed is None:  # a request that does not parse still passes the outer stages (logged, counted)
         entered = await pipeline.run_rejected(ctx)
     else:
         ctx.request, ctx.state["helix"] = parsed
+        if on_parsed is not None:
+            on_parsed(ctx)
         watch = DisconnectWatch(req, disconnected, ctx)
         try:
             entered = await pipeline.run(ctx)
@@ -81,14 +94,14 @@ async def _serve_chat(gw: Any, req: Request, endpoint: str, parser: Any) -> None
             return
     if ctx.error is not None or ctx.stream is None:
         await pipeline.finish(ctx, entered)
+        h = headers(ctx)
         if ctx.error is not None:
-            await _send_error(req, ctx)
+            h.update(ctx.error.response_headers())
+            await send_bytes(req.send, ctx.error.status, orjson.dumps(error_body(ctx.error)), h)
             return
-        body = fmt.render_chat(ctx.response) if endpoint == "chat" else fmt.render_completion(ctx.response)
-        await send_bytes(req.send, 200, orjson.dumps(body), base_headers(ctx))
+        await send_bytes(req.send, 200, orjson.dumps(render(ctx)), h)
         return
-    frames = _sse_frames(ctx, pipeline.iterate(ctx, entered), endpoint == "completion")
-    await send_sse(req, 200, base_headers(ctx), frames, lambda: disconnected(ctx))
+    await send_sse(req, 200, headers(ctx), frames(ctx, pipeline.iterate(ctx, entered)), lambda: disconnected(ctx))
 
 
 def disconnected(ctx: RequestContext) -> None:
