@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from helixagent.providers.sse import sse_events, sse_from_chunks
+from helixagent.providers.sse import sse_from_chunks
 
 
 async def agen(items):
@@ -26,11 +26,6 @@ EXPECTED = [("message_start", b'{"a":1}'), (None, b"line1\nline2"), (None, b'{"b
 def test_chunk_boundaries_anywhere(size):
     chunks = [STREAM[i:i + size] for i in range(0, len(STREAM), size)]
     assert collect(sse_from_chunks(agen(chunks))) == EXPECTED
-
-
-def test_line_parser_agrees():
-    lines = STREAM.replace(b"\r\n", b"\n").split(b"\n")
-    assert collect(sse_events(agen(lines))) == EXPECTED
 
 
 def test_trailing_event_without_blank_line():

@@ -15,7 +15,6 @@ from typing import Any, AsyncIterator
 import orjson
 
 from ..canonical import ChatRequest, ChatResponse
-from ..errors import GatewayError
 from .anthropic_mapping import (AnthropicStreamDecoder, AnthropicStreamError, anthropic_response_to_canonical,
                                 canonical_to_anthropic_request)
 from .base import Provider
@@ -76,11 +75,7 @@ class AnthropicProvider(Provider):
         dec = AnthropicStreamDecoder(model)
         try:
             async for _event, data in sse_from_chunks(resp.chunks()):
-                try:
-                    ev = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    raise GatewayError(502, f"provider {self.name!r} sent a malformed stream event",
-                                       provider=self.name, kind="stream_error") from None
+                ev = self.stream_event(data)
                 if not isinstance(ev, dict):
                     continue
                 try:
@@ -96,6 +91,4 @@ class AnthropicProvider(Provider):
         finally:
             resp.close()
         if not dec.done:
-            raise GatewayError(502, f"provider {self.name!r} ended the stream without message_stop",
-                               type="upstream_error", code="upstream_stream_error", provider=self.name,
-                               retryable=True, kind="stream_error")
+            raise self.stream_error("ended the stream without message_stop")

@@ -68,6 +68,18 @@ class Provider:
         return GatewayError(502, f"provider {self.name!r} returned {what}", provider=self.name, retryable=True,
                             kind="bad_upstream_body")
 
+    def stream_error(self, what: str, sep: str = " ") -> GatewayError:
+        """A broken upstream stream (retryable: before the first chunk routing may fail over)."""
+        return GatewayError(502, f"provider {self.name!r}{sep}{what}", type="upstream_error",
+                            code="upstream_stream_error", provider=self.name, retryable=True, kind="stream_error")
+
+    def stream_event(self, data: bytes) -> Any:
+        """One SSE data payload as JSON, or a stream error."""
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise self.stream_error("sent a malformed stream event") from None
+
     async def post_json(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[dict[str, Any], Any, bytes]:
         """POST, map a non-200 answer to an error, parse the JSON object: (object, headers, raw bytes)."""
         status, h, data = await self.http.post(url, body, headers)

@@ -72,11 +72,7 @@ class GeminiProvider(Provider):
         dec = GeminiStreamDecoder(model, self.name)
         try:
             async for _event, data in sse_from_chunks(resp.chunks()):
-                try:
-                    ev = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    raise GatewayError(502, f"provider {self.name!r} sent a malformed stream event",
-                                       provider=self.name, kind="stream_error") from None
+                ev = self.stream_event(data)
                 if isinstance(ev, list):  # a JSON-array stream (no alt=sse): treat items as events
                     evs = ev
                 else:
@@ -94,9 +90,7 @@ class GeminiProvider(Provider):
         finally:
             resp.close()
         if not dec.finished:
-            raise GatewayError(502, f"provider {self.name!r} ended the stream before a finishReason",
-                               type="upstream_error", code="upstream_stream_error", provider=self.name,
-                               retryable=True, kind="stream_error")
+            raise self.stream_error("ended the stream before a finishReason")
         yield dec.final()
 
     # -- embeddings --------------------------------------------------------------------------------

@@ -99,20 +99,6 @@ class UpstreamResponse:
                 return
             yield bytes(chunk)
 
-    async def lines(self) -> AsyncIterator[bytes]:
-        """Body lines without their line ending ('' for a blank line)."""
-        buf = b""
-        async for chunk in self.chunks():
-            buf += chunk
-            if b"\n" not in chunk:
-                continue
-            parts = buf.split(b"\n")
-            buf = parts.pop()
-            for p in parts:
-                yield p[:-1] if p[-1:] == b"\r" else p
-        if buf:
-            yield buf
-
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -75,23 +75,17 @@ class OpenAIProvider(Provider):
                 if data == b"[DONE]":
                     done = True
                     break
-                try:
-                    chunk = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    raise GatewayError(502, f"provider {self.name!r} sent a malformed stream event",
-                                       provider=self.name, retryable=True, code="upstream_stream_error", kind="stream_error") from None
+                chunk = self.stream_event(data)
                 if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
                     msg, _ = extract_error(data)
-                    raise GatewayError(502, f"provider {self.name!r}: " + self.scrub(msg or "stream error"),
-                                       provider=self.name, retryable=True, code="upstream_stream_error", kind="stream_error")
+                    raise self.stream_error(self.scrub(msg or "stream error"), sep=": ")
                 if chunk.get("object") == "text_completion":
                     chunk = _legacy_chunk_to_chat(chunk)
                 yield chunk
         finally:
             resp.close()
         if not done:
-            raise GatewayError(502, f"provider {self.name!r} ended the stream without [DONE]",
-                               provider=self.name, retryable=True, code="upstream_stream_error", kind="stream_error")
+            raise self.stream_error("ended the stream without [DONE]")
 
     async def embed(self, req: EmbeddingRequest) -> EmbeddingResponse:
         b = dict(req.params)
