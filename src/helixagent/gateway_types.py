@@ -1,0 +1,50 @@
+"""The gateway as the feature modules see it: the type of the ``gw`` every ``install(gw)`` and every route
+handler ``async def handler(gw, req)`` receives.
+
+A Protocol rather than ``app.Gateway`` itself, so a feature module depends on what it uses, not on app.py
+(which imports every feature).  ``app.Gateway`` implements it; mypy checks that where the gateway passes
+itself to a handler.  Shared services stay ``Any`` here (``gw.services["auth"]``): each is typed where it
+is defined.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, TypeAlias
+
+if TYPE_CHECKING:
+    from .api.http import Request
+    from .config import Config
+    from .errors import GatewayError
+    from .pipeline import Pipeline, Stage
+    from .providers import Provider
+    from .routing.router import Router
+
+RouteHandler: TypeAlias = "Callable[[GatewayLike, Request], Awaitable[None]]"
+PrefixHandler: TypeAlias = "Callable[[GatewayLike, Request, str], Awaitable[None]]"
+# http_done(scope, status, started, error): the access log of requests outside the pipeline
+HttpDone: TypeAlias = "Callable[[Any, int, float, GatewayError | None], None]"
+
+
+class GatewayLike(Protocol):
+    cfg: Config
+    providers: dict[str, Provider]
+    router: Router
+    services: dict[str, Any]          # shared services (store, limiter, cache, metrics, auth, health...)
+    routes: dict[tuple[str, str], RouteHandler]
+    chat_pipeline: Pipeline
+    embed_pipeline: Pipeline
+    http_done: HttpDone | None
+    started_at: float
+    version: str
+    mock_fallback: bool
+
+    def route(self, method: str, path: str, handler: RouteHandler, pipeline: bool = False) -> None: ...
+
+    def prefix_route(self, method: str, prefix: str, handler: PrefixHandler) -> None: ...
+
+    async def authorize(self, req: Request, action: str) -> Any: ...
+
+    def add_stage(self, stage: Stage) -> None: ...
+
+    def on_startup(self, fn: Callable[[], Awaitable[None]]) -> None: ...
+
+    def on_shutdown(self, fn: Callable[[], Awaitable[None]]) -> None: ...
