@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .gateway_types import GatewayLike
 
-def install_features(gw: Any) -> None:
+
+def install_features(gw: GatewayLike) -> None:
     from . import auth, cache, limits, routing
     from .api import anthropic_routes, openai_routes
     from .observability import stage as observability

@@ -28,6 +28,7 @@ import orjson
 
 from ..canonical import ChatRequest, ChatResponse, StreamAccumulator, Usage, new_chunk, usage_chunk
 from ..errors import GatewayError, bad_request
+from ..gateway_types import GatewayLike
 from ..pipeline import RequestContext, Stage
 from .backends import BackendUnavailable, CacheStats, MemoryBackend, RedisBackend
 from .key import cache_key, scope_of
@@ -601,7 +602,7 @@ class CacheStage(Stage):
                 self.svc.settle(p, "retry", None)
 
 
-def install(gw: Any) -> None:
+def install(gw: GatewayLike) -> None:
     cfg = gw.cfg.cache
     if not cfg.enabled:
         return

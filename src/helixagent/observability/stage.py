@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..api.http import _REQ_ID_OK
+from ..gateway_types import GatewayLike
 from ..pipeline import RequestContext, Stage
 from .access import AccessLog
 from .metrics import CONTENT_TYPE, FLUSH_SECONDS, Metrics
@@ -28,7 +29,7 @@ class ObservabilityStage(Stage):
     name = "observability"
     outer = True
 
-    def __init__(self, gw: Any):
+    def __init__(self, gw: GatewayLike):
         self.gw = gw
         self.metrics: Metrics | None = Metrics(gw) if gw.cfg.metrics.enabled else None
         self.window = Window()
@@ -145,7 +146,7 @@ class ObservabilityStage(Stage):
 
 
 # -- routes ---------------------------------------------------------------------------------------------------
-def install(gw: Any) -> ObservabilityStage:
+def install(gw: GatewayLike) -> ObservabilityStage:
     stage = ObservabilityStage(gw)
     gw.services["observability"] = stage
     gw.add_stage(stage)
@@ -154,7 +155,7 @@ def install(gw: Any) -> ObservabilityStage:
     if m is not None:
         gw.services["metrics"] = m
 
-        async def metrics_route(gw: Any, req: Any) -> None:
+        async def metrics_route(gw: GatewayLike, req: Any) -> None:
             from ..api.http import send_bytes
             if not gw.services["auth"].open:  # with a master key, the main port's /metrics is admin-only
                 await gw.authorize(req, "metrics")
@@ -201,7 +202,7 @@ def install(gw: Any) -> ObservabilityStage:
     gw.on_shutdown(flush_access_log)
     page = (STATIC / "dashboard.html").read_bytes()
 
-    async def dashboard(gw: Any, req: Any) -> None:
+    async def dashboard(gw: GatewayLike, req: Any) -> None:
         # The page is a static shell holding no data; the browser sends the admin key as a header to
         # /dashboard/data (a login form keeps it in sessionStorage, never in a URL).  So a browser
         # navigating here without a key (Accept: text/html) gets the shell and its sign-in form; any other
@@ -215,7 +216,7 @@ def install(gw: Any) -> ObservabilityStage:
                                                "x-frame-options": "DENY", "referrer-policy": "no-referrer"},
                          content_type=b"text/html; charset=utf-8")
 
-    async def dashboard_data(gw: Any, req: Any) -> None:
+    async def dashboard_data(gw: GatewayLike, req: Any) -> None:
         from ..api.http import send_json
         await gw.authorize(req, "admin")
         try:
