@@ -11,14 +11,12 @@ from . import __version__
 from .api.http import Request, send_json
 from .config import Config
 from .errors import GatewayError
+from .gateway_types import HttpDone, PrefixHandler, RouteHandler
 from .pipeline import Pipeline, Stage
 from .providers import Provider, build_provider, is_configured
 from .routing.router import Router
 
 log = logging.getLogger("helixagent")
-
-RouteHandler = Callable[["Gateway", Any], Awaitable[None]]
-
 
 class Gateway:
     """Everything one server process needs.  Feature modules register routes, stages and
@@ -42,7 +40,7 @@ class Gateway:
                 self.providers[pc.name] = build_provider(pc, cfg.http)
         self.router = Router(cfg, self.providers)
         self.routes: dict[tuple[str, str], RouteHandler] = {}
-        self.prefix_routes: list[tuple[str, str, Any]] = []
+        self.prefix_routes: list[tuple[str, str, PrefixHandler]] = []
         self.started_at = time.time()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.version = __version__
@@ -54,7 +52,7 @@ class Gateway:
         # Routes that run the pipeline (whose outer stages write the access line themselves); every other
         # request is reported to http_done(req, status, started, error) when set (the access log).
         self.pipeline_routes: set[tuple[str, str]] = set()
-        self.http_done: Callable[[Any, int, float, GatewayError | None], None] | None = None
+        self.http_done: HttpDone | None = None
         self.chat_pipeline = Pipeline([], self.router.handle_chat)
         self.embed_pipeline = Pipeline([], self.router.handle_embeddings)
         from .features import install_features
@@ -87,7 +85,7 @@ class Gateway:
             self.pipeline_routes.add((method, path))
         self.paths.setdefault(path, []).append(method)
 
-    def prefix_route(self, method: str, prefix: str, handler: Any) -> None:
+    def prefix_route(self, method: str, prefix: str, handler: PrefixHandler) -> None:
         """``handler(gw, req, rest)`` for paths under ``prefix`` (e.g. /v1/models/{id})."""
         self.prefix_routes.append((method, prefix, handler))
         self.paths.setdefault(prefix, []).append(method)
