@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config import parse_duration
 from ..errors import GatewayError, bad_request
+from ..gateway_types import GatewayLike
 from .http import Request, send_json
 from .openai_format import load_json_object
 
@@ -57,14 +58,14 @@ def expiry_of(body: dict[str, Any]) -> dt.datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
-async def _body(gw: Any, req: Request, required: bool = True) -> dict[str, Any]:
+async def _body(gw: GatewayLike, req: Request, required: bool = True) -> dict[str, Any]:
     raw = await req.body(gw.cfg.server.max_body_bytes)
     if not raw and not required:
         return {}
     return load_json_object(raw)
 
 
-async def create_key(gw: Any, req: Request) -> None:
+async def create_key(gw: GatewayLike, req: Request) -> None:
     await gw.authorize(req, "admin")
     body = await _body(gw, req)
     role = body.get("role", "user")
@@ -79,13 +80,13 @@ async def create_key(gw: Any, req: Request) -> None:
     await send_json(req.send, 201, out, {"cache-control": "no-store"})
 
 
-async def list_keys(gw: Any, req: Request) -> None:
+async def list_keys(gw: GatewayLike, req: Request) -> None:
     await gw.authorize(req, "admin")
     recs = await gw.services["keys"].list(user_id=req.q("user_id"), application=req.q("application"))
     await send_json(req.send, 200, {"object": "list", "data": [r.public() for r in recs]})
 
 
-async def key_action(gw: Any, req: Request, rest: str) -> None:
+async def key_action(gw: GatewayLike, req: Request, rest: str) -> None:
     await gw.authorize(req, "admin")
     key_id, _, action = rest.partition("/")
     store = gw.services["keys"]
@@ -108,7 +109,7 @@ async def key_action(gw: Any, req: Request, rest: str) -> None:
     await send_json(req.send, 201, out, {"cache-control": "no-store"})
 
 
-async def get_or_delete_key(gw: Any, req: Request, rest: str) -> None:
+async def get_or_delete_key(gw: GatewayLike, req: Request, rest: str) -> None:
     """GET /admin/keys/{id} shows one key; DELETE /admin/keys/{id} revokes it (same as POST .../revoke)."""
     await gw.authorize(req, "admin")
     if not rest or "/" in rest:
@@ -122,7 +123,7 @@ async def get_or_delete_key(gw: Any, req: Request, rest: str) -> None:
     await send_json(req.send, 200, (await store.get_or_404(rest)).public())
 
 
-def install(gw: Any) -> None:
+def install(gw: GatewayLike) -> None:
     gw.route("POST", "/admin/keys", create_key)
     gw.route("GET", "/admin/keys", list_keys)
     gw.prefix_route("POST", "/admin/keys/", key_action)
