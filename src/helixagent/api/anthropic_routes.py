@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 from ..errors import GatewayError
+from ..gateway_types import GatewayLike
 from ..pipeline import RequestContext, Stage
 from ..tokens import estimate_messages
 from . import anthropic_format as afmt
@@ -21,7 +22,7 @@ def _headers(ctx: RequestContext) -> dict[str, str]:
     return h
 
 
-async def messages(gw: Any, req: Request) -> None:
+async def messages(gw: GatewayLike, req: Request) -> None:
     beta = req.headers.get("anthropic-beta")
 
     def on_parsed(ctx: RequestContext) -> None:
@@ -45,7 +46,7 @@ async def _sse_frames(ctx: RequestContext, chunks: AsyncIterator[dict[str, Any]]
     yield tr.end(ctx.error)
 
 
-async def count_tokens(gw: Any, req: Request) -> None:
+async def count_tokens(gw: GatewayLike, req: Request) -> None:
     """Anthropic's token counting endpoint, answered from HelixAgent's local estimate (no upstream call)."""
     await gw.authorize(req, "completions")
     raw = await req.body(gw.cfg.server.max_body_bytes)
@@ -61,7 +62,7 @@ class AnthropicFeatureStage(Stage):
 
     name = "anthropic_features"
 
-    def __init__(self, gw: Any):
+    def __init__(self, gw: GatewayLike):
         self.gw = gw
 
     async def pre(self, ctx: RequestContext) -> bool:
@@ -87,7 +88,7 @@ class AnthropicFeatureStage(Stage):
         return False
 
 
-def install(gw: Any) -> None:
+def install(gw: GatewayLike) -> None:
     gw.route("POST", "/v1/messages", messages, pipeline=True)
     gw.route("POST", "/v1/messages/count_tokens", count_tokens)
     gw.add_stage(AnthropicFeatureStage(gw))
