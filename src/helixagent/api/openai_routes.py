@@ -7,6 +7,7 @@ from typing import Any, AsyncIterator
 import orjson
 
 from ..errors import GatewayError
+from ..gateway_types import GatewayLike
 from ..pipeline import RequestContext
 from . import openai_format as fmt
 from .http import DisconnectWatch, Request, send_bytes, send_json, send_sse
@@ -14,7 +15,7 @@ from .http import DisconnectWatch, Request, send_bytes, send_json, send_sse
 _DONE = b"data: [DONE]\n\n"
 
 
-def new_context(gw: Any, req: Request, endpoint: str, client_format: str = "openai") -> RequestContext:
+def new_context(gw: GatewayLike, req: Request, endpoint: str, client_format: str = "openai") -> RequestContext:
     ctx = RequestContext(endpoint, client_format, client_request_id=req.request_id())
     ctx.method = req.method
     ctx.path = req.path
@@ -45,7 +46,7 @@ async def _send_error(req: Request, ctx: RequestContext) -> None:
     await send_bytes(req.send, ctx.error.status, orjson.dumps(ctx.error.openai_body()), h)
 
 
-async def _parse(gw: Any, req: Request, ctx: RequestContext, parser: Any) -> Any:
+async def _parse(gw: GatewayLike, req: Request, ctx: RequestContext, parser: Any) -> Any:
     try:
         raw = await req.body(gw.cfg.server.max_body_bytes)
         ctx.raw_body = raw
@@ -55,15 +56,15 @@ async def _parse(gw: Any, req: Request, ctx: RequestContext, parser: Any) -> Any
         return None
 
 
-async def chat_completions(gw: Any, req: Request) -> None:
+async def chat_completions(gw: GatewayLike, req: Request) -> None:
     await _serve_chat(gw, req, "chat", fmt.parse_chat)
 
 
-async def completions(gw: Any, req: Request) -> None:
+async def completions(gw: GatewayLike, req: Request) -> None:
     await _serve_chat(gw, req, "completion", fmt.parse_completion)
 
 
-async def _serve_chat(gw: Any, req: Request, endpoint: str, parser: Any) -> None:
+async def _serve_chat(gw: GatewayLike, req: Request, endpoint: str, parser: Any) -> None:
     legacy = endpoint == "completion"
     await serve_chat(
         gw, req, new_context(gw, req, endpoint), lambda raw: parser(raw, gw.providers),
@@ -72,7 +73,7 @@ async def _serve_chat(gw: Any, req: Request, endpoint: str, parser: Any) -> None
         error_body=GatewayError.openai_body)
 
 
-async def serve_chat(gw: Any, req: Request, ctx: RequestContext, parse: Any, *, render: Any, frames: Any,
+async def serve_chat(gw: GatewayLike, req: Request, ctx: RequestContext, parse: Any, *, render: Any, frames: Any,
                      error_body: Any, headers: Any = base_headers, on_parsed: Any = None) -> None:
     """Serve one chat-like request through the pipeline, whatever the client format: the format gives
     its parser, its renderer for a whole answer, its SSE framer for a stream and its error shape."""
@@ -131,7 +132,7 @@ async def _sse_frames(ctx: RequestContext, chunks: AsyncIterator[dict[str, Any]]
         yield _DONE
 
 
-async def embeddings(gw: Any, req: Request) -> None:
+async def embeddings(gw: GatewayLike, req: Request) -> None:
     ctx = new_context(gw, req, "embeddings")
     parsed = await _parse(gw, req, ctx, lambda raw: fmt.parse_embeddings(raw, gw.providers))
     pipeline = gw.embed_pipeline
@@ -161,7 +162,7 @@ async def embeddings(gw: Any, req: Request) -> None:
     await send_bytes(req.send, 200, orjson.dumps(body), base_headers(ctx))
 
 
-async def list_models(gw: Any, req: Request) -> None:
+async def list_models(gw: GatewayLike, req: Request) -> None:
     await gw.authorize(req, "models")
     created = int(gw.started_at)
     seen: set[str] = set()
@@ -180,7 +181,7 @@ async def list_models(gw: Any, req: Request) -> None:
     await send_json(req.send, 200, {"object": "list", "data": data})
 
 
-async def get_model(gw: Any, req: Request, model_id: str) -> None:
+async def get_model(gw: GatewayLike, req: Request, model_id: str) -> None:
     await gw.authorize(req, "models")
     for p in gw.router.ordered:
         for m in p.models():
@@ -191,7 +192,7 @@ async def get_model(gw: Any, req: Request, model_id: str) -> None:
     raise GatewayError(404, f"the model {model_id!r} does not exist", code="model_not_found", param="model")
 
 
-async def health(gw: Any, req: Request) -> None:
+async def health(gw: GatewayLike, req: Request) -> None:
     """Liveness for everyone (the seed's `curl -f http://localhost:7061/health` health check sends no
     key); with a key of any role, also each provider's state.  A wrong key is still a 401."""
     if req.bearer() is None and not gw.services["auth"].open:
@@ -215,7 +216,7 @@ async def health(gw: Any, req: Request) -> None:
                                     "mock_fallback": gw.mock_fallback, "providers": providers})
 
 
-def install(gw: Any) -> None:
+def install(gw: GatewayLike) -> None:
     gw.route("POST", "/v1/chat/completions", chat_completions, pipeline=True)
     gw.route("POST", "/v1/completions", completions, pipeline=True)
     gw.route("POST", "/v1/embeddings", embeddings, pipeline=True)
