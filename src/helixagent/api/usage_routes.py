@@ -8,6 +8,7 @@ import datetime as dt
 from typing import Any
 
 from ..errors import GatewayError
+from ..gateway_types import GatewayLike
 from ..store import queries
 from .http import Request, send_json
 
@@ -18,7 +19,7 @@ def _bad(msg: str, param: str) -> GatewayError:
     return GatewayError(400, msg, param=param, code="invalid_request")
 
 
-async def usage(gw: Any, req: Request) -> None:
+async def usage(gw: GatewayLike, req: Request) -> None:
     ident = await gw.authorize(req, "usage")
     store = gw.services["records"]
     now = dt.datetime.now(dt.timezone.utc)
@@ -69,5 +70,5 @@ async def usage(gw: Any, req: Request) -> None:
     await send_json(req.send, 200, result)
 
 
-def install(gw: Any) -> None:
+def install(gw: GatewayLike) -> None:
     gw.route("GET", "/v1/usage", usage)
