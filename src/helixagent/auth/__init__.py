@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from ..errors import GatewayError
+from ..gateway_types import GatewayLike
 from ..pipeline import ANONYMOUS_LOCAL, Identity, RequestContext, Stage
 from .keys import KEY_PREFIX, KeyRecord, KeyStore, hash_key
 
@@ -233,7 +234,7 @@ def auth_redis_url(cfg: Any) -> str | None:
     return rl.redis_url if rl.backend == "redis" else None
 
 
-def install(gw: Any) -> None:
+def install(gw: GatewayLike) -> None:
     from ..store.db import make_engine
 
     cfg = gw.cfg
