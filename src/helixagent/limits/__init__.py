@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable
 
 from ..errors import GatewayError
+from ..gateway_types import GatewayLike
 from ..pipeline import RequestContext, Stage
 from ..tokens import estimate_messages, estimate_text
 from .backends import (DAY, DAY_MS, GCRA, MINUTE_MS, MONTH, SLIDING, BackendUnavailable, MemoryBackend,
@@ -96,7 +97,7 @@ def fmt_reset(seconds: float) -> str:
 class Limiter:
     """The configured limits and the backend, shared by the stage and by anyone who wants counters."""
 
-    def __init__(self, cfg: Any, backend: Any, gw: Any = None):
+    def __init__(self, cfg: Any, backend: Any, gw: GatewayLike | None = None):
         self.cfg = cfg
         rl = cfg.rate_limits
         self.rl = rl
@@ -501,7 +502,7 @@ def configured_budgets(rl: Any) -> list[tuple[str, str]]:
     return list(dict.fromkeys(out))
 
 
-def install(gw: Any) -> None:
+def install(gw: GatewayLike) -> None:
     backend = make_backend(gw.cfg)
     limiter = Limiter(gw.cfg, backend, gw)
     gw.services["limits"] = limiter
