@@ -29,6 +29,8 @@ from typing import Any, Iterable
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from ..gateway_types import GatewayLike
+
 log = logging.getLogger("helixagent.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -101,7 +103,7 @@ class Series:
 
 
 class Metrics:
-    def __init__(self, gw: Any):
+    def __init__(self, gw: GatewayLike):
         cfg = gw.cfg
         self.gw = gw
         self.multiprocess = multiprocess_active()
@@ -497,7 +499,7 @@ def prepare_multiprocess_dir(path: str) -> None:
             pass
 
 
-def known_models(gw: Any) -> set[str]:
+def known_models(gw: GatewayLike) -> set[str]:
     cfg = gw.cfg
     out: set[str] = set()
     for p in cfg.providers:
