@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from ..config import Config, ConfigError
+from ..gateway_types import GatewayLike
 from ..pipeline import RequestContext, Stage
 from . import queries
 from .crypto import Keyring, KeyError_
@@ -111,7 +112,7 @@ class RecordStore:
                 log.warning("retention purge failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
 
 
-def install(gw: Any) -> None:
+def install(gw: GatewayLike) -> None:
     from ..api import usage_routes
     store = RecordStore(gw.cfg, keyring_for(gw.cfg))
     gw.services["records"] = store
