@@ -45,7 +45,8 @@ class GatewayError(Exception):
         self.kind = kind or (code or self.openai_type())
 
     def openai_type(self) -> str:
-        return self.type or _OPENAI_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return self.type or _OPENAI_TYPES.get(self.status,
+                                              "server_error" if self.status >= 500 else "invalid_request_error")
 
     def openai_body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.openai_type(), "param": self.param,
@@ -53,7 +54,7 @@ class GatewayError(Exception):
 
     def anthropic_body(self) -> dict[str, Any]:
         t = _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
-        if self.type in _ANTHROPIC_TYPES.values():
+        if self.type is not None and self.type in _ANTHROPIC_TYPES.values():
             t = self.type
         return {"type": "error", "error": {"type": t, "message": self.message}}
 

@@ -8,7 +8,7 @@ import asyncio
 import datetime as dt
 import json
 import sys
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from ..config import ConfigError, load_config, parse_duration
 
@@ -77,7 +77,7 @@ def _run(fn: Any, args: argparse.Namespace) -> int:
         return 1
 
 
-async def _with_store(fn: Any, cfg: Any, args: argparse.Namespace) -> int:
+async def _with_store(fn: Callable[..., Awaitable[int]], cfg: Any, args: argparse.Namespace) -> int:
     from ..store.db import make_engine
     from .keys import KeyStore
     engine = make_engine(cfg.database.url)

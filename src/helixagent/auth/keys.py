@@ -135,7 +135,8 @@ class KeyRecord:
 
     def public(self) -> dict[str, Any]:
         """What the admin API and CLI show: never the hash, never the secret."""
-        iso = lambda v: v.isoformat() if v is not None else None  # noqa: E731
+        def iso(v: dt.datetime | None) -> str | None:
+            return v.isoformat() if v is not None else None
         return {"id": self.id, "object": "api_key", "prefix": self.prefix, "user_id": self.user_id,
                 "application": self.application, "role": self.role, "status": self.status(),
                 "expires_at": iso(self.expires_at), "revoked_at": iso(self.revoked_at),

@@ -22,11 +22,14 @@ Numbers of the sampling parameters are normalised (``0`` and ``0.0`` are one key
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from ..canonical import ChatRequest
+
+if TYPE_CHECKING:
+    from ..pipeline import Identity
 
 # Request fields that do not change the answer and so never split the cache.
 IGNORED_PARAMS = frozenset((
@@ -47,7 +50,7 @@ _SORT = orjson.OPT_SORT_KEYS
 _blake2b = hashlib.blake2b
 
 
-def scope_of(identity: Any, mode: str) -> str:
+def scope_of(identity: Identity | None, mode: str) -> str:
     """The tenant part of the key."""
     if mode == "global" or identity is None:
         return ""

@@ -70,7 +70,9 @@ def complete(resp: ChatResponse | None) -> bool:
     if resp is None:
         return False
     choices = resp.body.get("choices")
-    return bool(choices) and all(c.get("finish_reason") for c in choices)
+    if not choices:
+        return False
+    return all(c.get("finish_reason") for c in choices)
 
 
 def replay(resp: ChatResponse, include_usage: bool) -> list[dict[str, Any]]:

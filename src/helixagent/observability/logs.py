@@ -41,7 +41,8 @@ def configure_logging(cfg: Any) -> None:
         if getattr(h, "_helixagent", False):
             root.removeHandler(h)
             h.close()
-    handler: logging.Handler = logging.FileHandler(cfg.file) if getattr(cfg, "file", None) else logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = (logging.FileHandler(cfg.file) if getattr(cfg, "file", None)
+                                else logging.StreamHandler(sys.stderr))
     handler._helixagent = True  # type: ignore[attr-defined]
     SINK = None
     if cfg.format == "json":

@@ -193,7 +193,7 @@ def _default_provider(trace: Any, service_name: str) -> None:
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter  # type: ignore
         except ImportError:
-            OTLPSpanExporter = None  # type: ignore[assignment]
+            OTLPSpanExporter = None  # type: ignore[assignment, unused-ignore]
     if OTLPSpanExporter is not None:
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     else:

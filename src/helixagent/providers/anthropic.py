@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 import orjson
 
 from ..canonical import ChatRequest, ChatResponse
+from ..config import HTTPConfig, ProviderConfig
 from .anthropic_mapping import (AnthropicStreamDecoder, AnthropicStreamError, anthropic_response_to_canonical,
                                 canonical_to_anthropic_request)
 from .base import Provider
@@ -26,7 +27,7 @@ DEFAULT_VERSION = "2023-06-01"
 class AnthropicProvider(Provider):
     wire = "anthropic"
 
-    def __init__(self, cfg, http):
+    def __init__(self, cfg: ProviderConfig, http: HTTPConfig):
         super().__init__(cfg, http)
         h = {"content-type": "application/json", "accept": "application/json",
              "anthropic-version": cfg.api_version or DEFAULT_VERSION}

@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator
 import orjson
 
 from ..canonical import ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingResponse, Usage
+from ..config import HTTPConfig, ProviderConfig
 from ..errors import GatewayError, bad_request
 from ..tokens import estimate_text
 from .base import Provider
@@ -22,7 +23,7 @@ __all__ = ["GeminiProvider"]
 class GeminiProvider(Provider):
     wire = "gemini"
 
-    def __init__(self, cfg, http):
+    def __init__(self, cfg: ProviderConfig, http: HTTPConfig):
         super().__init__(cfg, http)
         h = {"content-type": "application/json", "accept": "application/json"}
         if cfg.api_key:
@@ -47,7 +48,8 @@ class GeminiProvider(Provider):
 
     def map_error(self, status: int, data: bytes, headers: Any = None) -> GatewayError:
         msg, gstatus, reason, delay = google_error(data)
-        if reason in ("API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED") or gstatus in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        if (reason in ("API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED")
+                or gstatus in ("UNAUTHENTICATED", "PERMISSION_DENIED")):
             status = 401
         elif status in (200, 0) or status >= 600:
             status = _GOOGLE_STATUS.get(gstatus or "", 502)
@@ -84,7 +86,8 @@ class GeminiProvider(Provider):
                         out = dec.feed(e)
                     except StreamErrorEvent as exc:
                         code = exc.err.get("code")
-                        raise self.map_error(code if isinstance(code, int) else 0, orjson.dumps({"error": exc.err})) from None
+                        raise self.map_error(code if isinstance(code, int) else 0,
+                                             orjson.dumps({"error": exc.err})) from None
                     for c in out:
                         yield c
         finally:
@@ -95,7 +98,7 @@ class GeminiProvider(Provider):
 
     # -- embeddings --------------------------------------------------------------------------------
     async def embed(self, req: EmbeddingRequest) -> EmbeddingResponse:
-        inputs = req.input
+        inputs: list[Any] = req.input
         if isinstance(inputs, str):
             inputs = [inputs]
         if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) for x in inputs):

@@ -51,7 +51,7 @@ class Headers:
         return default if v is None else v
 
     def __getitem__(self, name: str) -> str:
-        v = self._resp.get_header(name)
+        v: str | None = self._resp.get_header(name)
         if v is None:
             raise KeyError(name)
         return v

@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator
 import orjson
 
 from ..canonical import ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingResponse, Usage
+from ..config import HTTPConfig, ProviderConfig
 from ..errors import GatewayError
 from .base import Provider, extract_error
 from .sse import sse_from_chunks
@@ -17,7 +18,7 @@ from .sse import sse_from_chunks
 class OpenAIProvider(Provider):
     wire = "openai"
 
-    def __init__(self, cfg, http):
+    def __init__(self, cfg: ProviderConfig, http: HTTPConfig):
         super().__init__(cfg, http)
         h = {"content-type": "application/json", "accept": "application/json"}
         if cfg.api_key:
@@ -68,7 +69,7 @@ class OpenAIProvider(Provider):
         url = self.url_completions if req.endpoint == "completion" else self.url_chat
         return self._chunks(await self.open_sse(url, self.body(req, True), self.headers))
 
-    async def _chunks(self, resp) -> AsyncIterator[dict[str, Any]]:
+    async def _chunks(self, resp: Any) -> AsyncIterator[dict[str, Any]]:
         done = False
         try:
             async for _event, data in sse_from_chunks(resp.chunks()):

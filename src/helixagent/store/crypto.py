@@ -20,6 +20,7 @@ import binascii
 import datetime as dt
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -115,7 +116,7 @@ class Keyring:
         self.active_id = self.active.id
 
     @classmethod
-    def from_config(cls, enc_cfg: object, env: dict[str, str] | None = None) -> "Keyring | None":
+    def from_config(cls, enc_cfg: object, env: Mapping[str, str] | None = None) -> Keyring | None:
         """The keyring for ``encryption:``; None when encryption is disabled."""
         env = os.environ if env is None else env
         if not getattr(enc_cfg, "enabled", False):

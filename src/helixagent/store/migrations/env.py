@@ -30,6 +30,8 @@ def run_migrations_online() -> None:
         _run(conn)
         return
     url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("alembic: no database URL (config.attributes['url'] or sqlalchemy.url)")
     engine = make_sync_engine(url)
     try:
         with engine.connect() as connection:
