@@ -1,4 +1,5 @@
-"""Prices for routing: the provider catalogue when this build has it, else ``providers[].model_prices``.
+"""Prices for routing: the provider catalogue (with its ``providers[].model_prices`` overrides), else
+``providers[].model_prices`` alone.
 
 ``price(cfg, model)`` -> ``(input_per_token, output_per_token)`` in US dollars, or None when unknown.
 Unknown prices never make routing skip a provider (a cost limit cannot be checked against an unknown
@@ -6,24 +7,18 @@ price) and give no ``x-helixagent-cost`` header.
 """
 from __future__ import annotations
 
-from typing import Any
-
+from ..canonical import Usage
 from ..config import ProviderConfig
-
-try:  # the shipped price catalogue (providers/catalogue.py) with its per-provider overrides
-    from ..providers import catalogue as _catalogue  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the build
-    _catalogue = None
+from ..providers import catalogue as _catalogue  # the shipped price catalogue with its per-provider overrides
 
 
 def price(cfg: ProviderConfig, model: str) -> tuple[float, float] | None:
-    if _catalogue is not None:
-        try:
-            p = _catalogue.price(cfg, model)
-        except Exception:
-            p = None
-        if p is not None:
-            return float(p[0] or 0.0), float(p[1] or 0.0)
+    try:
+        p = _catalogue.price(cfg, model)
+    except Exception:
+        p = None
+    if p is not None:
+        return float(p[0] or 0.0), float(p[1] or 0.0)
     mp = cfg.model_prices.get(model)
     if mp is None or (mp.input_per_mtok is None and mp.output_per_mtok is None):
         return None
@@ -42,12 +37,13 @@ def format_cost(cost: float) -> str:
     return s or "0"
 
 
-def usage_cost(cfg: ProviderConfig, model: str, p: tuple[float, float] | None, usage: Any) -> float | None:
+def usage_cost(cfg: ProviderConfig, model: str, p: tuple[float, float] | None, usage: Usage | None) -> float | None:
     """The cost of a finished call from its real usage (cached prompt tokens at the catalogue's cache
     prices when it has them)."""
     if p is None or usage is None:
         return None
-    if _catalogue is not None and (usage.cache_read_tokens or usage.cache_creation_tokens):
+    if usage.cache_read_tokens or usage.cache_creation_tokens:
+        c: float | None
         try:
             c = _catalogue.estimate_cost(cfg, model, usage.prompt_tokens, usage.completion_tokens,
                                          usage.cache_read_tokens, usage.cache_creation_tokens)
