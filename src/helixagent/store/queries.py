@@ -148,7 +148,8 @@ async def rotate(engine: AsyncEngine, keyring: Keyring, batch_size: int = 500,
     last = ""
     has_body = or_(C.c.request_body.is_not(None), C.c.response_body.is_not(None))
     # the key id must still be the one we decrypted with (a concurrent rotation may have moved the row on)
-    vals: dict[str, Any] = dict(request_body=bindparam("rb"), response_body=bindparam("pb"), enc_key_id=bindparam("kid"))
+    vals: dict[str, Any] = dict(request_body=bindparam("rb"), response_body=bindparam("pb"),
+                                enc_key_id=bindparam("kid"))
     upd_keyed = update(C).where(and_(C.c.request_id == bindparam("rid"), C.c.enc_key_id == bindparam("old"))
                                 ).values(**vals)
     upd_clear = update(C).where(and_(C.c.request_id == bindparam("rid"), C.c.enc_key_id.is_(None))).values(**vals)
