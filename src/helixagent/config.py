@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +27,8 @@ PROVIDER_DEFAULTS: dict[str, dict[str, str]] = {
     "mock": {"base_url": "", "api_key_env": ""},
 }
 # A provider named like a vendor gets that vendor's type (the seed writes just `name: claude`).
-NAME_TO_TYPE = {
+ProviderType = Literal["openai", "deepseek", "openai_compatible", "anthropic", "gemini", "mock"]
+NAME_TO_TYPE: dict[str, ProviderType] = {
     "openai": "openai", "gpt": "openai", "azure": "openai",
     "claude": "anthropic", "anthropic": "anthropic",
     "deepseek": "deepseek",
@@ -67,7 +69,7 @@ class ModelPrice(Strict):
 
 class ProviderConfig(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    type: Literal["openai", "deepseek", "openai_compatible", "anthropic", "gemini", "mock"] | None = None
+    type: ProviderType | None = None
     base_url: str | None = None
     api_key: str | None = None
     models: list[str] = Field(default_factory=list)
@@ -140,8 +142,8 @@ class ServerConfig(Strict):
 # The fields of the access log (one line per request); `logging.fields` selects a subset.
 ACCESS_LOG_FIELDS = (
     "timestamp", "method", "path", "ip", "user_agent", "response_time", "status_code", "request_id",
-    "client_request_id", "endpoint", "provider", "model", "stream", "tokens", "cost", "cache", "key_id", "user", "application",
-    "error", "fallbacks", "retries", "ttft", "upstream_latency",
+    "client_request_id", "endpoint", "provider", "model", "stream", "tokens", "cost", "cache", "key_id", "user",
+    "application", "error", "fallbacks", "retries", "ttft", "upstream_latency",
 )
 
 
@@ -443,7 +445,7 @@ class ConfigError(Exception):
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
 
-def interpolate(text: str, env: dict[str, str] | None = None) -> str:
+def interpolate(text: str, env: Mapping[str, str] | None = None) -> str:
     """Replace ``${VAR}`` and ``${VAR:-default}``; an unset ``${VAR}`` without default becomes empty."""
     env = os.environ if env is None else env
 
@@ -518,7 +520,8 @@ def masked_dict(cfg: Config) -> dict[str, Any]:
             return re.sub(r"://([^:/@]+):([^@]+)@", r"://\1:****@", obj)
         return obj
 
-    return mask(data)
+    masked: dict[str, Any] = mask(data)
+    return masked
 
 
 def mask_secret(s: str) -> str:
