@@ -1,4 +1,5 @@
-"""Gemini wire format (the mapping; the provider is in ``gemini.py``): the Gemini API ``generateContent`` / ``streamGenerateContent?alt=sse`` /
+"""Gemini wire format (the mapping; the provider is in ``gemini.py``): the Gemini API ``generateContent`` /
+``streamGenerateContent?alt=sse`` /
 ``embedContent`` / ``batchEmbedContents`` (``{base_url}/v1beta/models/{model}:{method}``, key in the
 ``x-goog-api-key`` header; a base_url already ending in ``/v1beta`` or ``/v1`` is used as is).
 
@@ -122,7 +123,7 @@ def _parts(content: Any, where: str, unsupported: Any) -> list[dict[str, Any]]:
         return [{"text": content}] if content else []
     if not isinstance(content, list):
         raise bad_request(f"'{where}' must be a string or an array of content parts", param=where, code="invalid_type")
-    out = []
+    out: list[dict[str, Any]] = []
     for j, p in enumerate(content):
         w = f"{where}[{j}]"
         if isinstance(p, str):
@@ -194,8 +195,8 @@ def canonical_to_gemini_request(req: ChatRequest, unsupported: Any = None) -> di
             push("user", _parts(c, where + ".content", uns))
         elif role == "assistant":
             parts = _parts(c, where + ".content", uns)
-            for k, tc in enumerate(m.get("tool_calls") or ()):
-                w = f"{where}.tool_calls[{k}]"
+            for n, tc in enumerate(m.get("tool_calls") or ()):
+                w = f"{where}.tool_calls[{n}]"
                 if not isinstance(tc, dict) or tc.get("type", "function") != "function":
                     raise uns("tool calls other than function calls", w)
                 fn = tc.get("function") or {}
@@ -516,7 +517,9 @@ def gemini_response_to_canonical(resp: dict[str, Any], model: str, provider: str
         raise blocked_error(fb, provider)
     choices = []
     for i, cand in enumerate(cands):
-        texts, thoughts, calls = [], [], []
+        texts: list[str] = []
+        thoughts: list[str] = []
+        calls: list[dict[str, Any]] = []
         for p in (cand.get("content") or {}).get("parts") or ():
             if "functionCall" in p:
                 calls.append(_tool_call(p))
@@ -615,7 +618,7 @@ def google_error(data: bytes | dict[str, Any]) -> tuple[str | None, str | None, 
     try:
         body = orjson.loads(data) if isinstance(data, (bytes, bytearray)) else data
     except orjson.JSONDecodeError:
-        text = bytes(data).decode("utf-8", "replace").strip()
+        text = data.decode("utf-8", "replace").strip() if isinstance(data, (bytes, bytearray)) else ""
         return text[:500] or None, None, None, None
     if isinstance(body, list) and body:
         body = body[0]
