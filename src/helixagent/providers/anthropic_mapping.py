@@ -619,9 +619,9 @@ class AnthropicStreamDecoder:
             u = ev.get("usage") or {}
             if u.get("output_tokens") is not None:
                 self.output_tokens = int(u["output_tokens"])  # cumulative
-            for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"):
-                if u.get(k) is not None:
-                    self._usage_raw[k] = u[k]
+            for name in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"):
+                if u.get(name) is not None:
+                    self._usage_raw[name] = u[name]
             if d.get("stop_reason"):
                 self.finish = stop_reason_to_finish(d["stop_reason"])
                 return [self._chunk({}, self.finish)]
