@@ -286,6 +286,7 @@ class RecordWriter:
                 self._park_queue()
                 await self._maybe_fsync()
                 return
+        seg: Segment | None
         # the database answers: first what is on disk (oldest first), then the queue
         if any(s.failed for s in self.segments) or self.replay or self.memory_only:
             cur = self.journal.current
@@ -329,7 +330,7 @@ class RecordWriter:
             if not batch:
                 continue
             if not await self._insert(batch):
-                for seg, item in zip(segs, batch):
+                for seg, item in zip(segs, batch, strict=True):
                     if seg is None:
                         self.memory_only.append(item)
                     else:
@@ -465,7 +466,7 @@ class RecordWriter:
                 return False
         # one bad record must not hold back the others: insert one by one, set aside what is refused
         bad: list[bytes] = []
-        for it, row in zip(items, rows):
+        for it, row in zip(items, rows, strict=True):
             try:
                 async with self.engine.begin() as conn:
                     await conn.exec_driver_sql(self._insert_stmt, [row])
