@@ -188,10 +188,10 @@ def _default_provider(trace: Any, service_name: str) -> None:
         return
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # type: ignore
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     except ImportError:
         try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter  # type: ignore
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         except ImportError:
             OTLPSpanExporter = None  # type: ignore[assignment, unused-ignore]
     if OTLPSpanExporter is not None:
