@@ -91,8 +91,8 @@ class Series:
         self.cost = None
         self.ttft = None
         self.upstream = None
-        self.fallbacks = None
-        self.retries = None
+        self.fallbacks: Counter | None = None
+        self.retries: Counter | None = None
         self.errors: dict[str, Any] = {}
 
     def error(self, kind: str) -> Any:
@@ -505,9 +505,9 @@ def known_models(gw: GatewayLike) -> set[str]:
     for p in cfg.providers:
         out.update(p.models)
         out.update(p.model_prices)
-    for p in gw.providers.values():
+    for prov in gw.providers.values():
         try:
-            out.update(p.models())
+            out.update(prov.models())
         except Exception:
             pass
     for targets in cfg.routing.aliases.values():
