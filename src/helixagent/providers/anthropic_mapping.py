@@ -40,7 +40,7 @@ Decisions (documented in docs/providers.md):
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, overload
 
 import orjson
 
@@ -72,6 +72,10 @@ def stop_reason_to_finish(reason: str | None) -> str | None:
     return _STOP_TO_FINISH.get(reason, "stop")
 
 
+@overload
+def finish_to_stop_reason(finish: str) -> str: ...
+@overload
+def finish_to_stop_reason(finish: None) -> None: ...
 def finish_to_stop_reason(finish: str | None) -> str | None:
     if finish is None:
         return None
