@@ -93,9 +93,10 @@ def _image_part(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any]:
             raise _err(path + ".source.data", "must be a non-empty base64 string", "invalid_type")
         url = f"data:{mt};base64,{data}"
     elif st == "url":
-        url = src.get("url")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        given = src.get("url")
+        if not isinstance(given, str) or not given.startswith(("http://", "https://")):
             raise _err(path + ".source.url", "must be an http(s) URL", "invalid_type")
+        url = given
     else:
         raise _err(path + ".source.type", f"image sources of type {st!r} cannot be translated; use 'base64' "
                                          f"or 'url'", "unsupported_feature")
