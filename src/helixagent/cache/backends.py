@@ -190,7 +190,8 @@ class RedisBackend:
         return out
 
     async def get(self, key: str) -> bytes | None:
-        return await self._call(self.client_get, self.prefix + key)
+        value: bytes | None = await self._call(self.client_get, self.prefix + key)
+        return value
 
     async def set(self, key: str, value: bytes, ttl: float) -> bool:
         await self._call(self.client_set, self.prefix + key, value, max(1, math.ceil(ttl * 1000)))
