@@ -20,6 +20,7 @@ import logging
 import time
 from typing import Any
 
+from ..config import Config
 from ..errors import GatewayError
 from ..gateway_types import GatewayLike
 from ..pipeline import ANONYMOUS_LOCAL, Identity, RequestContext, Stage
@@ -225,7 +226,7 @@ class AuthStage(Stage):
         return False
 
 
-def auth_redis_url(cfg: Any) -> str | None:
+def auth_redis_url(cfg: Config) -> str | None:
     if cfg.auth.redis_url:
         return cfg.auth.redis_url
     if cfg.redis.url:
