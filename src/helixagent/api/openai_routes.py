@@ -41,9 +41,11 @@ def base_headers(ctx: RequestContext) -> dict[str, str]:
 
 async def _send_error(req: Request, ctx: RequestContext) -> None:
     """The request's error in OpenAI's error shape, with its status and headers (retry-after, ...)."""
+    err = ctx.error
+    assert err is not None, "_send_error is only called for a failed request"
     h = base_headers(ctx)
-    h.update(ctx.error.response_headers())
-    await send_bytes(req.send, ctx.error.status, orjson.dumps(ctx.error.openai_body()), h)
+    h.update(err.response_headers())
+    await send_bytes(req.send, err.status, orjson.dumps(err.openai_body()), h)
 
 
 async def _parse(gw: GatewayLike, req: Request, ctx: RequestContext, parser: Any) -> Any:
@@ -122,9 +124,10 @@ async def _sse_frames(ctx: RequestContext, chunks: AsyncIterator[dict[str, Any]]
             chunk = dict(chunk)
             chunk.pop("usage")
         if legacy:
-            chunk = fmt.completion_chunk(chunk)
-            if chunk is None:
+            legacy_chunk = fmt.completion_chunk(chunk)
+            if legacy_chunk is None:
                 continue
+            chunk = legacy_chunk
         yield b"data: " + dumps(chunk) + b"\n\n"
     if ctx.error is not None:
         yield b"data: " + dumps(ctx.error.openai_body()) + b"\n\n"
@@ -145,6 +148,7 @@ async def embeddings(gw: GatewayLike, req: Request) -> None:
     if ctx.error is not None:
         await _send_error(req, ctx)
         return
+    assert ctx.response is not None, "a request without an error has a response"
     body = ctx.response.body
     if ctx.request.params.get("encoding_format") == "base64":
         # providers that only produce floats (mock, Gemini): encode as OpenAI does, little-endian float32
