@@ -5,7 +5,6 @@ everyone's and may filter with ``user_id=`` / ``application=``."""
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
 from ..errors import GatewayError
 from ..gateway_types import GatewayLike
@@ -27,8 +26,9 @@ async def usage(gw: GatewayLike, req: Request) -> None:
         if name not in ("from", "to", "group_by", "user_id", "application"):
             raise _bad(f"unknown query parameter {name!r} (use from, to, group_by, user_id, application)", name)
     try:
-        end = queries.parse_time(req.q("to"), "to", end=True) if req.q("to") else now
-        start = queries.parse_time(req.q("from"), "from") if req.q("from") else end - dt.timedelta(days=30)
+        to, frm = req.q("to"), req.q("from")
+        end = queries.parse_time(to, "to", end=True) if to else now
+        start = queries.parse_time(frm, "from") if frm else end - dt.timedelta(days=30)
     except ValueError as exc:
         raise _bad(str(exc), str(exc).split(":")[0]) from None
     if start >= end:
