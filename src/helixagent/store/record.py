@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from typing import Any
 
 from ..config import Config, ConfigError
 from ..gateway_types import GatewayLike
