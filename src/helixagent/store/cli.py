@@ -6,14 +6,15 @@ import argparse
 import asyncio
 import datetime as dt
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
-from ..config import ConfigError, load_config, parse_duration
+from ..config import Config, ConfigError, load_config, parse_duration
 
 
-def _cfg(args: argparse.Namespace) -> Any:
+def _cfg(args: argparse.Namespace) -> Config:
     return load_config(getattr(args, "config", None))
 
 
@@ -189,7 +190,7 @@ def cmd_enc_status(args: argparse.Namespace) -> int:
               f"rotate every {cfg.encryption.key_rotation_days} days)")
         print("configured keys: " + ", ".join(kr.keys))
 
-    async def go() -> list[Any]:
+    async def go() -> Sequence[Any]:
         eng = make_engine(args.database_url or cfg.database.url)
         try:
             async with eng.connect() as conn:
