@@ -86,7 +86,7 @@ def _setup_metrics(cfg: Any, host: str, workers: int) -> tuple[str | None, bool,
     if not cfg.metrics.enabled or (workers <= 1 and not cfg.metrics.port):
         return None, False, None
     import tempfile
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
     own = not path
     if own:
         path = tempfile.mkdtemp(prefix="helixagent-metrics-")
