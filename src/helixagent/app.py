@@ -199,9 +199,9 @@ class Gateway:
             raise
         except Exception:
             log.exception("unhandled error on %s %s", req.method, req.path)
-            exc = GatewayError(500, "internal error", type="server_error", code="internal_error")
-            scope["helixagent.error"] = exc
-            await send_json(send, 500, self.error_body(req, exc))
+            err = GatewayError(500, "internal error", type="server_error", code="internal_error")
+            scope["helixagent.error"] = err
+            await send_json(send, 500, self.error_body(req, err))
 
     def error_body(self, req: Any, exc: GatewayError) -> dict[str, Any]:
         if req.path.startswith("/v1/messages"):
