@@ -439,6 +439,8 @@ class Router:
         if op == "stream" or budget_limited:
             timer = _Timer(remaining if budget_limited else c.timeout)
         t0 = _perf()
+        res: Any  # ChatResponse | (first chunk, stream) | EmbeddingResponse
+        first: object
         try:
             if op == "chat":
                 res = await p.chat(sub)
@@ -614,13 +616,15 @@ class _Timer:
 
     def __init__(self, seconds: float):
         loop = asyncio.get_running_loop()
-        self.task = asyncio.current_task()
+        task = asyncio.current_task()
+        assert task is not None, "a _Timer is armed inside a task"
+        self.task = task
         self.expired = False
         self.handle = loop.call_at(loop.time() + seconds, self._fire)
 
     def _fire(self) -> None:
         self.expired = True
-        self.task.cancel()  # type: ignore[union-attr]
+        self.task.cancel()
 
 
 def _reap(t: asyncio.Task[Any]) -> None:
