@@ -160,7 +160,7 @@ cache: {enabled: true, type: memory, ttl: 600, max_size: 1000}
                         "content-type": "application/json", "authorization": f"Bearer {vkey or 'x'}"})
                     urllib.request.urlopen(req, timeout=5).read()
                     break
-                except Exception:
+                except Exception:  # noqa: BLE001 - polling until the server answers: any failure means not up yet
                     if p.poll() is not None:
                         raise RuntimeError(hs.stop(p)[-2000:])
                     time.sleep(0.1)

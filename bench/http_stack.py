@@ -134,7 +134,7 @@ def run_upstream(port: int) -> None:
         def data_received(self, data):
             try:
                 self.parser.feed_data(data)
-            except Exception:
+            except Exception:  # noqa: BLE001 - bench server: a request it cannot parse closes the connection
                 self.t.close()
 
         def on_message_begin(self):

@@ -167,7 +167,7 @@ class KeyStore:
                 return False
             try:
                 await conn.run_sync(lambda c: metadata.create_all(c, tables=[api_keys], checkfirst=True))
-            except Exception:  # another instance created it at the same moment
+            except Exception:  # noqa: BLE001 - another instance created it at the same moment
                 pass
             return True
 

@@ -138,7 +138,7 @@ class AccessLog:
             else:
                 stream.write(data.decode())
                 stream.flush()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a log handler: logging's own handleError reports it
             sink.handleError(logging.makeLogRecord({"msg": "access log write failed"}))
         finally:
             sink.release()

@@ -15,7 +15,7 @@ from ..providers import catalogue as _catalogue  # the shipped price catalogue w
 def price(cfg: ProviderConfig, model: str) -> tuple[float, float] | None:
     try:
         p = _catalogue.price(cfg, model)
-    except Exception:
+    except Exception:  # noqa: BLE001 - DUBIOUS: a catalogue bug becomes 'price unknown' (cost limits unchecked)
         p = None
     if p is not None:
         return float(p[0] or 0.0), float(p[1] or 0.0)
@@ -47,7 +47,7 @@ def usage_cost(cfg: ProviderConfig, model: str, p: tuple[float, float] | None, u
         try:
             c = _catalogue.estimate_cost(cfg, model, usage.prompt_tokens, usage.completion_tokens,
                                          usage.cache_read_tokens, usage.cache_creation_tokens)
-        except Exception:
+        except Exception:  # noqa: BLE001 - DUBIOUS: a catalogue bug falls back to the uncached price
             c = None
         if c is not None:
             return c
