@@ -191,7 +191,7 @@ class DisconnectWatch:
                 msg = await self.receive()
                 if msg["type"] == "http.disconnect":
                     break
-        except Exception:  # the server's receive() failed: nothing to watch
+        except Exception:  # noqa: BLE001 - the server's receive() failed: nothing left to watch
             return
         self.on_gone(self.arg)
         if self.task is not None:
