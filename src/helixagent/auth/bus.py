@@ -47,7 +47,7 @@ async def publish(redis: Any, prefix: str, ids: list[str], wait: float = 2.0) ->
             acks += 1
     try:
         await redis.delete(ack_key)
-    except Exception:
+    except Exception:  # noqa: BLE001 - best-effort cleanup of the ack key, which expires anyway
         pass
     if acks < receivers:
         log.warning("key change %s: %d of %d gateway instances acknowledged within %.1fs; the others stop "
@@ -89,7 +89,7 @@ class InvalidationBus:
             self._task.cancel()
             try:
                 await self._task
-            except (asyncio.CancelledError, Exception):
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutdown: its end is not news
                 pass
         if self.redis is not None:
             await self.redis.aclose()
@@ -118,7 +118,7 @@ class InvalidationBus:
                     await self._handle(msg)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - Redis subscription boundary: marked unhealthy, logged, retried
                 self.healthy = False
                 if not self._outage_logged:
                     log.error("key-change subscription to Redis failed (%s); cached keys now expire after "
@@ -130,14 +130,14 @@ class InvalidationBus:
             finally:
                 try:
                     await ps.aclose()
-                except Exception:
+                except Exception:  # noqa: BLE001 - closing a pubsub connection that may already be broken
                     pass
 
     async def _handle(self, msg: dict[str, Any]) -> None:
         try:
             data = orjson.loads(msg["data"])
             ids = [str(i) for i in data.get("ids") or ()]
-        except Exception:
+        except Exception:  # noqa: BLE001 - a foreign/garbled message on the channel is ignored
             return
         self.on_change(ids)
         ack = data.get("ack")
