@@ -229,6 +229,6 @@ class Pipeline:
             if closer is not None:
                 try:
                     await closer()
-                except Exception:
+                except Exception:  # noqa: BLE001 - closing an abandoned stream must not stop its record
                     pass
             await self.finish(ctx, entered)
