@@ -643,5 +643,5 @@ async def _aclose(stream: Any) -> None:
     if closer is not None:
         try:
             await closer()
-        except Exception:
+        except Exception:  # noqa: BLE001 - closing an abandoned upstream stream (its socket may be gone)
             pass
