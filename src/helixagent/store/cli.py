@@ -41,7 +41,7 @@ def _run(fn: Any) -> Any:
             return 2
         except ValueError as exc:
             return _err(str(exc))
-        except Exception as exc:   # database unreachable etc.: one clear line, not a traceback
+        except Exception as exc:  # noqa: BLE001 - CLI: one clear line and exit 1, not a traceback
             return _err(f"{type(exc).__name__}: {_first_line(exc)}")
     return wrapper
 
