@@ -89,7 +89,7 @@ class RecordStore:
             self._purge_task.cancel()
             try:
                 await self._purge_task
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - shutdown: the cancelled purge task's end is not news
                 pass
         await self.writer.close()
         await self.engine.dispose()
@@ -107,7 +107,7 @@ class RecordStore:
                     log.info("retention: purged %d record(s) older than %d days", n, ret.days)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - periodic purge: logged, retried next period
                 log.warning("retention purge failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
 
 
