@@ -165,7 +165,7 @@ class RecordWriter:
         seg: Segment | None
         try:
             seg = self.journal.append(encode_frame(meta, rb, pb))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - journal I/O: logged, the record is kept in memory
             seg = None
             if self.db_error != f"journal: {exc}":
                 log.error("cannot write the record journal (%s): record %s kept in memory", exc, meta[_IDX_RID])
@@ -202,11 +202,11 @@ class RecordWriter:
                 self._wake.set()
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
-            except (asyncio.TimeoutError, Exception):
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - shutdown: cancelled, queue spooled
                 self._task.cancel()
                 try:
                     await self._task
-                except BaseException:
+                except BaseException:  # noqa: BLE001 - shutdown: the cancelled writer's end is not news
                     pass
         self._spool_memory_only()
         await self._fsync_all()
@@ -380,7 +380,7 @@ class RecordWriter:
             try:
                 seg = self.journal.append(encode_frame(meta, rb, pb))
                 seg.failed = True
-            except Exception:
+            except Exception:  # noqa: BLE001 - journal I/O: the record stays in memory, retried
                 left.append((meta, rb, pb))
         self.memory_only = left
 
@@ -410,7 +410,7 @@ class RecordWriter:
             async with self.engine.connect() as conn:
                 await conn.execute(select(completions.c.request_id).where(text("1=0")))
             return True
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - database probe: the error is recorded (_set_error)
             self._set_error(exc)
             return False
 
@@ -459,7 +459,7 @@ class RecordWriter:
             return True
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - database boundary: recorded, records kept for retry
             self._set_error(exc)
             if not _is_data_error(exc):
                 self._down()
@@ -473,7 +473,7 @@ class RecordWriter:
                 self.inserted += 1
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - database boundary: recorded, records kept for retry
                 if not _is_data_error(exc):
                     self._set_error(exc)
                     self._down()
