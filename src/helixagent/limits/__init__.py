@@ -182,7 +182,7 @@ class Limiter:
 
     def _compute(self, limits: list[Limit], used: list[float]) -> None:
         out = dict.fromkeys(self._configured, 1.0)
-        for lim, u in zip(limits, used):
+        for lim, u in zip(limits, used, strict=True):
             k = (lim.cat, "day" if lim.algo == DAY else "month")
             frac = max(0.0, lim.limit - u) / lim.limit if lim.limit > 0 else 0.0
             if frac < out.get(k, 2.0):
@@ -429,7 +429,7 @@ class LimitsStage(Stage):
         usd = -1
         deltas: list[int] = []
         ttls: list[int] = []
-        for lim, cost in zip(limits, costs):
+        for lim, cost in zip(limits, costs, strict=True):
             if lim.unit == TOK:
                 deltas.append(tokens - cost)
             elif lim.unit == USD:
