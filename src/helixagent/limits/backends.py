@@ -179,7 +179,7 @@ class MemoryBackend:
 
     def settle(self, handles: list[Any], deltas: list[int], ttls: list[int] | None = None) -> None:
         st = self.state
-        for h, d in zip(handles, deltas):
+        for h, d in zip(handles, deltas, strict=True):
             if not d or h is None:
                 continue
             key, wid = h
@@ -413,7 +413,7 @@ class RedisBackend:
         if self.in_outage and time.monotonic() < self.down_until:
             raise BackendUnavailable("redis marked down")
         args: list[Any] = []
-        for lim, c in zip(limits, costs):
+        for lim, c in zip(limits, costs, strict=True):
             args += (lim.algo, lim.limit, c, lim.burst)
         try:
             res = await self._reserve(keys=[lim.key for lim in limits], args=args)
@@ -432,7 +432,7 @@ class RedisBackend:
     async def settle(self, handles: list[Any], deltas: list[int], ttls: list[int] | None = None) -> None:
         keys: list[Any] = []
         args: list[Any] = []
-        for i, (h, d) in enumerate(zip(handles, deltas)):
+        for i, (h, d) in enumerate(zip(handles, deltas, strict=True)):
             if h is None or not d:
                 continue
             keys.append(h)
