@@ -59,8 +59,8 @@ ANONYMOUS_LOCAL = Identity(key_id=None, user_id=None, application=None, role="ad
 
 class RequestContext:
     __slots__ = (
-        "request_id", "client_request_id", "started", "started_wall", "endpoint", "client_format", "method", "path", "ip",
-        "user_agent", "headers", "identity", "request", "raw_body", "provider", "upstream_model", "response",
+        "request_id", "client_request_id", "started", "started_wall", "endpoint", "client_format", "method", "path",
+        "ip", "user_agent", "headers", "identity", "request", "raw_body", "provider", "upstream_model", "response",
         "stream", "error", "status", "usage", "cost", "cache_status", "streamed", "first_token_at",
         "finished_at", "response_headers", "attempts", "fallbacks", "retries", "state", "stream_listeners",
         "candidates_tried", "estimated_tokens", "client_disconnected", "upstream_latency",
