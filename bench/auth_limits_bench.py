@@ -45,7 +45,7 @@ async def measure(n: int, token: str, auth: Authenticator, limits_stage: LimitsS
     req = ChatRequest(model="mock-1", messages=MESSAGES, params={"max_tokens": 256})
     headers = {"authorization": "Bearer " + token, "content-type": "application/json"}
     t0 = time.process_time()
-    for i in range(n):
+    for _ in range(n):
         ctx = RequestContext("chat", "openai", "r")
         ctx.ip = "10.0.0.1"
         ctx.headers = headers

@@ -146,14 +146,14 @@ def main() -> None:
             write_config(cfg_path, up_port, cache)
             port = hs.free_port()
             gws[name] = (start_gateway(cfg_path, port), port)
-        for name, (p, port) in gws.items():
+        for _name, (p, port) in gws.items():
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             hs.wait_ready(url, p)  # type: ignore[arg-type]
         # correctness first: the hit really is a hit, the pass-through really is not
         for vname, (gname, body, streamed) in VARIANTS.items():
             url = f"http://127.0.0.1:{gws[gname][1]}/v1/chat/completions"
             import urllib.request
-            for i in range(2):
+            for _ in range(2):
                 req = urllib.request.Request(url, data=body, method="POST",
                                              headers={"content-type": "application/json"})
                 with urllib.request.urlopen(req, timeout=10) as r:

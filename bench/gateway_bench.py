@@ -153,7 +153,7 @@ cache: {enabled: true, type: memory, ttl: 600, max_size: 1000}
         plain_lua = hs.WRK_LUA
         keyed_lua = plain_lua.replace("sk-client-test", vkey) if vkey else plain_lua
         import urllib.request
-        for name, (p, url) in gws.items():
+        for _name, (p, url) in gws.items():
             for _ in range(200):
                 try:
                     req = urllib.request.Request(url, data=hs.REQUEST_BODY, method="POST", headers={
@@ -162,7 +162,7 @@ cache: {enabled: true, type: memory, ttl: 600, max_size: 1000}
                     break
                 except Exception:  # noqa: BLE001 - polling until the server answers: any failure means not up yet
                     if p.poll() is not None:
-                        raise RuntimeError(hs.stop(p)[-2000:])
+                        raise RuntimeError(hs.stop(p)[-2000:]) from None
                     time.sleep(0.1)
         body = hs.REQUEST_BODY
         sbody = hs.STREAM_REQUEST_BODY
@@ -209,7 +209,7 @@ cache: {enabled: true, type: memory, ttl: 600, max_size: 1000}
                 f"- gateway CPU = utime+stime of the gateway process tree during the measured phase / requests\n"
                 f"- gateway pinned to CPU {GATEWAY_CPU} (wrk and the upstream on the other core)\n"
                 if GATEWAY_CPU is not None else
-                f"- gateway CPU = utime+stime of the gateway process tree during the measured phase / requests\n")
+                "- gateway CPU = utime+stime of the gateway process tree during the measured phase / requests\n")
         text = head + "\n" + table + "\n"
         print(text)
         os.makedirs(os.path.dirname(args.out), exist_ok=True)

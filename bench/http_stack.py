@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as _dt
-import json
 import os
 import platform
 import re
@@ -750,7 +749,7 @@ def main():
     md = [f"## HTTP stack benchmark — {now}", "",
           f"- machine: nproc={os.cpu_count()}, {platform.processor() or platform.machine()}, "
           f"kernel {platform.release()}, Python {platform.python_version()} ({sys.executable})",
-          f"- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + f", {wrk_ver}",
+          "- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + f", {wrk_ver}",
           f"- load: wrk -t1 -c{a.concurrency}, {a.requests} measured requests after {a.warmup} warm-up, "
           f"{a.rounds} rounds (variant order alternates), figures = median over rounds",
           f"- request {len(REQUEST_BODY)} B JSON, upstream response {len(RESPONSE_BODY)} B JSON; gateway: orjson "
