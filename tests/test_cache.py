@@ -232,7 +232,7 @@ async def test_stream_leader_failure_reaches_followers_and_is_not_stored(cached_
     assert len(fake_openai.calls) == 1
     errors = []
     for r in rs:
-        events = [json.loads(l[6:]) for l in r.text.splitlines() if l.startswith("data: ") and l != "data: [DONE]"]
+        events = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: ") and ln != "data: [DONE]"]
         assert "data: [DONE]" not in r.text
         assert "error" in events[-1]
         errors.append(events[-1])

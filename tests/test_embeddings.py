@@ -100,7 +100,7 @@ def test_mock_batch_matches_singles_and_token_arrays(mock_gw):
     texts = ["alpha", "beta", "gamma"]
     batch = c.embeddings.create(model="mock-embed", input=texts, encoding_format="float")
     assert [d.index for d in batch.data] == [0, 1, 2]
-    for t, d in zip(texts, batch.data):
+    for t, d in zip(texts, batch.data, strict=True):
         assert d.embedding == _vec(c, t, encoding_format="float")
     tok = c.embeddings.create(model="mock-embed", input=[[5, 6, 7], [8]], encoding_format="float")
     assert tok.usage.prompt_tokens == 4 and len(tok.data) == 2

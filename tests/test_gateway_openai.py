@@ -217,7 +217,7 @@ def test_stream_cut_midway_gives_error_event(gateway, fake_openai):
     with httpx.stream("POST", gateway.url + "/v1/chat/completions",
                       json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a b c d e"}], "stream": True},
                       timeout=10) as r:
-        lines = [l for l in r.iter_lines() if l.startswith("data: ")]
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
     assert lines[-1] != "data: [DONE]"
     assert "error" in json.loads(lines[-1][6:])
     fake_openai.push(Fault(cut_after=3, chunk_delay=0.05))

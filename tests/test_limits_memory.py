@@ -10,7 +10,7 @@ import pytest
 from helixagent.limits import Limit, REQ, TOK, USD, fmt_reset
 from helixagent.limits.backends import DAY, GCRA, MONTH, SLIDING, MemoryBackend
 from helixagent.tokens import estimate_messages
-from support.keys import MASTER, MODEL, admin_create, chat, http
+from support.keys import MASTER, MODEL, admin_create, chat
 
 
 class Clock:

@@ -194,10 +194,10 @@ async def test_lua_and_memory_agree():
             assert (a.ok, a.failed) == (b.ok, b.failed)
             if a.ok:
                 # remaining may differ by one in the sliding windows (a few ms between the two clocks)
-                assert [abs(x - y) <= 1 for x, y in zip(a.remaining, b.remaining)] == [True] * 5
-                assert all(abs(x - y) < 1.0 for x, y in zip(a.reset, b.reset))
+                assert [abs(x - y) <= 1 for x, y in zip(a.remaining, b.remaining, strict=True)] == [True] * 5
+                assert all(abs(x - y) < 1.0 for x, y in zip(a.reset, b.reset, strict=True))
                 deltas = [0, -100, -100, -100, -50_000]
-                await rb.settle(a.handles, deltas, [l.ttl for l in lims])
+                await rb.settle(a.handles, deltas, [lim.ttl for lim in lims])
                 mb.settle(b.handles, deltas)
             else:
                 assert abs(a.retry_after - b.retry_after) < 1.0

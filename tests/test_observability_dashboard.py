@@ -22,7 +22,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 def traffic(gw, fake_openai, rounds=3):
     c = openai.OpenAI(base_url=gw.url + "/v1", api_key=MASTER, max_retries=0)
     for r in range(rounds):
-        for i in range(4):
+        for _ in range(4):
             c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello world"}],
                                       extra_headers={"x-test-cost": "0.002", "x-test-cache": "miss"})
         c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "cached"}],
@@ -85,7 +85,7 @@ def _browser_paths() -> tuple[str, str]:
 @pytest.mark.slow
 def test_dashboard_in_headless_chromium(dash_gw, fake_openai, tmp_path):
     chromium, driver_path = _browser_paths()
-    selenium = pytest.importorskip("selenium") if not IN_CI else __import__("selenium")
+    pytest.importorskip("selenium") if not IN_CI else __import__("selenium")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By

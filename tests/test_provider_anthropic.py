@@ -291,7 +291,7 @@ def canonical_requests(draw) -> ChatRequest:
         msgs.append({"role": "system", "content": draw(_text)})
     n = 0
     after_tool = False
-    for turn in range(draw(st.integers(1, 4))):
+    for _turn in range(draw(st.integers(1, 4))):
         # a user turn right after tool results shares their Anthropic turn, so it comes back as parts
         if not after_tool and draw(st.booleans()):
             msgs.append({"role": "user", "content": draw(_text)})

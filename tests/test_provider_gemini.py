@@ -343,7 +343,8 @@ def test_response_and_stream_agree(resp):
     sc, bc = s.body["choices"][0], body["choices"][0]
     assert sc["finish_reason"] == bc["finish_reason"]
     assert (sc["message"]["content"] or None) == (bc["message"]["content"] or None)
-    strip = lambda calls: [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls or ()]
+    def strip(calls):
+        return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls or ()]
     assert strip(sc["message"].get("tool_calls")) == strip(bc["message"].get("tool_calls"))
 
 

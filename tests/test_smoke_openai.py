@@ -1,8 +1,6 @@
-import httpx
 import openai
 import orjson
-import pytest
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletion
 
 
 def client(gw, **kw):

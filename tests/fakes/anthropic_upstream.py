@@ -120,7 +120,7 @@ class FakeAnthropic:
                 if bt not in ("text", "image", "tool_use", "tool_result", "document", "thinking", "redacted_thinking"):
                     return f"messages.{i}.content.{j}.type: Input tag '{bt}' found does not match any of the expected tags"
                 if bt == "text" and not b.get("text"):
-                    return f"messages: text content blocks must be non-empty"
+                    return "messages: text content blocks must be non-empty"
                 if bt == "tool_use":
                     if m["role"] != "assistant" or not isinstance(b.get("input"), dict):
                         return f"messages.{i}.content.{j}: invalid tool_use block"
