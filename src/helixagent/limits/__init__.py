@@ -22,6 +22,7 @@ import math
 import time
 from typing import Any, Callable
 
+from ..canonical import Usage
 from ..errors import GatewayError
 from ..gateway_types import GatewayLike
 from ..pipeline import RequestContext, Stage
@@ -290,7 +291,6 @@ class Limiter:
                 p = ((mp.input_per_mtok or 0.0) / 1e6, (mp.output_per_mtok or 0.0) / 1e6)
             elif _catalogue_cost is not None:
                 try:
-                    from ..canonical import Usage
                     # BUG (the dollar-budget issue, fixed on its own branch): estimate_cost takes
                     # (cfg, model, prompt_tokens, completion_tokens); this call raises TypeError -> "free"
                     m_in, m_out = Usage(1_000_000, 0, 1_000_000), Usage(0, 1_000_000, 1_000_000)
