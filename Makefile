@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench clean lint
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON)"; exit 1; }
@@ -19,8 +19,13 @@ run: $(STAMP)
 	$(VENV)/bin/helixagent serve $(if $(CONFIG),--config $(CONFIG),)
 
 test: $(STAMP)
+	$(MAKE) --no-print-directory lint
 	./scripts/test-setup.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# static checks (ruff: src tests bench; mypy: strict on src/helixagent), see scripts/lint.sh
+lint: $(STAMP)
+	VENV=$(VENV) ./scripts/lint.sh
 
 bench: $(STAMP)
 	$(PY) bench/gateway_bench.py
