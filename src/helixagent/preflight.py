@@ -76,17 +76,24 @@ def _check_http_url(where: str, url: str | None, out: list[str]) -> None:
         out.append(f"{where}: {mask_url(url)!r} is not an http(s):// URL with a host")
 
 
-def _check_database_url(url: str, out: list[str]) -> None:
+def _check_database_url(url: str, out: list[str]) -> bool:
+    """True when the URL parses and names a supported database."""
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     from .store.db import async_url
     try:
+        make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        out.append(f"database.url: {mask_url(url)!r} does not parse ({type(exc).__name__}; write e.g. "
+                   "sqlite:///./helixagent.db or postgresql://user:password@host:5432/db)")
+        return False
+    try:
         async_url(url)
-    except ArgumentError:
-        out.append(f"database.url: {mask_url(url)!r} does not parse (write e.g. sqlite:///./helixagent.db or "
-                   "postgresql://user:password@host:5432/db)")
-    except ValueError as exc:
+    except ValueError as exc:  # unsupported backend: the message names database.url
         out.append(f"{exc} (got {mask_url(url)!r})")
+        return False
+    return True
 
 
 def _nearest_existing(path: str) -> str:
@@ -146,7 +153,7 @@ def check_runtime(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
         except KeyError_ as exc:
             out.append(f"encryption: {exc}")
     # URLs that must parse
-    _check_database_url(cfg.database.url, out)
+    db_ok = _check_database_url(cfg.database.url, out)
     _check_redis_url("redis.url", cfg.redis.url, out)
     if cfg.cache.enabled and cfg.cache.type == "redis":
         _check_redis_url("cache.redis_url", cfg.cache.redis_url, out)
@@ -155,7 +162,7 @@ def check_runtime(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
     _check_redis_url("auth.redis_url", cfg.auth.redis_url, out)
     # files and directories
     _check_dir_creatable("database.spool_dir", cfg.database.spool_dir, out)
-    if not any(x.startswith("database.url") for x in out):
+    if db_ok:
         from .store.db import is_sqlite, sqlite_path
         if is_sqlite(cfg.database.url):
             path = sqlite_path(cfg.database.url)
