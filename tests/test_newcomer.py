@@ -301,3 +301,54 @@ def test_token_usage_metric_by_provider_and_model(gateway):
             usage["completion_tokens"],
     }, lines
     assert "helixagent_tokens_used_total{" in httpx.get(gateway.url + "/metrics").text
+
+
+# -- 7. `make run` installs the runtime only; `make test` runs every test on a fresh machine ----------------
+def _make_n(target: str, tmp_path: Path) -> str:
+    r = subprocess.run(["make", "-n", target, f"VENV={tmp_path}/venv"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_make_run_installs_the_runtime_only(tmp_path):
+    run = _make_n("run", tmp_path)
+    assert "pip install -q -e ." in run and "[test]" not in run
+    test = _make_n("test", tmp_path)
+    assert "pip install -q -e '.[test]'" in test
+    # separate stamps: an environment installed for `run` is not taken as installed for `test`
+    stamp = [ln for ln in run.splitlines() if ln.startswith("touch ")]
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").touch()
+    for ln in stamp:
+        Path(ln.split()[-1]).touch()
+    assert "[test]" in _make_n("test", tmp_path)
+    assert "pip install" not in _make_n("run", tmp_path)
+
+
+def test_real_servers_are_reachable():
+    """Run directly and by the test below with no URLs: the PostgreSQL and Redis the suite uses answer."""
+    from conftest import need_postgres, need_redis
+    import psycopg2
+    import redis
+    conn = psycopg2.connect(need_postgres())
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+    finally:
+        conn.close()
+    client = redis.Redis.from_url(need_redis())
+    try:
+        assert client.ping()
+    finally:
+        client.close()
+
+
+def test_suite_without_urls_starts_private_servers():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CI", "HELIX_TEST_POSTGRES_URL", "HELIX_TEST_REDIS_URL")}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                        f"{__file__}::test_real_servers_are_reachable"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert "1 passed" in r.stdout and "skipped" not in r.stdout, r.stdout + r.stderr
