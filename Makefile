@@ -2,32 +2,42 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# Separate stamps: `make run` installs the runtime only; `make test` (and bench) add the test extras.
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: run test install bench clean lint
 
-$(STAMP): pyproject.toml
+$(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON)"; exit 1; }
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip >/dev/null
+
+$(RUNTIME_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	@touch $(RUNTIME_STAMP)
+
+$(TEST_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test]'
-	@touch $(STAMP)
+	@touch $(TEST_STAMP)
 
-install: $(STAMP)
+install: $(RUNTIME_STAMP)
 
-run: $(STAMP)
+run: $(RUNTIME_STAMP)
 	$(VENV)/bin/helixagent serve $(if $(CONFIG),--config $(CONFIG),)
 
-test: $(STAMP)
+# Without HELIX_TEST_POSTGRES_URL / HELIX_TEST_REDIS_URL the suite starts private PostgreSQL and Redis
+# servers on free loopback ports for the session (tests/conftest.py); .ci/run passes the machine's.
+test: $(TEST_STAMP)
 	$(MAKE) --no-print-directory lint
 	./scripts/test-setup.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # static checks (ruff: src tests bench; mypy: strict on src/helixagent), see scripts/lint.sh
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	VENV=$(VENV) ./scripts/lint.sh
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) bench/gateway_bench.py
 
 clean:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Brings up what the test suite needs on this machine: the PostgreSQL and Redis servers the real-server
-# tests use (when their URLs are set), and system packages the tests drive.
+# tests use (when their URLs are set; without them the tests start private servers), and system packages
+# the tests drive.
 set -u
 if [ -n "${HELIX_TEST_POSTGRES_URL:-}" ] && command -v pg_ctlcluster >/dev/null 2>&1; then
   if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
@@ -18,6 +19,10 @@ need=""
 command -v promtool >/dev/null 2>&1 || need="$need prometheus"
 command -v chromium >/dev/null 2>&1 || need="$need chromium"
 command -v chromedriver >/dev/null 2>&1 || need="$need chromium-driver"
+# Without HELIX_TEST_*_URL the suite starts private PostgreSQL and Redis servers (tests/conftest.py):
+# it needs their binaries.
+command -v redis-server >/dev/null 2>&1 || need="$need redis-server"
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need="$need postgresql"
 if [ -n "$need" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null 2>&1 || true

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -13,13 +14,47 @@ POSTGRES_URL = os.environ.get("HELIX_TEST_POSTGRES_URL")
 REDIS_URL = os.environ.get("HELIX_TEST_REDIS_URL")
 IN_CI = bool(os.environ.get("CI"))
 
+# Outside CI, a test session that was given no URL starts its own private server the first time a test
+# needs one (PostgreSQL: initdb + pg_ctl on a free port; Redis: redis-server on a free port), exports the
+# URL for the gateways it starts, and stops it at the end; so `make test` on a fresh machine runs every
+# test.  Only when the server binaries are missing is such a test skipped, naming what to install.
+_PRIVATE: dict[str, Any] = {}
+
+
+def _private(kind: str) -> str:
+    got = _PRIVATE.get(kind)
+    if got is None:
+        try:
+            if kind == "postgres":
+                from support.pg import PrivatePostgres
+                got = PrivatePostgres()
+            else:
+                from support.redis_server import PrivateRedis
+                got = PrivateRedis()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            got = exc
+        _PRIVATE[kind] = got
+        if not isinstance(got, Exception):
+            os.environ["HELIX_TEST_POSTGRES_URL" if kind == "postgres" else "HELIX_TEST_REDIS_URL"] = got.url
+    if isinstance(got, Exception):
+        pytest.skip(f"no HELIX_TEST_{kind.upper()}_URL and a private {kind} server could not start: {got}")
+    return str(got.url)
+
+
+def pytest_unconfigure(config: Any) -> None:
+    for srv in _PRIVATE.values():
+        if not isinstance(srv, Exception):
+            srv.close()
+    _PRIVATE.clear()
+
 
 def need_postgres() -> str:
-    """The PostgreSQL URL for real-server tests.  Missing in CI is a failure, not a skip."""
+    """The PostgreSQL URL for real-server tests.  Missing in CI is a failure, not a skip; elsewhere a
+    private server is started for the session."""
     if not POSTGRES_URL:
         if IN_CI:
             pytest.fail("HELIX_TEST_POSTGRES_URL is not set in CI")
-        pytest.skip("HELIX_TEST_POSTGRES_URL not set")
+        return _private("postgres")
     return POSTGRES_URL
 
 
@@ -27,7 +62,7 @@ def need_redis() -> str:
     if not REDIS_URL:
         if IN_CI:
             pytest.fail("HELIX_TEST_REDIS_URL is not set in CI")
-        pytest.skip("HELIX_TEST_REDIS_URL not set")
+        return _private("redis")
     return REDIS_URL
 
 

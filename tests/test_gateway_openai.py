@@ -101,7 +101,7 @@ def test_seed_curl_example_with_claude_stand_in(make_gateway, monkeypatch):
         assert r.status_code == 200
         chunks, done = sse_chunks(r)
     assert done and chunks
-    assert r.headers["x-helixagent-provider"] == "claude"
+    assert r.headers["x-helixagent-provider"] == "mock"  # a stand-in is labelled mock, pinned by its name
     text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
     assert text.startswith("Mock")
     assert all(c["object"] == "text_completion" for c in chunks)

@@ -434,7 +434,7 @@ def test_purge_command_deletes_old_rows_in_batches(migrated, capsys):
     args = ["--database-url", migrated]
     assert cli.main(["purge", "--older-than", "90d", "--dry-run", *args]) == 0
     assert "would delete 25 record(s)" in capsys.readouterr().out
-    assert cli.main(["purge", "--older-than", "90d", "--batch-size", "4", *args]) == 0
+    assert cli.main(["purge", "--older-than", "90d", "--batch-size", "4", "--yes", *args]) == 0
     assert "deleted 25 record(s)" in capsys.readouterr().out
     assert sorted(r["request_id"] for r in rows(migrated)) == sorted(r["request_id"] for r in new)
     assert cli.main(["purge", "--older-than", "soon", *args]) == 1

@@ -61,14 +61,23 @@ class Gateway:
         self.embed_pipeline.stages = list(self.stages)
 
     def _add_mock_fallback(self, enabled: list[Any]) -> None:
-        """No provider has a key: each configured provider is served by a built-in mock stand-in of the
-        same name (deterministic text), so a fresh install answers at once; the start-up log says so."""
-        from .config import ProviderConfig
+        """No provider has a key.  In development (``preflight.DEV_ENVIRONMENTS``) each configured provider
+        is served by a built-in mock stand-in (deterministic text), so a fresh install answers at once; it
+        is still routed to by the configured name, but its answers are labelled ``mock`` in headers,
+        metrics, logs and records, and ``/health`` says ``degraded``.  Any other environment refuses to
+        start: a production gateway must not answer with made-up text under a vendor's name unless the
+        config asks for the mock explicitly (a provider with ``type: mock``)."""
+        from .config import ConfigError, ProviderConfig
+        from .preflight import no_provider_problem
+        problem = no_provider_problem(self.cfg)
+        if problem:
+            raise ConfigError(problem)
         for pc in enabled:
             data = pc.model_dump()
             data.update(type="mock", base_url=None, api_key=None)
             p = self.providers[pc.name] = build_provider(ProviderConfig(**data), self.cfg.http)
             p.stand_in_for = pc.type
+            p.name = "mock"  # the label wherever the answer is counted (ctx.provider comes from it)
         if not self.providers:
             self.providers["mock"] = build_provider(ProviderConfig(name="mock", type="mock"), self.cfg.http)
         self.mock_fallback = True
@@ -221,4 +230,8 @@ def tune_gc() -> None:
 
 
 def create_app(cfg: Config) -> Gateway:
+    """The gateway for ``cfg``; raises ConfigError when :func:`helixagent.preflight.check_runtime` finds a
+    problem (the same checks as ``helixagent config check``)."""
+    from .preflight import require_runtime
+    require_runtime(cfg)
     return Gateway(cfg)

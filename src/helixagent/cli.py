@@ -47,6 +47,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"helixagent: {exc}", file=sys.stderr)
         return 2
+    from .preflight import refuse
+    if refuse(cfg, args.config or os.environ.get("HELIXAGENT_CONFIG") or "<defaults>"):
+        return 2
     setup_logging(cfg)
     host = args.host or cfg.server.host
     port = args.port or cfg.server.port
@@ -107,6 +110,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         cfg = load_config(args.file)
     except ConfigError as exc:
         print(f"helixagent: {exc}", file=sys.stderr)
+        return 2
+    from .preflight import check_runtime
+    problems = check_runtime(cfg)  # the same checks `serve` refuses to start on
+    if problems:
+        print(f"helixagent: {args.file}: the gateway cannot start with this configuration:\n"
+              + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
         return 2
     print(f"# {args.file}: valid")
     print(yaml.safe_dump(masked_dict(cfg), sort_keys=False), end="")

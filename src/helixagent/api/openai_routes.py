@@ -199,8 +199,9 @@ async def get_model(gw: GatewayLike, req: Request, model_id: str) -> None:
 async def health(gw: GatewayLike, req: Request) -> None:
     """Liveness for everyone (the seed's `curl -f http://localhost:7061/health` health check sends no
     key); with a key of any role, also each provider's state.  A wrong key is still a 401."""
+    # "degraded": no provider can answer, or the answers come from mock stand-ins (no upstream key)
     if req.bearer() is None and not gw.services["auth"].open:
-        await send_json(req.send, 200, {"status": "ok", "version": gw.version})
+        await send_json(req.send, 200, {"status": "degraded" if gw.mock_fallback else "ok", "version": gw.version})
         return
     await gw.authorize(req, "health")
     providers = {}
@@ -214,7 +215,7 @@ async def health(gw: GatewayLike, req: Request) -> None:
         if state is not None:
             info.update(state.describe(name))
         providers[name] = info
-    status = "ok" if any(p.cfg.enabled for p in gw.providers.values()) else "degraded"
+    status = "ok" if any(p.cfg.enabled for p in gw.providers.values()) and not gw.mock_fallback else "degraded"
     await send_json(req.send, 200, {"status": status, "version": gw.version, "environment": gw.cfg.environment,
                                     "uptime_seconds": round(time.time() - gw.started_at, 3),
                                     "mock_fallback": gw.mock_fallback, "providers": providers})

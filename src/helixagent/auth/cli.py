@@ -78,8 +78,10 @@ def _run(fn: Any, args: argparse.Namespace) -> int:
 
 
 async def _with_store(fn: Callable[..., Awaitable[int]], cfg: Any, args: argparse.Namespace) -> int:
+    from ..preflight import announce_database
     from ..store.db import make_engine
     from .keys import KeyStore
+    announce_database(cfg.database.url, args.config)
     engine = make_engine(cfg.database.url)
     try:
         store = KeyStore(engine)

@@ -77,8 +77,8 @@ class Series:
     """The label children of one (provider, model, endpoint, status) combination, resolved on first use
     (so that a series appears only once it has something to say: no ``errors_total{status="200"} 0``)."""
 
-    __slots__ = ("m", "labels", "requests", "duration", "tok_prompt", "tok_completion", "cost", "ttft",
-                 "upstream", "fallbacks", "retries", "errors")
+    __slots__ = ("m", "labels", "requests", "duration", "tok_prompt", "tok_completion", "use_prompt",
+                 "use_completion", "cost", "ttft", "upstream", "fallbacks", "retries", "errors")
 
     def __init__(self, m: "Metrics", labels: tuple[str, str, str, str]):
         p, mo, e, s = labels
@@ -88,6 +88,8 @@ class Series:
         self.duration = m.duration.labels(*labels)
         self.tok_prompt = m.tokens.labels(p, mo, e, s, "prompt") if s == "200" else None
         self.tok_completion = m.tokens.labels(p, mo, e, s, "completion") if s == "200" else None
+        self.use_prompt: Any = None  # helixagent_token_usage_total{provider, model, type}, on first use
+        self.use_completion: Any = None
         self.cost = None
         self.ttft = None
         self.upstream = None
@@ -118,6 +120,9 @@ class Metrics:
                                   L, buckets=DURATION_BUCKETS, registry=reg)
         self.tokens = Counter("helixagent_tokens_used", "Tokens used, as reported by the provider",
                               L + ("type",), registry=reg)
+        # The seed's `curl .../metrics | grep token_usage`: the same tokens by provider and model only.
+        self.token_usage = Counter("helixagent_token_usage", "Tokens used by provider and model (prompt, "
+                                   "completion), as reported by the provider", PM + ("type",), registry=reg)
         self.errors = Counter("helixagent_errors", "Requests that ended in an error", L + ("kind",), registry=reg)
         self.availability = Gauge("helixagent_provider_availability",
                                   "1 when the provider is available, 0 when not (fraction when the health "
@@ -183,6 +188,8 @@ class Metrics:
 
         # -- label vocabularies from the configuration --------------------------------------------------
         self.provider_names: dict[str, str] = {n: n for n in gw.providers}
+        for prov in gw.providers.values():  # mock stand-ins answer as "mock"
+            self.provider_names.setdefault(prov.name, prov.name)
         for p in cfg.providers:
             self.provider_names.setdefault(p.name, p.name)
         self.model_names: dict[str, str] | None = None  # frozen on first use (after all features installed)
@@ -264,6 +271,13 @@ class Metrics:
                     pc[tp] = pc.get(tp, 0) + u.prompt_tokens
                     tc = s.tok_completion
                     pc[tc] = pc.get(tc, 0) + u.completion_tokens
+                    up = s.use_prompt
+                    if up is None:
+                        up = s.use_prompt = self.token_usage.labels(provider, model, "prompt")
+                        s.use_completion = self.token_usage.labels(provider, model, "completion")
+                    pc[up] = pc.get(up, 0) + u.prompt_tokens
+                    uc = s.use_completion
+                    pc[uc] = pc.get(uc, 0) + u.completion_tokens
             cost = ctx.cost
             if cost:
                 c = s.cost

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
-from ..config import Config, ConfigError, load_config, parse_duration
+from ..config import Config, ConfigError, load_config
 
 
 def _cfg(args: argparse.Namespace) -> Config:
@@ -69,28 +70,88 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 # -- purge -----------------------------------------------------------------------------------------------
+# A purge age always carries its unit: a bare number (is 90 seconds or days?) and `m` (minutes or months?)
+# are refused.  A month is 30 days, a year 365.
+_AGE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_AGE_UNITS = {
+    "s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0,
+    "min": 60.0, "mins": 60.0, "minute": 60.0, "minutes": 60.0,
+    "h": 3600.0, "hour": 3600.0, "hours": 3600.0,
+    "d": 86400.0, "day": 86400.0, "days": 86400.0,
+    "w": 7 * 86400.0, "week": 7 * 86400.0, "weeks": 7 * 86400.0,
+    "mo": 30 * 86400.0, "month": 30 * 86400.0, "months": 30 * 86400.0,
+    "y": 365 * 86400.0, "year": 365 * 86400.0, "years": 365 * 86400.0,
+}
+
+
+def parse_age(value: str, option: str = "--older-than") -> float:
+    """``90d`` -> seconds.  The unit is required; ``m`` is refused as ambiguous (``min`` or ``mo``)."""
+    m = _AGE_RE.match(value)
+    if not m:
+        raise ValueError(f"{option} {value!r}: write a number and a unit, e.g. 90d, 12h, 3mo")
+    unit = m.group(2).lower()
+    if not unit:
+        raise ValueError(f"{option} {value!r}: give a unit (90d = 90 days, 12h, 30min, 3mo = 3 months, 1y); "
+                         "a bare number is refused because it deletes records")
+    if unit == "m":
+        raise ValueError(f"{option} {value!r}: 'm' is ambiguous: write {m.group(1)}min for minutes or "
+                         f"{m.group(1)}mo for months")
+    factor = _AGE_UNITS.get(unit)
+    if factor is None:
+        raise ValueError(f"{option} {value!r}: unknown unit {m.group(2)!r} (use s, min, h, d, w, mo, y)")
+    seconds = float(m.group(1)) * factor
+    if seconds <= 0:
+        raise ValueError(f"{option} must be positive (e.g. 90d)")
+    return seconds
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
+    from ..preflight import announce_database
     from . import queries
     from .db import make_engine
     cfg = _cfg(args)
-    seconds = parse_duration(args.older_than) if args.older_than else cfg.retention.days * 86400.0
-    if seconds <= 0:
-        raise ValueError("--older-than must be positive (e.g. 90d)")
+    if args.older_than:
+        seconds = parse_age(args.older_than)
+        age = args.older_than.strip()
+    else:
+        seconds = cfg.retention.days * 86400.0
+        age = f"{cfg.retention.days}d (retention.days)"
     cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds)
+    when = cutoff.isoformat(timespec="seconds")
     batch = args.batch_size or cfg.retention.batch_size
+    url = args.database_url or cfg.database.url
+    announce_database(url, getattr(args, "config", None))
+
+    async def count() -> int:
+        eng = make_engine(url)
+        try:
+            return await queries.count_older(eng, cutoff)
+        finally:
+            await eng.dispose()
+
+    n = asyncio.run(count())
+    if args.dry_run or n == 0:
+        print(f"{'would delete' if args.dry_run else 'nothing to delete:'} {n} record(s) created before {when} "
+              f"(older than {age})")
+        return 0
+    print(f"will delete {n} record(s) created before {when} (older than {age})", file=sys.stderr)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            return _err("refusing to delete without confirmation: stdin is not a terminal; pass --yes")
+        print(f"delete {n} record(s)? [y/N] ", end="", file=sys.stderr, flush=True)
+        answer = sys.stdin.readline().strip().lower()
+        if answer not in ("y", "yes"):
+            return _err("not confirmed; nothing deleted")
 
     async def go() -> int:
-        eng = make_engine(args.database_url or cfg.database.url)
+        eng = make_engine(url)
         try:
-            if args.dry_run:
-                return await queries.count_older(eng, cutoff)
             return await queries.purge(eng, cutoff, batch)
         finally:
             await eng.dispose()
 
-    n = asyncio.run(go())
-    verb = "would delete" if args.dry_run else "deleted"
-    print(f"{verb} {n} record(s) created before {cutoff.isoformat(timespec='seconds')}")
+    deleted = asyncio.run(go())
+    print(f"deleted {deleted} record(s) created before {when}")
     return 0
 
 
@@ -123,8 +184,12 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if start >= end:
         raise ValueError("--from must be before --to")
 
+    url = args.database_url or cfg.database.url
+    from ..preflight import announce_database
+    announce_database(url, getattr(args, "config", None))
+
     async def go() -> dict[str, Any]:
-        eng = make_engine(args.database_url or cfg.database.url)
+        eng = make_engine(url)
         try:
             return await queries.usage(eng, start, end, args.group_by, user_id=args.user,
                                        application=args.application)
@@ -255,9 +320,10 @@ def install_commands(sub: Any) -> None:
         p.set_defaults(func=_run(cmd_migrate))
 
     pg = sub.add_parser("purge", help="delete completion records older than a duration (default retention.days)")
-    pg.add_argument("--older-than", help="e.g. 90d, 12h")
+    pg.add_argument("--older-than", help="age with a unit: 90d, 12h, 30min, 3mo (months), 1y; default retention.days")
     pg.add_argument("--batch-size", type=int, default=None)
     pg.add_argument("--dry-run", action="store_true", help="only count")
+    pg.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     _common(pg)
     pg.set_defaults(func=_run(cmd_purge))
 
