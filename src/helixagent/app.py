@@ -195,6 +195,7 @@ class Gateway:
                 raise GatewayError(404, f"no such endpoint: {req.method} {req.path}", code="unknown_url")
             await handler(self, req)
         except GatewayError as exc:
+            exc.__traceback__ = None  # kept in scope for the access line: no frames (and bodies) with it
             scope["helixagent.error"] = exc
             await send_json(send, exc.status, self.error_body(req, exc), exc.response_headers())
         except asyncio.CancelledError:
