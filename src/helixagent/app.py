@@ -8,6 +8,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from . import __version__
+from .api.forwarded import for_server
 from .api.http import Request, send_json
 from .config import Config
 from .errors import GatewayError
@@ -41,6 +42,7 @@ class Gateway:
                     continue
                 self.providers[pc.name] = build_provider(pc, cfg.http)
         self.router = Router(cfg, self.providers)
+        self.forwarded = for_server(cfg.server)  # client address from X-Forwarded-For (None: the peer)
         self.routes: dict[tuple[str, str], RouteHandler] = {}
         self.prefix_routes: list[tuple[str, str, Any]] = []
         self.started_at = time.time()
@@ -173,7 +175,7 @@ class Gateway:
                 log.exception("access hook failed")
 
     async def _http_inner(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        req = Request(scope, receive, send, self.cfg.server.trust_forwarded_for)
+        req = Request(scope, receive, send, self.forwarded)
         handler = self.routes.get((req.method, req.path))
         try:
             if handler is None:

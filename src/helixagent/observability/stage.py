@@ -95,8 +95,9 @@ class ObservabilityStage(Stage):
         ctx.path = scope.get("path", "")
         client = scope.get("client")
         ctx.ip = client[0] if client else ""
-        if fwd and self.gw.cfg.server.trust_forwarded_for:
-            ctx.ip = fwd.split(",")[0].strip()
+        fw = self.gw.forwarded
+        if fwd and fw is not None:  # the same rule as the pipeline's (api/forwarded.py)
+            ctx.ip = fw.client(ctx.ip, scope.get("headers") or ())
         ctx.user_agent = ua or ""
         ctx.identity = scope.get("helixagent.identity")
         ctx.status = status
