@@ -106,8 +106,18 @@ async def _growth_after_rejections(gw: _Gateway, key: str, status: int, code: st
         gc.enable()
 
 
+@pytest.fixture(params=["answered_at_once", "disconnect_watch_armed"])
+def watch(request, monkeypatch):
+    """A request that waits longer than WATCH_AFTER for its answer gets a task watching for the client's
+    disconnect (api/http.py); under load every request does.  0 arms it at once."""
+    if request.param == "disconnect_watch_armed":
+        from helixagent.api import http
+        monkeypatch.setattr(http, "WATCH_AFTER", 0.0)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["wrong", "unknown_hx", "revoked"])
-def test_rejected_request_bodies_are_freed(tmp_path, kind):
+def test_rejected_request_bodies_are_freed(tmp_path, kind, watch):
     async def main() -> int:
         async with _Gateway(tmp_path) as gw:
             if kind == "wrong":
@@ -120,7 +130,7 @@ def test_rejected_request_bodies_are_freed(tmp_path, kind):
     assert grown < ALLOWED_GROWTH, f"{grown / 1e6:.1f} MB still held after {ROUNDS} rejected 1 MB requests"
 
 
-def test_concurrent_rejections_while_the_key_store_is_down_are_freed(tmp_path):
+def test_concurrent_rejections_while_the_key_store_is_down_are_freed(tmp_path, watch):
     """Concurrent requests for one key share a single store lookup; when the store fails, each gets a 503
     and nothing stays behind."""
     async def main() -> int:

@@ -206,6 +206,10 @@ class DisconnectWatch:
             waiting.since.pop(self, None)
         w = self.watcher
         if w is not None:
+            # the cancelled task's traceback holds its frame, which holds this watch: without these the
+            # request (its body, its answer) would wait in that cycle for the garbage collector
+            self.watcher = None
+            self.arg = None
             w.cancel()
 
 
