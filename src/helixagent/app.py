@@ -13,6 +13,7 @@ from .api.http import Request, send_json
 from .config import Config
 from .errors import GatewayError
 from .pipeline import Pipeline, Stage
+from .redaction import register_config
 from .providers import Provider, build_provider, is_configured
 from .routing.router import Router
 
@@ -27,6 +28,7 @@ class Gateway:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.secrets = register_config(cfg)  # every configured secret, scrubbed from errors, records and logs
         self.providers: dict[str, Provider] = {}
         self.mock_fallback = False
         enabled = [pc for pc in cfg.providers if pc.enabled]

@@ -35,6 +35,7 @@ class ObservabilityStage(Stage):
         secrets = [gw.cfg.auth.master_key or ""]
         secrets += [p.api_key or "" for p in gw.cfg.providers]
         secrets += [p.cfg.api_key or "" for p in gw.providers.values()]
+        secrets += gw.secrets.values()  # every configured secret (helixagent.redaction)
         self.access = AccessLog(gw.cfg, secrets)
         self.tracing = setup_tracing(gw.cfg)
         if self.tracing is not None:
