@@ -8,11 +8,13 @@ import time
 from typing import Any, Awaitable, Callable
 
 from . import __version__
+from .api.forwarded import for_server
 from .api.http import Request, send_json
 from .config import Config
 from .errors import GatewayError
 from .gateway_types import HttpDone, PrefixHandler, RouteHandler
 from .pipeline import Pipeline, Stage
+from .redaction import register_config
 from .providers import Provider, build_provider, is_configured
 from .routing.router import Router
 
@@ -24,6 +26,7 @@ class Gateway:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.secrets = register_config(cfg)  # every configured secret, scrubbed from errors, records and logs
         self.providers: dict[str, Provider] = {}
         self.mock_fallback = False
         enabled = [pc for pc in cfg.providers if pc.enabled]
@@ -39,6 +42,7 @@ class Gateway:
                     continue
                 self.providers[pc.name] = build_provider(pc, cfg.http)
         self.router = Router(cfg, self.providers)
+        self.forwarded = for_server(cfg.server)  # client address from X-Forwarded-For (None: the peer)
         self.routes: dict[tuple[str, str], RouteHandler] = {}
         self.prefix_routes: list[tuple[str, str, PrefixHandler]] = []
         self.started_at = time.time()
@@ -180,7 +184,7 @@ class Gateway:
                 log.exception("access hook failed")
 
     async def _http_inner(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        req = Request(scope, receive, send, self.cfg.server.trust_forwarded_for)
+        req = Request(scope, receive, send, self.forwarded)
         handler = self.routes.get((req.method, req.path))
         try:
             if handler is None:
@@ -202,6 +206,7 @@ class Gateway:
                 raise GatewayError(404, f"no such endpoint: {req.method} {req.path}", code="unknown_url")
             await handler(self, req)
         except GatewayError as exc:
+            exc.__traceback__ = None  # kept in scope for the access line: no frames (and bodies) with it
             scope["helixagent.error"] = exc
             await send_json(send, exc.status, self.error_body(req, exc), exc.response_headers())
         except asyncio.CancelledError:

@@ -137,6 +137,15 @@ class ServerConfig(Strict):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     workers: int = Field(default=1, ge=1)
     trust_forwarded_for: bool = False
+    # networks of the reverse proxies in front of the gateway; X-Forwarded-For is read from the right
+    # through them (see api/forwarded.py and docs/keys-and-limits.md); setting it turns the header on
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        from .api.forwarded import parse_networks
+        return [str(n) for n in parse_networks(v)]
 
 
 # The fields of the access log (one line per request); `logging.fields` selects a subset.

@@ -179,8 +179,12 @@ class Pipeline:
     async def finish(self, ctx: RequestContext, entered: list[Stage]) -> None:
         if ctx.finished_at is None:
             ctx.finished_at = time.perf_counter()
-        if ctx.error is not None:
-            ctx.status = ctx.error.status
+        err = ctx.error
+        if err is not None:
+            ctx.status = err.status
+            # the traceback's frames hold this ctx (and its body): a cycle that only the garbage collector
+            # would free, so every rejected request would stay in memory until the next collection
+            err.__traceback__ = None
         if ctx.usage is None and ctx.response is not None:
             ctx.usage = getattr(ctx.response, "usage", None)
         for st in reversed(entered):

@@ -12,6 +12,9 @@ from urllib.parse import parse_qs
 import orjson
 
 from ..errors import GatewayError
+from .forwarded import ForwardedFor
+
+_PEER_ONLY = ForwardedFor(())  # trust_forwarded=True: the immediate peer is the one trusted proxy
 
 _REQ_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 JSON_CT = (b"content-type", b"application/json")
@@ -23,7 +26,7 @@ class Request:
     __slots__ = ("scope", "receive", "send", "method", "path", "headers", "_query", "ip")
 
     def __init__(self, scope: dict[str, Any], receive: Callable[..., Awaitable[Any]],
-                 send: Callable[..., Awaitable[Any]], trust_forwarded: bool = False):
+                 send: Callable[..., Awaitable[Any]], trust_forwarded: "ForwardedFor | bool | None" = None):
         self.scope = scope
         self.receive = receive
         self.send = send
@@ -34,10 +37,9 @@ class Request:
         self._query: dict[str, list[str]] | None = None
         client = scope.get("client")
         ip = client[0] if client else ""
-        if trust_forwarded:
-            fwd = self.headers.get("x-forwarded-for")
-            if fwd:
-                ip = fwd.split(",")[0].strip()
+        if trust_forwarded:  # X-Forwarded-For from the right, through trusted proxies only (api/forwarded.py)
+            fw = _PEER_ONLY if trust_forwarded is True else trust_forwarded
+            ip = fw.client(ip, scope["headers"])  # type: ignore[union-attr]
         self.ip = ip
 
     @property
@@ -204,6 +206,10 @@ class DisconnectWatch:
             waiting.since.pop(self, None)
         w = self.watcher
         if w is not None:
+            # the cancelled task's traceback holds its frame, which holds this watch: without these the
+            # request (its body, its answer) would wait in that cycle for the garbage collector
+            self.watcher = None
+            self.arg = None
             w.cancel()
 
 

@@ -49,11 +49,29 @@ def _unauthorized(message: str, code: str) -> GatewayError:
     return GatewayError(401, message, type="authentication_error", code=code)
 
 
-INVALID = _unauthorized("invalid API key", "invalid_api_key")
+# Errors are built fresh for every raise, never shared: re-raising one stored exception instance makes
+# Python chain each raise's traceback onto the last one, so every rejected request's frames (and its
+# body) stay reachable for ever (issue 12: 100k wrong-key requests grew a worker by ~500 MB).
+def invalid_key() -> GatewayError:
+    return _unauthorized("invalid API key", "invalid_api_key")
+
+
+def revoked_key() -> GatewayError:
+    return _unauthorized("this API key has been revoked", "revoked_api_key")
+
+
+def store_unavailable() -> GatewayError:
+    return GatewayError(503, "the API key store is unavailable; try again shortly", code="auth_unavailable",
+                        retry_after=1)
+
+
+# what a key lookup shared by concurrent requests answers when the store failed (each waiter raises its
+# own store_unavailable(), not one exception set on the shared future)
+_STORE_DOWN: Any = object()
 
 
 class _Entry:
-    __slots__ = ("identity", "not_after", "problem", "fetched", "record")
+    __slots__ = ("identity", "not_after", "revoked", "fetched", "record")
 
     def __init__(self, rec: KeyRecord, fetched: float):
         self.record = rec
@@ -61,9 +79,7 @@ class _Entry:
                                  limits=rec.limits)
         self.not_after = rec.not_after
         self.fetched = fetched
-        self.problem: GatewayError | None = None
-        if rec.revoked_at is not None:
-            self.problem = _unauthorized("this API key has been revoked", "revoked_api_key")
+        self.revoked = rec.revoked_at is not None
 
 
 class Authenticator:
@@ -77,7 +93,7 @@ class Authenticator:
         self.wall = wall
         self._cache: dict[str, _Entry] = {}
         self._negative: dict[str, float] = {}
-        self._inflight: dict[str, asyncio.Future[_Entry | None]] = {}
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
         self.db_lookups = 0
         self._db_outage = False
 
@@ -125,18 +141,20 @@ class Authenticator:
         if self.store is None or not token.startswith(KEY_PREFIX):
             if mk is None:
                 return ANONYMOUS_LOCAL
-            raise INVALID
+            raise invalid_key()
         h = hash_key(token)
         now = self.clock()
         e = self._cache.get(h)
         if e is None or now - e.fetched >= self.current_ttl:
             e = await self._load(h, now, e)
+            if e is _STORE_DOWN:
+                raise store_unavailable()
             if e is None:
                 if mk is None:
                     return ANONYMOUS_LOCAL
-                raise INVALID
-        if e.problem is not None:
-            raise e.problem
+                raise invalid_key()
+        if e.revoked:
+            raise revoked_key()
         na = e.not_after
         if na is not None and self.wall() >= na:
             raise self._ended(e.record)
@@ -149,7 +167,8 @@ class Authenticator:
                                  "rotated_api_key")
         return _unauthorized("this API key has expired", "expired_api_key")
 
-    async def _load(self, h: str, now: float, stale: _Entry | None) -> _Entry | None:
+    async def _load(self, h: str, now: float, stale: _Entry | None) -> Any:
+        """The key's entry, None for an unknown key, or _STORE_DOWN when the store failed."""
         neg = self._negative.get(h)
         if neg is not None and now < neg:
             return None
@@ -171,11 +190,8 @@ class Authenticator:
                 if stale is not None:
                     fut.set_result(stale)
                     return stale
-                err = GatewayError(503, "the API key store is unavailable; try again shortly",
-                                   code="auth_unavailable", retry_after=1)
-                fut.set_exception(err)
-                fut.exception()  # mark retrieved
-                raise err from None
+                fut.set_result(_STORE_DOWN)
+                return _STORE_DOWN
             if self._db_outage:
                 log.warning("API key lookups work again")
                 self._db_outage = False
@@ -222,7 +238,15 @@ class AuthStage(Stage):
         self.auth = auth
 
     async def pre(self, ctx: RequestContext) -> bool:
-        ctx.identity = await self.auth.authorize(bearer_of(ctx.headers), _ACTIONS.get(ctx.endpoint, "completions"))
+        try:
+            ctx.identity = await self.auth.authorize(bearer_of(ctx.headers),
+                                                     _ACTIONS.get(ctx.endpoint, "completions"))
+        except GatewayError as exc:
+            if exc.status == 401:
+                # an unauthenticated caller's body is not kept, neither in memory nor in its record (which
+                # still says who was turned away and why): anyone could fill the records with it
+                ctx.raw_body = b""
+            raise
         return False
 
 

@@ -26,8 +26,8 @@ class JSONFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if fields:
             out.update(fields)
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+        if record.exc_info:  # exc_text: set when the traceback had to be scrubbed of a secret (redaction.py)
+            out["exception"] = record.exc_text or self.formatException(record.exc_info)
         return orjson.dumps(out, default=str).decode()
 
 

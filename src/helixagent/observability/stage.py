@@ -36,6 +36,7 @@ class ObservabilityStage(Stage):
         secrets = [gw.cfg.auth.master_key or ""]
         secrets += [p.api_key or "" for p in gw.cfg.providers]
         secrets += [p.cfg.api_key or "" for p in gw.providers.values()]
+        secrets += gw.secrets.values()  # every configured secret (helixagent.redaction)
         self.access = AccessLog(gw.cfg, secrets)
         self.tracing = setup_tracing(gw.cfg)
         if self.tracing is not None:
@@ -96,8 +97,9 @@ class ObservabilityStage(Stage):
         ctx.path = scope.get("path", "")
         client = scope.get("client")
         ctx.ip = client[0] if client else ""
-        if fwd and self.gw.cfg.server.trust_forwarded_for:
-            ctx.ip = fwd.split(",")[0].strip()
+        fw = self.gw.forwarded
+        if fwd and fw is not None:  # the same rule as the pipeline's (api/forwarded.py)
+            ctx.ip = fw.client(ctx.ip, scope.get("headers") or ())
         ctx.user_agent = ua or ""
         ctx.identity = scope.get("helixagent.identity")
         ctx.status = status

@@ -3,7 +3,6 @@ headers, request mapping (canonical -> vendor), response transform (vendor -> ca
 transform (vendor events -> canonical chunks), and error mapping."""
 from __future__ import annotations
 
-import re
 from typing import Any, AsyncIterator
 
 import orjson
@@ -11,10 +10,9 @@ import orjson
 from ..canonical import ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingResponse
 from ..config import HTTPConfig, ProviderConfig
 from ..errors import GatewayError, bad_request
+from ..redaction import REGISTRY
 from .http import UpstreamHTTP
 
-_KEYLIKE = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|sk-ant-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}|"
-                      r"Bearer\s+[A-Za-z0-9_\-\.]{8,})")
 
 
 class Provider:
@@ -70,7 +68,7 @@ class Provider:
 
     def stream_error(self, what: str, sep: str = " ") -> GatewayError:
         """A broken upstream stream (retryable: before the first chunk routing may fail over)."""
-        return GatewayError(502, f"provider {self.name!r}{sep}{what}", type="upstream_error",
+        return GatewayError(502, f"provider {self.name!r}{sep}{self.scrub(what)}", type="upstream_error",
                             code="upstream_stream_error", provider=self.name, retryable=True, kind="stream_error")
 
     def stream_event(self, data: bytes) -> Any:
@@ -106,10 +104,13 @@ class Provider:
         return resp
 
     def scrub(self, text: str) -> str:
-        """Remove secrets (our upstream key, anything key-shaped) from an upstream message."""
-        if self.cfg.api_key:
-            text = text.replace(self.cfg.api_key, "****")
-        return _KEYLIKE.sub("****", text)
+        """Remove secrets from an upstream message before it is relayed, recorded or logged: every secret
+        of the configuration (every provider's key and header values, the master key, encryption keys,
+        URL passwords: :mod:`helixagent.redaction`), this provider's own key, anything key-shaped."""
+        key = self.cfg.api_key
+        if key and key in text:
+            text = text.replace(key, "****")
+        return REGISTRY.scrub(text)
 
     def unsupported(self, feature: str, param: str | None = None) -> GatewayError:
         return GatewayError(400, f"provider {self.name!r} ({self.cfg.type}) does not support {feature}",
