@@ -129,7 +129,7 @@ server: {{max_body_bytes: 4194304}}
             except OSError:
                 if gw.poll() is not None or time.monotonic() - t0 > 30:
                     errf.seek(0)
-                    raise RuntimeError("gateway did not start: " + errf.read().decode()[-2000:])
+                    raise RuntimeError("gateway did not start: " + errf.read().decode()[-2000:]) from None
                 time.sleep(0.1)
 
         def phase(name: str, keys: list[str], body: bytes, n: int) -> None:

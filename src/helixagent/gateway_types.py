@@ -11,11 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, TypeAlias
 
 if TYPE_CHECKING:
+    from .api.forwarded import ForwardedFor
     from .api.http import Request
     from .config import Config
     from .errors import GatewayError
     from .pipeline import Pipeline, Stage
     from .providers import Provider
+    from .redaction import SecretRegistry
     from .routing.router import Router
 
 RouteHandler: TypeAlias = "Callable[[GatewayLike, Request], Awaitable[None]]"
@@ -36,6 +38,8 @@ class GatewayLike(Protocol):
     started_at: float
     version: str
     mock_fallback: bool
+    secrets: SecretRegistry           # every configured secret (redaction.py)
+    forwarded: ForwardedFor | None    # client address from X-Forwarded-For (None: the peer)
 
     def route(self, method: str, path: str, handler: RouteHandler, pipeline: bool = False) -> None: ...
 

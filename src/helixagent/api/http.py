@@ -39,7 +39,7 @@ class Request:
         ip = client[0] if client else ""
         if trust_forwarded:  # X-Forwarded-For from the right, through trusted proxies only (api/forwarded.py)
             fw = _PEER_ONLY if trust_forwarded is True else trust_forwarded
-            ip = fw.client(ip, scope["headers"])  # type: ignore[union-attr]
+            ip = fw.client(ip, scope["headers"])
         self.ip = ip
 
     @property
