@@ -7,12 +7,13 @@ so the hot path does not pay for a coroutine.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 from collections import OrderedDict
 from typing import Any
+
+from ..redis_client import OUTAGE, PoolExhausted, make_client
 
 log = logging.getLogger("helixagent.cache")
 
@@ -123,8 +124,11 @@ class RedisBackend:
 
     sync = False
 
-    def __init__(self, url: str, prefix: str, timeout: float, stats: CacheStats, probe_interval: float = 1.0):
+    def __init__(self, url: str, prefix: str, timeout: float, stats: CacheStats, probe_interval: float = 1.0,
+                 pool_size: int = 100, pool_timeout: float = 2.0):
         self.url = url
+        self.pool_size = pool_size
+        self.pool_timeout = pool_timeout
         self.prefix = prefix
         self.timeout = timeout
         self.stats = stats
@@ -134,21 +138,15 @@ class RedisBackend:
         self.retry_at = 0.0
 
     def _make_client(self) -> Any:
-        from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-        return Redis.from_url(self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
-                              retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
-                              max_connections=256)
+        return make_client(self.url, pool_size=self.pool_size, pool_timeout=self.pool_timeout,
+                           timeout=self.timeout, connect_timeout=self.timeout)
 
     async def start(self) -> None:
         self.client = self._make_client()
         try:
             await self.client.ping()
             self._ok()
-        except BackendUnavailable:
-            pass
-        except Exception as exc:  # noqa: BLE001 - any failure is an outage, never a crash
+        except OUTAGE as exc:  # a failed Redis: the gateway starts without the cache
             self._fail(exc)
 
     def _skip(self) -> bool:
@@ -181,10 +179,13 @@ class RedisBackend:
             raise BackendUnavailable()
         try:
             out = await fn(*args)  # bounded by socket_timeout / socket_connect_timeout
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001
+        except OUTAGE as exc:  # a failed Redis (anything else is a bug of ours and propagates)
             self._fail(exc)
+            raise BackendUnavailable() from None
+        except PoolExhausted:
+            # every connection stayed busy for redis_pool_timeout: this request goes without the cache;
+            # Redis itself is fine, so it is not marked down
+            self.stats.errors += 1
             raise BackendUnavailable() from None
         self._ok()
         return out
@@ -212,6 +213,6 @@ class RedisBackend:
         if self.client is not None:
             try:
                 await self.client.aclose()
-            except Exception:  # noqa: BLE001
+            except OUTAGE:
                 pass
             self.client = None

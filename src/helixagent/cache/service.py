@@ -325,7 +325,8 @@ class CacheService:
         self.nonzero = cfg.cache_nonzero_temperature
         self.dedupe = cfg.dedupe
         if cfg.type == "redis":
-            self.backend: Any = RedisBackend(cfg.redis_url, cfg.key_prefix, cfg.redis_timeout, self.stats)
+            self.backend: Any = RedisBackend(cfg.redis_url, cfg.key_prefix, cfg.redis_timeout, self.stats,
+                                             pool_size=cfg.redis_pool_size, pool_timeout=cfg.redis_pool_timeout)
         else:
             self.backend = MemoryBackend(cfg.max_size, cfg.max_bytes, self.stats)
         self.inflight: dict[str, Flight] = {}

@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 from ..errors import GatewayError
 from ..pipeline import RequestContext, Stage
+from ..redis_client import PoolExhausted
+from ..routing import costs
 from ..tokens import estimate_messages, estimate_text
 from .backends import (DAY, DAY_MS, GCRA, MINUTE_MS, MONTH, SLIDING, BackendUnavailable, MemoryBackend,
                        RedisBackend, Reservation)
@@ -38,12 +40,6 @@ BUDGET_ACTIVE_SECONDS = 3600.0   # a principal's budgets are reported for an hou
 BUDGET_MAX_TRACKED = 10_000      # at most this many budget counters are read per refresh
 BUDGET_REFRESH_SECONDS = 5.0     # Redis: how often the tracked budgets are read
 _WINDOW_WORD = {SLIDING: "per minute", GCRA: "per minute", DAY: "per day", MONTH: "per month"}
-
-try:  # the shipped price catalogue (optional): estimate_cost(provider_cfg, model, usage) -> float | None
-    from ..providers.catalogue import estimate_cost as _catalogue_cost  # type: ignore[attr-defined]
-except Exception:  # pragma: no cover - depends on what is installed
-    _catalogue_cost = None
-
 
 class Limit:
     __slots__ = ("unit", "algo", "key", "limit", "burst", "scope", "ttl", "cat")
@@ -110,8 +106,12 @@ class Limiter:
         if self.ip_rpm is not None:
             self.ip_burst = max(1, ip.burst_size if ip.burst_size is not None else self.ip_rpm)  # type: ignore[union-attr]
         self._plans: dict[str, Plan] = {}
-        self._prices: dict[tuple[str, str], tuple[float, float]] = {}
-        self._est_prices: dict[tuple[Any, str], tuple[float, float]] = {}
+        self._prices: dict[tuple[str, str], tuple[float, float] | None] = {}
+        self._est_prices: dict[tuple[Any, str], tuple[float, float] | None] = {}
+        dp = rl.default_price_per_mtok
+        # the price of a model nobody priced, under rate_limits.unknown_price (None: reject)
+        self.unknown_price: tuple[float, float] | None = (
+            (dp.input / 1e6, dp.output / 1e6) if rl.unknown_price == "default" and dp is not None else None)
         # counters (read by /metrics) and event listeners: fn(event, info) with event in
         # "rejected", "backend_error", "backend_recovered", "policy"
         self.backend_errors = 0      # requests (or settlements) decided without the backend
@@ -131,11 +131,8 @@ class Limiter:
 
     # -- events ------------------------------------------------------------------------------------
     def _emit(self, event: str, info: dict[str, Any]) -> None:
-        for fn in self.listeners:
-            try:
-                fn(event, info)
-            except Exception:
-                log.exception("limits listener failed")
+        for fn in self.listeners:  # a listener that fails is a bug: it propagates (a 500), never skipped
+            fn(event, info)
 
     def _backend_down(self, exc: Exception | None) -> None:
         self.outages += 1
@@ -278,45 +275,48 @@ class Limiter:
         choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
         return prompt + (mt if mt is not None else self.default_completion) * choices
 
-    def price(self, provider: str | None, model: str | None) -> tuple[float, float]:
-        """(dollars per input token, dollars per output token); (0, 0) when unknown."""
+    def price(self, provider: str | None, model: str | None) -> tuple[float, float] | None:
+        """(dollars per input token, dollars per output token) of ``model`` at ``provider``: the provider's
+        ``model_prices`` over the shipped catalogue (:func:`helixagent.routing.costs.price`), else
+        ``rate_limits.default_price_per_mtok`` under ``unknown_price: default``; None when unknown."""
         key = (provider or "", model or "")
-        p = self._prices.get(key)
-        if p is not None:
-            return p
-        p = (0.0, 0.0)
+        if key in self._prices:
+            return self._prices[key]
+        p: tuple[float, float] | None = None
         prov = self.gw.providers.get(provider) if self.gw is not None and provider else None
-        if prov is not None:
-            mp = prov.cfg.model_prices.get(model or "")
-            if mp is not None and (mp.input_per_mtok is not None or mp.output_per_mtok is not None):
-                p = ((mp.input_per_mtok or 0.0) / 1e6, (mp.output_per_mtok or 0.0) / 1e6)
-            elif _catalogue_cost is not None:
-                try:
-                    from ..canonical import Usage
-                    i = _catalogue_cost(prov.cfg, model, Usage(1_000_000, 0, 1_000_000)) or 0.0
-                    o = _catalogue_cost(prov.cfg, model, Usage(0, 1_000_000, 1_000_000)) or 0.0
-                    p = (float(i) / 1e6, float(o) / 1e6)
-                except Exception:
-                    log.warning("price catalogue failed for %s/%s; counting it as free for cost budgets",
-                                provider, model)
+        if prov is not None and model:
+            p = costs.price(prov.cfg, model)
+        if p is None:
+            p = self.unknown_price
+        if len(self._prices) > 100_000:
+            self._prices.clear()
         self._prices[key] = p
         return p
 
-    def estimate_price(self, req: Any) -> tuple[float, float]:
-        """The dearest price among the providers that may serve the request (a conservative reservation)."""
+    def estimate_price(self, req: Any) -> tuple[float, float] | None:
+        """The dearest price among the providers that may serve the request (a conservative reservation);
+        None when one of them has no known price (see ``rate_limits.unknown_price``)."""
         key = (req.provider, req.model)
-        p = self._est_prices.get(key)
-        if p is not None:
-            return p
+        if key in self._est_prices:
+            return self._est_prices[key]
         pin, pout = 0.0, 0.0
+        out: tuple[float, float] | None
         try:
-            for c in self.gw.router.candidates(req.model, req.provider):
-                i, o = self.price(c.provider.name, c.model)
-                pin, pout = max(pin, i), max(pout, o)
+            cands = self.gw.router.candidates(req.model, req.provider)
         except GatewayError:
-            pass  # routing will answer the unknown model with its own error
-        self._est_prices[key] = (pin, pout)
-        return pin, pout
+            cands = []  # routing will answer the unknown model with its own error
+        out = (0.0, 0.0)
+        for c in cands:
+            p = self.price(c.provider.name, c.model)
+            if p is None:
+                out = None
+                break
+            pin, pout = max(pin, p[0]), max(pout, p[1])
+            out = (pin, pout)
+        if len(self._est_prices) > 100_000:
+            self._est_prices.clear()
+        self._est_prices[key] = out
+        return out
 
     def real_tokens(self, ctx: RequestContext) -> tuple[int, int]:
         """(prompt, completion) tokens the upstream really spent on this request."""
@@ -359,13 +359,16 @@ class LimitsStage(Stage):
         tok = usd = 0
         if plan.tok or plan.usd:
             tok = lm.estimate_tokens(ctx)
-            if plan.usd and ctx.endpoint != "embeddings":
-                pin, pout = lm.estimate_price(ctx.request)
-                out_est = tok - ctx.estimated_tokens
-                usd = int(math.ceil((ctx.estimated_tokens * pin + out_est * pout) * MICRO))
-            elif plan.usd:
-                pin, _ = lm.estimate_price(ctx.request)
-                usd = int(math.ceil(tok * pin * MICRO))
+            if plan.usd:
+                price = lm.estimate_price(ctx.request)
+                if price is None:
+                    raise _unpriced(ctx.request.model)
+                pin, pout = price
+                if ctx.endpoint != "embeddings":
+                    out_est = tok - ctx.estimated_tokens
+                    usd = int(math.ceil((ctx.estimated_tokens * pin + out_est * pout) * MICRO))
+                else:
+                    usd = int(math.ceil(tok * pin * MICRO))
         costs = [1 if x.unit == REQ else tok if x.unit == TOK else usd for x in limits]
         if self.sync:
             res = self.backend.reserve(limits, costs)
@@ -375,6 +378,8 @@ class LimitsStage(Stage):
             except BackendUnavailable:
                 self._policy(plan, lm.ip_rpm is not None)
                 return False
+            except PoolExhausted:
+                raise _busy() from None
         headers = _headers(limits, res)
         if not res.ok:
             lm.rejected += 1
@@ -432,11 +437,10 @@ class LimitsStage(Stage):
                 deltas.append(tokens - cost)
             elif lim.unit == USD:
                 if usd < 0:
-                    if tokens:
-                        pin, pout = lm.price(ctx.provider, ctx.upstream_model)
-                        usd = int(math.ceil((p * pin + c * pout) * MICRO))
-                    else:
-                        usd = 0
+                    price = lm.price(ctx.provider, ctx.upstream_model) if tokens else (0.0, 0.0)
+                    # unknown here (a provider outside the candidates priced before): the reservation
+                    # stands -- counted at the dearest candidate's price rather than as free
+                    usd = cost if price is None else int(math.ceil((p * price[0] + c * price[1]) * MICRO))
                 deltas.append(usd - cost)
             else:
                 deltas.append(0)
@@ -448,8 +452,23 @@ class LimitsStage(Stage):
             return
         try:
             await self.backend.settle(handles, deltas, ttls)
-        except BackendUnavailable:
+        except (BackendUnavailable, PoolExhausted):
             lm.backend_errors += 1  # the reservation stands (counted high rather than lost)
+
+
+def _unpriced(model: str) -> GatewayError:
+    return GatewayError(400, f"model {model!r} has no known price, and this API key has a dollar budget: "
+                             "a call it cannot price cannot be counted against the budget (the gateway's "
+                             "rate_limits.unknown_price is 'reject'; set model_prices for it, or "
+                             "unknown_price: default with default_price_per_mtok)",
+                        type="invalid_request_error", param="model", code="model_price_unknown",
+                        kind="model_price_unknown")
+
+
+def _busy() -> GatewayError:
+    return GatewayError(503, "the gateway is overloaded: no connection to the rate limit backend became free "
+                             "in time (rate_limits.redis_pool_timeout); retry shortly",
+                        code="rate_limit_backend_busy", retry_after=1, kind="limits_busy")
 
 
 def _headers(limits: list[Limit], res: Reservation) -> dict[str, str]:
@@ -478,7 +497,8 @@ def _headers(limits: list[Limit], res: Reservation) -> dict[str, str]:
 def make_backend(cfg: Any) -> Any:
     rl = cfg.rate_limits
     if rl.backend == "redis":
-        return RedisBackend(rl.redis_url, timeout=rl.redis_timeout)
+        return RedisBackend(rl.redis_url, timeout=rl.redis_timeout, pool_size=rl.redis_pool_size,
+                            pool_timeout=rl.redis_pool_timeout)
     return MemoryBackend()
 
 

@@ -1,4 +1,5 @@
-"""Prices for routing: the provider catalogue when this build has it, else ``providers[].model_prices``.
+"""Prices for routing and limits: the shipped catalogue with the provider's ``model_prices`` applied, else
+``providers[].model_prices`` alone (an override for a model the catalogue does not know).
 
 ``price(cfg, model)`` -> ``(input_per_token, output_per_token)`` in US dollars, or None when unknown.
 Unknown prices never make routing skip a provider (a cost limit cannot be checked against an unknown
@@ -9,21 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ProviderConfig
-
-try:  # the shipped price catalogue (providers/catalogue.py) with its per-provider overrides
-    from ..providers import catalogue as _catalogue  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the build
-    _catalogue = None
+from ..providers import catalogue as _catalogue
 
 
 def price(cfg: ProviderConfig, model: str) -> tuple[float, float] | None:
-    if _catalogue is not None:
-        try:
-            p = _catalogue.price(cfg, model)
-        except Exception:
-            p = None
-        if p is not None:
-            return float(p[0] or 0.0), float(p[1] or 0.0)
+    p = _catalogue.price(cfg, model)
+    if p is not None:
+        return float(p[0] or 0.0), float(p[1] or 0.0)
     mp = cfg.model_prices.get(model)
     if mp is None or (mp.input_per_mtok is None and mp.output_per_mtok is None):
         return None
@@ -47,12 +40,9 @@ def usage_cost(cfg: ProviderConfig, model: str, p: tuple[float, float] | None, u
     prices when it has them)."""
     if p is None or usage is None:
         return None
-    if _catalogue is not None and (usage.cache_read_tokens or usage.cache_creation_tokens):
-        try:
-            c = _catalogue.estimate_cost(cfg, model, usage.prompt_tokens, usage.completion_tokens,
-                                         usage.cache_read_tokens, usage.cache_creation_tokens)
-        except Exception:
-            c = None
+    if usage.cache_read_tokens or usage.cache_creation_tokens:
+        c = _catalogue.estimate_cost(cfg, model, usage.prompt_tokens, usage.completion_tokens,
+                                     usage.cache_read_tokens, usage.cache_creation_tokens)
         if c is not None:
             return c
     return p[0] * usage.prompt_tokens + p[1] * usage.completion_tokens
