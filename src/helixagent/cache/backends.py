@@ -14,6 +14,7 @@ from collections import OrderedDict
 from typing import Any
 
 from ..redis_client import OUTAGE, PoolExhausted, make_client
+from ..store.crypto import TamperedRecord, UnknownKey
 
 log = logging.getLogger("helixagent.cache")
 
@@ -42,6 +43,37 @@ class CacheStats:
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__slots__}
+
+
+class Sealer:
+    """Encrypts cache values with the records' keyring (``encryption:``; AES-256-GCM, key ids, rotation).
+
+    A sealed value is ``0x02 | len(key id) | key id | Keyring ciphertext``; the associated data is the full
+    Redis key, so a value copied under another cache key fails to decrypt.  A value that cannot be opened
+    -- a key id no longer in the keyring, a modified or foreign value, a plaintext entry written before
+    encryption was turned on -- is a cache MISS (counted in ``stats.errors``), never served and never a 500.
+    """
+
+    MAGIC = 0x02
+    COLUMN = "cache"
+
+    def __init__(self, keyring: Any):
+        self.keyring = keyring
+        kid = keyring.active_id.encode()
+        self._head = bytes([self.MAGIC, len(kid)]) + kid
+
+    def seal(self, key: str, value: bytes) -> bytes:
+        return self._head + self.keyring.encrypt(value, key, self.COLUMN)
+
+    def unseal(self, key: str, blob: bytes) -> bytes | None:
+        if len(blob) < 2 or blob[0] != self.MAGIC:
+            return None
+        n = blob[1]
+        kid = blob[2:2 + n].decode("ascii", "replace")
+        try:
+            return self.keyring.decrypt(blob[2 + n:], kid, key, self.COLUMN)
+        except (UnknownKey, TamperedRecord):
+            return None
 
 
 class MemoryBackend:
@@ -125,8 +157,9 @@ class RedisBackend:
     sync = False
 
     def __init__(self, url: str, prefix: str, timeout: float, stats: CacheStats, probe_interval: float = 1.0,
-                 pool_size: int = 100, pool_timeout: float = 2.0):
+                 pool_size: int = 100, pool_timeout: float = 2.0, sealer: Sealer | None = None):
         self.url = url
+        self.sealer = sealer  # encryption.enabled: values are stored encrypted
         self.pool_size = pool_size
         self.pool_timeout = pool_timeout
         self.prefix = prefix
@@ -191,10 +224,20 @@ class RedisBackend:
         return out
 
     async def get(self, key: str) -> bytes | None:
-        return await self._call(self.client_get, self.prefix + key)
+        k = self.prefix + key
+        raw = await self._call(self.client_get, k)
+        if raw is None or self.sealer is None:
+            return raw
+        out = self.sealer.unseal(k, raw)
+        if out is None:
+            self.stats.errors += 1  # a rotated-out key, a tampered or plaintext value: a miss
+        return out
 
     async def set(self, key: str, value: bytes, ttl: float) -> bool:
-        await self._call(self.client_set, self.prefix + key, value, max(1, math.ceil(ttl * 1000)))
+        k = self.prefix + key
+        if self.sealer is not None:
+            value = self.sealer.seal(k, value)
+        await self._call(self.client_set, k, value, max(1, math.ceil(ttl * 1000)))
         return True
 
     async def delete(self, key: str) -> None:
