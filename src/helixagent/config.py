@@ -255,8 +255,12 @@ class CacheConfig(Strict):
     key_prefix: str = "helixagent:cache:"
     # Redis: connect / command timeout; a slower Redis counts as unreachable for that request
     redis_timeout: float = Field(default=0.5, gt=0)
+    # Redis: connections per gateway process; beyond them a lookup waits for a free one (at most
+    # redis_pool_timeout, then that request goes upstream without the cache; Redis is not marked down)
+    redis_pool_size: int = Field(default=100, ge=1)
+    redis_pool_timeout: float = Field(default=2.0, gt=0)
 
-    _d = field_validator("ttl", "redis_timeout", mode="before")(lambda v: parse_duration(v))
+    _d = field_validator("ttl", "redis_timeout", "redis_pool_timeout", mode="before")(lambda v: parse_duration(v))
 
     @field_validator("ttl")
     @classmethod
@@ -301,6 +305,11 @@ class BackendErrorPolicy(Strict):
     budgets: Literal["allow", "deny"] = "deny"
 
 
+class DefaultPrice(Strict):
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
 class RateLimitsConfig(Strict):
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str | None = None
@@ -314,8 +323,20 @@ class RateLimitsConfig(Strict):
     key_prefix: str = Field(default="helixagent", min_length=1)
     # socket timeout for each Redis call; past it on_backend_error decides
     redis_timeout: float = Field(default=0.5, gt=0)
+    # Redis connections per gateway process.  More concurrent requests than this WAIT for a free
+    # connection (back-pressure, never an outage), at most redis_pool_timeout; past it that one request
+    # gets a 503 rate_limit_backend_busy (the backend is not marked down).
+    redis_pool_size: int = Field(default=100, ge=1)
+    redis_pool_timeout: float = Field(default=5.0, gt=0)
     # Completion tokens reserved for a request that sets no max_tokens (settled to the real usage after).
     default_completion_tokens: int = Field(default=1024, ge=0)
+    # A request under a dollar budget whose model has no known price (no catalogue entry, no
+    # model_prices): "reject" answers 400 (the safe default: an unpriced call cannot be bounded);
+    # "default" counts it at default_price_per_mtok.  See docs/keys-and-limits.md.
+    unknown_price: Literal["reject", "default"] = "reject"
+    default_price_per_mtok: DefaultPrice | None = None
+
+    _rlp = field_validator("redis_pool_timeout", mode="before")(lambda v: parse_duration(v))
 
     @field_validator("on_backend_error", mode="before")
     @classmethod
@@ -328,6 +349,9 @@ class RateLimitsConfig(Strict):
     def _redis_url(self) -> "RateLimitsConfig":
         if self.backend == "memory" and self.redis_url and self.redis_url.startswith(("redis://", "rediss://")):
             self.backend = "redis"
+        if self.unknown_price == "default" and self.default_price_per_mtok is None:
+            raise ValueError("rate_limits.unknown_price: default needs rate_limits.default_price_per_mtok "
+                             "({input: <USD per million input tokens>, output: <USD per million output tokens>})")
         return self
 
 

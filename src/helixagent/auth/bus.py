@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import orjson
 
+from ..redis_client import make_client
+
 log = logging.getLogger("helixagent.auth")
 
 
@@ -25,10 +27,15 @@ def channel_of(prefix: str) -> str:
     return f"{prefix}:auth:keys"
 
 
+# The bus holds one connection for its subscription and uses a few for acknowledgements and publishing
+# (admin operations): a small pool; beyond it callers wait (PoolExhausted after BUS_POOL_TIMEOUT).
+BUS_POOL_SIZE = 16
+BUS_POOL_TIMEOUT = 5.0
+
+
 def _client(url: str, blocking: bool = False) -> Any:
-    import redis.asyncio as aioredis
-    return aioredis.Redis.from_url(url, socket_connect_timeout=0.5,
-                                   socket_timeout=None if blocking else 1.0, health_check_interval=5)
+    return make_client(url, pool_size=BUS_POOL_SIZE, pool_timeout=BUS_POOL_TIMEOUT,
+                       timeout=None if blocking else 1.0, connect_timeout=0.5, health_check_interval=5, retries=3)
 
 
 async def publish(redis: Any, prefix: str, ids: list[str], wait: float = 2.0) -> tuple[int, int]:

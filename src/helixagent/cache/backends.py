@@ -7,12 +7,14 @@ so the hot path does not pay for a coroutine.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 from collections import OrderedDict
 from typing import Any
+
+from ..redis_client import OUTAGE, PoolExhausted, make_client
+from ..store.crypto import TamperedRecord, UnknownKey
 
 log = logging.getLogger("helixagent.cache")
 
@@ -41,6 +43,39 @@ class CacheStats:
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__slots__}
+
+
+class Sealer:
+    """Encrypts cache values with the records' keyring (``encryption:``; AES-256-GCM, key ids, rotation).
+
+    A sealed value is ``0x02 | len(key id) | key id | Keyring ciphertext``; the associated data is the full
+    Redis key, so a value copied under another cache key fails to decrypt.  A value that cannot be opened
+    -- a key id no longer in the keyring, a modified or foreign value, a plaintext entry written before
+    encryption was turned on -- is a cache MISS (counted in ``stats.errors``), never served and never a 500.
+    """
+
+    MAGIC = 0x02
+    COLUMN = "cache"
+
+    def __init__(self, keyring: Any):
+        self.keyring = keyring
+        kid = keyring.active_id.encode()
+        self._head: bytes = bytes([self.MAGIC, len(kid)]) + kid
+
+    def seal(self, key: str, value: bytes) -> bytes:
+        sealed: bytes = self.keyring.encrypt(value, key, self.COLUMN)
+        return self._head + sealed
+
+    def unseal(self, key: str, blob: bytes) -> bytes | None:
+        if len(blob) < 2 or blob[0] != self.MAGIC:
+            return None
+        n = blob[1]
+        kid = blob[2:2 + n].decode("ascii", "replace")
+        try:
+            out: bytes = self.keyring.decrypt(blob[2 + n:], kid, key, self.COLUMN)
+            return out
+        except (UnknownKey, TamperedRecord):
+            return None
 
 
 class MemoryBackend:
@@ -123,8 +158,12 @@ class RedisBackend:
 
     sync = False
 
-    def __init__(self, url: str, prefix: str, timeout: float, stats: CacheStats, probe_interval: float = 1.0):
+    def __init__(self, url: str, prefix: str, timeout: float, stats: CacheStats, probe_interval: float = 1.0,
+                 pool_size: int = 100, pool_timeout: float = 2.0, sealer: Sealer | None = None):
         self.url = url
+        self.sealer = sealer  # encryption.enabled: values are stored encrypted
+        self.pool_size = pool_size
+        self.pool_timeout = pool_timeout
         self.prefix = prefix
         self.timeout = timeout
         self.stats = stats
@@ -134,21 +173,15 @@ class RedisBackend:
         self.retry_at = 0.0
 
     def _make_client(self) -> Any:
-        from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-        return Redis.from_url(self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
-                              retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
-                              max_connections=256)
+        return make_client(self.url, pool_size=self.pool_size, pool_timeout=self.pool_timeout,
+                           timeout=self.timeout, connect_timeout=self.timeout)
 
     async def start(self) -> None:
         self.client = self._make_client()
         try:
             await self.client.ping()
             self._ok()
-        except BackendUnavailable:
-            pass
-        except Exception as exc:  # noqa: BLE001 - any failure is an outage, never a crash
+        except OUTAGE as exc:  # a failed Redis: the gateway starts without the cache
             self._fail(exc)
 
     def _skip(self) -> bool:
@@ -181,20 +214,32 @@ class RedisBackend:
             raise BackendUnavailable()
         try:
             out = await fn(*args)  # bounded by socket_timeout / socket_connect_timeout
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001
+        except OUTAGE as exc:  # a failed Redis (anything else is a bug of ours and propagates)
             self._fail(exc)
+            raise BackendUnavailable() from None
+        except PoolExhausted:
+            # every connection stayed busy for redis_pool_timeout: this request goes without the cache;
+            # Redis itself is fine, so it is not marked down
+            self.stats.errors += 1
             raise BackendUnavailable() from None
         self._ok()
         return out
 
     async def get(self, key: str) -> bytes | None:
-        value: bytes | None = await self._call(self.client_get, self.prefix + key)
-        return value
+        k = self.prefix + key
+        raw: bytes | None = await self._call(self.client_get, k)
+        if raw is None or self.sealer is None:
+            return raw
+        out = self.sealer.unseal(k, raw)
+        if out is None:
+            self.stats.errors += 1  # a rotated-out key, a tampered or plaintext value: a miss
+        return out
 
     async def set(self, key: str, value: bytes, ttl: float) -> bool:
-        await self._call(self.client_set, self.prefix + key, value, max(1, math.ceil(ttl * 1000)))
+        k = self.prefix + key
+        if self.sealer is not None:
+            value = self.sealer.seal(k, value)
+        await self._call(self.client_set, k, value, max(1, math.ceil(ttl * 1000)))
         return True
 
     async def delete(self, key: str) -> None:
@@ -213,6 +258,6 @@ class RedisBackend:
         if self.client is not None:
             try:
                 await self.client.aclose()
-            except Exception:  # noqa: BLE001
+            except OUTAGE:
                 pass
             self.client = None

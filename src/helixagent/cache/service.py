@@ -30,7 +30,7 @@ from ..canonical import ChatRequest, ChatResponse, StreamAccumulator, Usage, new
 from ..errors import GatewayError, bad_request
 from ..gateway_types import GatewayLike
 from ..pipeline import RequestContext, Stage
-from .backends import BackendUnavailable, CacheStats, MemoryBackend, RedisBackend
+from .backends import BackendUnavailable, CacheStats, MemoryBackend, RedisBackend, Sealer
 from .key import cache_key, scope_of
 
 log = logging.getLogger("helixagent.cache")
@@ -319,7 +319,7 @@ class BroadcastReader:
 class CacheService:
     """``gw.services["cache"]``: the backend, the in-flight table and the counters."""
 
-    def __init__(self, cfg: Any, router: Any):
+    def __init__(self, cfg: Any, router: Any, keyring: Any = None):
         self.cfg = cfg
         self.router = router
         self.stats = CacheStats()
@@ -328,7 +328,9 @@ class CacheService:
         self.nonzero = cfg.cache_nonzero_temperature
         self.dedupe = cfg.dedupe
         if cfg.type == "redis":
-            self.backend: Any = RedisBackend(cfg.redis_url, cfg.key_prefix, cfg.redis_timeout, self.stats)
+            self.backend: Any = RedisBackend(cfg.redis_url, cfg.key_prefix, cfg.redis_timeout, self.stats,
+                                             pool_size=cfg.redis_pool_size, pool_timeout=cfg.redis_pool_timeout,
+                                             sealer=Sealer(keyring) if keyring is not None else None)
         else:
             self.backend = MemoryBackend(cfg.max_size, cfg.max_bytes, self.stats)
         self.inflight: dict[str, Flight] = {}
@@ -604,11 +606,21 @@ class CacheStage(Stage):
                 self.svc.settle(p, "retry", None)
 
 
+def _keyring(cfg: Any) -> Any:
+    """The records' keyring when ``encryption.enabled`` (the Redis cache is stored encrypted with it)."""
+    from ..config import ConfigError
+    from ..store.crypto import KeyError_, Keyring
+    try:
+        return Keyring.from_config(cfg.encryption)
+    except KeyError_ as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def install(gw: GatewayLike) -> None:
     cfg = gw.cfg.cache
     if not cfg.enabled:
         return
-    svc = CacheService(cfg, gw.router)
+    svc = CacheService(cfg, gw.router, _keyring(gw.cfg))
     gw.services["cache"] = svc
     gw.add_stage(CacheStage(svc))
     gw.chat_pipeline.handler = svc.wrap(gw.chat_pipeline.handler)

@@ -22,11 +22,11 @@ import math
 import time
 from typing import Any, Callable
 
-from ..canonical import Usage
 from ..errors import GatewayError
 from ..gateway_types import GatewayLike
 from ..pipeline import RequestContext, Stage
-from ..providers.catalogue import estimate_cost as _catalogue_cost
+from ..redis_client import PoolExhausted
+from ..routing import costs
 from ..tokens import estimate_messages, estimate_text
 from .backends import (DAY, DAY_MS, GCRA, MINUTE_MS, MONTH, SLIDING, BackendUnavailable, MemoryBackend,
                        RedisBackend, Reservation)
@@ -41,7 +41,6 @@ BUDGET_ACTIVE_SECONDS = 3600.0   # a principal's budgets are reported for an hou
 BUDGET_MAX_TRACKED = 10_000      # at most this many budget counters are read per refresh
 BUDGET_REFRESH_SECONDS = 5.0     # Redis: how often the tracked budgets are read
 _WINDOW_WORD = {SLIDING: "per minute", GCRA: "per minute", DAY: "per day", MONTH: "per month"}
-
 
 class Limit:
     __slots__ = ("unit", "algo", "key", "limit", "burst", "scope", "ttl", "cat")
@@ -108,8 +107,12 @@ class Limiter:
         if self.ip_rpm is not None:
             self.ip_burst = max(1, ip.burst_size if ip.burst_size is not None else self.ip_rpm)
         self._plans: dict[str, Plan] = {}
-        self._prices: dict[tuple[str, str], tuple[float, float]] = {}
-        self._est_prices: dict[tuple[Any, str], tuple[float, float]] = {}
+        self._prices: dict[tuple[str, str], tuple[float, float] | None] = {}
+        self._est_prices: dict[tuple[Any, str], tuple[float, float] | None] = {}
+        dp = rl.default_price_per_mtok
+        # the price of a model nobody priced, under rate_limits.unknown_price (None: reject)
+        self.unknown_price: tuple[float, float] | None = (
+            (dp.input / 1e6, dp.output / 1e6) if rl.unknown_price == "default" and dp is not None else None)
         # counters (read by /metrics) and event listeners: fn(event, info) with event in
         # "rejected", "backend_error", "backend_recovered", "policy"
         self.backend_errors = 0      # requests (or settlements) decided without the backend
@@ -129,11 +132,8 @@ class Limiter:
 
     # -- events ------------------------------------------------------------------------------------
     def _emit(self, event: str, info: dict[str, Any]) -> None:
-        for fn in self.listeners:
-            try:
-                fn(event, info)
-            except Exception:
-                log.exception("limits listener failed")
+        for fn in self.listeners:  # a listener that fails is a bug: it propagates (a 500), never skipped
+            fn(event, info)
 
     def _backend_down(self, exc: Exception | None) -> None:
         self.outages += 1
@@ -277,48 +277,49 @@ class Limiter:
         total: int = prompt + (mt if mt is not None else self.default_completion) * choices
         return total
 
-    def price(self, provider: str | None, model: str | None) -> tuple[float, float]:
-        """(dollars per input token, dollars per output token); (0, 0) when unknown."""
+    def price(self, provider: str | None, model: str | None) -> tuple[float, float] | None:
+        """(dollars per input token, dollars per output token) of ``model`` at ``provider``: the provider's
+        ``model_prices`` over the shipped catalogue (:func:`helixagent.routing.costs.price`), else
+        ``rate_limits.default_price_per_mtok`` under ``unknown_price: default``; None when unknown."""
         key = (provider or "", model or "")
-        p = self._prices.get(key)
-        if p is not None:
-            return p
-        p = (0.0, 0.0)
+        if key in self._prices:
+            return self._prices[key]
+        p: tuple[float, float] | None = None
         prov = self.gw.providers.get(provider) if self.gw is not None and provider else None
-        if prov is not None:
-            mp = prov.cfg.model_prices.get(model or "")
-            if mp is not None and (mp.input_per_mtok is not None or mp.output_per_mtok is not None):
-                p = ((mp.input_per_mtok or 0.0) / 1e6, (mp.output_per_mtok or 0.0) / 1e6)
-            elif _catalogue_cost is not None:
-                try:
-                    # BUG (the dollar-budget issue, fixed on its own branch): estimate_cost takes
-                    # (cfg, model, prompt_tokens, completion_tokens); this call raises TypeError -> "free"
-                    m_in, m_out = Usage(1_000_000, 0, 1_000_000), Usage(0, 1_000_000, 1_000_000)
-                    i = _catalogue_cost(prov.cfg, model, m_in) or 0.0  # type: ignore[call-arg, arg-type]
-                    o = _catalogue_cost(prov.cfg, model, m_out) or 0.0  # type: ignore[call-arg, arg-type]
-                    p = (float(i) / 1e6, float(o) / 1e6)
-                except Exception:  # noqa: BLE001 - DUBIOUS: this turns a bug into 'free' (the dollar-budget bug)
-                    log.warning("price catalogue failed for %s/%s; counting it as free for cost budgets",
-                                provider, model)
+        if prov is not None and model:
+            p = costs.price(prov.cfg, model)
+        if p is None:
+            p = self.unknown_price
+        if len(self._prices) > 100_000:
+            self._prices.clear()
         self._prices[key] = p
         return p
 
-    def estimate_price(self, req: Any) -> tuple[float, float]:
-        """The dearest price among the providers that may serve the request (a conservative reservation)."""
+    def estimate_price(self, req: Any) -> tuple[float, float] | None:
+        """The dearest price among the providers that may serve the request (a conservative reservation);
+        None when one of them has no known price (see ``rate_limits.unknown_price``)."""
         key = (req.provider, req.model)
-        p = self._est_prices.get(key)
-        if p is not None:
-            return p
+        if key in self._est_prices:
+            return self._est_prices[key]
         pin, pout = 0.0, 0.0
-        assert self.gw is not None, "cost limits need the gateway (its router)"
+        out: tuple[float, float] | None
         try:
-            for c in self.gw.router.candidates(req.model, req.provider):
-                i, o = self.price(c.provider.name, c.model)
-                pin, pout = max(pin, i), max(pout, o)
+            assert self.gw is not None
+            cands = self.gw.router.candidates(req.model, req.provider)
         except GatewayError:
-            pass  # routing will answer the unknown model with its own error
-        self._est_prices[key] = (pin, pout)
-        return pin, pout
+            cands = []  # routing will answer the unknown model with its own error
+        out = (0.0, 0.0)
+        for c in cands:
+            p = self.price(c.provider.name, c.model)
+            if p is None:
+                out = None
+                break
+            pin, pout = max(pin, p[0]), max(pout, p[1])
+            out = (pin, pout)
+        if len(self._est_prices) > 100_000:
+            self._est_prices.clear()
+        self._est_prices[key] = out
+        return out
 
     def real_tokens(self, ctx: RequestContext) -> tuple[int, int]:
         """(prompt, completion) tokens the upstream really spent on this request."""
@@ -361,13 +362,16 @@ class LimitsStage(Stage):
         tok = usd = 0
         if plan.tok or plan.usd:
             tok = lm.estimate_tokens(ctx)
-            if plan.usd and ctx.endpoint != "embeddings":
-                pin, pout = lm.estimate_price(ctx.request)
-                out_est = tok - ctx.estimated_tokens
-                usd = int(math.ceil((ctx.estimated_tokens * pin + out_est * pout) * MICRO))
-            elif plan.usd:
-                pin, _ = lm.estimate_price(ctx.request)
-                usd = int(math.ceil(tok * pin * MICRO))
+            if plan.usd:
+                price = lm.estimate_price(ctx.request)
+                if price is None:
+                    raise _unpriced(ctx.request.model)
+                pin, pout = price
+                if ctx.endpoint != "embeddings":
+                    out_est = tok - ctx.estimated_tokens
+                    usd = int(math.ceil((ctx.estimated_tokens * pin + out_est * pout) * MICRO))
+                else:
+                    usd = int(math.ceil(tok * pin * MICRO))
         costs = [1 if x.unit == REQ else tok if x.unit == TOK else usd for x in limits]
         if self.sync:
             res = self.backend.reserve(limits, costs)
@@ -377,6 +381,8 @@ class LimitsStage(Stage):
             except BackendUnavailable:
                 self._policy(plan, lm.ip_rpm is not None)
                 return False
+            except PoolExhausted:
+                raise _busy() from None
         headers = _headers(limits, res)
         if not res.ok:
             lm.rejected += 1
@@ -434,11 +440,10 @@ class LimitsStage(Stage):
                 deltas.append(tokens - cost)
             elif lim.unit == USD:
                 if usd < 0:
-                    if tokens:
-                        pin, pout = lm.price(ctx.provider, ctx.upstream_model)
-                        usd = int(math.ceil((p * pin + c * pout) * MICRO))
-                    else:
-                        usd = 0
+                    price = lm.price(ctx.provider, ctx.upstream_model) if tokens else (0.0, 0.0)
+                    # unknown here (a provider outside the candidates priced before): the reservation
+                    # stands -- counted at the dearest candidate's price rather than as free
+                    usd = cost if price is None else int(math.ceil((p * price[0] + c * price[1]) * MICRO))
                 deltas.append(usd - cost)
             else:
                 deltas.append(0)
@@ -450,8 +455,23 @@ class LimitsStage(Stage):
             return
         try:
             await self.backend.settle(handles, deltas, ttls)
-        except BackendUnavailable:
+        except (BackendUnavailable, PoolExhausted):
             lm.backend_errors += 1  # the reservation stands (counted high rather than lost)
+
+
+def _unpriced(model: str) -> GatewayError:
+    return GatewayError(400, f"model {model!r} has no known price, and this API key has a dollar budget: "
+                             "a call it cannot price cannot be counted against the budget (the gateway's "
+                             "rate_limits.unknown_price is 'reject'; set model_prices for it, or "
+                             "unknown_price: default with default_price_per_mtok)",
+                        type="invalid_request_error", param="model", code="model_price_unknown",
+                        kind="model_price_unknown")
+
+
+def _busy() -> GatewayError:
+    return GatewayError(503, "the gateway is overloaded: no connection to the rate limit backend became free "
+                             "in time (rate_limits.redis_pool_timeout); retry shortly",
+                        code="rate_limit_backend_busy", retry_after=1, kind="limits_busy")
 
 
 def _headers(limits: list[Limit], res: Reservation) -> dict[str, str]:
@@ -480,7 +500,8 @@ def _headers(limits: list[Limit], res: Reservation) -> dict[str, str]:
 def make_backend(cfg: Any) -> Any:
     rl = cfg.rate_limits
     if rl.backend == "redis":
-        return RedisBackend(rl.redis_url, timeout=rl.redis_timeout)
+        return RedisBackend(rl.redis_url, timeout=rl.redis_timeout, pool_size=rl.redis_pool_size,
+                            pool_timeout=rl.redis_pool_timeout)
     return MemoryBackend()
 
 

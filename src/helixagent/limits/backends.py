@@ -16,11 +16,12 @@ window the reservation went to.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable
+
+from ..redis_client import OUTAGE, make_client
 
 log = logging.getLogger("helixagent.limits")
 
@@ -380,15 +381,21 @@ return 1
 class RedisBackend:
     """Shared limits in Redis.  An unreachable Redis raises :class:`BackendUnavailable` fast (short socket
     timeouts; after a failure, Redis is not retried for ``retry_interval`` seconds) and the caller applies
-    ``rate_limits.on_backend_error``.  The outage is logged once, and its end once."""
+    ``rate_limits.on_backend_error``.  The outage is logged once, and its end once.
+
+    More concurrent requests than ``pool_size`` connections is not an outage: a request waits for a free
+    connection (at most ``pool_timeout`` seconds; past it :class:`~helixagent.redis_client.PoolExhausted`
+    propagates and the stage sheds that one request with a 503, the backend stays up).  Only a failed
+    Redis (:data:`~helixagent.redis_client.OUTAGE`) is an outage; any other error is a bug and propagates."""
 
     sync = False
     name = "redis"
 
-    def __init__(self, url: str, timeout: float = 0.25, retry_interval: float = 1.0):
-        import redis.asyncio as aioredis
-        self.redis = aioredis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
-                                             retry_on_timeout=False, health_check_interval=0)
+    def __init__(self, url: str, timeout: float = 0.25, retry_interval: float = 1.0, pool_size: int = 100,
+                 pool_timeout: float = 5.0):
+        self.redis = make_client(url, pool_size=pool_size, pool_timeout=pool_timeout, timeout=timeout,
+                                 connect_timeout=timeout)
+        self.pool = self.redis.connection_pool
         self._reserve = self.redis.register_script(RESERVE_LUA)
         self._settle = self.redis.register_script(SETTLE_LUA)
         self.retry_interval = retry_interval
@@ -417,9 +424,7 @@ class RedisBackend:
             args += (lim.algo, lim.limit, c, lim.burst)
         try:
             res = await self._reserve(keys=[lim.key for lim in limits], args=args)
-        except (asyncio.CancelledError, KeyboardInterrupt):
-            raise
-        except Exception as exc:  # noqa: BLE001 - DUBIOUS: a bug = a Redis outage (policy may allow)
+        except OUTAGE as exc:
             raise self._failed(exc) from None
         self._ok()
         n = len(limits)
@@ -443,9 +448,7 @@ class RedisBackend:
             raise BackendUnavailable("redis marked down")
         try:
             await self._settle(keys=keys, args=args)
-        except (asyncio.CancelledError, KeyboardInterrupt):
-            raise
-        except Exception as exc:  # noqa: BLE001 - DUBIOUS: a bug here counts as a Redis outage (settlement skipped)
+        except OUTAGE as exc:
             raise self._failed(exc) from None
         self._ok()
 
@@ -466,9 +469,7 @@ class RedisBackend:
             for i in range(0, len(keys), 500):
                 vals = await self.redis.mget(keys[i:i + 500])
                 out.extend(float(v) if v is not None else 0.0 for v in vals)
-        except (asyncio.CancelledError, KeyboardInterrupt):
-            raise
-        except Exception as exc:  # noqa: BLE001 - DUBIOUS: a bug here counts as a Redis outage
+        except OUTAGE as exc:
             raise self._failed(exc) from None
         self._ok()
         return out

@@ -1,5 +1,5 @@
-"""Prices for routing: the provider catalogue (with its ``providers[].model_prices`` overrides), else
-``providers[].model_prices`` alone.
+"""Prices for routing and limits: the shipped catalogue with the provider's ``model_prices`` applied, else
+``providers[].model_prices`` alone (an override for a model the catalogue does not know).
 
 ``price(cfg, model)`` -> ``(input_per_token, output_per_token)`` in US dollars, or None when unknown.
 Unknown prices never make routing skip a provider (a cost limit cannot be checked against an unknown
@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from ..canonical import Usage
 from ..config import ProviderConfig
-from ..providers import catalogue as _catalogue  # the shipped price catalogue with its per-provider overrides
+from ..providers import catalogue as _catalogue
 
 
 def price(cfg: ProviderConfig, model: str) -> tuple[float, float] | None:
-    try:
-        p = _catalogue.price(cfg, model)
-    except Exception:  # noqa: BLE001 - DUBIOUS: a catalogue bug becomes 'price unknown' (cost limits unchecked)
-        p = None
+    p = _catalogue.price(cfg, model)
     if p is not None:
         return float(p[0] or 0.0), float(p[1] or 0.0)
     mp = cfg.model_prices.get(model)
@@ -43,12 +40,8 @@ def usage_cost(cfg: ProviderConfig, model: str, p: tuple[float, float] | None, u
     if p is None or usage is None:
         return None
     if usage.cache_read_tokens or usage.cache_creation_tokens:
-        c: float | None
-        try:
-            c = _catalogue.estimate_cost(cfg, model, usage.prompt_tokens, usage.completion_tokens,
-                                         usage.cache_read_tokens, usage.cache_creation_tokens)
-        except Exception:  # noqa: BLE001 - DUBIOUS: a catalogue bug falls back to the uncached price
-            c = None
+        c = _catalogue.estimate_cost(cfg, model, usage.prompt_tokens, usage.completion_tokens,
+                                     usage.cache_read_tokens, usage.cache_creation_tokens)
         if c is not None:
             return c
     return p[0] * usage.prompt_tokens + p[1] * usage.completion_tokens
