@@ -205,6 +205,31 @@ def test_slow_body_gets_408_after_the_body_deadline(gw):
     assert httpx.get(gw.url + "/health", timeout=10).status_code == 200
 
 
+def test_body_in_pieces_within_the_deadline_is_served(gw):
+    body = orjson.dumps({"model": "mock-1", "messages": [{"role": "user", "content": "hi"}]})
+    s = connect(gw.port)
+    try:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        third = len(body) // 3 + 1
+        for i in range(0, len(body), third):
+            time.sleep(0.2)
+            s.sendall(body[i:i + third])
+        raw = read_until_closed(s)
+    finally:
+        s.close()
+    assert status_of(raw) == 200, raw[:300]
+
+
+def test_chunked_body_with_endless_trailers_is_cut_off(gw):
+    trailers = b"".join(b"X-T%d: v\r\n" % i for i in range(5000))
+    raw = send_all_then_read(gw.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"2\r\n{}\r\n0\r\n" + trailers + b"\r\n")
+    assert raw == b""  # the request was under way: cut off (its handler sees the client gone), no answer
+    assert httpx.get(gw.url + "/health", timeout=10).status_code == 200
+
+
 # -- connection cap ----------------------------------------------------------------------------------------------
 def test_connection_cap_refuses_clearly_and_recovers():
     g = GatewayServer({"server": {"max_connections": 5, "header_timeout": "30s"}, "logging": {"level": "warning"}})

@@ -202,8 +202,15 @@ class HelixHttpProtocol(HttpToolsProtocol):
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _HeadTooLarge):
-                self._reject(431, b"Request Header Fields Too Large", "request_header_fields_too_large",
-                             str(exc.__context__))
+                if self._in_head:
+                    self._reject(431, b"Request Header Fields Too Large", "request_header_fields_too_large",
+                                 str(exc.__context__))
+                else:  # too many or too large trailers of a chunked body: the request is under way
+                    cycle = self.cycle
+                    if cycle is not None and not cycle.response_complete:
+                        cycle.disconnected = True
+                        cycle.message_event.set()
+                    self.transport.close()
                 return
             msg = "Invalid HTTP request received."
             self.logger.warning(msg)
@@ -215,6 +222,7 @@ class HelixHttpProtocol(HttpToolsProtocol):
             self.send_400_response(msg)
             return
         except httptools.HttpParserUpgrade:
+            self._set_deadline(_APP, None)  # the connection is no longer HTTP/1.1 requests
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
             else:
