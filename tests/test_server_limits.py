@@ -428,3 +428,28 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path, workers):
     assert "listening on" not in text
     assert "failed to start" in text, text
     assert text.count("Not a directory") <= 2 * int(workers) + 1, text  # not respawned over and over
+
+
+def failing_lifespan_app_factory():
+    """An app whose lifespan start-up fails (used by the test below through `serve(app=...)`)."""
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            await receive()
+            await send({"type": "lifespan.startup.failed", "message": "start-up hook raised"})
+    return app
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_lifespan_start_up_failure_exits_non_zero(tmp_path, workers):
+    port = free_port()
+    code = ("import sys; from helixagent.api.server import serve; from helixagent.config import load_config_dict; "
+            f"sys.exit(serve(load_config_dict({{}}, 'x').server, '127.0.0.1', {port}, {workers}, 'test', "
+            "app='test_server_limits:failing_lifespan_app_factory'))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, str(Path(__file__).parent)]))
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=45,
+                             cwd=tmp_path)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"serve kept running after its start-up failed: {exc.stdout} {exc.stderr}")
+    assert out.returncode == 1, (out.returncode, out.stdout, out.stderr)
+    assert "listening on" not in out.stdout + out.stderr
