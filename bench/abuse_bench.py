@@ -5,6 +5,9 @@ only.  Each section lives in its own module and starts its own gateway processes
   rejected   bench/abuse_rejected.py  RSS before/after 100k requests rejected by authentication (and 1 MB bodies)
   admission  bench/abuse_admission.py admitted vs allowed at 1,000 concurrent requests, one and three instances
              on one Redis
+  headers    bench/abuse_server.py    RSS under 40 connections sending 20 MB of unterminated headers
+  slowloris  bench/abuse_server.py    a second client's p50/p99 during a slowloris of 200 connections
+  protocol   bench/abuse_server.py    CPU per request of the hardened HTTP protocol vs uvicorn's own
 
 Usage: python bench/abuse_bench.py --section NAME [section options...]   (``--section all``: every section
 with its defaults; ``python bench/abuse_<name>.py --help`` lists a section's options)
@@ -16,7 +19,8 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = {"rejected": "abuse_rejected.py", "admission": "abuse_admission.py"}
+SECTIONS = {"rejected": "abuse_rejected.py", "admission": "abuse_admission.py", "headers": "abuse_server.py",
+            "slowloris": "abuse_server.py", "protocol": "abuse_server.py"}
 
 
 def main(argv: list[str]) -> int:

@@ -64,13 +64,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["HELIXAGENT_CONFIG"] = os.path.abspath(args.config)
     workers = args.workers or cfg.server.workers
     metrics_dir, own_dir, metrics_srv = _setup_metrics(cfg, host, workers)
-    import uvicorn
-    log.info("HelixAgent %s listening on http://%s:%d (%d worker%s)", __version__, host, port, workers,
-             "" if workers == 1 else "s")
+    from .api.server import serve
     try:
-        uvicorn.run("helixagent.cli:app_factory", factory=True, host=host, port=port, workers=workers,
-                    loop="uvloop", http="httptools", lifespan="on", access_log=False, log_config=None,
-                    server_header=False, date_header=False, proxy_headers=False, timeout_graceful_shutdown=30)
+        # binds the socket first: "listening" is logged only once it is bound and the workers are up
+        return serve(cfg.server, host, port, workers, __version__)
     finally:
         if metrics_srv is not None:
             metrics_srv.shutdown()
@@ -78,7 +75,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if own_dir and metrics_dir:
             import shutil
             shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
 
 
 def _setup_metrics(cfg: Any, host: str, workers: int) -> tuple[str | None, bool, Any]:

@@ -135,6 +135,16 @@ class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=DEFAULT_PORT, gt=0, lt=65536)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    # limits of the HTTP server itself (api/server.py), per worker; see docs/keys-and-limits.md
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)  # request line + headers; beyond: 431
+    max_headers: int = Field(default=100, ge=1)  # header fields per request; beyond: 431
+    header_timeout: float = Field(default=10.0, gt=0)  # a request's head must arrive within this
+    body_timeout: float = Field(default=30.0, gt=0)  # its body within this, once the head is in
+    keep_alive_timeout: float = Field(default=5.0, gt=0)  # an idle keep-alive connection is closed after
+    max_connections: int = Field(default=2048, ge=1)  # open connections per worker; beyond: 503 + close
+    drain_timeout: float = Field(default=30.0, ge=0)  # on shutdown, how long running requests may finish
+    _server_d = field_validator("header_timeout", "body_timeout", "keep_alive_timeout", "drain_timeout",
+                                mode="before")(lambda v: parse_duration(v))
     workers: int = Field(default=1, ge=1)
     trust_forwarded_for: bool = False
     # networks of the reverse proxies in front of the gateway; X-Forwarded-For is read from the right

@@ -79,8 +79,14 @@ class GatewayServer:
         self.sock = bound_socket(port)
         self.port = self.sock.getsockname()[1]
         self.app = create_app(self.cfg)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, loop="asyncio", http="httptools",
-                                lifespan="on", access_log=False, log_config=None, timeout_graceful_shutdown=2)
+        from helixagent.api.server import uvicorn_config
+        # the gateway's own HTTP protocol and server: limits (header size/count, deadlines, connection cap);
+        # the drain is kept short for tests unless the config sets one
+        server_cfg = self.cfg.server
+        if "drain_timeout" not in server_cfg.model_fields_set:
+            server_cfg = server_cfg.model_copy(update={"drain_timeout": 2.0})
+        config = uvicorn_config(self.app, server_cfg, host="127.0.0.1", port=self.port, loop="asyncio",
+                                lifespan="on", access_log=False, log_config=None)
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
