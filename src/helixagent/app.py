@@ -196,7 +196,8 @@ class Gateway:
             await handler(self, req)
         except GatewayError as exc:
             scope["helixagent.error"] = exc
-            await send_json(send, exc.status, self.error_body(req, exc), exc.response_headers())
+            await send_json(send, exc.status, self.error_body(req, exc), exc.response_headers(),
+                            linger=receive if exc.status == 413 else None)  # body left unread: linger
         except asyncio.CancelledError:
             raise
         except Exception:
