@@ -346,3 +346,16 @@ def test_records_show_prints_the_record(gw, db_url, capsys):
     assert out["response_body"]["choices"][0]["message"]["content"]
     assert isinstance(out["created_at"], str)
     assert cli.main(["records", "show", "nope", "--database-url", db_url]) == 1
+
+
+def test_aborted_upload_outside_the_pipeline_logs_no_error(gw, caplog):
+    caplog.set_level(logging.INFO)
+    head = ("POST /v1/messages/count_tokens HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100000\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(head + b'{"model": "gpt-4o-mini", "messages": [' + b" " * 1000)
+        time.sleep(0.2)
+    time.sleep(0.3)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    assert httpx.post(gw.url + "/v1/messages/count_tokens", json=msgs_body(), timeout=10).status_code == 200

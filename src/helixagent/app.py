@@ -199,6 +199,9 @@ class Gateway:
             await send_json(send, exc.status, self.error_body(req, exc), exc.response_headers(),
                             linger=receive if exc.status == 413 else None)  # body left unread: linger
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling():
+                return  # Request.body: the client left in the middle of its body; nobody to answer
             raise
         except Exception:
             log.exception("unhandled error on %s %s", req.method, req.path)
