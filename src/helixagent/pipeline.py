@@ -242,10 +242,10 @@ class Pipeline:
             ctx.finished_at = time.perf_counter()
         if ctx.error is not None:
             ctx.status = ctx.error.status
-        if ctx.outcome is None:
-            ctx.outcome = outcome_of(ctx)
         if ctx.usage is None and ctx.response is not None:
             ctx.usage = getattr(ctx.response, "usage", None)
+        if ctx.outcome is None:
+            ctx.outcome = outcome_of(ctx)
         for st in reversed(entered):
             try:
                 await st.post(ctx)
