@@ -140,7 +140,7 @@ async def serve_chat(gw: Any, req: Request, ctx: RequestContext, parse: Any, *, 
         if ctx.error is None:
             try:
                 body = orjson.dumps(render(ctx))
-            except Exception as exc:  # a bug in the renderer: a 500 that is recorded as such, not a lost record
+            except Exception as exc:  # noqa: BLE001 - a renderer bug: logged, answered and recorded as a 500
                 log.exception("rendering the answer of request %s failed", ctx.request_id)
                 ctx.error = GatewayError(500, f"internal error: {type(exc).__name__}", kind="internal")
         if ctx.error is not None:
