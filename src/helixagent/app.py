@@ -208,8 +208,12 @@ class Gateway:
         except GatewayError as exc:
             exc.__traceback__ = None  # kept in scope for the access line: no frames (and bodies) with it
             scope["helixagent.error"] = exc
-            await send_json(send, exc.status, self.error_body(req, exc), exc.response_headers())
+            await send_json(send, exc.status, self.error_body(req, exc), exc.response_headers(),
+                            linger=receive if exc.status == 413 else None)  # body left unread: linger
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling():
+                return  # Request.body: the client left in the middle of its body; nobody to answer
             raise
         except Exception:
             log.exception("unhandled error on %s %s", req.method, req.path)

@@ -63,7 +63,8 @@ class RequestContext:
         "ip", "user_agent", "headers", "identity", "request", "raw_body", "provider", "upstream_model", "response",
         "stream", "error", "status", "usage", "cost", "cache_status", "streamed", "first_token_at",
         "finished_at", "response_headers", "attempts", "fallbacks", "retries", "state", "stream_listeners",
-        "candidates_tried", "estimated_tokens", "client_disconnected", "upstream_latency",
+        "candidates_tried", "estimated_tokens", "client_disconnected", "upstream_latency", "status_sent",
+        "outcome",
     )
 
     def __init__(self, endpoint: str, client_format: str = "openai", request_id: str | None = None,
@@ -106,6 +107,10 @@ class RequestContext:
         self.estimated_tokens = 0
         self.client_disconnected = False
         self.upstream_latency: float | None = None
+        # what the client saw: the status of the response head the server accepted (None: no head was
+        # sent), and how the response ended (see OUTCOMES; set by finish() unless a caller knows better)
+        self.status_sent: int | None = None
+        self.outcome: str | None = None
 
     @property
     def latency(self) -> float:
@@ -114,6 +119,59 @@ class RequestContext:
     @property
     def ttft(self) -> float | None:
         return None if self.first_token_at is None else self.first_token_at - self.started
+
+
+# How a response ended, as recorded (store/schema.py ``outcome``):
+#   completed       -- the answer was delivered in full
+#   error           -- an error response was delivered in full (status and error_type say which)
+#   upstream_error  -- a stream had started (status 200 sent) and ended with an error event: the upstream
+#                      failed mid-way (or timed out)
+#   client_gone     -- the client disconnected before the answer was complete
+#   shutdown        -- the gateway's shutdown drain ended first: the client got a last error event
+#                      (or a 503 when no answer had started)
+#   response_failed -- the server refused to send the response (nothing reached the client)
+OUTCOMES = ("completed", "error", "upstream_error", "client_gone", "shutdown", "response_failed")
+
+
+def shutdown_error() -> GatewayError:
+    return GatewayError(503, "the gateway is shutting down and could not finish this request in time; retry it",
+                        type="service_unavailable", code="server_shutting_down", retryable=True, kind="shutdown")
+
+
+def outcome_of(ctx: "RequestContext") -> str:
+    err = ctx.error
+    if err is None:
+        return "completed"
+    if ctx.client_disconnected or err.kind == "client_disconnected":
+        return "client_gone"
+    if err.kind == "shutdown":
+        return "shutdown"
+    if err.kind == "response_failed":
+        return "response_failed"
+    sent = ctx.status_sent
+    if sent is not None and sent < 400:
+        return "upstream_error"
+    return "error"
+
+
+def partial_usage(ctx: "RequestContext") -> Usage:
+    """Tokens of a stream that ended before the upstream reported its usage: the prompt as estimated
+    locally, and the text received so far (tokens.py: the same estimate the limits settle with)."""
+    from .tokens import estimate_messages, estimate_text
+    prompt = ctx.estimated_tokens
+    req = ctx.request
+    if not prompt and req is not None and isinstance(getattr(req, "messages", None), list):
+        prompt = estimate_messages(req.messages, req.params.get("tools"))
+    text = ""
+    body = getattr(ctx.response, "body", None) or {}
+    for ch in body.get("choices") or ():
+        msg = ch.get("message") or {}
+        text += (msg.get("content") or "") + (msg.get("reasoning_content") or "")
+        for tc in msg.get("tool_calls") or ():
+            fn = tc.get("function") or {}
+            text += (fn.get("name") or "") + (fn.get("arguments") or "")
+    completion = estimate_text(text)
+    return Usage(prompt, completion, prompt + completion)
 
 
 class Stage:
@@ -155,13 +213,16 @@ class Pipeline:
             ctx.error = exc
             ctx.stream = None
         except asyncio.CancelledError:
-            if not ctx.client_disconnected:
-                raise
-            # the client hung up while we waited (api.http.DisconnectWatch): the wait was cancelled, which
-            # abandons the upstream request; the post-hooks still run (the caller finishes with a 499)
             task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
+            if task is None:
+                raise
+            # Either the client hung up while we waited (api.http.DisconnectWatch; the caller finishes
+            # with a 499), or the server cancelled the request because its shutdown drain ended (the
+            # caller answers 503).  The wait was cancelled, which abandons the upstream request; the
+            # post-hooks still run.
+            task.uncancel()
+            if not ctx.client_disconnected:
+                ctx.error = shutdown_error()
             stream, ctx.stream = ctx.stream, None
             closer = getattr(stream, "aclose", None)
             if closer is not None:
@@ -187,11 +248,31 @@ class Pipeline:
             err.__traceback__ = None
         if ctx.usage is None and ctx.response is not None:
             ctx.usage = getattr(ctx.response, "usage", None)
+        if ctx.outcome is None:
+            ctx.outcome = outcome_of(ctx)
         for st in reversed(entered):
             try:
                 await st.post(ctx)
             except Exception:
                 log.exception("post-hook %s failed for request %s", st.name, ctx.request_id)
+
+    async def abandon(self, ctx: RequestContext, entered: list[Stage]) -> None:
+        """A stream whose response could not be started: close the upstream stream, then finish."""
+        stream, ctx.stream = ctx.stream, None
+        try:
+            if stream is not None:
+                # An async generator that never ran would skip its ``finally`` (which closes the upstream
+                # response) on aclose(): let it reach its first yield (the relay's first chunk is already
+                # there; a stream still waiting is cancelled after a second, which runs it too).
+                try:
+                    await asyncio.wait_for(stream.__anext__(), 1.0)
+                except (StopAsyncIteration, asyncio.TimeoutError, GatewayError):
+                    pass
+                closer = getattr(stream, "aclose", None)
+                if closer is not None:
+                    await closer()
+        finally:
+            await self.finish(ctx, entered)
 
     async def iterate(self, ctx: RequestContext, entered: list[Stage]) -> AsyncIterator[dict[str, Any]]:
         """Iterate ``ctx.stream``, accumulating the answer; runs the post-hooks when the stream ends.
@@ -212,18 +293,25 @@ class Pipeline:
                 yield chunk
         except GatewayError as exc:
             ctx.error = exc
-        except Exception as exc:
-            if not isinstance(exc, GeneratorExit):
-                log.exception("stream failure in request %s", ctx.request_id)
-                ctx.error = GatewayError(502, f"stream failed: {type(exc).__name__}", provider=ctx.provider,
-                                         kind="stream_error")
-            else:
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if ctx.client_disconnected or task is None:
                 raise
+            # not the client: the server's shutdown drain ended.  The iteration ends normally so that the
+            # caller sends the last error event in the client's format; the record says shutdown.
+            task.uncancel()
+            ctx.error = shutdown_error()
+        except Exception as exc:
+            log.exception("stream failure in request %s", ctx.request_id)
+            ctx.error = GatewayError(502, f"stream failed: {type(exc).__name__}", provider=ctx.provider,
+                                     kind="stream_error")
         finally:
             if acc.chunks:
                 ctx.response = acc.response(ctx.provider or "")
                 if ctx.usage is None:
                     ctx.usage = acc.usage
+            if ctx.usage is None and (ctx.error is not None or ctx.client_disconnected):
+                ctx.usage = partial_usage(ctx)  # cut short: the tokens counted so far
             for fn in listeners:
                 try:
                     fn(None)

@@ -4,10 +4,11 @@ A plain ASGI application (no framework) keeps the request path short; see README
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 from typing import Any, AsyncIterator, Awaitable, Callable
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 import orjson
 
@@ -15,6 +16,8 @@ from ..errors import GatewayError
 from .forwarded import ForwardedFor
 
 _PEER_ONLY = ForwardedFor(())  # trust_forwarded=True: the immediate peer is the one trusted proxy
+
+log = logging.getLogger("helixagent.http")
 
 _REQ_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 JSON_CT = (b"content-type", b"application/json")
@@ -94,23 +97,114 @@ def too_large(limit: int) -> GatewayError:
     return GatewayError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
 
 
-def _hdrs(extra: dict[str, str] | None) -> list[tuple[bytes, bytes]]:
+# Response headers: every value we send is built here, from our own data and from client or upstream data
+# (a model name, a provider's retry-after, ...).  A value that is not plain visible ASCII (CR, LF, NUL, other
+# control characters, non-ASCII, or leading/trailing blanks) is percent-encoded (RFC 3986, '%' included),
+# so it can neither split the response (CR/LF) nor make the server refuse the head; a name that is not an
+# RFC 9110 token is dropped and logged (a bug of ours: names are constants).
+_HDR_NAME_OK = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_HDR_VALUE_OK = re.compile(r"(?:[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?)?\Z")
+_HDR_SAFE = "".join(chr(c) for c in range(0x21, 0x7f) if chr(c) != "%")
+
+
+_NAMES_OK: set[str] = set()   # names already checked (they are constants: the set stays small)
+
+
+def header_value(value: Any) -> str:
+    """``value`` as a safe header value: unchanged when it is plain visible ASCII, else percent-encoded."""
+    v = value if type(value) is str else str(value)
+    # str methods first (about 5x cheaper than the regex); the regex is the definition
+    if v.isascii() and v.isprintable() and (not v or (v[0] != " " and v[-1] != " ")):
+        return v
+    if _HDR_VALUE_OK.match(v):
+        return v
+    return quote(v, safe=_HDR_SAFE)
+
+
+def _hdrs(extra: dict[str, Any] | None) -> list[tuple[bytes, bytes]]:
     if not extra:
         return []
-    return [(k.encode("latin-1"), str(v).encode("latin-1")) for k, v in extra.items()]
+    out = []
+    for k, v in extra.items():
+        if k not in _NAMES_OK:
+            if not _HDR_NAME_OK.match(k):
+                log.error("response header name %r is not a token: dropped", k)
+                continue
+            if len(_NAMES_OK) < 256:
+                _NAMES_OK.add(k)
+        if type(v) is not str or not (v.isascii() and v.isprintable() and v[:1] != " " and v[-1:] != " "):
+            v = header_value(v)
+        out.append((k.encode("ascii"), v.encode("ascii")))
+    return out
+
+
+class ResponseFailed(Exception):
+    """The server refused the response head (``http.response.start``): nothing reached the client."""
+
+
+async def start_response(send: Callable[..., Awaitable[Any]], status: int,
+                         headers: list[tuple[bytes, bytes]]) -> None:
+    try:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+    except (OSError, RuntimeError) as exc:
+        raise ResponseFailed(f"the response could not be started: {type(exc).__name__}: {exc}") from exc
+
+
+# Lingering close (RFC 9112 section 9.6): a response sent before the request body was read in full (a 413)
+# is followed by reading and discarding what the client still sends, up to LINGER_BYTES or LINGER_SECONDS,
+# before the connection is closed.  A client that writes its whole body before it reads (urllib, curl
+# without Expect) then receives the answer instead of a connection reset (closing a socket with unread
+# data makes the kernel send RST, which discards the response the client has not read yet).
+LINGER_BYTES = 64 * 1024 * 1024
+LINGER_SECONDS = 5.0
+
+
+async def drain_request(receive: Callable[..., Awaitable[Any]], max_bytes: int = LINGER_BYTES,
+                        seconds: float = LINGER_SECONDS) -> int:
+    """Read and discard the rest of the request body (bounded); returns the bytes discarded."""
+    n = 0
+    try:
+        async with asyncio.timeout(seconds):
+            while n < max_bytes:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    break
+                n += len(msg.get("body", b""))
+                if not msg.get("more_body", False):
+                    break
+    except TimeoutError:
+        pass
+    return n
 
 
 async def send_bytes(send: Callable[..., Awaitable[Any]], status: int, body: bytes,
-                     headers: dict[str, str] | None = None, content_type: bytes = b"application/json") -> None:
+                     headers: dict[str, Any] | None = None, content_type: bytes = b"application/json", *,
+                     linger: Callable[..., Awaitable[Any]] | None = None,
+                     started: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Send a whole response.  ``linger``: the request's ``receive``, when the request body may not have
+    been read in full (see :func:`drain_request`).  ``started``: awaited once the head was accepted,
+    before the body is sent (the pipeline records the request there).  Raises :class:`ResponseFailed`
+    when the server refuses the head."""
     h = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
     h.extend(_hdrs(headers))
-    await send({"type": "http.response.start", "status": status, "headers": h})
-    await send({"type": "http.response.body", "body": body})
+    if linger is not None:
+        h.append((b"connection", b"close"))
+    await start_response(send, status, h)
+    if started is not None:
+        await started()
+    if linger is None:
+        await send({"type": "http.response.body", "body": body})
+        return
+    # the whole answer now (the client may read it while it still sends), the end after the drain
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+    await drain_request(linger)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def send_json(send: Callable[..., Awaitable[Any]], status: int, obj: Any,
-                    headers: dict[str, str] | None = None) -> None:
-    await send_bytes(send, status, orjson.dumps(obj), headers)
+                    headers: dict[str, Any] | None = None, *,
+                    linger: Callable[..., Awaitable[Any]] | None = None) -> None:
+    await send_bytes(send, status, orjson.dumps(obj), headers, linger=linger)
 
 
 # A client that hangs up while we wait for an answer (a non-streamed one, or a stream's first chunk) is
@@ -213,14 +307,18 @@ class DisconnectWatch:
             w.cancel()
 
 
-async def send_sse(req: Request, status: int, headers: dict[str, str] | None,
-                   events: AsyncIterator[bytes], on_disconnect: Any = None) -> bool:
+async def send_sse(req: Request, status: int, headers: dict[str, Any] | None,
+                   events: AsyncIterator[bytes], on_disconnect: Callable[[], None] | None = None,
+                   on_cancel: Callable[[], None] | None = None) -> bool:
     """Stream SSE frames.  Stops early (closing ``events``, after calling ``on_disconnect``) if the
-    client goes away; returns False then."""
+    client goes away; returns False then.  If the task is cancelled for another reason (the server's
+    shutdown drain ended) while a frame is being written, ``on_cancel`` is called and the stream is
+    closed (a cancellation while ``events`` waits for the upstream is theirs to turn into a last error
+    event).  Raises :class:`ResponseFailed` (``events`` untouched) when the server refuses the head."""
     send = req.send
     h = list(SSE_HEADERS)
     h.extend(_hdrs(headers))
-    await send({"type": "http.response.start", "status": status, "headers": h})
+    await start_response(send, status, h)
     task = asyncio.current_task()
     gone = False
 
@@ -238,6 +336,7 @@ async def send_sse(req: Request, status: int, headers: dict[str, str] | None,
 
     watcher = asyncio.ensure_future(watch())
     ok = True
+    cut = False
     try:
         async for frame in events:
             try:
@@ -248,16 +347,21 @@ async def send_sse(req: Request, status: int, headers: dict[str, str] | None,
         if ok:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
     except asyncio.CancelledError:
-        if not gone or task is None:
+        if task is None:
             raise
+        if not gone:
+            if on_cancel is None:
+                raise
+            on_cancel()
+            cut = True
         task.uncancel()
         ok = False
     except (OSError, RuntimeError):
         ok = False
     finally:
         watcher.cancel()
-        if not ok and not gone and on_disconnect is not None:
-            on_disconnect()
+        if not ok and not gone and not cut and on_disconnect is not None:
+            on_disconnect()  # the server could not write: the connection is gone
         closer = getattr(events, "aclose", None)
         if closer is not None:
             await closer()

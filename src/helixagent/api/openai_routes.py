@@ -1,6 +1,8 @@
 """OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /health."""
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Any, AsyncIterator
 
@@ -8,9 +10,11 @@ import orjson
 
 from ..errors import GatewayError
 from ..gateway_types import GatewayLike
-from ..pipeline import RequestContext
+from ..pipeline import Pipeline, RequestContext, Stage, shutdown_error
 from . import openai_format as fmt
-from .http import DisconnectWatch, Request, send_bytes, send_json, send_sse
+from .http import DisconnectWatch, Request, ResponseFailed, send_bytes, send_json, send_sse
+
+log = logging.getLogger("helixagent.api")
 
 _DONE = b"data: [DONE]\n\n"
 
@@ -27,7 +31,9 @@ def new_context(gw: GatewayLike, req: Request, endpoint: str, client_format: str
 
 def base_headers(ctx: RequestContext) -> dict[str, str]:
     # x-request-id echoes the client's X-Request-ID when it sent one (else it is ours); our own id, the
-    # key of the completion record, is always in x-helixagent-request-id.
+    # key of the completion record, is always in x-helixagent-request-id.  Values that come from the
+    # client or an upstream (the model name) are made safe by http._hdrs (percent-encoded when they hold
+    # anything but visible ASCII).
     h = {"x-request-id": ctx.client_request_id or ctx.request_id, "x-helixagent-request-id": ctx.request_id}
     if ctx.provider:
         h["x-helixagent-provider"] = ctx.provider
@@ -39,13 +45,38 @@ def base_headers(ctx: RequestContext) -> dict[str, str]:
     return h
 
 
-async def _send_error(req: Request, ctx: RequestContext) -> None:
-    """The request's error in OpenAI's error shape, with its status and headers (retry-after, ...)."""
+async def respond(req: Request, ctx: RequestContext, pipeline: Pipeline, entered: list[Stage], status: int,
+                  body: bytes, headers: dict[str, str]) -> None:
+    """Send a whole answer (or error) of a pipeline request and finish the request once the server has
+    accepted the response head, before the body goes out: the record and the metrics say what the
+    client saw -- the status sent, or ``response_failed`` when the head was refused (the gauges come
+    down either way).  A 413 lingers (reads what the client still sends) before the connection closes."""
     err = ctx.error
-    assert err is not None, "_send_error is only called for a failed request"
+    linger = req.receive if err is not None and err.status == 413 else None
+
+    async def started() -> None:
+        ctx.status_sent = status
+        await pipeline.finish(ctx, entered)
+
+    try:
+        await send_bytes(req.send, status, body, headers, linger=linger, started=started)
+    except ResponseFailed as exc:
+        response_failed(ctx, exc)
+        await pipeline.finish(ctx, entered)
+
+
+def response_failed(ctx: RequestContext, exc: ResponseFailed) -> None:
+    log.error("request %s: %s", ctx.request_id, exc)
+    ctx.error = GatewayError(500, str(exc), kind="response_failed")
+    ctx.outcome = "response_failed"
+
+
+async def _send_error(req: Request, ctx: RequestContext, pipeline: Pipeline, entered: list[Stage]) -> None:
+    """The request's error in OpenAI's error shape, with its status and headers (retry-after, ...)."""
+    assert ctx.error is not None
     h = base_headers(ctx)
-    h.update(err.response_headers())
-    await send_bytes(req.send, err.status, orjson.dumps(err.openai_body()), h)
+    h.update(ctx.error.response_headers())
+    await respond(req, ctx, pipeline, entered, ctx.error.status, orjson.dumps(ctx.error.openai_body()), h)
 
 
 async def _parse(gw: GatewayLike, req: Request, ctx: RequestContext, parser: Any) -> Any:
@@ -55,6 +86,16 @@ async def _parse(gw: GatewayLike, req: Request, ctx: RequestContext, parser: Any
         return parser(raw)
     except GatewayError as exc:
         ctx.error = exc
+        if exc.status == 499:
+            ctx.client_disconnected = True
+        return None
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            task.uncancel()  # the server cancelled us (shutdown drain ended) while the body was arriving
+            ctx.error = shutdown_error()
+        else:
+            disconnected(ctx)  # Request.body: the client went away in the middle of its body
         return None
 
 
@@ -92,19 +133,38 @@ async def serve_chat(gw: GatewayLike, req: Request, ctx: RequestContext, parse: 
             entered = await pipeline.run(ctx)
         finally:
             watch.stop()
-        if ctx.client_disconnected:  # nobody to answer: record the 499
-            await pipeline.finish(ctx, entered)
-            return
-    if ctx.error is not None or ctx.stream is None:
+    if ctx.client_disconnected:  # nobody to answer: record the 499
         await pipeline.finish(ctx, entered)
+        return
+    if ctx.error is not None or ctx.stream is None:
         h = headers(ctx)
+        if ctx.error is None:
+            try:
+                body = orjson.dumps(render(ctx))
+            except Exception as exc:  # noqa: BLE001 - a renderer bug: logged, answered and recorded as a 500
+                log.exception("rendering the answer of request %s failed", ctx.request_id)
+                ctx.error = GatewayError(500, f"internal error: {type(exc).__name__}", kind="internal")
         if ctx.error is not None:
             h.update(ctx.error.response_headers())
-            await send_bytes(req.send, ctx.error.status, orjson.dumps(error_body(ctx.error)), h)
+            await respond(req, ctx, pipeline, entered, ctx.error.status, orjson.dumps(error_body(ctx.error)), h)
             return
-        await send_bytes(req.send, 200, orjson.dumps(render(ctx)), h)
+        await respond(req, ctx, pipeline, entered, 200, body, h)
         return
-    await send_sse(req, 200, headers(ctx), frames(ctx, pipeline.iterate(ctx, entered)), lambda: disconnected(ctx))
+    ctx.status_sent = 200
+    try:
+        await send_sse(req, 200, headers(ctx), frames(ctx, pipeline.iterate(ctx, entered)),
+                       lambda: disconnected(ctx), lambda: cut_by_shutdown(ctx))
+    except ResponseFailed as exc:
+        ctx.status_sent = None
+        response_failed(ctx, exc)
+        await pipeline.abandon(ctx, entered)
+
+
+def cut_by_shutdown(ctx: RequestContext) -> None:
+    """The server cancelled a stream while a frame was being written (the client is not reading): no
+    last event can reach it; the record says shutdown."""
+    if ctx.error is None:
+        ctx.error = shutdown_error()
 
 
 def disconnected(ctx: RequestContext) -> None:
@@ -144,9 +204,11 @@ async def embeddings(gw: GatewayLike, req: Request) -> None:
     else:
         ctx.request = parsed
         entered = await pipeline.run(ctx)
-    await pipeline.finish(ctx, entered)
+    if ctx.client_disconnected:
+        await pipeline.finish(ctx, entered)
+        return
     if ctx.error is not None:
-        await _send_error(req, ctx)
+        await _send_error(req, ctx, pipeline, entered)
         return
     assert ctx.response is not None, "a request without an error has a response"
     body = ctx.response.body
@@ -163,7 +225,7 @@ async def embeddings(gw: GatewayLike, req: Request) -> None:
                     a.byteswap()
                 d["embedding"] = base64.b64encode(a.tobytes()).decode()
     body["provider"] = ctx.provider
-    await send_bytes(req.send, 200, orjson.dumps(body), base_headers(ctx))
+    await respond(req, ctx, pipeline, entered, 200, orjson.dumps(body), base_headers(ctx))
 
 
 async def list_models(gw: GatewayLike, req: Request) -> None:

@@ -286,8 +286,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     rec = asyncio.run(go())
     if rec is None:
         return _err(f"no record {args.request_id!r}")
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in rec.items():
+        k = str(k)  # SQLAlchemy's quoted_name, a str subclass orjson refuses as a key
         if isinstance(v, (bytes, bytearray, memoryview)):
             try:
                 v = orjson.loads(bytes(v))

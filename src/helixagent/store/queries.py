@@ -15,6 +15,9 @@ from .schema import completions as C
 
 UTC = dt.timezone.utc
 GROUP_BY = ("day", "provider", "model", "user", "application")
+# A request that failed: an error status, or a response that did not end as it should although its head
+# said 200 (a stream cut by the upstream, the client, the shutdown).
+_FAILED = or_(C.c.status >= 400, C.c.outcome.in_(("upstream_error", "client_gone", "shutdown", "response_failed")))
 _GROUP_COLUMNS = {"provider": C.c.provider, "model": C.c.model, "user": C.c.user_id, "application": C.c.application}
 
 
@@ -62,7 +65,7 @@ async def usage(engine: AsyncEngine, start: dt.datetime, end: dt.datetime, group
         cond.append(C.c.application == application)
     grp = g.label("grp")
     q = (select(grp, func.count().label("requests"),
-                func.coalesce(func.sum(case((C.c.status >= 400, 1), else_=0)), 0).label("errors"),
+                func.coalesce(func.sum(case((_FAILED, 1), else_=0)), 0).label("errors"),
                 func.coalesce(func.sum(C.c.prompt_tokens), 0).label("prompt_tokens"),
                 func.coalesce(func.sum(C.c.completion_tokens), 0).label("completion_tokens"),
                 func.coalesce(func.sum(C.c.total_tokens), 0).label("total_tokens"),

@@ -31,6 +31,9 @@ completions = sa.Table(
     sa.Column("request_body", sa.LargeBinary(), nullable=True),
     sa.Column("response_body", sa.LargeBinary(), nullable=True),
     sa.Column("enc_key_id", sa.String(), nullable=True),   # NULL: bodies stored in the clear
+    # how the response ended (pipeline.OUTCOMES: completed, error, upstream_error, client_gone, shutdown,
+    # response_failed); NULL in rows written before revision 0003
+    sa.Column("outcome", sa.String(), nullable=True),
     sa.Index("ix_completions_created_at", "created_at"),
     sa.Index("ix_completions_user_id", "user_id", "created_at"),
     sa.Index("ix_completions_application", "application", "created_at"),
@@ -38,9 +41,10 @@ completions = sa.Table(
     sa.Index("ix_completions_key_id", "key_id", "created_at"),
 )
 
-# Column order of a record as the request path journals it (bodies travel separately).
+# Column order of a record as the request path journals it (bodies travel separately).  New columns are
+# appended: a frame journaled by an older version (shorter) is padded with NULLs on replay.
 META_COLUMNS = (
     "request_id", "client_request_id", "created_at", "user_id", "application", "key_id", "provider", "model",
     "endpoint", "status", "error_type", "prompt_tokens", "completion_tokens", "total_tokens", "cost",
-    "latency_ms", "ttft_ms", "cache_hit", "streamed", "enc_key_id",
+    "latency_ms", "ttft_ms", "cache_hit", "streamed", "enc_key_id", "outcome",
 )

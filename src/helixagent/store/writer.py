@@ -36,6 +36,7 @@ _UTC = dt.timezone.utc
 _IDX_CREATED = META_COLUMNS.index("created_at")
 _IDX_RID = META_COLUMNS.index("request_id")
 _IDX_KEY = META_COLUMNS.index("enc_key_id")
+_N_META = len(META_COLUMNS)
 SEGMENT_MAX_BYTES = 16 * 1024 * 1024
 SEGMENT_MAX_AGE = 10.0
 ORPHAN_SCAN_INTERVAL = 30.0
@@ -124,6 +125,9 @@ class RecordWriter:
             rid = ctx.request_id
             first = ctx.first_token_at
             keyring = self.keyring
+            # the status the client saw: that of the response head sent (a stream that failed, was cut
+            # or was left by its client after its 200 head says 200; its outcome says how it ended)
+            sent = ctx.status_sent
             meta = [
                 rid, ctx.client_request_id, ctx.started_wall,
                 ident.user_id if ident is not None else None,
@@ -131,7 +135,7 @@ class RecordWriter:
                 ident.key_id if ident is not None else None,
                 ctx.provider,
                 ctx.upstream_model or (getattr(req, "model", None) if req is not None else None),
-                ctx.endpoint, ctx.status, err.kind if err is not None else None,
+                ctx.endpoint, ctx.status if sent is None else sent, err.kind if err is not None else None,
                 usage.prompt_tokens if usage is not None else 0,
                 usage.completion_tokens if usage is not None else 0,
                 (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage is not None else 0,
@@ -141,6 +145,7 @@ class RecordWriter:
                 ctx.cache_status == "HIT",
                 bool(ctx.streamed or getattr(req, "stream", False)),
                 keyring.active_id if keyring is not None else None,
+                ctx.outcome,
             ]
             rb = pb = None
             if self.record_bodies:
@@ -417,9 +422,9 @@ class RecordWriter:
     def _set_error(self, exc: BaseException) -> None:
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
         if msg != self.db_error:
-            if "completions" in msg and ("does not exist" in msg or "no such table" in msg):
-                log.error("the completions table is missing: run `helixagent migrate up` (records are spooled "
-                          "meanwhile)")
+            if "completions" in msg and ("does not exist" in msg or "no such table" in msg or "no column" in msg):
+                log.error("the completions table is missing or not migrated to this version: run `helixagent "
+                          "migrate up` (records are spooled meanwhile)")
             else:
                 log.error("cannot write records to the database (%s): spooling to %s", msg, self.journal.dir)
         self.db_error = msg
@@ -441,6 +446,8 @@ class RecordWriter:
     def _params(self, item: Item) -> tuple[Any, ...]:
         meta, rb, pb = item
         row = list(meta)
+        if len(row) < _N_META:  # journaled by an older version: the newer columns are NULL
+            row.extend([None] * (_N_META - len(row)))
         created = dt.datetime.fromtimestamp(meta[_IDX_CREATED], _UTC)
         # SQLite keeps DateTime as text in SQLAlchemy's own format (naive UTC), which its queries compare
         row[_IDX_CREATED] = created if self.dialect == "postgresql" else created.strftime("%Y-%m-%d %H:%M:%S.%f")
