@@ -409,14 +409,16 @@ def test_sighup_leaves_a_single_worker_running(tmp_path):
 
 @pytest.mark.parametrize("workers", ["2", "1"])
 def test_a_worker_that_cannot_start_stops_the_server(tmp_path, workers):
-    """A config that validates, but whose start-up fails in each worker (the spool directory is under a
-    regular file): the whole server exits non-zero, promptly, instead of respawning workers forever."""
+    """A config that passes every static check (`config check` says valid), but whose start-up fails in
+    each worker: the SQLite file exists and is writable but is not a database (a corrupt or foreign
+    file), so the migration at start-up fails.  The whole server exits non-zero, promptly, instead of
+    respawning workers forever."""
     port = free_port()
-    (tmp_path / "afile").write_text("not a directory")
     cfgfile = write_config(tmp_path, port)
-    data = yaml.safe_load(cfgfile.read_text())
-    data["database"]["spool_dir"] = str(tmp_path / "afile" / "spool")
-    cfgfile.write_text(yaml.safe_dump(data))
+    (tmp_path / "h.db").write_bytes(b"this is not an SQLite database" * 100)
+    from helixagent.config import load_config
+    from helixagent.preflight import check_runtime
+    assert check_runtime(load_config(str(cfgfile))) == []  # nothing a static check could see
     proc, logpath = start_serve(tmp_path, cfgfile, "--workers", workers)
     try:
         rc = proc.wait(45)
@@ -428,7 +430,7 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path, workers):
     assert rc != 0, text
     assert "listening on" not in text
     assert "failed to start" in text, text
-    assert text.count("Not a directory") <= 2 * int(workers) + 1, text  # not respawned over and over
+    assert text.count("Application startup failed") <= 2 * int(workers), text  # not respawned over and over
 
 
 def failing_lifespan_app_factory():
