@@ -184,50 +184,60 @@ def check_messages(messages: Any, name: str = "messages") -> None:
     if not isinstance(messages, list):
         raise _bad(name, "an array of messages")
     for i, m in enumerate(messages):
-        w = f"{name}[{i}]"
-        if not isinstance(m, dict):
-            raise _bad(w, "an object")
-        if not isinstance(m.get("role"), str):
-            raise _bad(w + ".role", "a string")
-        c = m.get("content")
-        if c is not None and not isinstance(c, str):
-            if not isinstance(c, list):
-                raise _bad(w + ".content", "a string or an array of content parts")
-            for j, p in enumerate(c):
-                _part(f"{w}.content[{j}]", p)
-        for k in ("name", "tool_call_id", "refusal", "reasoning_content"):
-            if m.get(k) is not None and not isinstance(m[k], str):
-                raise _bad(f"{w}.{k}", "a string")
-        tcs = m.get("tool_calls")
-        if tcs is not None:
-            if not isinstance(tcs, list):
-                raise _bad(w + ".tool_calls", "an array")
-            for k, tc in enumerate(tcs):
-                tw = f"{w}.tool_calls[{k}]"
-                if not isinstance(tc, dict):
-                    raise _bad(tw, "an object")
-                if tc.get("id") is not None and not isinstance(tc["id"], str):
-                    raise _bad(tw + ".id", "a string")
-                if tc.get("type") is not None and not isinstance(tc["type"], str):
-                    raise _bad(tw + ".type", "a string")
-                fn = tc.get("function")
-                if fn is not None:
-                    _obj(tw + ".function", fn)
-                    if fn.get("name") is not None and not isinstance(fn["name"], str):
-                        raise _bad(tw + ".function.name", "a string")
-                    a = fn.get("arguments")
-                    if a is not None and not isinstance(a, (str, dict)):
-                        raise _bad(tw + ".function.arguments", "a JSON string")
-        tbs = m.get("thinking_blocks")
-        if tbs is not None:
-            if not isinstance(tbs, list):
-                raise _bad(w + ".thinking_blocks", "an array")
-            for k, tb in enumerate(tbs):
-                if not isinstance(tb, dict):
-                    raise _bad(f"{w}.thinking_blocks[{k}]", "an object")
-        fc = m.get("function_call")
-        if fc is not None and not isinstance(fc, dict):
-            raise _bad(w + ".function_call", "an object")
+        # the common case, {"role": str, "content": str}, costs two type checks
+        if type(m) is dict and len(m) == 2 and type(m.get("role")) is str and type(m.get("content")) is str:
+            continue
+        _message(f"{name}[{i}]", m)
+
+
+def _message(w: str, m: Any) -> None:
+    if not isinstance(m, dict):
+        raise _bad(w, "an object")
+    if not isinstance(m.get("role"), str):
+        raise _bad(w + ".role", "a string")
+    c = m.get("content")
+    if c is not None and not isinstance(c, str):
+        if not isinstance(c, list):
+            raise _bad(w + ".content", "a string or an array of content parts")
+        for j, p in enumerate(c):
+            _part(f"{w}.content[{j}]", p)
+    _message_fields(w, m)
+
+
+def _message_fields(w: str, m: dict[str, Any]) -> None:
+    for k in ("name", "tool_call_id", "refusal", "reasoning_content"):
+        if m.get(k) is not None and not isinstance(m[k], str):
+            raise _bad(f"{w}.{k}", "a string")
+    tcs = m.get("tool_calls")
+    if tcs is not None:
+        if not isinstance(tcs, list):
+            raise _bad(w + ".tool_calls", "an array")
+        for k, tc in enumerate(tcs):
+            tw = f"{w}.tool_calls[{k}]"
+            if not isinstance(tc, dict):
+                raise _bad(tw, "an object")
+            if tc.get("id") is not None and not isinstance(tc["id"], str):
+                raise _bad(tw + ".id", "a string")
+            if tc.get("type") is not None and not isinstance(tc["type"], str):
+                raise _bad(tw + ".type", "a string")
+            fn = tc.get("function")
+            if fn is not None:
+                _obj(tw + ".function", fn)
+                if fn.get("name") is not None and not isinstance(fn["name"], str):
+                    raise _bad(tw + ".function.name", "a string")
+                a = fn.get("arguments")
+                if a is not None and not isinstance(a, (str, dict)):
+                    raise _bad(tw + ".function.arguments", "a JSON string")
+    tbs = m.get("thinking_blocks")
+    if tbs is not None:
+        if not isinstance(tbs, list):
+            raise _bad(w + ".thinking_blocks", "an array")
+        for k, tb in enumerate(tbs):
+            if not isinstance(tb, dict):
+                raise _bad(f"{w}.thinking_blocks[{k}]", "an object")
+    fc = m.get("function_call")
+    if fc is not None and not isinstance(fc, dict):
+        raise _bad(w + ".function_call", "an object")
 
 
 def check_chat(req: ChatRequest) -> None:

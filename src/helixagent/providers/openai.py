@@ -121,6 +121,9 @@ class OpenAIProvider(Provider):
                 if "error" in chunk and "choices" not in chunk:
                     msg, _ = extract_error(data)
                     raise self.stream_error(self.scrub(msg or "stream error"), sep=": ")
+                u = chunk.get("usage")
+                if u is not None and not isinstance(u, dict):
+                    raise self.stream_error("sent a stream event with a malformed usage object")
                 if chunk.get("object") == "text_completion":
                     chunk = self.read_answer(_legacy_chunk_to_chat, chunk)
                 yield chunk

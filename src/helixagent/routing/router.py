@@ -456,8 +456,6 @@ class Router:
             exc.retryable = False
             if exc.provider is None:
                 exc.provider = c.name
-            if exc.kind in (None, "invalid_request", "invalid_type", "invalid_value", exc.code):
-                exc.kind = "invalid_request"
             raise
         except Exception:
             log.exception("mapping the request for provider %s (%s) failed: a gateway bug", c.name,
