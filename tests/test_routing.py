@@ -277,9 +277,10 @@ def test_stalled_stream_ends_by_timeout(make_gateway, fakes):
     assert len(ev) == 3
     assert elapsed < 0.8 + 1.0
     assert wait_until(lambda: fa.calls[0]["disconnected"], 3)
-    # the stall counts against a's health
+    # the stall counts against a's stream health (mid-stream: not against its non-streamed health)
     h = httpx.get(gw.url + "/health").json()["providers"]["a"]
-    assert h["failures"] == 1 and h["last_error"] == "timeout"
+    assert h["stream"]["cut"] == 1 and h["stream"]["last_error"] == "timeout"
+    assert h["failures"] == 0
 
 
 def test_openai_sdk_sees_error_after_first_byte(make_gateway, fakes):

@@ -314,15 +314,26 @@ async def run_chat(r: Router, **kw) -> RequestContext:
     return ctx
 
 
-async def test_counters_on_context_and_adapter_bug_degrades():
-    r = scripted_router({"a": {"errors": [GatewayError(503, "busy", retryable=True), KeyError("x")]},
+async def test_counters_on_context_and_unreadable_answer_degrades():
+    bad_body = GatewayError(502, "unreadable", retryable=True, kind="bad_upstream_body")
+    r = scripted_router({"a": {"errors": [GatewayError(503, "busy", retryable=True), bad_body]},
                          "b": {}})
     ctx = await run_chat(r)
     assert ctx.provider == "b"
     assert (ctx.attempts, ctx.retries, ctx.fallbacks) == (3, 1, 1)
     assert ctx.candidates_tried == ["a", "a", "b"]
     assert r.counters == {"attempts": 3, "retries": 1, "fallbacks": 1, "hedges": 0}
-    assert r.health.describe("a")["last_error"] == "provider_error"
+    assert r.health.describe("a")["last_error"] == "bad_upstream_body"
+
+
+async def test_adapter_bug_is_a_loud_500_never_the_providers_failure():
+    r = scripted_router({"a": {"errors": [KeyError("x")]}, "b": {}})
+    with pytest.raises(GatewayError) as ei:
+        await run_chat(r)
+    assert ei.value.status == 500 and ei.value.kind == "internal" and not ei.value.retryable
+    assert [r.providers[n].calls for n in "ab"] == [1, 0]  # neither retried nor failed over
+    d = r.health.describe("a")
+    assert d["failures"] == 0 and d["consecutive_failures"] == 0 and d["breaker"] == "closed"
 
 
 async def test_hedging_is_bounded_by_max_extra_and_cancels_losers():

@@ -16,6 +16,7 @@ Faults (queued with :meth:`FakeAnthropic.push`):
 * ``Fault(status=529)`` -> overloaded_error; ``Fault(status=429, headers={"retry-after": "3"})``
 * ``Fault(error_after=3, error_type="overloaded_error")`` -> an ``error`` event after 3 events
 * ``Fault(cut_after=3)`` -> the connection drops after 3 events; ``Fault(reset=True)``, ``Fault(delay=..)``
+* ``Fault(json_answer=True)`` -> a streamed request is answered with the plain JSON ``message``
 """
 from __future__ import annotations
 
@@ -272,7 +273,7 @@ class FakeAnthropic:
                  "cache_creation_input_tokens": self.cache_creation, "cache_read_input_tokens": self.cache_read}
         msg = {"id": f"msg_fake{len(self.calls):04d}", "type": "message", "role": "assistant", "model": body["model"],
                "content": content, "stop_reason": stop_reason, "stop_sequence": stop_seq, "usage": usage}
-        if not body.get("stream"):
+        if not body.get("stream") or (fault is not None and fault.json_answer):
             return web.json_response(msg, dumps=lambda o: orjson.dumps(o).decode(),
                                      headers={"request-id": "req_fake"})
 

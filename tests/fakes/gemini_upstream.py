@@ -13,7 +13,8 @@ candidate with finishReason SAFETY.
 
 Faults: ``Fault(status=429)`` (RESOURCE_EXHAUSTED with a RetryInfo detail), ``Fault(status=400)``
 (INVALID_ARGUMENT), ``Fault(status=503)`` (UNAVAILABLE), ``Fault(error_after=2)`` (an error object in
-the stream), ``Fault(cut_after=2)``, ``Fault(reset=True)``, ``Fault(delay=...)``.
+the stream), ``Fault(cut_after=2)``, ``Fault(reset=True)``, ``Fault(delay=...)``, ``Fault(json_answer=True)``
+(a streamed request answered with one plain JSON GenerateContentResponse, as without ``alt=sse``).
 """
 from __future__ import annotations
 
@@ -257,7 +258,7 @@ class FakeGemini:
                 return [p]
             return [{"text": " ".join(words)}]
 
-        if not stream:
+        if not stream or (fault is not None and fault.json_answer):
             cands = [{"content": {"parts": parts_for(), "role": "model"}, "finishReason": finish, "index": i}
                      for i in range(n)]
             return web.json_response({"candidates": cands, "usageMetadata": usage, "modelVersion": model,

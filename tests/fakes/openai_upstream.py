@@ -15,6 +15,8 @@ content), and returns OpenAI's error bodies.  Tests queue faults with
 * ``Fault(chunk_delay=0.2)`` -- a slow body: pause between stream chunks
 * ``Fault(stall_after=2)`` -- a stream that sends 2 chunks and then goes silent (stays open)
 * ``Fault(body_delay=0.2)`` -- a slow non-streamed body: the JSON is sent in 8 pieces, this far apart
+* ``Fault(json_answer=True)`` -- answer a streamed request with the plain JSON completion (as some
+  OpenAI-compatible servers do when they ignore ``stream: true``)
 
 Each call is recorded in :attr:`FakeOpenAI.calls`; ``call["disconnected"]`` becomes True when the
 gateway closed the connection while the fake was still waiting (a delay, a hang or a stall).
@@ -50,6 +52,7 @@ class Fault:
     body: bytes | None = None
     stall_after: int | None = None
     body_delay: float = 0.0
+    json_answer: bool = False
 
 
 CALL = web.RequestKey("call", dict) if hasattr(web, "RequestKey") else "call"
@@ -210,7 +213,7 @@ class FakeOpenAI:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
         finish = "tool_calls" if tool_call else ("length" if body.get("max_tokens") and len(words) >= body["max_tokens"] else "stop")
-        if not body.get("stream"):
+        if not body.get("stream") or (fault is not None and fault.json_answer):
             msg: dict[str, Any] = {"role": "assistant", "content": None if tool_call else " ".join(words),
                                    "refusal": None}
             if tool_call:

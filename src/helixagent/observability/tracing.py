@@ -85,10 +85,10 @@ class Tracing:
 
         def wrap_call(fn: Any, op: str) -> Any:
             @functools.wraps(fn)
-            async def call(req: Any) -> Any:
+            async def call(req: Any, *args: Any) -> Any:
                 span = tr._child(provider, op, getattr(req, "model", ""))
                 try:
-                    out = await fn(req)
+                    out = await fn(req, *args)
                 except BaseException as exc:
                     tr._fail(span, exc)
                     span.end()
@@ -103,10 +103,10 @@ class Tracing:
 
         def wrap_stream(fn: Any) -> Any:
             @functools.wraps(fn)
-            async def call(req: Any) -> Any:
+            async def call(req: Any, *args: Any) -> Any:
                 span = tr._child(provider, "chat.stream", getattr(req, "model", ""))
                 try:
-                    it = await fn(req)
+                    it = await fn(req, *args)
                 except BaseException as exc:
                     tr._fail(span, exc)
                     span.end()
@@ -114,9 +114,16 @@ class Tracing:
                 return _SpanStream(it, span, tr)
             return call
 
-        provider.chat = wrap_call(provider.chat, "chat")
-        provider.embed = wrap_call(provider.embed, "embeddings")
-        provider.stream = wrap_stream(provider.stream)
+        # The router calls ``send`` (the upstream exchange, after the mapping step): one span per call.
+        send = provider.send
+        by_op = {"chat": wrap_call(lambda req, wire: send(req, "chat", wire), "chat"),
+                 "embed": wrap_call(lambda req, wire: send(req, "embed", wire), "embeddings"),
+                 "stream": wrap_stream(lambda req, wire: send(req, "stream", wire))}
+
+        async def traced_send(req: Any, op: str, wire: Any) -> Any:
+            return await by_op[op](req, wire)
+
+        provider.send = traced_send
 
 
 class _SpanStream:

@@ -14,11 +14,11 @@ from typing import Any, AsyncIterator
 
 import orjson
 
-from ..canonical import ChatRequest, ChatResponse
+from ..canonical import ChatRequest, ChatResponse, replay_chunks, usage_chunk
 from ..config import HTTPConfig, ProviderConfig
 from .anthropic_mapping import (AnthropicStreamDecoder, AnthropicStreamError, anthropic_response_to_canonical,
                                 canonical_to_anthropic_request)
-from .base import Provider
+from .base import Provider, iter_chunks
 from .sse import sse_from_chunks
 
 DEFAULT_VERSION = "2023-06-01"
@@ -59,18 +59,46 @@ class AnthropicProvider(Provider):
         b = canonical_to_anthropic_request(req, self.cfg.default_max_tokens, self.unsupported, stream=stream)
         return orjson.dumps(b)
 
+    def prepare(self, req: Any, op: str) -> Any:
+        if op == "embed":
+            return None  # embed() answers "unsupported" (a 400) without an upstream call
+        return self.body(req, op == "stream")
+
     async def chat(self, req: ChatRequest) -> ChatResponse:
-        msg, headers, data = await self.post_json(self.url, self.body(req, False), self.headers_for(req, False))
-        if msg.get("type") != "message" or not isinstance(msg.get("content"), list):
-            if msg.get("type") == "error":
-                raise self.upstream_error(500, data, headers)
-            raise self.bad_body()
-        body, usage = anthropic_response_to_canonical(msg)
-        return ChatResponse(body, usage, self.name, body["model"] or req.model)
+        res: ChatResponse = await self.send(req, "chat", self.prepare(req, "chat"))
+        return res
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
-        return self._chunks(await self.open_sse(self.url, self.body(req, True), self.headers_for(req, True)),
-                            req.model)
+        res: AsyncIterator[dict[str, Any]] = await self.send(req, "stream", self.prepare(req, "stream"))
+        return res
+
+    async def send(self, req: Any, op: str, wire: Any) -> Any:
+        if op == "embed":
+            return await self.embed(req)
+        if op == "stream":
+            resp = await self.open_sse(self.url, wire, self.headers_for(req, True))
+            if self.is_json_answer(resp):  # a whole Message answered to a streamed request
+                msg = await self.json_answer(resp)
+                return iter_chunks(self.read_answer(self._message_chunks, msg, resp.headers))
+            return self._chunks(resp, req.model)
+        msg, headers, data = await self.post_json(self.url, wire, self.headers_for(req, False))
+        body, usage = self.read_answer(self._message, msg, headers, data)
+        return ChatResponse(body, usage, self.name, body["model"] or req.model)
+
+    def _message(self, msg: Any, headers: Any, data: bytes | None = None) -> tuple[dict[str, Any], Any]:
+        if not isinstance(msg, dict) or msg.get("type") != "message" or not isinstance(msg.get("content"), list):
+            if isinstance(msg, dict) and msg.get("type") == "error":
+                raise self.upstream_error(500, data if data is not None else orjson.dumps(msg), headers)
+            raise self.bad_body()
+        return anthropic_response_to_canonical(msg)
+
+    def _message_chunks(self, msg: Any, headers: Any) -> list[dict[str, Any]]:
+        body, usage = self._message(msg, headers)
+        out = replay_chunks(ChatResponse(body, usage, self.name, body["model"]))
+        uc = usage_chunk(body["id"], body["model"], body["created"], usage)
+        uc["usage"] = body["usage"]
+        out.append(uc)
+        return out
 
     async def _chunks(self, resp: Any, model: str) -> AsyncIterator[dict[str, Any]]:
         dec = AnthropicStreamDecoder(model)
@@ -80,7 +108,7 @@ class AnthropicProvider(Provider):
                 if not isinstance(ev, dict):
                     continue
                 try:
-                    out = dec.feed(ev)
+                    out = self.read_answer(dec.feed, ev)
                 except AnthropicStreamError as exc:
                     err = self.upstream_error(exc.status, b"", None, message=exc.message, etype=exc.etype)
                     err.kind = "stream_error" if dec.started else err.kind

@@ -47,6 +47,7 @@ import orjson
 from ..canonical import ChatRequest, Usage, new_chunk, usage_chunk
 from ..errors import GatewayError, bad_request
 from .base import image_url_of, split_image_data_url
+from .checks import check_chat
 
 Unsupported = Callable[[str, "str | None"], GatewayError]
 
@@ -392,6 +393,7 @@ def canonical_to_anthropic_request(req: ChatRequest, default_max_tokens: int = 4
                                    unsupported: Unsupported | None = None, stream: bool | None = None
                                    ) -> dict[str, Any]:
     """Build the Messages API body for ``req``.  Raises a 400 GatewayError for what Anthropic lacks."""
+    check_chat(req)  # the types of every field read below (a 400 naming the field, never a crash)
     uns = unsupported or _default_unsupported
     p = req.params
     system, messages = _convert_messages(req.messages, uns)

@@ -15,6 +15,16 @@ from .http import UpstreamHTTP
 
 
 
+# What a transform of malformed upstream JSON raises (wrong types, missing keys); see read_answer.
+_UNREADABLE = (TypeError, ValueError, KeyError, AttributeError, IndexError)
+
+
+async def iter_chunks(chunks: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """A complete list of canonical chunks as a stream."""
+    for c in chunks:
+        yield c
+
+
 class Provider:
     """Base class.  Subclasses implement chat/stream (and embed where the vendor has it)."""
 
@@ -40,6 +50,26 @@ class Provider:
             return list(self.cfg.models)
         from .catalogue import models_for
         return models_for(self.cfg.type)
+
+    # -- the two steps of a call -----------------------------------------------------------------
+    # ``prepare`` maps the canonical request to the vendor's wire request: pure, no I/O, and the only
+    # step that reads client input.  Input it cannot map is a 400 GatewayError naming the field; any
+    # other exception there is a gateway bug (the router answers 500 and never counts it against the
+    # provider).  ``send`` is the upstream exchange with a prepared request: only its failures (and
+    # answers it cannot read, ``bad_upstream_body``) are the provider's.  ``chat``/``stream``/``embed``
+    # are both steps in one call.  An adapter with no separate mapping step keeps the default ``prepare``
+    # (None) and ``send`` (which calls its ``chat``/``stream``/``embed``).
+    def prepare(self, req: Any, op: str) -> Any:
+        """The wire request for ``op`` ("chat", "stream" or "embed"); see above."""
+        return None
+
+    async def send(self, req: Any, op: str, wire: Any) -> Any:
+        """Run the upstream exchange for a request ``prepare`` mapped to ``wire``."""
+        if op == "chat":
+            return await self.chat(req)
+        if op == "stream":
+            return await self.stream(req)
+        return await self.embed(req)
 
     # -- operations -------------------------------------------------------------------------------
     async def chat(self, req: ChatRequest) -> ChatResponse:
@@ -102,6 +132,37 @@ class Provider:
                 resp.close()
             raise self.map_error(resp.status, data, resp.headers)
         return resp
+
+    # -- a streamed request answered with one JSON document -------------------------------------------
+    @staticmethod
+    def is_json_answer(resp: Any) -> bool:
+        """Whether a 200 answer to a streamed request is a plain JSON document rather than SSE (some
+        servers ignore ``stream: true``, or answer a cached completion whole)."""
+        ct: str | None = resp.headers.get("content-type")
+        if not ct:
+            return False
+        ct = ct.partition(";")[0].strip().lower()
+        return ct == "application/json" or ct.endswith("+json")
+
+    async def json_answer(self, resp: Any) -> Any:
+        """Read, close and parse a JSON answer to a streamed request (bad_upstream_body if it is not)."""
+        try:
+            data = await resp.read()
+        finally:
+            resp.close()
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise self.bad_body("a stream answer that is neither SSE nor JSON") from None
+
+    def read_answer(self, fn: Any, *args: Any) -> Any:
+        """Run a vendor -> canonical transform over an upstream answer.  The answer is the provider's:
+        a shape the transform cannot read (a list where an object belongs, a missing key) is
+        ``bad_upstream_body`` (502, retryable, counted against the provider), not a gateway crash."""
+        try:
+            return fn(*args)
+        except _UNREADABLE as exc:
+            raise self.bad_body(f"an answer the gateway could not read ({type(exc).__name__})") from None
 
     def scrub(self, text: str) -> str:
         """Remove secrets from an upstream message before it is relayed, recorded or logged: every secret

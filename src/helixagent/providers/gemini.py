@@ -8,16 +8,29 @@ from typing import Any, AsyncIterator
 
 import orjson
 
-from ..canonical import ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingResponse, Usage
+from ..canonical import (ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingResponse, Usage, replay_chunks,
+                         usage_chunk)
 from ..config import HTTPConfig, ProviderConfig
 from ..errors import GatewayError, bad_request
 from ..tokens import estimate_text
-from .base import Provider
+from .base import Provider, iter_chunks
+from .checks import check_embedding
 from .gemini_mapping import (_GOOGLE_STATUS, GeminiStreamDecoder, StreamErrorEvent, canonical_to_gemini_request,
                              gemini_response_to_canonical, google_error)
 from .sse import sse_from_chunks
 
 __all__ = ["GeminiProvider"]
+
+
+def _vectors(vecs: list[Any], fmt: str) -> list[dict[str, Any]]:
+    out = []
+    for i, v in enumerate(vecs):
+        values = v.get("values") or []
+        emb: Any = values
+        if fmt == "base64":
+            emb = base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+        out.append({"object": "embedding", "index": i, "embedding": emb})
+    return out
 
 
 class GeminiProvider(Provider):
@@ -58,17 +71,65 @@ class GeminiProvider(Provider):
             err.retry_after = delay
         return err
 
+    # -- the wire request (mapping) and the exchange --------------------------------------------------
+    def prepare(self, req: Any, op: str) -> Any:
+        if op == "embed":
+            return self._embed_request(req)
+        return orjson.dumps(canonical_to_gemini_request(req, self.unsupported))
+
     async def chat(self, req: ChatRequest) -> ChatResponse:
-        body = canonical_to_gemini_request(req, self.unsupported)
-        resp, _, _ = await self.post_json(self.url(req.model, "generateContent"), orjson.dumps(body), self.headers)
-        out, usage = gemini_response_to_canonical(resp, req.model, self.name)
-        return ChatResponse(out, usage, self.name, out["model"])
+        res: ChatResponse = await self.send(req, "chat", self.prepare(req, "chat"))
+        return res
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
-        body = canonical_to_gemini_request(req, self.unsupported)
-        resp = await self.open_sse(self.url(req.model, "streamGenerateContent") + "?alt=sse",
-                                   orjson.dumps(body), self.stream_headers)
-        return self._chunks(resp, req.model)
+        res: AsyncIterator[dict[str, Any]] = await self.send(req, "stream", self.prepare(req, "stream"))
+        return res
+
+    async def embed(self, req: EmbeddingRequest) -> EmbeddingResponse:
+        res: EmbeddingResponse = await self.send(req, "embed", self.prepare(req, "embed"))
+        return res
+
+    async def send(self, req: Any, op: str, wire: Any) -> Any:
+        if op == "embed":
+            return await self._embed(req, *wire)
+        if op == "stream":
+            resp = await self.open_sse(self.url(req.model, "streamGenerateContent") + "?alt=sse", wire,
+                                       self.stream_headers)
+            if self.is_json_answer(resp):  # a GenerateContentResponse (or an array of them) answered whole
+                return iter_chunks(self.read_answer(self._json_chunks, await self.json_answer(resp), req.model))
+            return self._chunks(resp, req.model)
+        resp, _, _ = await self.post_json(self.url(req.model, "generateContent"), wire, self.headers)
+        out, usage = self.read_answer(gemini_response_to_canonical, resp, req.model, self.name)
+        return ChatResponse(out, usage, self.name, out["model"])
+
+    def _json_chunks(self, body: Any, model: str) -> list[dict[str, Any]]:
+        if isinstance(body, dict):
+            if "error" in body and "candidates" not in body:
+                err = body["error"] if isinstance(body["error"], dict) else {"message": str(body["error"])}
+                code = err.get("code")
+                raise self.map_error(code if isinstance(code, int) else 0, orjson.dumps({"error": err}))
+            out, usage = gemini_response_to_canonical(body, model, self.name)
+            chunks = replay_chunks(ChatResponse(out, usage, self.name, out["model"]))
+            uc = usage_chunk(out["id"], out["model"], out["created"], usage)
+            uc["usage"] = out["usage"]
+            chunks.append(uc)
+            return chunks
+        if not isinstance(body, list):
+            raise self.bad_body()
+        dec = GeminiStreamDecoder(model, self.name)
+        chunks = []
+        for e in body:
+            if not isinstance(e, dict):
+                raise self.bad_body()
+            try:
+                chunks.extend(dec.feed(e))
+            except StreamErrorEvent as exc:
+                code = exc.err.get("code")
+                raise self.map_error(code if isinstance(code, int) else 0, orjson.dumps({"error": exc.err})) from None
+        if not dec.finished:
+            raise self.stream_error("answered a stream with JSON that has no finishReason")
+        chunks.append(dec.final())
+        return chunks
 
     async def _chunks(self, resp: Any, model: str) -> AsyncIterator[dict[str, Any]]:
         dec = GeminiStreamDecoder(model, self.name)
@@ -83,7 +144,7 @@ class GeminiProvider(Provider):
                     if not isinstance(e, dict):
                         continue
                     try:
-                        out = dec.feed(e)
+                        out = self.read_answer(dec.feed, e)
                     except StreamErrorEvent as exc:
                         code = exc.err.get("code")
                         raise self.map_error(code if isinstance(code, int) else 0,
@@ -94,11 +155,12 @@ class GeminiProvider(Provider):
             resp.close()
         if not dec.finished:
             raise self.stream_error("ended the stream before a finishReason")
-        yield dec.final()
+        yield self.read_answer(dec.final)
 
     # -- embeddings --------------------------------------------------------------------------------
-    async def embed(self, req: EmbeddingRequest) -> EmbeddingResponse:
-        inputs: list[Any] = req.input
+    def _embed_request(self, req: EmbeddingRequest) -> tuple[str, bytes, list[str], str]:
+        check_embedding(req)
+        inputs: list[Any] | str = req.input
         if isinstance(inputs, str):
             inputs = [inputs]
         if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) for x in inputs):
@@ -116,6 +178,8 @@ class GeminiProvider(Provider):
                     raise bad_request("'encoding_format' must be float or base64", param=k, code="invalid_value")
                 fmt = v
             elif k in ("task_type", "taskType"):
+                if not isinstance(v, str):
+                    raise bad_request(f"'{k}' must be a string", param=k, code="invalid_type")
                 extra["taskType"] = v
             else:
                 extra[k] = v
@@ -127,18 +191,16 @@ class GeminiProvider(Provider):
             url = self.url(m, "batchEmbedContents")
             body = {"requests": [{"model": f"models/{m}", "content": {"parts": [{"text": t}]}, **extra}
                                  for t in inputs]}
-        resp, _, _ = await self.post_json(url, orjson.dumps(body), self.headers)
+        return url, orjson.dumps(body), inputs, fmt
+
+    async def _embed(self, req: EmbeddingRequest, url: str, wire: bytes, inputs: list[str],
+                     fmt: str) -> EmbeddingResponse:
+        resp, _, _ = await self.post_json(url, wire, self.headers)
         vecs = [resp["embedding"]] if "embedding" in resp else resp.get("embeddings")
         if not isinstance(vecs, list) or len(vecs) != len(inputs):
             raise GatewayError(502, f"provider {self.name!r} returned {len(vecs or [])} embeddings for "
                                f"{len(inputs)} inputs", provider=self.name, retryable=True, kind="bad_upstream_body")
-        data_out = []
-        for i, v in enumerate(vecs):
-            values = v.get("values") or []
-            emb: Any = values
-            if fmt == "base64":
-                emb = base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
-            data_out.append({"object": "embedding", "index": i, "embedding": emb})
+        data_out = self.read_answer(_vectors, vecs, fmt)
         # The Gemini embedding API reports no token counts; usage is the local estimate (tokens.py).
         tokens = sum(estimate_text(t) for t in inputs)
         usage = Usage(tokens, 0, tokens)

@@ -41,6 +41,7 @@ import orjson
 from ..canonical import ChatRequest, Usage, new_chunk, usage_chunk
 from ..errors import GatewayError, bad_request
 from .base import image_url_of, split_image_data_url
+from .checks import check_chat
 
 SIG_SEP = "~ts~"
 _FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter", "RECITATION": "content_filter",
@@ -69,11 +70,19 @@ def _uns(feature: str, param: str | None = None) -> GatewayError:
 
 
 # -- schemas -----------------------------------------------------------------------------------------
-def sanitize_schema(s: Any, where: str = "parameters", unsupported: Any = _uns) -> Any:
+_MAX_SCHEMA_DEPTH = 64
+
+
+def sanitize_schema(s: Any, where: str = "parameters", unsupported: Any = _uns, depth: int = 0) -> Any:
     """JSON Schema -> Gemini Schema: keep the supported keywords, turn ``type: [T, "null"]`` into
-    ``type: T, nullable: true`` and ``const`` into a one-value enum; ``$ref`` is a 400."""
+    ``type: T, nullable: true`` and ``const`` into a one-value enum; ``$ref`` is a 400, and so is a
+    schema nested deeper than 64 levels."""
     if not isinstance(s, dict):
         return s
+    if depth > _MAX_SCHEMA_DEPTH:
+        raise bad_request(f"'{where.split('.')[0]}' is nested more than {_MAX_SCHEMA_DEPTH} levels deep",
+                          param=where.split(".")[0], code="invalid_value")
+    d = depth + 1
     if "$ref" in s:
         raise unsupported("JSON schemas with $ref (inline the definitions)", where)
     out: dict[str, Any] = {}
@@ -88,11 +97,11 @@ def sanitize_schema(s: Any, where: str = "parameters", unsupported: Any = _uns) 
         elif k == "const":
             out["enum"] = [v]
         elif k == "properties" and isinstance(v, dict):
-            out["properties"] = {pk: sanitize_schema(pv, f"{where}.{pk}", unsupported) for pk, pv in v.items()}
+            out["properties"] = {pk: sanitize_schema(pv, f"{where}.{pk}", unsupported, d) for pk, pv in v.items()}
         elif k == "items":
-            out["items"] = sanitize_schema(v, where + ".items", unsupported)
+            out["items"] = sanitize_schema(v, where + ".items", unsupported, d)
         elif k == "anyOf" and isinstance(v, list):
-            out["anyOf"] = [sanitize_schema(x, where + ".anyOf", unsupported) for x in v]
+            out["anyOf"] = [sanitize_schema(x, where + ".anyOf", unsupported, d) for x in v]
         elif k in _SCHEMA_KEYS:
             out[k] = v
     return out
@@ -172,6 +181,7 @@ def _args(s: Any, where: str) -> dict[str, Any]:
 
 
 def canonical_to_gemini_request(req: ChatRequest, unsupported: Any = None) -> dict[str, Any]:
+    check_chat(req)  # the types of every field read below (a 400 naming the field, never a crash)
     uns = unsupported or _uns
     system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []

@@ -16,6 +16,7 @@ from ..canonical import (ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingR
                          new_chunk, new_completion, text_of, usage_chunk)
 from ..tokens import estimate_messages, estimate_text
 from .base import Provider
+from .checks import check_chat, check_embedding
 
 _WORDS = ("helix", "gateway", "routes", "your", "request", "through", "a", "deterministic", "mock",
           "provider", "with", "no", "upstream", "key", "configured", "answer", "stream", "token",
@@ -30,6 +31,14 @@ class MockProvider(Provider):
 
     def models(self) -> list[str]:
         return list(self.cfg.models) or ["mock-1"]
+
+    def prepare(self, req: Any, op: str) -> Any:
+        """No wire format, but the same type checks as every mapping (what the answer reads)."""
+        if op == "embed":
+            check_embedding(req)
+        else:
+            check_chat(req)
+        return None
 
     def _tokens(self, req: ChatRequest) -> list[str]:
         last = ""

@@ -8,10 +8,11 @@ from typing import Any, AsyncIterator
 
 import orjson
 
-from ..canonical import ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingResponse, Usage
+from ..canonical import ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingResponse, Usage, replay_chunks
 from ..config import HTTPConfig, ProviderConfig
 from ..errors import GatewayError
-from .base import Provider, extract_error
+from .base import Provider, extract_error, iter_chunks
+from .checks import check_chat, check_embedding
 from .sse import sse_from_chunks
 
 
@@ -38,6 +39,7 @@ class OpenAIProvider(Provider):
 
     # -- request mapping ---------------------------------------------------------------------------
     def body(self, req: ChatRequest, stream: bool) -> bytes:
+        check_chat(req)
         b = dict(req.params)
         b["model"] = req.model
         if req.endpoint == "completion":  # legacy completions go natively to /completions
@@ -54,20 +56,61 @@ class OpenAIProvider(Provider):
             b.pop("stream_options", None)
         return orjson.dumps(b)
 
+    def prepare(self, req: Any, op: str) -> Any:
+        if op == "embed":
+            check_embedding(req)
+            b = dict(req.params)
+            b["model"] = req.model
+            b["input"] = req.input
+            return orjson.dumps(b)
+        return self.body(req, op == "stream")
+
     # -- operations --------------------------------------------------------------------------------
     async def chat(self, req: ChatRequest) -> ChatResponse:
-        legacy = req.endpoint == "completion"
-        url = self.url_completions if legacy else self.url_chat
-        body, _, _ = await self.post_json(url, self.body(req, False), self.headers)
+        res: ChatResponse = await self.send(req, "chat", self.prepare(req, "chat"))
+        return res
+
+    async def stream(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+        res: AsyncIterator[dict[str, Any]] = await self.send(req, "stream", self.prepare(req, "stream"))
+        return res
+
+    async def embed(self, req: EmbeddingRequest) -> EmbeddingResponse:
+        res: EmbeddingResponse = await self.send(req, "embed", self.prepare(req, "embed"))
+        return res
+
+    async def send(self, req: Any, op: str, wire: Any) -> Any:
+        if op == "embed":
+            return await self._embed(req, wire)
+        url = self.url_completions if req.endpoint == "completion" else self.url_chat
+        if op == "stream":
+            resp = await self.open_sse(url, wire, self.headers)
+            if self.is_json_answer(resp):  # the upstream ignored stream: true and answered whole
+                return iter_chunks(self.read_answer(self._json_chunks, await self.json_answer(resp), req))
+            return self._chunks(resp)
+        body, _, _ = await self.post_json(url, wire, self.headers)
+        return self.read_answer(self._response, body, req)
+
+    def _response(self, body: dict[str, Any], req: ChatRequest) -> ChatResponse:
         if "choices" not in body:
             raise self.bad_body()
-        if legacy:
+        if req.endpoint == "completion":
             body = _legacy_to_chat(body)
         return ChatResponse(body, Usage.from_openai(body.get("usage")), self.name, body.get("model") or req.model)
 
-    async def stream(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
-        url = self.url_completions if req.endpoint == "completion" else self.url_chat
-        return self._chunks(await self.open_sse(url, self.body(req, True), self.headers))
+    def _json_chunks(self, body: Any, req: ChatRequest) -> list[dict[str, Any]]:
+        """A whole (chat or legacy) completion answered to a streamed request, as canonical chunks."""
+        if isinstance(body, dict) and "error" in body and "choices" not in body:
+            msg, _ = extract_error(orjson.dumps(body))
+            raise self.upstream_error(500, b"", None, message=msg or "error", etype=None)
+        if not isinstance(body, dict):
+            raise self.bad_body()
+        resp = self._response(body, req)
+        out = replay_chunks(resp)
+        b = resp.body
+        if b.get("usage"):
+            out.append({"id": b.get("id", ""), "object": "chat.completion.chunk", "created": b.get("created", 0),
+                        "model": b.get("model") or req.model, "choices": [], "usage": b["usage"]})
+        return out
 
     async def _chunks(self, resp: Any) -> AsyncIterator[dict[str, Any]]:
         done = False
@@ -77,23 +120,25 @@ class OpenAIProvider(Provider):
                     done = True
                     break
                 chunk = self.stream_event(data)
-                if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
+                if not isinstance(chunk, dict):
+                    raise self.stream_error("sent a stream event that is not an object")
+                if "error" in chunk and "choices" not in chunk:
                     msg, _ = extract_error(data)
                     raise self.stream_error(self.scrub(msg or "stream error"), sep=": ")
+                u = chunk.get("usage")
+                if u is not None and not isinstance(u, dict):
+                    raise self.stream_error("sent a stream event with a malformed usage object")
                 if chunk.get("object") == "text_completion":
-                    chunk = _legacy_chunk_to_chat(chunk)
+                    chunk = self.read_answer(_legacy_chunk_to_chat, chunk)
                 yield chunk
         finally:
             resp.close()
         if not done:
             raise self.stream_error("ended the stream without [DONE]")
 
-    async def embed(self, req: EmbeddingRequest) -> EmbeddingResponse:
-        b = dict(req.params)
-        b["model"] = req.model
-        b["input"] = req.input
+    async def _embed(self, req: EmbeddingRequest, wire: bytes) -> EmbeddingResponse:
         try:
-            body, _, _ = await self.post_json(self.url_embeddings, orjson.dumps(b), self.headers)
+            body, _, _ = await self.post_json(self.url_embeddings, wire, self.headers)
         except GatewayError as exc:
             if exc.kind == "bad_upstream_body":
                 raise self.bad_body("an unexpected embeddings body") from None

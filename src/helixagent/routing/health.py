@@ -11,9 +11,17 @@ Breaker states::
     └──(half_open_probes probe requests succeed)─────────────────── half-open ──(a probe fails)──► open
 
 While open the provider is skipped; half-open lets at most ``half_open_probes`` requests through at a
-time.  Only upstream failures count (timeouts, connection errors, 5xx, refused credentials, broken streams);
-an answer to a bad request (400-class) proves the provider is up and counts as a success; a 429 is
-counted separately and gives no verdict (the provider is up, only throttling).
+time.  Only upstream failures count (timeouts, connection errors, 5xx, refused credentials, streams that
+break before their first chunk); an answer to a bad request (400-class) proves the provider is up and
+counts as a success; a 429 is counted separately and gives no verdict (the provider is up, only
+throttling).  A request the gateway could not map (a 400 before any upstream call) and a gateway bug
+give no verdict at all.
+
+Streams have a second breaker of their own (``ProviderHealth.stream``, same thresholds): a stream cut
+*after* its first chunk counts there only, and a completed stream counts there as a success.  While
+the stream breaker is open the provider is skipped for streamed requests only; non-streamed requests
+are judged by the main breaker alone, which mid-stream cuts never touch (a path that serves whole
+answers fine is not shut out because its streams break).
 """
 from __future__ import annotations
 
@@ -67,9 +75,9 @@ class LatencyStats:
 class ProviderHealth:
     __slots__ = ("name", "cfg", "clock", "state", "consecutive", "opened_at", "probes", "probe_ok",
                  "width", "b_req", "b_fail", "b_stamp", "err_ewma", "full", "ttfb", "successes",
-                 "failures", "opens", "last_error", "rate_limited")
+                 "failures", "opens", "last_error", "rate_limited", "stream")
 
-    def __init__(self, name: str, cfg: BreakerConfig, clock: Any = time.monotonic):
+    def __init__(self, name: str, cfg: BreakerConfig, clock: Any = time.monotonic, _sub: bool = False):
         self.name = name
         self.cfg = cfg
         self.clock = clock
@@ -90,6 +98,8 @@ class ProviderHealth:
         self.opens = 0
         self.last_error: str | None = None
         self.rate_limited = 0
+        # streams judged after their first chunk (None on the stream breaker itself)
+        self.stream: ProviderHealth | None = None if _sub else ProviderHealth(name, cfg, clock, True)
 
     # -- admission -----------------------------------------------------------------------------
     def available(self, now: float) -> bool:
@@ -325,8 +335,19 @@ class Health:
         def ms(v: float | None) -> float | None:
             return None if v is None else round(v * 1000, 3)
 
+        sh = h.stream
+        assert sh is not None
+        s_req, s_fail = sh.window_counts(now)
+        s_st = sh.effective_state(now)
+        stream: dict[str, Any] = {
+            "breaker": s_st, "availability": _AVAIL[s_st], "error_rate": round(s_fail / s_req, 4) if s_req else 0.0,
+            "error_rate_ewma": round(sh.err_ewma, 4), "requests_in_window": s_req,
+            "consecutive_failures": sh.consecutive, "completed": sh.successes, "cut": sh.failures,
+            "breaker_opens": sh.opens, "last_error": sh.last_error}
+        if sh.state is OPEN:
+            stream["cooldown_remaining_s"] = round(max(0.0, sh.cfg.cooldown - (now - sh.opened_at)), 3)
         out: dict[str, Any] = {
-            "breaker": st, "availability": _AVAIL[st], "score": self.score(name),
+            "breaker": st, "availability": _AVAIL[st], "score": self.score(name), "stream": stream,
             "error_rate": round(fail / req, 4) if req else 0.0, "error_rate_ewma": round(h.err_ewma, 4),
             "requests_in_window": req, "consecutive_failures": h.consecutive,
             "latency_ewma_ms": ms(h.full.ewma), "latency_p95_ms": ms(h.full.p95()) if h.full.count else None,

@@ -18,6 +18,7 @@ Per request:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -37,6 +38,7 @@ log = logging.getLogger("helixagent.routing")
 _monotonic = time.monotonic
 _perf = time.perf_counter
 _END = object()
+_UNSET = object()
 
 
 class Candidate:
@@ -250,7 +252,8 @@ class Router:
         over: list[str] | None = None
         benched: list[Candidate] | None = None
         for c in seq:
-            if not c.health.available(now):  # type: ignore[union-attr]
+            h = c.health
+            if not h.available(now) or stream and not h.stream.available(now):  # type: ignore[union-attr]
                 continue
             lim = c.per_request_limit
             if lim is not None and est is not None and c.price is not None:
@@ -271,20 +274,26 @@ class Router:
                 benched.sort(key=lambda c: c.throttle.until)  # type: ignore[union-attr]
             out += benched
         if not out:
-            raise self._nothing_left(plan, over, now)
+            raise self._nothing_left(plan, over, now, stream)
         return out
 
-    def _nothing_left(self, plan: Plan, over: list[str] | None, now: float) -> GatewayError:
-        if not plan.all or (over and all(c.health.available(now) for c in plan.all)):  # type: ignore[union-attr]
+    def _nothing_left(self, plan: Plan, over: list[str] | None, now: float, stream: bool = False) -> GatewayError:
+        if not plan.all or (over and all(c.health.available(now) and (  # type: ignore[union-attr]
+                not stream or c.health.stream.available(now)) for c in plan.all)):  # type: ignore[union-attr]
             why = list(plan.priced_out) + list(over or ())
             return GatewayError(400, "no provider can serve this request within the configured cost limits ("
                                 + "; ".join(why) + ")", code="cost_limit_exceeded", kind="cost_limit")
-        return self._unavailable(plan.all, now)
+        return self._unavailable(plan.all, now, stream)
 
-    def _unavailable(self, cands: list[Candidate], now: float) -> GatewayError:
-        waits = [c.health.cfg.cooldown - (now - c.health.opened_at) for c in cands  # type: ignore[union-attr]
-                 if c.health.state is OPEN]  # type: ignore[union-attr]
-        return GatewayError(503, "every provider for this model is unavailable (circuit breaker open: "
+    def _unavailable(self, cands: list[Candidate], now: float, stream: bool = False) -> GatewayError:
+        waits = []
+        for c in cands:
+            for b in (c.health, c.health.stream) if stream else (c.health,):  # type: ignore[union-attr]
+                if b.state is OPEN:  # type: ignore[union-attr]
+                    waits.append(b.cfg.cooldown - (now - b.opened_at))  # type: ignore[union-attr]
+        what = "stream circuit breaker" if stream and not any(
+            c.health.state is OPEN for c in cands) else "circuit breaker"  # type: ignore[union-attr]
+        return GatewayError(503, f"every provider for this model is unavailable ({what} open: "
                             + ", ".join(c.name for c in cands) + ")", type="service_unavailable",
                             code="providers_unavailable", retry_after=max(0.0, min(waits)) if waits else None,
                             kind="breaker_open")
@@ -316,8 +325,8 @@ class Router:
         ctx.provider = c.name
         ctx.upstream_model = c.model
         if req.stream:
-            first, stream = res
-            ctx.stream = self._relay(ctx, c, first, stream)
+            first, stream, sprobe = res
+            ctx.stream = self._relay(ctx, c, first, stream, sprobe)
             ctx.streamed = True
         else:
             ctx.response = res
@@ -353,11 +362,13 @@ class Router:
         last: GatewayError | None = None
         first_name: str | None = None
         counters = self.counters
+        stream = op == "stream"
         for c in cands:
             h = c.health
             assert h is not None
             tries = 0
             failed = False
+            wire: Any = _UNSET
             while True:
                 now = self.clock()
                 remaining = deadline - now
@@ -376,9 +387,19 @@ class Router:
                         break
                     await asyncio.sleep(wait)
                     continue
+                if wire is _UNSET:  # map once per candidate: a request we cannot map never reaches it
+                    if ctx.provider is None:
+                        ctx.provider = c.name
+                    sub, wire = self._prepare(c, req, op)
                 probe = h.acquire(now)
                 if probe == DENIED:
                     break
+                sprobe = NORMAL
+                if stream:
+                    sprobe = h.stream.acquire(now)  # type: ignore[union-attr]
+                    if sprobe == DENIED:
+                        h.cancelled(probe)
+                        break
                 ctx.attempts += 1
                 counters["attempts"] += 1
                 if tries:
@@ -394,7 +415,7 @@ class Router:
                 ctx.upstream_model = c.model
                 try:
                     t0 = _perf()
-                    res = await self._attempt(c, req, op, remaining, probe)
+                    res = await self._attempt(c, sub, op, remaining, probe, wire, sprobe)
                     ctx.upstream_latency = _perf() - t0  # to the whole answer, or a stream's first chunk
                     return c, res
                 except GatewayError as exc:
@@ -414,23 +435,42 @@ class Router:
                 log.warning("provider %s failed (%s); %s", c.name, last.kind,
                             "falling back" if c is not cands[-1] else "no fallback left")
         if last is None:  # every candidate's breaker opened in the meantime
-            raise self._unavailable(cands, self.clock())
+            raise self._unavailable(cands, self.clock(), stream)
         raise last
 
     def _budget_error(self) -> GatewayError:
         return GatewayError(504, f"the request's time budget ({self.rcfg.request_timeout_ms} ms) ran out",
                             type="timeout_error", code="upstream_timeout", kind="timeout")
 
-    async def _attempt(self, c: Candidate, req: Any, op: str, remaining: float, probe: int) -> Any:
-        """One upstream call, bounded by the provider's timeout and the request's remaining budget.
-        Reports the outcome to the provider's breaker.  For streams: returns (first chunk, stream)."""
-        h = c.health
-        assert h is not None
-        budget_limited = remaining < c.timeout
+    def _prepare(self, c: Candidate, req: Any, op: str) -> tuple[Any, Any]:
+        """The candidate's request and its vendor wire request (the mapping step; no upstream call, no
+        verdict on the provider).  Input the mapping rejects is the client's 400, never retried nor
+        counted; any other exception here is a gateway bug: a loud 500, never the provider's fault."""
         sub = req
         if req.model != c.model:
             sub = req.copy_for(c.model) if op != "embed" else EmbeddingRequest(c.model, req.input, req.params,
                                                                                req.provider)
+        try:
+            return sub, c.provider.prepare(sub, op)
+        except GatewayError as exc:
+            exc.retryable = False
+            if exc.provider is None:
+                exc.provider = c.name
+            raise
+        except Exception:
+            log.exception("mapping the request for provider %s (%s) failed: a gateway bug", c.name,
+                          c.provider.cfg.type)
+            raise GatewayError(500, f"internal error while preparing the request for provider {c.name!r}",
+                               type="server_error", code="internal_error", kind="internal") from None
+
+    async def _attempt(self, c: Candidate, sub: Any, op: str, remaining: float, probe: int, wire: Any,
+                       sprobe: int = NORMAL) -> Any:
+        """One upstream call with a prepared request, bounded by the provider's timeout and the request's
+        remaining budget.  Reports the outcome to the provider's breaker.  For streams: returns (first
+        chunk, stream, stream-breaker probe); the stream breaker's verdict comes when the stream ends."""
+        h = c.health
+        assert h is not None
+        budget_limited = remaining < c.timeout
         p = c.provider
         # Non-streamed calls are bounded by the HTTP client's total timeout (providers/http.py); the
         # router arms its own timer for the wait for a stream's first chunk (the HTTP client bounds
@@ -442,10 +482,8 @@ class Router:
         res: Any  # ChatResponse | (first chunk, stream) | EmbeddingResponse
         first: object
         try:
-            if op == "chat":
-                res = await p.chat(sub)
-            elif op == "stream":
-                s = await p.stream(sub)
+            if op == "stream":
+                s = await p.send(sub, op, wire)
                 try:
                     first = await s.__anext__()
                 except StopAsyncIteration:
@@ -453,10 +491,12 @@ class Router:
                 except BaseException:
                     await _aclose(s)
                     raise
-                res = (first, s)
+                res = (first, s, sprobe)
             else:
-                res = await p.embed(sub)
+                res = await p.send(sub, op, wire)
         except GatewayError as exc:
+            if op == "stream":
+                h.stream.cancelled(sprobe)  # type: ignore[union-attr]  # no stream verdict before the first chunk
             if not exc.retryable and (exc.status >= 500 or exc.status == 429):
                 exc.retryable = True  # an upstream failure (e.g. a stream that broke before its first chunk)
             if exc.status == 429:
@@ -470,6 +510,8 @@ class Router:
                 h.success(None, False, probe)
             raise
         except asyncio.CancelledError:
+            if op == "stream":
+                h.stream.cancelled(sprobe)  # type: ignore[union-attr]
             if timer is None or not timer.expired:
                 h.cancelled(probe)
                 raise
@@ -481,11 +523,16 @@ class Router:
             raise GatewayError(504, f"provider {c.name!r} timed out after {c.provider.cfg.timeout_ms} ms",
                                type="timeout_error", code="upstream_timeout", provider=c.name, retryable=True,
                                kind="timeout") from None
-        except Exception as exc:  # an adapter bug or an unexpected upstream answer: degrade, do not crash
-            log.exception("provider %s failed unexpectedly", c.name)
-            h.failure(probe, "provider_error")
-            raise GatewayError(502, f"provider {c.name!r} failed: {type(exc).__name__}", provider=c.name,
-                               retryable=True, kind="provider_error") from None
+        except Exception:
+            # Not the provider's: the adapters turn every upstream failure and every answer they cannot
+            # read into a GatewayError (providers/base.py read_answer), so this is a gateway bug.
+            # Loud, not retried, no verdict on the provider.
+            if op == "stream":
+                h.stream.cancelled(sprobe)  # type: ignore[union-attr]
+            h.cancelled(probe)
+            log.exception("provider %s: the gateway failed handling the call (a gateway bug)", c.name)
+            raise GatewayError(500, f"internal error while calling provider {c.name!r}", type="server_error",
+                               code="internal_error", provider=c.name, kind="internal") from None
         finally:
             if timer is not None:
                 timer.handle.cancel()
@@ -523,9 +570,24 @@ class Router:
                 if until > now:  # in a Retry-After cooldown: hedged mode does not wait
                     cooling = self._cooling(c, until - now, cooling)
                     continue
-                probe = c.health.acquire(now)  # type: ignore[union-attr]
+                try:
+                    sub, wire = self._prepare(c, req, op)
+                except GatewayError:
+                    if not tasks:
+                        if ctx.provider is None:
+                            ctx.provider = c.name
+                        raise
+                    continue  # another candidate is already answering: let it
+                h = c.health
+                probe = h.acquire(now)  # type: ignore[union-attr]
                 if probe == DENIED:
                     continue
+                sprobe = NORMAL
+                if req.stream:
+                    sprobe = h.stream.acquire(now)  # type: ignore[union-attr]
+                    if sprobe == DENIED:
+                        h.cancelled(probe)  # type: ignore[union-attr]
+                        continue
                 ctx.attempts += 1
                 counters["attempts"] += 1
                 if ctx.candidates_tried:
@@ -535,7 +597,7 @@ class Router:
                         ctx.fallbacks += 1
                         counters["fallbacks"] += 1
                 ctx.candidates_tried.append(c.name)
-                t = asyncio.ensure_future(self._attempt(c, req, op, deadline - now, probe))
+                t = asyncio.ensure_future(self._attempt(c, sub, op, deadline - now, probe, wire, sprobe))
                 tasks[t] = c
                 last_launch = now
                 stats = c.health.ttfb if req.stream else c.health.full  # type: ignore[union-attr]
@@ -545,7 +607,7 @@ class Router:
 
         started = _perf()
         if not launch(False):
-            raise cooling or self._unavailable(cands, self.clock())
+            raise cooling or self._unavailable(cands, self.clock(), req.stream)
         try:
             while tasks:
                 now = self.clock()
@@ -576,31 +638,40 @@ class Router:
                 if not tasks and not launch(False):
                     break
         finally:
-            for t in tasks:  # the losers
+            for t, lc in tasks.items():  # the losers
                 t.cancel()
-                t.add_done_callback(_reap)
+                t.add_done_callback(functools.partial(_reap, lc))
         assert last is not None
         raise last
 
-    async def _relay(self, ctx: RequestContext, c: Candidate, first: Any,
-                     stream: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-        """The client's stream: the first chunk (already received), then the rest.  A failure after the
-        first chunk counts against the provider; the pipeline turns it into an error event."""
+    async def _relay(self, ctx: RequestContext, c: Candidate, first: Any, stream: AsyncIterator[dict[str, Any]],
+                     sprobe: int = NORMAL) -> AsyncIterator[dict[str, Any]]:
+        """The client's stream: the first chunk (already received), then the rest.  How the stream ends
+        is judged by the provider's *stream* breaker only (health.py): a failure after the first chunk is
+        a cut, a stream that ends as it should a success; a client that leaves (or a gateway bug) gives
+        no verdict.  The pipeline turns a failure into an error event."""
+        assert c.health is not None and c.health.stream is not None
+        sh = c.health.stream
         usage = None
+        verdict = False
         try:
-            if first is _END:
-                return
-            usage = first.get("usage")
-            yield first
-            async for chunk in stream:
-                u = chunk.get("usage")
-                if u:
-                    usage = u
-                yield chunk
+            if first is not _END:
+                usage = first.get("usage")
+                yield first
+                async for chunk in stream:
+                    u = chunk.get("usage")
+                    if u:
+                        usage = u
+                    yield chunk
+            verdict = True
+            sh.success(None, True, sprobe)
         except GatewayError as exc:
-            c.health.failure(NORMAL, exc.kind)  # type: ignore[union-attr]
+            verdict = True
+            sh.failure(sprobe, exc.kind)
             raise
         finally:
+            if not verdict:
+                sh.cancelled(sprobe)
             await _aclose(stream)
         if usage and c.price is not None:
             cost = costs.usage_cost(c.provider.cfg, c.model, c.price, Usage.from_openai(usage))
@@ -627,14 +698,16 @@ class _Timer:
         self.task.cancel()
 
 
-def _reap(t: asyncio.Task[Any]) -> None:
-    """Done-callback of a cancelled hedge loser: retrieve its outcome; close a stream it opened anyway."""
+def _reap(c: Candidate, t: asyncio.Task[Any]) -> None:
+    """Done-callback of a cancelled hedge loser: retrieve its outcome; close a stream it opened anyway
+    (and free its stream-breaker probe: an abandoned stream gives no verdict)."""
     if t.cancelled():
         return
     exc = t.exception()
     if exc is None:
         res = t.result()
-        if isinstance(res, tuple) and len(res) == 2 and hasattr(res[1], "aclose"):
+        if isinstance(res, tuple) and len(res) == 3 and hasattr(res[1], "aclose"):
+            c.health.stream.cancelled(res[2])  # type: ignore[union-attr]
             asyncio.ensure_future(_aclose(res[1]))
 
 
