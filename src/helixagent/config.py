@@ -331,8 +331,10 @@ class RateLimitsConfig(Strict):
     cost: CostBudgets | None = None
     # Redis keys are named <key_prefix>:rl:...
     key_prefix: str = Field(default="helixagent", min_length=1)
-    # socket timeout for each Redis call; past it on_backend_error decides
-    redis_timeout: float = Field(default=0.5, gt=0)
+    # socket timeout for each Redis call; past it on_backend_error decides.  3 s by default: a timed-out
+    # command is taken for an outage, and a saturated process's own event-loop lag (measured up to 1.9 s on
+    # 2 cores at 1,000 concurrent requests) must not switch the limits off; a refused connection is seen at once.
+    redis_timeout: float = Field(default=3.0, gt=0)
     # Redis connections per gateway process.  More concurrent requests than this WAIT for a free
     # connection (back-pressure, never an outage), at most redis_pool_timeout; past it that one request
     # gets a 503 rate_limit_backend_busy (the backend is not marked down).
