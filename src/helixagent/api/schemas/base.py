@@ -81,6 +81,13 @@ def error_from(exc: ValidationError, data: Any, style: Literal["brackets", "dots
     elif t == "extra_forbidden":
         code = "unknown_parameter"
         msg = "is not a known parameter"
+    elif t == "union_tag_invalid":
+        ctx = e.get("ctx") or {}
+        code = "invalid_value"
+        msg = f"must be one of {ctx.get('expected_tags')}; got {ctx.get('tag')}"
+    elif t == "union_tag_not_found":
+        code = "missing_required_parameter"
+        msg = "is required"
     else:
         code = "invalid_type" if any(s in t for s in _TYPE_ERRORS) else "invalid_value"
         msg = _PLAIN.get(t) or e["msg"][:1].lower() + e["msg"][1:]
