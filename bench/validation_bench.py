@@ -5,7 +5,7 @@ candidate and for the hand-written checks HelixAgent had before (kept here, verb
 Candidates: pydantic v2 (TypedDict schemas through a TypeAdapter; the one HelixAgent ships, in
 ``helixagent/api/schemas/openai.py``), validating the orjson-decoded dict or the raw bytes; and msgspec
 (an equivalent Struct schema below; msgspec drops unknown fields, so a gateway that must pass them through
-decodes twice: msgspec to validate, orjson for the dict).  Run: PYTHONPATH=src python bench/validation_bench.py
+decodes twice: msgspec to validate, orjson for the dict).  Run: PYTHONPATH=src python bench/validation_bench.py (msgspec rows only when msgspec is installed; it is not a dependency)
 """
 
 import statistics
