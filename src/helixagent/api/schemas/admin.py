@@ -7,14 +7,14 @@ from typing import Annotated, Any, Callable, Literal, Union
 from pydantic import Field, with_config
 from typing_extensions import TypedDict
 
-from .base import CLOSED, Number, validator
+from .base import CLOSED, number, validator
 
 MAX_DURATION = 100 * 365.25 * 86400.0   # 100 years, in seconds: any longer is a mistake, not a policy
 # non-empty, at most 255 characters, not only blanks, no NUL (PostgreSQL text cannot hold it)
 Name = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\x00]*[^\s\x00][^\x00]*$")]
 QueryText = Annotated[str, Field(max_length=1024, pattern=r"^[^\x00]*$")]
 # a number of seconds or a string such as 90s, 30d (parsed by config.parse_duration, then bounded)
-Duration = Union[Annotated[Number, Field(ge=0, le=MAX_DURATION)], Annotated[str, Field(max_length=64)]]
+Duration = Union[number(0, MAX_DURATION), Annotated[str, Field(max_length=64)]]
 
 
 @with_config(CLOSED)

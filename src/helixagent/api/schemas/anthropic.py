@@ -13,9 +13,10 @@ from typing import Annotated, Any, Callable, Literal, Union
 from pydantic import Discriminator, Field, Tag, with_config
 from typing_extensions import NotRequired, Required, TypedDict
 
-from .base import OPEN, Number, PosInt, NonNegInt, validator
+from .base import OPEN, NonNegInt, PosInt, number, validator
 
 Obj = dict[str, Any]
+Unit = number(0, 1)
 
 
 def _tagged(known: dict[str, Any], other: Any, default: str | None = None) -> Any:
@@ -215,8 +216,8 @@ class MessagesBody(TypedDict, total=False):
     metadata: Metadata
     stop_sequences: list[str]
     stream: bool
-    temperature: Annotated[Number, Field(ge=0, le=1)]
-    top_p: Annotated[Number, Field(ge=0, le=1)]
+    temperature: Unit
+    top_p: Unit
     top_k: NonNegInt
     tools: list[Tool]
     tool_choice: ToolChoice

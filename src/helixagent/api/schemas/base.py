@@ -8,7 +8,7 @@ fields the schema does not name (OpenAI-compatible upstreams receive them untouc
 means a string is never taken for a number nor a boolean for an integer."""
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -23,8 +23,15 @@ INT64 = 2**63 - 1
 PosInt = Annotated[int, Field(ge=1, le=INT32)]
 NonNegInt = Annotated[int, Field(ge=0, le=INT32)]
 Int64 = Annotated[int, Field(ge=-INT64 - 1, le=INT64)]
-# JSON numbers; `allow_inf_nan` is moot (orjson rejects NaN/Infinity) but stated for clarity.
-Number = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def number(ge: float | None = None, le: float | None = None) -> Any:
+    """A JSON number in [ge, le], kept as sent: an integer stays an ``int`` (``"temperature": 0`` goes
+    upstream as ``0``, not ``0.0``), a float a ``float``."""
+    return Union[Annotated[int, Field(ge=ge, le=le)], Annotated[float, Field(ge=ge, le=le, allow_inf_nan=False)]]
+
+
+Number = number()
 
 _PLAIN = {"model_attributes_type": "must be an object", "dict_type": "must be an object",
           "list_type": "must be an array", "string_type": "must be a string", "int_type": "must be an integer",
@@ -52,28 +59,37 @@ def _path(loc: tuple[Any, ...], data: Any, style: Literal["brackets", "dots"], m
     return out
 
 
-def _pick(errors: list[Any], data: Any, style: Literal["brackets", "dots"]) -> tuple[dict[str, Any], str]:
-    """The most specific error: the one deepest in the data (a union reports one error per member)."""
+def _pick(errors: list[Any], data: Any, style: Literal["brackets", "dots"]
+          ) -> tuple[dict[str, Any], str, list[str]]:
+    """The most specific error: the one deepest in the data (a union reports one error per member), and
+    the types every union member wanted there (``must be a string or an array``)."""
     best: tuple[int, int] = (-1, 0)
     chosen = errors[0]
     path = ""
+    paths = []
     for i, e in enumerate(errors):
         p = _path(e["loc"], data, style, e["type"] == "missing")
+        paths.append(p)
         depth = p.count(".") + p.count("[")
         rank = (depth + (1 if p else 0), -i)
         if rank > best:
             best, chosen, path = rank, e, p
+    wanted: list[str] = []
+    for e, p in zip(errors, paths):
+        w = _PLAIN.get(e["type"])
+        if p == path and w and e["type"] != "none_required" and w not in wanted:
+            wanted.append(w)
     if chosen["type"] in ("union_tag_invalid", "union_tag_not_found"):
         field = str((chosen.get("ctx") or {}).get("discriminator", "")).strip("'")
         if field:
             path = f"{path}.{field}" if path else field
-    return chosen, path
+    return chosen, path, wanted
 
 
 def error_from(exc: ValidationError, data: Any, style: Literal["brackets", "dots"] = "brackets") -> GatewayError:
     """A 400 naming the offending parameter (``messages[0].content[1].text``; Anthropic: ``messages.0...``)."""
     errors = exc.errors(include_url=False, include_input=False)
-    e, path = _pick(errors, data, style)
+    e, path, wanted = _pick(errors, data, style)
     t = e["type"]
     if t == "missing":
         code = "missing_required_parameter"
@@ -91,6 +107,9 @@ def error_from(exc: ValidationError, data: Any, style: Literal["brackets", "dots
     else:
         code = "invalid_type" if any(s in t for s in _TYPE_ERRORS) else "invalid_value"
         msg = _PLAIN.get(t) or e["msg"][:1].lower() + e["msg"][1:]
+        if len(wanted) > 1:   # a union: name every type it takes
+            kinds = [w.removeprefix("must be ") for w in wanted]
+            msg = "must be a number" if set(kinds) == {"an integer", "a number"} else "must be " + " or ".join(kinds)
     where = path or "body"
     return bad_request(f"'{where}': {msg}" if style == "brackets" else f"{where}: {msg}",
                        param=path or None, code=code)

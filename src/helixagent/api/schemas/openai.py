@@ -15,10 +15,12 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, with_config
 from typing_extensions import NotRequired, Required, TypedDict
 
-from .base import CLOSED, INT32, OPEN, Int64, NonNegInt, Number, PosInt, validator
+from .base import CLOSED, INT32, OPEN, Int64, NonNegInt, PosInt, number, validator
 
-Str = str
 Obj = dict[str, Any]
+Temperature = number(0, 2)
+Unit = number(0, 1)
+Penalty = number(-2, 2)
 
 
 @with_config(OPEN)
@@ -306,10 +308,10 @@ class _Sampling(TypedDict, total=False):
     cache: bool
     stream: Union[bool, None]
     stream_options: Union[StreamOptions, None]
-    temperature: Union[Annotated[Number, Field(ge=0, le=2)], None]
-    top_p: Union[Annotated[Number, Field(ge=0, le=1)], None]
-    presence_penalty: Union[Annotated[Number, Field(ge=-2, le=2)], None]
-    frequency_penalty: Union[Annotated[Number, Field(ge=-2, le=2)], None]
+    temperature: Union[Temperature, None]
+    top_p: Union[Unit, None]
+    presence_penalty: Union[Penalty, None]
+    frequency_penalty: Union[Penalty, None]
     max_tokens: Union[PosInt, None]
     n: Union[Annotated[int, Field(ge=1, le=128)], None]
     stop: Union[str, list[str], None]
