@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 _IMAGE_TOKENS = 765  # OpenAI's cost of a 'high detail' 512px tile image; a deliberate over-estimate
 
 
@@ -18,28 +20,29 @@ def estimate_text(text: str) -> int:
     return (len(text) * 2 + 6) // 7  # ceil(len / 3.5)
 
 
-def estimate_messages(messages: list[dict[str, Any]], tools: Any = None) -> int:
+def estimate_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> int:
+    """Canonical messages as the edge schemas guarantee them (``api/schemas/``): ``content`` is a string,
+    a list of part objects (a text part's ``text`` a string) or null; ``tool_calls`` a list of function or
+    custom calls whose fields are strings."""
     n = 3
     for m in messages:
         n += 4
         c = m.get("content")
         if isinstance(c, str):
             n += estimate_text(c)
-        elif isinstance(c, list):
+        elif c:
             for part in c:
-                if not isinstance(part, dict):
-                    continue
-                t = part.get("type")
+                t = part["type"]
                 if t == "text":
-                    n += estimate_text(part.get("text") or "")
+                    n += estimate_text(part["text"])
                 elif t in ("image_url", "image", "input_audio"):
                     n += _IMAGE_TOKENS
         for tc in m.get("tool_calls") or ():
-            fn = tc.get("function") or {}
-            n += 4 + estimate_text(fn.get("name") or "") + estimate_text(fn.get("arguments") or "")
+            call = tc.get("function") or tc.get("custom") or {}
+            args = call.get("arguments") or call.get("input") or ""
+            n += 4 + estimate_text(call.get("name", "")) + estimate_text(args)
         if m.get("name"):
             n += 1
     if tools:
-        import orjson
         n += estimate_text(orjson.dumps(tools).decode())
     return n

@@ -9,36 +9,34 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Callable
 
 from ..config import parse_duration
 from ..errors import GatewayError, bad_request
 from ..gateway_types import GatewayLike
 from .http import Request, send_json
 from .openai_format import load_json_object
+from .schemas.admin import MAX_DURATION, check_create_key, check_keys_query, check_rotate
 
 DEFAULT_GRACE = 24 * 3600.0
 
 
-def _str_field(body: dict[str, Any], *names: str) -> str | None:
-    for n in names:
+def _name(body: dict[str, Any], *names: str) -> str | None:
+    for n in names:   # the schema made each a non-empty string of at most 255 characters, or absent
         v = body.get(n)
-        if v is None:
-            continue
-        if not isinstance(v, str) or not v.strip() or len(v) > 255:
-            raise bad_request(f"'{n}' must be a non-empty string of at most 255 characters", param=n,
-                              code="invalid_value")
-        return v.strip()
+        if v is not None:
+            return str(v).strip()
     return None
 
 
-def _duration(v: Any, name: str) -> float:
+def _duration(v: float | str, name: str) -> float:
+    """Seconds from a number or a string such as 30d; bounded so that every datetime it makes exists."""
     try:
         d = parse_duration(v)
     except ValueError as exc:
         raise bad_request(f"'{name}': {exc}", param=name, code="invalid_value") from None
-    if d < 0:
-        raise bad_request(f"'{name}' must not be negative", param=name, code="invalid_value")
+    if not 0 <= d <= MAX_DURATION:
+        raise bad_request(f"'{name}' must be between 0 and 100 years; got {v!r}", param=name, code="invalid_value")
     return d
 
 
@@ -48,31 +46,31 @@ def expiry_of(body: dict[str, Any]) -> dt.datetime | None:
     v = body.get("expires_at")
     if v is None:
         return None
-    if not isinstance(v, str):
-        raise bad_request("'expires_at' must be an ISO 8601 timestamp", param="expires_at", code="invalid_type")
     try:
         t = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
-    except ValueError:
-        raise bad_request(f"'expires_at': {v!r} is not an ISO 8601 timestamp", param="expires_at",
-                          code="invalid_value") from None
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+        # stored and compared in UTC: a time whose UTC form does not exist is no expiry
+        return t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)
+    except (ValueError, OverflowError):
+        raise bad_request(f"'expires_at': {v!r} is not an ISO 8601 timestamp between 0001 and 9999",
+                          param="expires_at", code="invalid_value") from None
 
 
-async def _body(gw: GatewayLike, req: Request, required: bool = True) -> dict[str, Any]:
+async def _body(gw: GatewayLike, req: Request, check: Callable[[Any], Any], required: bool = True) -> dict[str, Any]:
+    """The JSON body checked against its declared schema (``schemas/admin.py``)."""
     raw = await req.body(gw.cfg.server.max_body_bytes)
     if not raw and not required:
         return {}
-    return load_json_object(raw)
+    body: dict[str, Any] = check(load_json_object(raw))
+    return body
 
 
 async def create_key(gw: GatewayLike, req: Request) -> None:
     await gw.authorize(req, "admin")
-    body = await _body(gw, req)
-    role = body.get("role", "user")
+    body = await _body(gw, req, check_create_key)
     store = gw.services["keys"]
-    rec, secret = await store.create(user_id=_str_field(body, "user_id", "user"),
-                                     application=_str_field(body, "application", "app"),
-                                     role=role if isinstance(role, str) else repr(role),
+    rec, secret = await store.create(user_id=_name(body, "user_id", "user"),
+                                     application=_name(body, "application", "app"),
+                                     role=body.get("role") or "user",
                                      expires_at=expiry_of(body), limits=body.get("limits"))
     await gw.services["auth"].changed([rec.id])
     out = rec.public()
@@ -82,7 +80,8 @@ async def create_key(gw: GatewayLike, req: Request) -> None:
 
 async def list_keys(gw: GatewayLike, req: Request) -> None:
     await gw.authorize(req, "admin")
-    recs = await gw.services["keys"].list(user_id=req.q("user_id"), application=req.q("application"))
+    q = check_keys_query({k: v[0] for k, v in req.query.items()})
+    recs = await gw.services["keys"].list(user_id=q.get("user_id"), application=q.get("application"))
     await send_json(req.send, 200, {"object": "list", "data": [r.public() for r in recs]})
 
 
@@ -99,7 +98,7 @@ async def key_action(gw: GatewayLike, req: Request, rest: str) -> None:
         await auth.changed([rec.id])
         await send_json(req.send, 200, rec.public())
         return
-    body = await _body(gw, req, required=False)
+    body = await _body(gw, req, check_rotate, required=False)
     grace = _duration(body["grace"], "grace") if body.get("grace") is not None else DEFAULT_GRACE
     new, secret, old = await store.rotate(key_id, grace)
     await auth.changed([old.id, new.id])

@@ -28,6 +28,7 @@ from ..errors import GatewayError, bad_request
 from ..providers.anthropic_mapping import finish_to_stop_reason, sse_event, tool_input, usage_to_anthropic
 from ..tokens import estimate_messages
 from .openai_format import HELIX_FIELDS, load_json_object, split_model
+from .schemas.anthropic import check_messages
 
 # -- tables -------------------------------------------------------------------------------------------
 
@@ -348,11 +349,12 @@ def parse_messages(raw: bytes, known_providers: Any, count_only: bool = False) -
     needs to know: ``features`` (Anthropic-only features used) and ``lower`` (extensions to remove for a
     non-Anthropic provider)."""
     body = load_json_object(raw)
-    helix = {k: body.pop(k) for k in HELIX_FIELDS if k in body}
-    unknown = set(body) - _KNOWN_FIELDS
+    unknown = set(body) - _KNOWN_FIELDS - set(HELIX_FIELDS)
     if unknown:
         raise bad_request(f"{', '.join(sorted(unknown))}: unsupported field(s); HelixAgent translates "
                           f"{', '.join(sorted(_KNOWN_FIELDS))}", param=sorted(unknown)[0], code="unsupported_feature")
+    body = check_messages(body)  # every type from here on is the schema's (schemas/anthropic.py)
+    helix = {k: body.pop(k) for k in HELIX_FIELDS if k in body}
     if "model" not in body and "provider" not in helix:
         raise _err("model", "Field required", "missing_required_parameter")
     model, provider = split_model(body.get("model"), helix.get("provider"), known_providers)

@@ -10,8 +10,11 @@ from ..errors import GatewayError
 from ..gateway_types import GatewayLike
 from ..store import queries
 from .http import Request, send_json
+from .schemas.admin import check_usage_query
 
 MAX_SPAN = dt.timedelta(days=3660)
+DEFAULT_SPAN = dt.timedelta(days=30)
+_EARLIEST = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
 
 
 def _bad(msg: str, param: str) -> GatewayError:
@@ -25,21 +28,21 @@ async def usage(gw: GatewayLike, req: Request) -> None:
     for name in req.query:
         if name not in ("from", "to", "group_by", "user_id", "application"):
             raise _bad(f"unknown query parameter {name!r} (use from, to, group_by, user_id, application)", name)
+    q: dict[str, str] = check_usage_query({k: v[0] for k, v in req.query.items()})
     try:
-        to, frm = req.q("to"), req.q("from")
-        end = queries.parse_time(to, "to", end=True) if to else now
-        start = queries.parse_time(frm, "from") if frm else end - dt.timedelta(days=30)
+        end = queries.parse_time(q["to"], "to", end=True) if q.get("to") else now
+        start = queries.parse_time(q["from"], "from") if q.get("from") else None
     except ValueError as exc:
         raise _bad(str(exc), str(exc).split(":")[0]) from None
+    if start is None:
+        start = end - DEFAULT_SPAN if end > _EARLIEST + DEFAULT_SPAN else _EARLIEST
     if start >= end:
         raise _bad("from must be before to", "from")
     if end - start > MAX_SPAN:
         raise _bad("the range from..to may span at most 10 years", "from")
-    group_by = req.q("group_by") or "day"
-    if group_by not in queries.GROUP_BY:
-        raise _bad(f"group_by must be one of {', '.join(queries.GROUP_BY)}", "group_by")
-    user_id = req.q("user_id") or None
-    application = req.q("application") or None
+    group_by = q.get("group_by") or "day"
+    user_id = q.get("user_id") or None
+    application = q.get("application") or None
     key_id = None
     scope = "all"
     if ident.role != "admin":

@@ -23,19 +23,22 @@ _GROUP_COLUMNS = {"provider": C.c.provider, "model": C.c.model, "user": C.c.user
 
 def parse_time(value: str, name: str, end: bool = False) -> dt.datetime:
     """ISO date / datetime or Unix seconds -> aware UTC datetime.  A bare date as ``end`` means the end of
-    that day (``to=2025-01-31`` includes the 31st)."""
+    that day (``to=2025-01-31`` includes the 31st).  Anything that is no representable time (including
+    dates at the ends of the calendar that would overflow) is a ValueError naming ``name``."""
     v = value.strip()
-    if re.fullmatch(r"\d+(\.\d+)?", v) and len(v) != 8:
-        return dt.datetime.fromtimestamp(float(v), UTC)
     try:
+        if re.fullmatch(r"\d+(\.\d+)?", v) and len(v) != 8:
+            return dt.datetime.fromtimestamp(float(v), UTC)
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
             d = dt.datetime.combine(dt.date.fromisoformat(v), dt.time(), UTC)
-            return d + dt.timedelta(days=1) if end else d
+            if not end:
+                return d
+            return d + dt.timedelta(days=1) if d.date() < dt.date.max else dt.datetime.max.replace(tzinfo=UTC)
         t = dt.datetime.fromisoformat(v.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{name}: {value!r} is not a date (use 2025-01-31, 2025-01-31T12:00:00Z or "
-                         "Unix seconds)") from None
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+        return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+    except (ValueError, OverflowError, OSError):
+        raise ValueError(f"{name}: {value!r} is not a date between 0001-01-01 and 9999-12-31 (use 2025-01-31, "
+                         "2025-01-31T12:00:00Z or Unix seconds)") from None
 
 
 def _day_expr(dialect: str) -> Any:

@@ -1,0 +1,1 @@
+"""Declared request schemas, one per client format, checked once at the edge (see ``base.py``)."""
