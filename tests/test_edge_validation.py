@@ -11,9 +11,13 @@ from support.keys import MASTER
 
 MODEL = "mock-1"
 LIMITS = {"auth": {"master_key": MASTER},
+          "providers": [{"name": "mock", "type": "mock"}],  # asked for explicitly: not a stand-in, /health ok
           "routing": {"max_cost_per_request": 10.0},
           "rate_limits": {"api_key": {"requests_per_minute": 100000, "tokens_per_minute": 10**9},
-                          "user": {"tokens_per_day": 10**9}, "cost": {"api_key": {"per_day": 1000.0}}}}
+                          "user": {"tokens_per_day": 10**9}, "cost": {"api_key": {"per_day": 1000.0}},
+                          # the mock model has no catalogue price: count it at a default one, so the
+                          # dollar-budget path (price estimate, reservation, settlement) runs on every request
+                          "unknown_price": "default", "default_price_per_mtok": {"input": 1.0, "output": 2.0}}}
 
 
 @pytest.fixture(scope="module")

@@ -81,10 +81,14 @@ def gw(tmp_path_factory: Any) -> Any:
     from support.servers import GatewayServer
     d = tmp_path_factory.mktemp("fuzz")
     g = GatewayServer({"auth": {"master_key": MASTER},
+                       "providers": [{"name": "mock", "type": "mock"}],  # explicit: not a stand-in, /health ok
                        "database": {"url": f"sqlite:///{d}/h.db", "spool_dir": str(d / "spool")},
                        "routing": {"max_cost_per_request": 10.0},
                        "rate_limits": {"api_key": {"requests_per_minute": 10**6, "tokens_per_minute": 10**9},
-                                       "user": {"tokens_per_day": 10**9}, "cost": {"api_key": {"per_day": 10**6}}}})
+                                       "user": {"tokens_per_day": 10**9}, "cost": {"api_key": {"per_day": 10**6}},
+                                       # mock-1 has no catalogue price: the budget path runs at a default one
+                                       "unknown_price": "default",
+                                       "default_price_per_mtok": {"input": 1.0, "output": 2.0}}})
     admin = Client(g.url, {"authorization": f"Bearer {MASTER}"})
     r = admin.post("/admin/keys", json={"user_id": "fuzz", "role": "user"})
     assert r.status_code == 201, r.text
