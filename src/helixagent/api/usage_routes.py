@@ -9,6 +9,7 @@ import datetime as dt
 from ..errors import GatewayError
 from ..gateway_types import GatewayLike
 from ..store import queries
+from ..store.db import DB_UNAVAILABLE
 from .http import Request, send_json
 from .schemas.admin import check_usage_query
 
@@ -64,7 +65,7 @@ async def usage(gw: GatewayLike, req: Request) -> None:
     try:
         result = await queries.usage(store.engine, start, end, group_by, user_id=user_id, key_id=key_id,
                                      application=application)
-    except Exception as exc:  # noqa: BLE001 - DUBIOUS: a bug in the query becomes 'database unavailable' 503
+    except DB_UNAVAILABLE as exc:  # an outage; a bug of ours propagates (a loud 500)
         raise GatewayError(503, f"the usage database is unavailable ({type(exc).__name__})",
                            code="database_unavailable", retryable=True) from None
     result["scope"] = scope

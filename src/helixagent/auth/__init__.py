@@ -24,6 +24,7 @@ from ..config import Config
 from ..errors import GatewayError
 from ..gateway_types import GatewayLike
 from ..pipeline import ANONYMOUS_LOCAL, Identity, RequestContext, Stage
+from ..store.db import DB_UNAVAILABLE
 from .keys import KEY_PREFIX, KeyRecord, KeyStore, hash_key
 
 log = logging.getLogger("helixagent.auth")
@@ -182,7 +183,7 @@ class Authenticator:
             self.db_lookups += 1
             try:
                 rec = await self.store.by_hash(h)
-            except Exception as exc:  # noqa: BLE001 - DUBIOUS: a bug in by_hash = outage (stale key/503)
+            except DB_UNAVAILABLE as exc:  # an outage (a bug of ours propagates: a loud 500)
                 if not self._db_outage:
                     log.error("API key lookup failed (%s: %s)%s", type(exc).__name__, exc,
                               "; serving cached keys" if stale else "")

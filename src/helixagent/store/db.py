@@ -10,12 +10,21 @@ read while the writer writes, and several processes can share one file.
 """
 from __future__ import annotations
 
+import asyncio
 import shlex
 from typing import Any
 
+import sqlalchemy.exc
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+
+# What "the database is unavailable" looks like to a caller: a driver error (refused, reset, server
+# starting or gone, missing table), a socket error, a connect/pool timeout.  Anything else -- a TypeError,
+# a KeyError -- is a bug of ours and must propagate as a loud 500, never pass for an outage.
+DB_UNAVAILABLE: tuple[type[Exception], ...] = (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.TimeoutError,
+                                               sqlalchemy.exc.DisconnectionError, OSError, asyncio.TimeoutError)
 
 
 def async_url(url: str) -> str:
