@@ -39,6 +39,7 @@ _monotonic = time.monotonic
 _perf = time.perf_counter
 _END = object()
 _UNSET = object()
+_NONE: list[Any] = []  # a shared empty list (never appended to)
 
 
 class Candidate:
@@ -469,7 +470,7 @@ class Router:
             sub = req.copy_for(c.model) if op != "embed" else EmbeddingRequest(c.model, req.input, req.params,
                                                                                req.provider)
         p = c.provider
-        dropped: list[str] = []
+        dropped: list[str] = _NONE
         try:
             if op == "embed" and type(p).embed is Provider.embed:  # no embeddings: refused before any call
                 raise p.unsupported("embeddings", "model")
@@ -485,10 +486,12 @@ class Router:
                     if a is None:
                         raise
                     sub, item = a
-                    dropped.append(item)
+                    dropped = [*dropped, item]
                     steps += 1
             if c.drop_params and op != "embed":
-                dropped += adapt.ignored(sub, p.cfg.type)
+                ign = adapt.ignored(sub, p.cfg.type)
+                if ign:
+                    dropped = [*dropped, *ign]
             return sub, wire, dropped
         except GatewayError as exc:
             exc.retryable = False
@@ -738,9 +741,9 @@ class _Mapped:
         self.req = req
         self.op = op
         self.done: dict[Candidate, tuple[Any, Any, list[str]] | GatewayError] = {}
-        self.skipped: list[tuple[Candidate, GatewayError]] = []
-        self.primary: list[Candidate] = []
-        self.named_ids: set[int] = set()
+        self.skipped: list[tuple[Candidate, GatewayError]] = _NONE  # allocated on the first skip
+        self.primary: list[Candidate] = _NONE
+        self.named_ids: set[int] | None = None
 
     def get(self, c: Candidate) -> tuple[Any, Any, list[str]]:
         """(request, wire request, adaptations) for ``c``, or its mapping's GatewayError."""
@@ -777,6 +780,8 @@ class _Mapped:
         """``c``'s mapping refused the request: skip it (a gateway bug, a 5xx, is raised)."""
         if exc.status >= 500:
             raise exc
+        if self.skipped is _NONE:
+            self.skipped = []
         if all(x is not c for x, _ in self.skipped):
             self.skipped.append((c, exc))
             log.info("provider %s skipped: cannot serve the request as asked (%s)", c.name, exc.code)
@@ -792,7 +797,11 @@ class _Mapped:
 
     def named(self, err: GatewayError) -> GatewayError:
         """``err`` naming the candidates skipped because they cannot serve the request as asked."""
-        if self.skipped and id(err) not in self.named_ids:
+        if not self.skipped:
+            return err
+        if self.named_ids is None:
+            self.named_ids = set()
+        if id(err) not in self.named_ids:
             self.named_ids.add(id(err))
             err.message += (" [skipped, cannot serve this request as asked: "
                             + "; ".join(f"{c.name}: {e.message}" + (f" (param {e.param!r})" if e.param else "")
