@@ -93,6 +93,9 @@ class ProviderConfig(Strict):
     latency_ms: float = Field(default=0, ge=0)
     tokens_per_second: float = Field(default=0, ge=0)
     mock_tokens: int = Field(default=16, ge=1)
+    # Adapt a request this provider cannot serve as asked (clamp/drop parameters, named in the
+    # x-helixagent-dropped-params header) instead of skipping it; None = the route's or routing's setting.
+    drop_params: bool | None = None
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> "ProviderConfig":
@@ -224,6 +227,8 @@ class RouteConfig(Strict):
     hedging: HedgingConfig | None = None
     max_cost_per_token: float | None = Field(default=None, ge=0)
     max_cost_per_request: float | None = Field(default=None, ge=0)
+    # drop_params for requests of these models (wins over the provider's and the global setting)
+    drop_params: bool | None = None
 
 
 class RoutingConfig(Strict):
@@ -240,6 +245,8 @@ class RoutingConfig(Strict):
     estimate_completion_tokens: int = Field(default=1024, ge=0)
     # Budget of one request across all attempts, retries, back-off sleeps and fallbacks.
     request_timeout_ms: int = Field(default=120000, gt=0)
+    # Adapt (clamp/drop) parameters a candidate cannot serve instead of skipping it (docs/routing.md)
+    drop_params: bool = False
     # Cross-request cooldown of a (provider, model) that answered 429 (or 503/529 with Retry-After):
     # benched for its Retry-After, at most rate_limit_cooldown_max (0 = off); without a Retry-After,
     # for rate_limit_cooldown_default once rate_limit_cooldown_after consecutive 429s were seen.

@@ -286,8 +286,7 @@ def canonical_to_gemini_request(req: ChatRequest, unsupported: Any = None) -> di
                 raise uns(f"response_format {t}", "response_format")
         elif k == "reasoning_effort":
             if v not in _EFFORT:
-                raise bad_request("'reasoning_effort' must be none, minimal, low, medium or high",
-                                  param=k, code="invalid_value")
+                raise uns(f"reasoning_effort {v!r} (Gemini's efforts are none, minimal, low, medium, high)", k)
             gen.setdefault("thinkingConfig", {})["thinkingBudget"] = _EFFORT[v]
         elif k in ("audio", "prediction", "web_search_options", "functions", "function_call"):
             raise uns(k.replace("_", " "), k)

@@ -40,6 +40,8 @@ class OpenAIProvider(Provider):
     # -- request mapping ---------------------------------------------------------------------------
     def body(self, req: ChatRequest, stream: bool) -> bytes:
         check_chat(req)
+        if self.cfg.type == "openai" and req.params.get("top_k") is not None:
+            raise self.unsupported("top_k", "top_k")  # OpenAI's API refuses it; compatible servers take it
         b = dict(req.params)
         b["model"] = req.model
         if req.endpoint == "completion":  # legacy completions go natively to /completions

@@ -30,7 +30,7 @@ from ..errors import GatewayError, not_found
 from ..pipeline import RequestContext
 from ..providers import Provider
 from ..tokens import estimate_messages
-from . import costs
+from . import adapt, costs
 from .health import DENIED, NORMAL, OPEN, Health, ProviderHealth, Throttle
 
 log = logging.getLogger("helixagent.routing")
@@ -39,11 +39,12 @@ _monotonic = time.monotonic
 _perf = time.perf_counter
 _END = object()
 _UNSET = object()
+_NONE: list[Any] = []  # a shared empty list (never appended to)
 
 
 class Candidate:
     __slots__ = ("provider", "model", "health", "price", "per_request_limit", "timeout", "max_attempts",
-                 "weight", "name", "throttle")
+                 "weight", "name", "throttle", "drop_params")
 
     def __init__(self, provider: Provider, model: str):
         self.provider = provider
@@ -56,6 +57,7 @@ class Candidate:
         self.timeout = provider.cfg.timeout_ms / 1000.0
         self.max_attempts = 1
         self.weight = provider.cfg.weight
+        self.drop_params = False  # adapt a request it cannot serve as asked (adapt.py) instead of skipping
 
     def __repr__(self) -> str:
         return f"Candidate({self.provider.name}, {self.model})"
@@ -64,13 +66,15 @@ class Candidate:
 class Route:
     """The routing policy that applies to one public model name."""
 
-    __slots__ = ("strategy", "hedging", "max_cost_per_token", "max_cost_per_request")
+    __slots__ = ("strategy", "hedging", "max_cost_per_token", "max_cost_per_request", "drop_params")
 
-    def __init__(self, strategy: str, hedging: HedgingConfig | None, cpt: float | None, cpr: float | None):
+    def __init__(self, strategy: str, hedging: HedgingConfig | None, cpt: float | None, cpr: float | None,
+                 drop_params: bool | None = None):
         self.strategy = strategy
         self.hedging = hedging if hedging is not None and hedging.enabled else None
         self.max_cost_per_token = cpt
         self.max_cost_per_request = cpr
+        self.drop_params = drop_params  # None: each provider's setting, else routing.drop_params
 
 
 class Plan:
@@ -153,7 +157,7 @@ class Router:
             return Route(g.strategy, g.hedging, g.max_cost_per_token, g.max_cost_per_request)
         return Route(rc.strategy or g.strategy, rc.hedging if rc.hedging is not None else g.hedging,
                      _min_limit(rc.max_cost_per_token, g.max_cost_per_token),
-                     _min_limit(rc.max_cost_per_request, g.max_cost_per_request))
+                     _min_limit(rc.max_cost_per_request, g.max_cost_per_request), rc.drop_params)
 
     def _select(self, model: str, pinned: str | None) -> list[Candidate]:
         primary: list[Candidate] = []
@@ -212,6 +216,8 @@ class Router:
             c.throttle = self.health.throttle(c.name, c.model)
             c.price = costs.price(pc, c.model)
             c.max_attempts = pc.max_retries + 1 if "max_retries" in pc.model_fields_set else retries.max_attempts
+            c.drop_params = (route.drop_params if route.drop_params is not None else
+                             pc.drop_params if pc.drop_params is not None else self.rcfg.drop_params)
             per_token = _min_limit(pc.max_cost_per_token, route.max_cost_per_token)
             if per_token is not None and c.price is not None and max(c.price) > per_token:
                 priced_out.append(f"{c.name}/{c.model} costs {max(c.price):.10g}/token > {per_token:.10g}")
@@ -316,14 +322,18 @@ class Router:
     async def handle_chat(self, ctx: RequestContext) -> None:
         req: ChatRequest = ctx.request
         plan = self.plan(req.model, req.provider)
+        op = "stream" if req.stream else "chat"
+        m = _Mapped(self, req, op)
+        m.check(ctx, plan.primary)
         cands = self.order(plan, req, req.stream, ctx.estimated_tokens)
         hedging = plan.route.hedging
         if hedging is not None and len(cands) > 1:
-            c, res = await self._hedged(ctx, cands, req, hedging)
+            c, res = await self._hedged(ctx, cands, req, hedging, m)
         else:
-            c, res = await self._sequential(ctx, cands, req, "stream" if req.stream else "chat")
+            c, res = await self._sequential(ctx, cands, req, op, m)
         ctx.provider = c.name
         ctx.upstream_model = c.model
+        m.served_by(ctx, c)
         if req.stream:
             first, stream, sprobe = res
             ctx.stream = self._relay(ctx, c, first, stream, sprobe)
@@ -338,8 +348,10 @@ class Router:
     async def handle_embeddings(self, ctx: RequestContext) -> None:
         req: EmbeddingRequest = ctx.request
         plan = self.plan(req.model, req.provider)
+        m = _Mapped(self, req, "embed")
+        m.check(ctx, plan.primary)
         cands = self.order(plan, req)
-        c, res = await self._sequential(ctx, cands, req, "embed")
+        c, res = await self._sequential(ctx, cands, req, "embed", m)
         ctx.provider = c.name
         ctx.upstream_model = c.model
         ctx.response = res
@@ -356,8 +368,10 @@ class Router:
         d = min(self._max_backoff, self._base * (1 << (n - 1)))
         return d * 0.5 + random.random() * d * 0.5  # "equal jitter"
 
-    async def _sequential(self, ctx: RequestContext, cands: list[Candidate], req: Any,
-                          op: str) -> tuple[Candidate, Any]:
+    async def _sequential(self, ctx: RequestContext, cands: list[Candidate], req: Any, op: str,
+                          m: _Mapped | None = None) -> tuple[Candidate, Any]:
+        if m is None:
+            m = _Mapped(self, req, op)
         deadline = self.clock() + self.budget
         last: GatewayError | None = None
         first_name: str | None = None
@@ -373,7 +387,7 @@ class Router:
                 now = self.clock()
                 remaining = deadline - now
                 if remaining <= 0:
-                    raise last or self._budget_error()
+                    raise m.named(last or self._budget_error())
                 until = c.throttle.until  # type: ignore[union-attr]
                 if until > now:  # a Retry-After cooldown (this request's or another's): wait or move on
                     wait = until - now
@@ -390,7 +404,11 @@ class Router:
                 if wire is _UNSET:  # map once per candidate: a request we cannot map never reaches it
                     if ctx.provider is None:
                         ctx.provider = c.name
-                    sub, wire = self._prepare(c, req, op)
+                    try:
+                        sub, wire, _ = m.get(c)
+                    except GatewayError as exc:
+                        m.skip(c, exc)  # it cannot serve the request as asked: the next one may
+                        break
                 probe = h.acquire(now)
                 if probe == DENIED:
                     break
@@ -434,24 +452,47 @@ class Router:
             if failed and last is not None:
                 log.warning("provider %s failed (%s); %s", c.name, last.kind,
                             "falling back" if c is not cands[-1] else "no fallback left")
-        if last is None:  # every candidate's breaker opened in the meantime
-            raise self._unavailable(cands, self.clock(), stream)
-        raise last
+        if last is None:  # every candidate's breaker opened in the meantime, or could not serve it
+            raise m.named(self._unavailable(m.unskipped(cands), self.clock(), stream))
+        raise m.named(last)
 
     def _budget_error(self) -> GatewayError:
         return GatewayError(504, f"the request's time budget ({self.rcfg.request_timeout_ms} ms) ran out",
                             type="timeout_error", code="upstream_timeout", kind="timeout")
 
-    def _prepare(self, c: Candidate, req: Any, op: str) -> tuple[Any, Any]:
-        """The candidate's request and its vendor wire request (the mapping step; no upstream call, no
-        verdict on the provider).  Input the mapping rejects is the client's 400, never retried nor
-        counted; any other exception here is a gateway bug: a loud 500, never the provider's fault."""
+    def _prepare(self, c: Candidate, req: Any, op: str) -> tuple[Any, Any, list[str]]:
+        """The candidate's request, its vendor wire request and what was adapted (the mapping step; no
+        upstream call, no verdict on the provider).  Input the mapping rejects is a 400, never retried nor
+        counted (with ``drop_params`` on, refused parameters are first clamped or dropped: adapt.py); any
+        other exception here is a gateway bug: a loud 500, never the provider's fault."""
         sub = req
         if req.model != c.model:
             sub = req.copy_for(c.model) if op != "embed" else EmbeddingRequest(c.model, req.input, req.params,
                                                                                req.provider)
+        p = c.provider
+        dropped: list[str] = _NONE
         try:
-            return sub, c.provider.prepare(sub, op)
+            if op == "embed" and type(p).embed is Provider.embed:  # no embeddings: refused before any call
+                raise p.unsupported("embeddings", "model")
+            steps = 0
+            while True:
+                try:
+                    wire = p.prepare(sub, op)
+                    break
+                except GatewayError as exc:
+                    a = None
+                    if c.drop_params and op != "embed" and exc.code == adapt.UNSUPPORTED and steps < adapt.MAX_STEPS:
+                        a = adapt.adapt(sub, exc.param, p.cfg.type)
+                    if a is None:
+                        raise
+                    sub, item = a
+                    dropped = [*dropped, item]
+                    steps += 1
+            if c.drop_params and op != "embed":
+                ign = adapt.ignored(sub, p.cfg.type)
+                if ign:
+                    dropped = [*dropped, *ign]
+            return sub, wire, dropped
         except GatewayError as exc:
             exc.retryable = False
             if exc.provider is None:
@@ -543,12 +584,15 @@ class Router:
         return res
 
     async def _hedged(self, ctx: RequestContext, cands: list[Candidate], req: ChatRequest,
-                      hcfg: HedgingConfig) -> tuple[Candidate, Any]:
+                      hcfg: HedgingConfig, m: _Mapped | None = None) -> tuple[Candidate, Any]:
         """Race candidates: start the next one when the newest has not answered within its p95 latency
         (at least ``min_delay_ms``), at most ``max_extra`` extra; the first answer wins and the others
         are cancelled.  A failed attempt is replaced by the next candidate at once (no same-provider
         retry in hedged mode)."""
         op = "stream" if req.stream else "chat"
+        if m is None:
+            m = _Mapped(self, req, op)
+        mapped = m
         deadline = self.clock() + self.budget
         tasks: dict[asyncio.Task[Any], Candidate] = {}
         idx = 0
@@ -571,13 +615,12 @@ class Router:
                     cooling = self._cooling(c, until - now, cooling)
                     continue
                 try:
-                    sub, wire = self._prepare(c, req, op)
-                except GatewayError:
-                    if not tasks:
-                        if ctx.provider is None:
-                            ctx.provider = c.name
-                        raise
-                    continue  # another candidate is already answering: let it
+                    sub, wire, _ = mapped.get(c)
+                except GatewayError as exc:
+                    if ctx.provider is None:
+                        ctx.provider = c.name
+                    mapped.skip(c, exc)  # it cannot serve the request as asked: the next one may
+                    continue
                 h = c.health
                 probe = h.acquire(now)  # type: ignore[union-attr]
                 if probe == DENIED:
@@ -607,7 +650,7 @@ class Router:
 
         started = _perf()
         if not launch(False):
-            raise cooling or self._unavailable(cands, self.clock(), req.stream)
+            raise m.named(cooling or self._unavailable(m.unskipped(cands), self.clock(), req.stream))
         try:
             while tasks:
                 now = self.clock()
@@ -618,7 +661,7 @@ class Router:
                 done, _ = await asyncio.wait(tasks, timeout=max(0.0, wait), return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     if self.clock() >= deadline:
-                        raise last or self._budget_error()
+                        raise m.named(last or self._budget_error())
                     if can_hedge:
                         extra += 1
                         ctx.state["hedged"] = extra
@@ -642,7 +685,7 @@ class Router:
                 t.cancel()
                 t.add_done_callback(functools.partial(_reap, lc))
         assert last is not None
-        raise last
+        raise m.named(last)
 
     async def _relay(self, ctx: RequestContext, c: Candidate, first: Any, stream: AsyncIterator[dict[str, Any]],
                      sprobe: int = NORMAL) -> AsyncIterator[dict[str, Any]]:
@@ -678,6 +721,100 @@ class Router:
             if cost is not None:
                 ctx.cost = cost
 
+
+
+class _Mapped:
+    """One request's mapping onto its candidates: each candidate's prepared request (mapped once), the
+    candidates skipped because they cannot serve the request as asked, and the adaptations made.
+
+    The rule (docs/routing.md, "Requests a provider cannot serve as asked"): the request is judged
+    against the *primary* candidates -- the model the client named -- whatever their health: malformed
+    input is a 400 at once, and a request none of them can serve as asked is the first one's 400
+    (``unsupported_feature``), never sent anywhere.  Any other candidate whose mapping refuses it is
+    skipped, and named in the error when no candidate answers; the error is then the failure of those
+    that were tried (5xx/429 with its Retry-After), never a fallback's 400."""
+
+    __slots__ = ("router", "req", "op", "done", "skipped", "primary", "named_ids")
+
+    def __init__(self, router: Router, req: Any, op: str):
+        self.router = router
+        self.req = req
+        self.op = op
+        self.done: dict[Candidate, tuple[Any, Any, list[str]] | GatewayError] = {}
+        self.skipped: list[tuple[Candidate, GatewayError]] = _NONE  # allocated on the first skip
+        self.primary: list[Candidate] = _NONE
+        self.named_ids: set[int] | None = None
+
+    def get(self, c: Candidate) -> tuple[Any, Any, list[str]]:
+        """(request, wire request, adaptations) for ``c``, or its mapping's GatewayError."""
+        hit = self.done.get(c)
+        if hit is None:
+            try:
+                hit = self.router._prepare(c, self.req, self.op)
+            except GatewayError as exc:
+                hit = exc
+            self.done[c] = hit
+        if isinstance(hit, GatewayError):
+            raise hit
+        return hit
+
+    def check(self, ctx: RequestContext, primary: list[Candidate]) -> None:
+        """Raise the 400 for a request no primary candidate can serve as asked (or malformed input)."""
+        self.primary = primary
+        first: GatewayError | None = None
+        for c in primary:
+            try:
+                self.get(c)
+                return
+            except GatewayError as exc:
+                if exc.code != adapt.UNSUPPORTED:
+                    ctx.provider = ctx.provider or c.name
+                    raise
+                if first is None:
+                    first = exc
+        if first is not None:
+            ctx.provider = ctx.provider or first.provider
+            raise first
+
+    def skip(self, c: Candidate, exc: GatewayError) -> None:
+        """``c``'s mapping refused the request: skip it (a gateway bug, a 5xx, is raised)."""
+        if exc.status >= 500:
+            raise exc
+        if self.skipped is _NONE:
+            self.skipped = []
+        if all(x is not c for x, _ in self.skipped):
+            self.skipped.append((c, exc))
+            log.info("provider %s skipped: cannot serve the request as asked (%s)", c.name, exc.code)
+
+    def unskipped(self, cands: list[Candidate]) -> list[Candidate]:
+        """The candidates not skipped (those the breakers left out included): the unavailable ones."""
+        sk = [x for x, _ in self.skipped]
+        out: list[Candidate] = []
+        for c in (*self.primary, *cands):
+            if all(c is not x for x in sk) and all(c is not x for x in out):
+                out.append(c)
+        return out or cands
+
+    def named(self, err: GatewayError) -> GatewayError:
+        """``err`` naming the candidates skipped because they cannot serve the request as asked."""
+        if not self.skipped:
+            return err
+        if self.named_ids is None:
+            self.named_ids = set()
+        if id(err) not in self.named_ids:
+            self.named_ids.add(id(err))
+            err.message += (" [skipped, cannot serve this request as asked: "
+                            + "; ".join(f"{c.name}: {e.message}" + (f" (param {e.param!r})" if e.param else "")
+                                        for c, e in self.skipped) + "]")
+            err.args = (err.message,)
+        return err
+
+    def served_by(self, ctx: RequestContext, c: Candidate) -> None:
+        """Name what was adapted for the candidate that answered (header, record state)."""
+        hit = self.done.get(c)
+        if isinstance(hit, tuple) and hit[2]:
+            adapt.add_dropped(ctx.response_headers, hit[2])
+            ctx.state["dropped_params"] = hit[2]
 
 
 class _Timer:
