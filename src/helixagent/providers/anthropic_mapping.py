@@ -178,6 +178,9 @@ def _parts_to_blocks(content: Any, where: str, unsupported: Unsupported) -> list
                 b: dict[str, Any] = {"type": "text", "text": text}
                 if "cache_control" in part:
                     b["cache_control"] = part["cache_control"]
+                ext = part.get("anthropic")
+                if isinstance(ext, dict):  # Anthropic fields the ingress did not translate (citations, ...)
+                    b.update(ext)
                 out.append(b)
         elif t == "refusal":
             if part.get("refusal"):
@@ -188,6 +191,11 @@ def _parts_to_blocks(content: Any, where: str, unsupported: Unsupported) -> list
             out.append(_file_to_anthropic(part, w, unsupported))
         elif t == "input_audio":
             raise unsupported("audio input", w)
+        elif t == "anthropic_block":  # a block the ingress kept whole (server tool results, search results...)
+            blk = part.get("block")
+            if not isinstance(blk, dict) or not isinstance(blk.get("type"), str):
+                raise bad_request(f"'{w}.block' must be an Anthropic content block", param=w, code="invalid_type")
+            out.append(blk)
         else:
             raise bad_request(f"'{w}.type' {t!r} is not a known content part type", param=w, code="invalid_value")
     return out
@@ -352,6 +360,9 @@ def _tools_to_anthropic(tools: Any, unsupported: Unsupported) -> list[dict[str, 
             d["input_schema"] = fn.get("parameters") or {"type": "object", "properties": {}}
             if "cache_control" in t:
                 d["cache_control"] = t["cache_control"]
+            ext = t.get("anthropic")
+            if isinstance(ext, dict):  # Anthropic tool fields the ingress did not translate (strict, ...)
+                d.update(ext)
             out.append(d)
         elif typ == "custom" or typ is None and "function" in t:
             raise unsupported(f"{typ or 'untyped'} tools", f"tools[{i}]")
@@ -465,6 +476,13 @@ def canonical_to_anthropic_request(req: ChatRequest, default_max_tokens: int = 4
                 pass  # tool_choice none without tools: nothing to say
             else:
                 body["tool_choice"] = tc
+    for k, v in (req.extra.get("anthropic") or {}).items():
+        # top-level fields the /v1/messages ingress did not translate (context_management, mcp_servers, ...)
+        cur = body.get(k)
+        if cur is None:
+            body[k] = v
+        elif isinstance(cur, dict) and isinstance(v, dict):
+            body[k] = {**v, **cur}
     if stream if stream is not None else req.stream:
         body["stream"] = True
     return body
