@@ -326,3 +326,18 @@ def test_dropped_header_is_bounded_and_names_are_checked(gpt_gw):
                       "bad\r\nx-injected: 1": 1})
     assert r.status_code == 400 and "x-injected" not in r.headers
     assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_untranslated_fields_are_part_of_the_cache_key(make_gateway, fake):
+    """Two requests that differ only in a field HelixAgent does not translate reach the upstream twice."""
+    gw = make_gateway({"providers": [fake.provider(max_retries=0)], "cache": {"enabled": True}})
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 20, "temperature": 0,
+            "messages": [{"role": "user", "content": "cache me"}]}
+    hits = []
+    for extra in ({"context_management": CONTEXT_MANAGEMENT}, {"context_management": CONTEXT_MANAGEMENT},
+                  {"context_management": {"edits": []}}):
+        r = post(gw, {**body, **extra}, query="", betas="")
+        assert r.status_code == 200, r.text
+        hits.append(r.headers.get("x-helixagent-cache"))
+    assert hits[1] == "HIT" and hits[2] != "HIT", hits
+    assert [c["body"]["context_management"] for c in fake.calls] == [CONTEXT_MANAGEMENT, {"edits": []}]

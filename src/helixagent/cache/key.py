@@ -79,6 +79,8 @@ def canonical_form(req: ChatRequest, scope: str, provider: str, model: str) -> b
         form.append(req.anthropic_beta)
     if req.extra:  # vendor-only fields (context_management, ...) reach the upstream too
         form.append(req.extra)
+    if req.anthropic_query:
+        form.append(req.anthropic_query)
     return orjson.dumps(form, option=_SORT)
 
 
