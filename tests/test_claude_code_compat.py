@@ -341,3 +341,10 @@ def test_untranslated_fields_are_part_of_the_cache_key(make_gateway, fake):
         hits.append(r.headers.get("x-helixagent-cache"))
     assert hits[1] == "HIT" and hits[2] != "HIT", hits
     assert [c["body"]["context_management"] for c in fake.calls] == [CONTEXT_MANAGEMENT, {"edits": []}]
+
+
+def test_effort_for_a_model_without_reasoning_is_dropped(gpt_gw, fake_openai):
+    r = post(gpt_gw, claude_code_body(output_config={"effort": "high"}))
+    assert r.status_code == 200, r.text
+    assert {"thinking", "output_config.effort"} <= set(r.headers["x-helixagent-dropped-params"].split(","))
+    assert "reasoning_effort" not in fake_openai.calls[-1]["body"]

@@ -597,15 +597,13 @@ def adapt_for(req: ChatRequest, info: dict[str, Any], provider: Any, model: str)
             p.setdefault("reasoning_effort", _effort_of(th))
         else:
             dropped.append("thinking")
-    eff = p.get("reasoning_effort")
-    if eff is not None and th is None:  # from output_config.effort
+    eff = p.get("reasoning_effort")  # output_config.effort, or the thinking mapped above
+    if eff is not None:
         if can_reason or (wire == "openai" and reasoning is None):
             p["reasoning_effort"] = _EFFORT_ELSEWHERE.get(eff, eff)
         else:
             del p["reasoning_effort"]
             dropped.append("output_config.effort")
-    elif eff is not None:
-        p["reasoning_effort"] = _EFFORT_ELSEWHERE.get(eff, eff)
     if "top_k" in p and not (wire == "gemini" or typ == "openai_compatible"):
         del p["top_k"]
         dropped.append("top_k")
