@@ -25,7 +25,10 @@ Decisions (documented in docs/providers.md):
   promises best-effort determinism for it, so ignoring it changes no contract.  OpenAI bookkeeping fields
   (``store``, ``metadata`` other than ``user_id``, ``service_tier``, ``stream_options``) are dropped.
 * fields the mapping does not know (e.g. Anthropic's own ``top_k``, ``thinking``) pass through
-  unchanged in both directions, so an Anthropic client reaches a Claude upstream without loss.
+  unchanged in both directions, so an Anthropic client reaches a Claude upstream without loss; so do the
+  ingress's ``ChatRequest.extra["anthropic"]`` (top-level fields it does not translate, merged into the
+  body), ``anthropic_block`` parts (blocks kept whole) and ``part["anthropic"]`` / ``tool["anthropic"]``
+  (untranslated fields of a block or tool, merged back into it).
 * usage: OpenAI's ``prompt_tokens`` counts cached tokens, Anthropic's ``input_tokens`` does not, so
   ``prompt_tokens = input_tokens + cache_read_input_tokens + cache_creation_input_tokens`` and the reverse
   subtracts them again.  The canonical usage dict also carries ``cache_creation_input_tokens``.
