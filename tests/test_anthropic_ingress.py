@@ -266,16 +266,18 @@ def test_missing_max_tokens_and_bad_fields(oa_gw, fake_openai):
     assert ei.value.body == {"type": "error", "error": {"type": "invalid_request_error",
                                                         "message": "max_tokens: Field required"}}
     for bad, needle in [
-        ({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
+        ({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "at least one user or assistant"),
+        ({"max_tokens": 5, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
         ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {
             "type": "base64", "media_type": "image/tiff", "data": "AA"}}]}]}, "media_type"),
         ({"max_tokens": 5, "temperature": 1.5, "messages": [{"role": "user", "content": "x"}]}, "temperature"),
         ({"max_tokens": 5, "tool_choice": {"type": "any"}, "messages": [{"role": "user", "content": "x"}]}, "tool_choice"),
         ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "document", "source": {
-            "type": "url", "url": "https://x/y.pdf"}}]}]}, "document sources"),
-        ({"max_tokens": 5, "service_tier": "auto", "messages": [{"role": "user", "content": "x"}]}, "service_tier"),
+            "type": "url", "url": "https://x/y.pdf"}}]}]}, "a document with a 'url' source"),
+        ({"max_tokens": 5, "mcp_servers": [{"type": "url", "url": "https://mcp.example/sse", "name": "x"}],
+          "messages": [{"role": "user", "content": "x"}]}, "mcp_servers"),
         ({"max_tokens": 5, "tools": [{"type": "web_search_20250305", "name": "web_search"}],
-          "messages": [{"role": "user", "content": "x"}]}, "server tool"),
+          "messages": [{"role": "user", "content": "x"}]}, "the Anthropic tool type 'web_search_20250305'"),
     ]:
         r = httpx.post(oa_gw.url + "/v1/messages", json={"model": "gpt-4o-mini", **bad}, headers={"x-api-key": "k"})
         assert r.status_code == 400, bad
@@ -286,14 +288,18 @@ def test_missing_max_tokens_and_bad_fields(oa_gw, fake_openai):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_anthropic_only_features_rejected_for_openai(oa_gw, fake_openai):
+def test_anthropic_only_features_for_openai_dropped_or_refused(oa_gw, fake_openai):
+    """gpt-4o-mini (no reasoning): thinking and top_k are dropped and named; a prefill is refused (it would
+    change the answer's meaning) before any upstream call."""
     c = client(oa_gw)
-    with pytest.raises(anthropic.BadRequestError, match="thinking"):
-        c.messages.create(model="gpt-4o-mini", max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 2000},
-                          messages=[{"role": "user", "content": "x"}])
-    with pytest.raises(anthropic.BadRequestError, match="top_k"):
-        c.messages.create(model="gpt-4o-mini", max_tokens=40, extra_body={"top_k": 5},
-                          messages=[{"role": "user", "content": "x"}])
+    raw = c.messages.with_raw_response.create(
+        model="gpt-4o-mini", max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 2000},
+        extra_body={"top_k": 5}, messages=[{"role": "user", "content": "x"}])
+    assert raw.headers["x-helixagent-dropped-params"] == "thinking,top_k"
+    assert raw.parse().content[0].text == "echo:x"
+    up = fake_openai.calls[-1]["body"]
+    assert "thinking" not in up and "top_k" not in up and "reasoning_effort" not in up
+    fake_openai.reset()
     with pytest.raises(anthropic.BadRequestError, match="prefill"):
         c.messages.create(model="gpt-4o-mini", max_tokens=40, messages=[
             {"role": "user", "content": "x"}, {"role": "assistant", "content": "{"}])

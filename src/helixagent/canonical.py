@@ -76,6 +76,12 @@ class ChatRequest:
     prompt: Any = None
     # the client's ``anthropic-beta`` header (/v1/messages); only Anthropic providers send it upstream
     anthropic_beta: str | None = None
+    # vendor-only top-level request fields, keyed by wire format (``extra["anthropic"]`` holds the
+    # /v1/messages fields HelixAgent does not translate: ``context_management``, ``mcp_servers``, ...).  Only
+    # a provider of that wire format sends them; for the others the ingress drops them and names them.
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the client's query string for the vendor's own endpoint (``beta=true`` on /v1/messages), re-encoded
+    anthropic_query: str | None = None
 
     @property
     def max_tokens(self) -> int | None:
@@ -84,7 +90,8 @@ class ChatRequest:
 
     def copy_for(self, model: str) -> "ChatRequest":
         return ChatRequest(model, self.messages, self.params, self.stream, self.include_usage,
-                           self.provider, self.endpoint, self.prompt, self.anthropic_beta)
+                           self.provider, self.endpoint, self.prompt, self.anthropic_beta, self.extra,
+                           self.anthropic_query)
 
 
 @dataclass(slots=True)

@@ -8,8 +8,8 @@ tool_choice is not none, the model "calls" the first (or the forced) tool with `
 otherwise it echoes the last user text.  With ``thinking`` enabled/adaptive the answer starts with a
 signed ``thinking`` block (streamed as an empty block, ``thinking_delta`` events, one ``signature_delta``,
 as documented), plus a ``redacted_thinking`` block when the user text contains "redact"; thinking blocks
-sent back in the history must carry the signature the fake issued.  Request headers are recorded in
-``calls``.  Errors use Anthropic's body ``{"type": "error", "error": {...}}``.
+sent back in the history must carry the signature the fake issued.  Each request is recorded in ``calls``
+exactly as it came (``raw`` bytes, parsed ``body``, ``query`` string, ``headers``).  Errors use Anthropic's body ``{"type": "error", "error": {...}}``.
 
 Faults (queued with :meth:`FakeAnthropic.push`):
 
@@ -118,7 +118,8 @@ class FakeAnthropic:
             seen_other = False
             for j, b in enumerate(c):
                 bt = b.get("type")
-                if bt not in ("text", "image", "tool_use", "tool_result", "document", "thinking", "redacted_thinking"):
+                if bt not in ("text", "image", "tool_use", "tool_result", "document", "thinking", "redacted_thinking",
+                              "server_tool_use", "web_search_tool_result", "search_result", "container_upload"):
                     return f"messages.{i}.content.{j}.type: Input tag '{bt}' found does not match any of the expected tags"
                 if bt == "text" and not b.get("text"):
                     return "messages: text content blocks must be non-empty"
@@ -141,7 +142,7 @@ class FakeAnthropic:
                     return f"messages.{i}.content.{j}: invalid redacted_thinking block"
                 if bt == "image":
                     src = b.get("source") or {}
-                    if src.get("type") not in ("base64", "url"):
+                    if src.get("type") not in ("base64", "url", "file"):
                         return f"messages.{i}.content.{j}.source: invalid image source"
         th = body.get("thinking")
         if th is not None:
@@ -202,7 +203,9 @@ class FakeAnthropic:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return self._error(400, "There was an issue with the format or content of your request.")
-        self.calls.append({"path": request.path, "body": body, "headers": {k.lower(): v for k, v in request.headers.items()}, "t": time.time()})
+        # the exact request: raw bytes, parsed body, query string and headers
+        self.calls.append({"path": request.path, "query": request.query_string, "raw": raw, "body": body,
+                           "headers": {k.lower(): v for k, v in request.headers.items()}, "t": time.time()})
         # API keys go in x-api-key; newer SDKs send them as a Bearer token, which the API accepts too
         if request.headers.get("x-api-key") != self.api_key and \
                 request.headers.get("authorization") != f"Bearer {self.api_key}":

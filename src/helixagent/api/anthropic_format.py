@@ -11,9 +11,18 @@ Anthropic upstream to use; see docs/anthropic-api.md):
   no meaning there; OpenAI and Gemini cache automatically) before the request goes out.
 * a ``tool`` message from a ``tool_result`` with ``is_error: true`` carries ``"is_error": True``;
   lowered to an ``Error: `` prefix on its text.
-* ``thinking`` (when enabled), ``top_k`` and assistant ``thinking`` / ``redacted_thinking`` blocks
-  (``message["thinking_blocks"]``) need a provider that has them: :func:`required_features` names what a
-  request needs and the route answers a clear 400 when the chosen provider lacks it.
+* ``thinking`` (when enabled), ``top_k``, ``reasoning_effort`` (``output_config.effort``) and assistant
+  ``thinking`` / ``redacted_thinking`` blocks (``message["thinking_blocks"]``) are Anthropic features;
+  :func:`adapt_for` maps or drops them for another provider (and names what it dropped).
+* blocks HelixAgent does not translate (``server_tool_use``, ``web_search_tool_result``, ``search_result``,
+  ``container_upload``, Files API sources, ... and whatever comes next) ride whole as
+  ``{"type": "anthropic_block", "block": {...}}`` parts, in their place; tools of an Anthropic type
+  (server tools, ``bash_...``, ``text_editor_...``) stay in ``params["tools"]`` as sent.  Fields of a known
+  block or tool that are not translated ride as ``part["anthropic"]`` / ``tool["anthropic"]``.  Top-level
+  fields with no canonical meaning (``context_management``, ``mcp_servers``, ``container``,
+  ``service_tier``, ...) ride in ``ChatRequest.extra["anthropic"]``.  An Anthropic provider sends all of
+  it as it came; for another one :func:`adapt_for` answers a 400 when it would change the answer's
+  meaning (Anthropic tools and blocks, ``mcp_servers``, a prefill) and drops the rest, naming it.
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ import orjson
 from ..canonical import ChatRequest, ChatResponse, Usage, text_of
 from ..errors import GatewayError, bad_request
 from ..providers.anthropic_mapping import finish_to_stop_reason, sse_event, tool_input, usage_to_anthropic
+from ..providers.catalogue import lookup
 from ..tokens import estimate_messages
 from .openai_format import HELIX_FIELDS, load_json_object, split_model
 from .schemas.anthropic import check_messages
@@ -34,13 +44,10 @@ from .schemas.anthropic import check_messages
 
 IMAGE_TYPES = frozenset(("image/jpeg", "image/png", "image/gif", "image/webp"))
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _KNOWN_FIELDS = frozenset(("model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream",
                            "temperature", "top_p", "top_k", "tools", "tool_choice", "thinking", "cache_control",
                            "output_config"))
-# Providers (wire formats) that take each Anthropic-only feature.
-_FEATURE_WIRES = {"thinking": ("anthropic", "mock"), "thinking_blocks": ("anthropic", "mock"),
-                  "prefill": ("anthropic", "mock"), "top_k": ("anthropic", "gemini", "mock"),
-                  "effort": ("anthropic", "mock", "openai")}
 _FEATURE_TEXT = {"thinking": "extended thinking ('thinking')",
                  "thinking_blocks": "thinking blocks in the conversation history",
                  "prefill": "an assistant prefill (a final assistant message the answer continues)",
@@ -54,12 +61,33 @@ def _err(path: str, message: str, code: str = "invalid_value") -> GatewayError:
 # -- request: Anthropic -> canonical ---------------------------------------------------------------------
 
 class _Flags:
-    __slots__ = ("cache_control", "is_error", "features")
+    __slots__ = ("cache_control", "is_error", "features", "native", "dropped", "media")
 
     def __init__(self) -> None:
         self.cache_control = False
         self.is_error = False
         self.features: list[str] = []
+        self.native: list[tuple[str, str]] = []  # (what, path): blocks / tools only an Anthropic provider runs
+        self.dropped: set[str] = set()            # Anthropic-only fields kept on parts / tools ("anthropic")
+        self.media = False                        # images / documents inside a tool_result
+
+
+def _raw(b: dict[str, Any], path: str, what: str, flags: _Flags) -> dict[str, Any]:
+    """A block HelixAgent does not translate, kept whole for an Anthropic provider (canonical part
+    ``{"type": "anthropic_block", "block": ...}``); other providers answer a 400 naming it."""
+    flags.native.append((what, path))
+    return {"type": "anthropic_block", "block": b}
+
+
+def _keep_extras(b: dict[str, Any], known: tuple[str, ...], part: dict[str, Any], flags: _Flags,
+                 prefix: str = "") -> dict[str, Any]:
+    """Fields of a block / tool HelixAgent does not translate ride on the canonical part as
+    ``part["anthropic"]`` (merged back by the Anthropic mapping, dropped and named for other providers)."""
+    extras = {k: v for k, v in b.items() if k not in known}
+    if extras:
+        part["anthropic"] = extras
+        flags.dropped.update(prefix + k for k in extras)
+    return part
 
 
 def _cc(block: dict[str, Any], part: dict[str, Any], flags: _Flags) -> dict[str, Any]:
@@ -69,6 +97,7 @@ def _cc(block: dict[str, Any], part: dict[str, Any], flags: _Flags) -> dict[str,
             raise bad_request("cache_control: must be an object with type 'ephemeral'", param="cache_control")
         part["cache_control"] = cc
         flags.cache_control = True
+        flags.dropped.add("cache_control")
     return part
 
 
@@ -78,7 +107,10 @@ def _text_part(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any]:
         raise _err(path + ".text", "must be a string", "invalid_type")
     if not t:
         raise _err(path + ".text", "text content blocks must be non-empty")
-    return _cc(b, {"type": "text", "text": t}, flags)
+    part = _cc(b, {"type": "text", "text": t}, flags)
+    if len(b) > 2 + ("cache_control" in b):
+        _keep_extras(b, ("type", "text", "cache_control"), part, flags)
+    return part
 
 
 def _image_part(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any]:
@@ -98,9 +130,10 @@ def _image_part(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any]:
         if not isinstance(given, str) or not given.startswith(("http://", "https://")):
             raise _err(path + ".source.url", "must be an http(s) URL", "invalid_type")
         url = given
-    else:
-        raise _err(path + ".source.type", f"image sources of type {st!r} cannot be translated; use 'base64' "
-                                         f"or 'url'", "unsupported_feature")
+    else:  # a Files API image (``file``) and sources yet to come: an Anthropic provider takes them as sent
+        return _raw(b, path, f"an image with a {st!r} source", flags)
+    if set(b) - {"type", "source", "cache_control"} or set(src) - {"type", "media_type", "data", "url"}:
+        return _raw(b, path, "an image block with fields HelixAgent does not translate", flags)
     return _cc(b, {"type": "image_url", "image_url": {"url": url}}, flags)
 
 
@@ -109,18 +142,19 @@ def _document_part(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any
     if not isinstance(src, dict):
         raise _err(path + ".source", "is required and must be an object", "invalid_type")
     st = src.get("type")
-    if st == "base64" and src.get("media_type") == "application/pdf" and isinstance(src.get("data"), str):
+    if set(b) - {"type", "source", "title", "context", "cache_control"} or b.get("citations") is not None:
+        return _raw(b, path, "a document with citations", flags)
+    if st == "base64" and src.get("media_type") == "application/pdf" and isinstance(src.get("data"), str) \
+            and not b.get("context"):
         f: dict[str, Any] = {"file_data": "data:application/pdf;base64," + src["data"]}
         if isinstance(b.get("title"), str):
             f["filename"] = b["title"]
         return _cc(b, {"type": "file", "file": f}, flags)
     if st == "text" and isinstance(src.get("data"), str):
-        if b.get("title") or b.get("context"):
-            raise _err(path, "a text document with 'title' or 'context' cannot be translated faithfully; send "
-                             "the text as a text block", "unsupported_feature")
-        return _cc(b, {"type": "text", "text": src["data"]}, flags)
-    raise _err(path + ".source", f"document sources of type {st!r} cannot be translated; send a base64 PDF "
-                                 f"or a text source", "unsupported_feature")
+        if not b.get("title") and not b.get("context"):
+            return _cc(b, {"type": "text", "text": src["data"]}, flags)
+        return _raw(b, path, "a text document with 'title' or 'context'", flags)
+    return _raw(b, path, f"a document with a {st!r} source", flags)
 
 
 def _tool_result(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any]:
@@ -143,12 +177,15 @@ def _tool_result(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any]:
             if st == "text":
                 parts.append(_text_part(sb, sp, flags))
             elif st == "image":
-                raise _err(sp, "images inside tool_result cannot be translated to a tool message; send the "
-                               "image in a user text/image block after the tool_result", "unsupported_feature")
+                parts.append(_image_part(sb, sp, flags))
+                flags.media = True
             elif st == "document":
-                raise _err(sp, "documents inside tool_result cannot be translated", "unsupported_feature")
+                parts.append(_document_part(sb, sp, flags))
+                flags.media = True
+            elif isinstance(st, str):  # search_result, tool_reference, ...
+                parts.append(_raw(sb, sp, f"a {st!r} block", flags))
             else:
-                raise _err(sp + ".type", f"must be 'text' inside tool_result; got {st!r}")
+                raise _err(sp + ".type", "must be a string", "invalid_type")
         content = parts
     else:
         raise _err(path + ".content", "must be a string or an array of content blocks", "invalid_type")
@@ -194,11 +231,12 @@ def _user_message(content: list[Any], path: str, flags: _Flags, out: list[dict[s
             out.append(_tool_result(b, bp, flags))
         elif t in ("tool_use", "thinking", "redacted_thinking"):
             raise _err(bp + ".type", f"{t!r} blocks are only allowed in assistant messages")
+        elif isinstance(t, str):  # search_result, container_upload, blocks yet to come
+            parts.append(_raw(b, bp, f"a {t!r} block", flags))
         else:
-            raise _err(bp + ".type", f"content blocks of type {t!r} cannot be translated by HelixAgent; "
-                                     f"supported: text, image, document, tool_result", "unsupported_feature")
+            raise _err(bp + ".type", "must be a string", "invalid_type")
     if parts:
-        if len(parts) == 1 and parts[0]["type"] == "text" and "cache_control" not in parts[0]:
+        if len(parts) == 1 and parts[0]["type"] == "text" and len(parts[0]) == 2:
             out.append({"role": "user", "content": parts[0]["text"]})
         else:
             out.append({"role": "user", "content": parts})
@@ -226,13 +264,16 @@ def _assistant_message(content: list[Any], path: str, flags: _Flags) -> dict[str
             # reasoning_content).  Those upstreams do not take earlier reasoning back and Anthropic rejects an
             # unsigned block, so it is dropped, and the conversation can continue with any provider.
             continue
+        elif t == "tool_result":
+            raise _err(bp + ".type", "'tool_result' blocks are only allowed in user messages")
+        elif isinstance(t, str):  # server_tool_use, web_search_tool_result, mcp_tool_use, ... in their place
+            texts.append(_raw(b, bp, f"a {t!r} block", flags))
         else:
-            raise _err(bp + ".type", f"content blocks of type {t!r} cannot be translated by HelixAgent; "
-                                     f"supported in assistant turns: text, tool_use, thinking", "unsupported_feature")
+            raise _err(bp + ".type", "must be a string", "invalid_type")
     msg: dict[str, Any] = {"role": "assistant"}
     if not texts:
         msg["content"] = None if calls or thinking else ""
-    elif len(texts) == 1 and "cache_control" not in texts[0]:
+    elif len(texts) == 1 and texts[0]["type"] == "text" and len(texts[0]) == 2:
         msg["content"] = texts[0]["text"]
     else:
         msg["content"] = texts
@@ -244,21 +285,21 @@ def _assistant_message(content: list[Any], path: str, flags: _Flags) -> dict[str
     return msg
 
 
-def _system(system: Any, flags: _Flags) -> dict[str, Any] | None:
+def _system(system: Any, flags: _Flags, path: str = "system") -> dict[str, Any] | None:
     if system is None:
         return None
     if isinstance(system, str):
         return {"role": "system", "content": system} if system else None
     if not isinstance(system, list):
-        raise _err("system", "must be a string or an array of text blocks", "invalid_type")
+        raise _err(path, "must be a string or an array of text blocks", "invalid_type")
     parts = []
     for j, b in enumerate(system):
         if not isinstance(b, dict) or b.get("type") != "text":
-            raise _err(f"system.{j}", "system blocks must be text blocks", "invalid_type")
-        parts.append(_text_part(b, f"system.{j}", flags))
+            raise _err(f"{path}.{j}", "system blocks must be text blocks", "invalid_type")
+        parts.append(_text_part(b, f"{path}.{j}", flags))
     if not parts:
         return None
-    if len(parts) == 1 and "cache_control" not in parts[0]:
+    if len(parts) == 1 and len(parts[0]) == 2:
         return {"role": "system", "content": parts[0]["text"]}
     return {"role": "system", "content": parts}
 
@@ -273,11 +314,20 @@ def _tools(tools: Any, flags: _Flags) -> list[dict[str, Any]]:
         if not isinstance(t, dict):
             raise _err(p, "must be an object", "invalid_type")
         typ = t.get("type")
-        if typ not in (None, "custom"):
-            raise _err(p + ".type", f"the Anthropic server tool {typ!r} cannot be translated by HelixAgent; "
-                                    f"only custom tools (name, description, input_schema) are supported",
-                       "unsupported_feature")
         name = t.get("name")
+        if typ not in (None, "custom"):
+            # server tools (web_search_20250305, code_execution_...) and Anthropic-defined client tools
+            # (bash_..., text_editor_..., computer_..., memory_...), MCP toolsets: sent as they are to an
+            # Anthropic provider; another provider cannot run them (a 400 naming the tool)
+            if not isinstance(typ, str):
+                raise _err(p + ".type", "must be a string", "invalid_type")
+            if isinstance(name, str):
+                if name in seen:
+                    raise _err(p + ".name", f"tool names must be unique; {name!r} is repeated")
+                seen.add(name)
+            flags.native.append((f"the Anthropic tool type {typ!r}", p))
+            out.append(t)
+            continue
         if not isinstance(name, str) or not _TOOL_NAME.match(name):
             raise _err(p + ".name", "is required and must match ^[a-zA-Z0-9_-]{1,128}$")
         if name in seen:
@@ -295,10 +345,11 @@ def _tools(tools: Any, flags: _Flags) -> list[dict[str, Any]]:
                 raise _err(p + ".description", "must be a string", "invalid_type")
             fn["description"] = desc
         fn["parameters"] = schema
-        extra = set(t) - {"type", "name", "description", "input_schema", "cache_control"}
-        if extra:
-            raise _err(p, f"unsupported tool fields: {', '.join(sorted(extra))}", "unsupported_feature")
-        out.append(_cc(t, {"type": "function", "function": fn}, flags))
+        tool = _cc(t, {"type": "function", "function": fn}, flags)
+        if len(t) > 2 + ("description" in t) + ("cache_control" in t) + ("type" in t):
+            # strict, defer_loading, input_examples, eager_input_streaming, ...
+            _keep_extras(t, ("type", "name", "description", "input_schema", "cache_control"), tool, flags, "tools.")
+        out.append(tool)
     return out
 
 
@@ -349,12 +400,15 @@ def parse_messages(raw: bytes, known_providers: Any, count_only: bool = False) -
     needs to know: ``features`` (Anthropic-only features used) and ``lower`` (extensions to remove for a
     non-Anthropic provider)."""
     body = load_json_object(raw)
-    unknown = set(body) - _KNOWN_FIELDS - set(HELIX_FIELDS)
-    if unknown:
-        raise bad_request(f"{', '.join(sorted(unknown))}: unsupported field(s); HelixAgent translates "
-                          f"{', '.join(sorted(_KNOWN_FIELDS))}", param=sorted(unknown)[0], code="unsupported_feature")
+    unknown = sorted(set(body) - _KNOWN_FIELDS - set(HELIX_FIELDS))
+    for k in unknown:  # named in a response header when dropped: an API field name, nothing else
+        if not _FIELD_NAME.match(k):
+            raise bad_request(f"{k[:64]!r}: not a valid field name", param="body", code="invalid_value")
     body = check_messages(body)  # every type from here on is the schema's (schemas/anthropic.py)
     helix = {k: body.pop(k) for k in HELIX_FIELDS if k in body}
+    # fields with no canonical meaning (context_management, mcp_servers, container, service_tier, what the
+    # API adds next): sent untouched to an Anthropic provider, dropped and named (or refused) for others
+    extra: dict[str, Any] = {k: body[k] for k in unknown}
     if "model" not in body and "provider" not in helix:
         raise _err("model", "Field required", "missing_required_parameter")
     model, provider = split_model(body.get("model"), helix.get("provider"), known_providers)
@@ -382,11 +436,16 @@ def parse_messages(raw: bytes, known_providers: Any, count_only: bool = False) -
         if not isinstance(m, dict):
             raise _err(p, "must be an object", "invalid_type")
         role, c = m.get("role"), m.get("content")
-        if role not in ("user", "assistant"):
-            raise _err(p + ".role", f"must be 'user' or 'assistant'; got {role!r}")
-        extra = set(m) - {"role", "content"}
-        if extra:
-            raise _err(p, f"unsupported message fields: {', '.join(sorted(extra))}", "unsupported_feature")
+        if role not in ("user", "assistant", "system"):
+            raise _err(p + ".role", f"must be 'user', 'assistant' or 'system'; got {role!r}")
+        fields = set(m) - {"role", "content"}
+        if fields:
+            raise _err(p, f"unsupported message fields: {', '.join(sorted(fields))}", "unsupported_feature")
+        if role == "system":  # Claude Code sends its system prompt this way in some modes: kept in its place
+            sm = _system(c, flags, p + ".content")
+            if sm is not None:
+                messages.append(sm)
+            continue
         if isinstance(c, str):
             if role == "assistant":
                 messages.append({"role": "assistant", "content": c})
@@ -401,6 +460,8 @@ def parse_messages(raw: bytes, known_providers: Any, count_only: bool = False) -
             raise _err(p + ".content", "must be a string or an array of content blocks", "invalid_type")
     if messages_in[-1].get("role") == "assistant":
         flags.features.append("prefill")
+    if not any(m["role"] != "system" for m in messages):
+        raise _err("messages", "at least one user or assistant message is required")
     stop = body.get("stop_sequences")
     if stop is not None:
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
@@ -421,9 +482,9 @@ def parse_messages(raw: bytes, known_providers: Any, count_only: bool = False) -
     if md is not None:
         if not isinstance(md, dict):
             raise _err("metadata", "must be an object", "invalid_type")
-        extra = set(md) - {"user_id"}
-        if extra:
-            raise _err("metadata", f"unsupported fields: {', '.join(sorted(extra))}", "unsupported_feature")
+        md_more = set(md) - {"user_id"}
+        if md_more:
+            raise _err("metadata", f"unsupported fields: {', '.join(sorted(md_more))}", "unsupported_feature")
         uid = md.get("user_id")
         if uid is not None:
             if not isinstance(uid, str) or len(uid) > 256:
@@ -454,8 +515,11 @@ def parse_messages(raw: bytes, known_providers: Any, count_only: bool = False) -
         params["cache_control"] = _cc(body, {}, flags)["cache_control"]
     oc = body.get("output_config")
     if oc is not None:
-        if not isinstance(oc, dict) or set(oc) - {"effort", "format"}:
-            raise _err("output_config", "must be an object with 'effort' and/or 'format'", "invalid_type")
+        if not isinstance(oc, dict):
+            raise _err("output_config", "must be an object", "invalid_type")
+        more = {k: v for k, v in oc.items() if k not in ("effort", "format")}
+        if more:  # output_config fields HelixAgent does not translate: like unknown top-level fields
+            extra["output_config"] = more
         fmt = oc.get("format")
         if fmt is not None:
             if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
@@ -471,31 +535,108 @@ def parse_messages(raw: bytes, known_providers: Any, count_only: bool = False) -
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _err("stream", "must be a boolean", "invalid_type")
-    helix["anthropic"] = {"features": flags.features, "lower": flags.cache_control or flags.is_error}
-    return ChatRequest(model=model, messages=messages, params=params, stream=stream, include_usage=stream,
-                       provider=provider, endpoint="chat"), helix
+    helix["anthropic"] = {"features": flags.features,
+                          "lower": flags.cache_control or flags.is_error or flags.media or bool(flags.dropped),
+                          "native": flags.native, "dropped": sorted(flags.dropped)}
+    req = ChatRequest(model=model, messages=messages, params=params, stream=stream, include_usage=stream,
+                      provider=provider, endpoint="chat")
+    if extra:
+        req.extra = {"anthropic": extra}
+    return req, helix
 
 
-def feature_error(features: list[str], provider: Any) -> GatewayError | None:
-    """A clear 400 when ``provider`` (the router's first choice) lacks a feature the request uses."""
-    wire, typ = provider.cfg.wire, provider.cfg.type
-    for f in features:
-        ok = _FEATURE_WIRES.get(f, ("anthropic",))
-        if wire in ok or (f == "top_k" and typ == "openai_compatible"):
-            continue
-        return GatewayError(400, f"the request uses {_FEATURE_TEXT.get(f, f)}, which provider {provider.name!r} "
-                                 f"({typ}) does not support; route this model to an Anthropic provider or remove it",
-                            code="unsupported_feature", param=f, provider=provider.name)
-    return None
+# Top-level Anthropic fields refused for another provider: dropping them would change what the model can do.
+_REFUSED_ELSEWHERE = {"mcp_servers": "remote MCP servers ('mcp_servers')"}
+# Anthropic's efforts as OpenAI / Gemini reasoning efforts
+_EFFORT_ELSEWHERE = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+
+
+def _effort_of(thinking: dict[str, Any]) -> str:
+    """``thinking`` as a reasoning effort: adaptive is medium; a budget below 4k tokens low, below 16k medium."""
+    bt = thinking.get("budget_tokens")
+    if thinking.get("type") != "enabled" or not isinstance(bt, int):
+        return "medium"
+    return "low" if bt < 4096 else "medium" if bt < 16384 else "high"
+
+
+def adapt_for(req: ChatRequest, info: dict[str, Any], provider: Any, model: str) -> list[str]:
+    """Make a /v1/messages request fit ``provider`` -- the router's first choice, not an Anthropic one -- in
+    place.  Returns the names of the fields dropped (for ``x-helixagent-dropped-params``); raises a 400 for
+    what would change the answer's meaning there (see docs/anthropic-api.md)."""
+    wire, typ, name = provider.cfg.wire, provider.cfg.type, provider.name
+
+    def refuse(what: str, param: str) -> GatewayError:
+        return GatewayError(400, f"the request uses {what}, which provider {name!r} ({typ}) cannot serve; route "
+                                 f"this model to an Anthropic provider or remove it",
+                            code="unsupported_feature", param=param, provider=name)
+
+    if "prefill" in info["features"]:
+        raise refuse(_FEATURE_TEXT["prefill"], "messages")
+    if info["native"]:
+        what, path = info["native"][0]
+        raise refuse(what, path)
+    dropped: list[str] = list(info["dropped"])
+    extra = req.extra.get("anthropic")
+    if extra:
+        for k in extra:
+            if k in _REFUSED_ELSEWHERE:
+                raise refuse(_REFUSED_ELSEWHERE[k], k)
+        for k, v in extra.items():
+            if k == "output_config":
+                dropped.extend(f"output_config.{x}" for x in v)
+            else:
+                dropped.append(k)
+        req.extra = {w: v for w, v in req.extra.items() if w != "anthropic"}
+    p = req.params
+    mi = lookup(provider, model)
+    reasoning = mi.reasoning if mi is not None else None  # None: the catalogue does not know the model
+    can_reason = typ in ("openai", "gemini") and reasoning is True
+    th = p.pop("thinking", None)
+    if th is not None:
+        if can_reason:  # extended thinking -> the model's own reasoning, at the effort its budget implies
+            p.setdefault("reasoning_effort", _effort_of(th))
+        else:
+            dropped.append("thinking")
+    eff = p.get("reasoning_effort")  # output_config.effort, or the thinking mapped above
+    if eff is not None:
+        if can_reason or (wire == "openai" and reasoning is None):
+            p["reasoning_effort"] = _EFFORT_ELSEWHERE.get(eff, eff)
+        else:
+            del p["reasoning_effort"]
+            dropped.append("output_config.effort")
+    if "top_k" in p and not (wire == "gemini" or typ == "openai_compatible"):
+        del p["top_k"]
+        dropped.append("top_k")
+    if "thinking_blocks" in info["features"]:  # signed reasoning of earlier Claude turns: Claude-only
+        for m in req.messages:
+            if m.pop("thinking_blocks", None) is not None and m.get("content") is None and not m.get("tool_calls"):
+                m["content"] = ""
+        dropped.append("thinking_blocks")
+    if info["lower"]:
+        lower_for_openai(req)
+    return list(dict.fromkeys(dropped))
 
 
 def lower_for_openai(req: ChatRequest) -> None:
-    """Remove the Anthropic extensions a non-Anthropic provider would reject (in place)."""
+    """Remove the Anthropic extensions a non-Anthropic provider would reject (in place).  Images and
+    documents a tool returned move to a user message after the run of tool messages (OpenAI-format tool
+    messages hold text only)."""
+    out: list[dict[str, Any]] = []
+    media: list[dict[str, Any]] = []
     for m in req.messages:
+        if media and m.get("role") != "tool":
+            out.append({"role": "user", "content": media})
+            media = []
         c = m.get("content")
         if isinstance(c, list):
             for part in c:
                 part.pop("cache_control", None)
+                part.pop("anthropic", None)
+            if m.get("role") == "tool" and any(part.get("type") != "text" for part in c):
+                media.extend(part for part in c if part.get("type") != "text")
+                c = [part for part in c if part.get("type") == "text"] or \
+                    [{"type": "text", "text": "(the tool's images / documents follow in the next user message)"}]
+                m["content"] = c
         for tc in m.get("tool_calls") or ():
             tc.pop("cache_control", None)
         m.pop("cache_control", None)
@@ -504,8 +645,13 @@ def lower_for_openai(req: ChatRequest) -> None:
                 m["content"] = [{"type": "text", "text": "Error: "}] + c
             else:
                 m["content"] = "Error: " + (c or "")
+        out.append(m)
+    if media:
+        out.append({"role": "user", "content": media})
+    req.messages[:] = out
     for t in req.params.get("tools") or ():
         t.pop("cache_control", None)
+        t.pop("anthropic", None)
     req.params.pop("cache_control", None)
 
 

@@ -6,6 +6,7 @@ the parsing and the rendering differ.  Errors are answered in Anthropic's shape
 from __future__ import annotations
 
 from typing import Any, AsyncIterator
+from urllib.parse import urlencode
 
 from ..errors import GatewayError
 from ..gateway_types import GatewayLike
@@ -22,13 +23,21 @@ def _headers(ctx: RequestContext) -> dict[str, str]:
     return h
 
 
+DROPPED_HEADER = "x-helixagent-dropped-params"
+_MAX_NAMED = 32  # a header names at most this many dropped fields (then "+N more")
+
+
 async def messages(gw: GatewayLike, req: Request) -> None:
     beta = req.headers.get("anthropic-beta")
+    # ``?beta=true`` (the SDK's ``client.beta.messages``, Claude Code): re-encoded, sent on to Anthropic only
+    query = urlencode([(k, v) for k, vs in req.query.items() for v in vs]) if req.query else None
 
     def on_parsed(ctx: RequestContext) -> None:
         if beta:
             ctx.state["anthropic_beta"] = beta
             ctx.request.anthropic_beta = beta  # sent on by Anthropic providers only
+        if query:
+            ctx.request.anthropic_query = query
 
     await serve_chat(gw, req, new_context(gw, req, "chat", "anthropic"),
                      lambda raw: afmt.parse_messages(raw, gw.providers),
@@ -56,9 +65,10 @@ async def count_tokens(gw: GatewayLike, req: Request) -> None:
 
 
 class AnthropicFeatureStage(Stage):
-    """After auth: checks that the provider the router will try first has the Anthropic-only features the
-    request uses (clear 400 otherwise), and removes Anthropic extensions (cache_control, is_error) when
-    that provider is not an Anthropic one.  Costs one attribute compare for other requests."""
+    """After auth: makes a /v1/messages request fit the provider the router will try first when that is not
+    an Anthropic one (:func:`anthropic_format.adapt_for`: a clear 400 for what would change the answer's
+    meaning, the rest mapped or dropped and named in ``x-helixagent-dropped-params``).  An Anthropic
+    provider gets everything as sent.  Costs one attribute compare for other requests."""
 
     name = "anthropic_features"
 
@@ -69,9 +79,9 @@ class AnthropicFeatureStage(Stage):
         if ctx.client_format != "anthropic":
             return False
         info = (ctx.state.get("helix") or {}).get("anthropic")
-        if not info or not (info["features"] or info["lower"]):
-            return False
         req = ctx.request
+        if not info or not (info["features"] or info["lower"] or info["native"] or req.extra):
+            return False
         try:
             cands = self.gw.router.candidates(req.model, req.provider)
         except GatewayError:
@@ -79,12 +89,18 @@ class AnthropicFeatureStage(Stage):
         if not cands:
             return False
         first = cands[0].provider
-        if info["features"]:
-            err = afmt.feature_error(info["features"], first)
-            if err is not None:
-                raise err
-        if info["lower"] and first.cfg.wire != "anthropic":
-            afmt.lower_for_openai(req)
+        wire = first.cfg.wire
+        if wire == "anthropic":
+            return False
+        if wire == "mock":  # the mock accepts everything (and ignores it)
+            if info["lower"]:
+                afmt.lower_for_openai(req)
+            return False
+        dropped = afmt.adapt_for(req, info, first, cands[0].model)
+        if dropped:
+            more = len(dropped) - _MAX_NAMED
+            names = ",".join(dropped[:_MAX_NAMED]) + (f",+{more} more" if more > 0 else "")
+            ctx.response_headers[DROPPED_HEADER] = names
         return False
 
 

@@ -77,6 +77,10 @@ def canonical_form(req: ChatRequest, scope: str, provider: str, model: str) -> b
     form = [1, req.endpoint, scope, provider, model, req.messages, canonical_params(req.params)]
     if req.anthropic_beta:  # a beta can change the answer (an Anthropic upstream receives it)
         form.append(req.anthropic_beta)
+    if req.extra:  # vendor-only fields (context_management, ...) reach the upstream too
+        form.append(req.extra)
+    if req.anthropic_query:
+        form.append(req.anthropic_query)
     return orjson.dumps(form, option=_SORT)
 
 

@@ -3,7 +3,8 @@
 ``base_url`` is what the Anthropic SDK takes (``https://api.anthropic.com``); a base_url that already
 ends in ``/v1`` is accepted too.  Auth is ``x-api-key``; ``anthropic-version`` is ``api_version`` from
 the provider config or ``2023-06-01``.  A client's ``anthropic-beta`` header (``ChatRequest.anthropic_beta``,
-set by the ``/v1/messages`` ingress) is sent on, after any ``anthropic-beta`` configured in ``headers``.
+set by the ``/v1/messages`` ingress) is sent on, after any ``anthropic-beta`` configured in ``headers``, and
+so is the client's query string (``?beta=true``, ``ChatRequest.anthropic_query``, re-encoded).
 The request/response/stream mapping lives in
 :mod:`helixagent.providers.anthropic_mapping` (shared with the ``/v1/messages`` ingress); this module
 does the HTTP, the SSE decoding and the error mapping.
@@ -55,6 +56,11 @@ class AnthropicProvider(Provider):
         h["anthropic-beta"] = ",".join(have)
         return h
 
+    def url_for(self, req: ChatRequest) -> str:
+        """The Messages URL, with the client's query (``?beta=true``) when it came through /v1/messages."""
+        q = req.anthropic_query
+        return f"{self.url}?{q}" if q else self.url
+
     def body(self, req: ChatRequest, stream: bool) -> bytes:
         b = canonical_to_anthropic_request(req, self.cfg.default_max_tokens, self.unsupported, stream=stream)
         return orjson.dumps(b)
@@ -76,12 +82,12 @@ class AnthropicProvider(Provider):
         if op == "embed":
             return await self.embed(req)
         if op == "stream":
-            resp = await self.open_sse(self.url, wire, self.headers_for(req, True))
+            resp = await self.open_sse(self.url_for(req), wire, self.headers_for(req, True))
             if self.is_json_answer(resp):  # a whole Message answered to a streamed request
                 msg = await self.json_answer(resp)
                 return iter_chunks(self.read_answer(self._message_chunks, msg, resp.headers))
             return self._chunks(resp, req.model)
-        msg, headers, data = await self.post_json(self.url, wire, self.headers_for(req, False))
+        msg, headers, data = await self.post_json(self.url_for(req), wire, self.headers_for(req, False))
         body, usage = self.read_answer(self._message, msg, headers, data)
         return ChatResponse(body, usage, self.name, body["model"] or req.model)
 

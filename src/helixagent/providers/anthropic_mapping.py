@@ -25,7 +25,10 @@ Decisions (documented in docs/providers.md):
   promises best-effort determinism for it, so ignoring it changes no contract.  OpenAI bookkeeping fields
   (``store``, ``metadata`` other than ``user_id``, ``service_tier``, ``stream_options``) are dropped.
 * fields the mapping does not know (e.g. Anthropic's own ``top_k``, ``thinking``) pass through
-  unchanged in both directions, so an Anthropic client reaches a Claude upstream without loss.
+  unchanged in both directions, so an Anthropic client reaches a Claude upstream without loss; so do the
+  ingress's ``ChatRequest.extra["anthropic"]`` (top-level fields it does not translate, merged into the
+  body), ``anthropic_block`` parts (blocks kept whole) and ``part["anthropic"]`` / ``tool["anthropic"]``
+  (untranslated fields of a block or tool, merged back into it).
 * usage: OpenAI's ``prompt_tokens`` counts cached tokens, Anthropic's ``input_tokens`` does not, so
   ``prompt_tokens = input_tokens + cache_read_input_tokens + cache_creation_input_tokens`` and the reverse
   subtracts them again.  The canonical usage dict also carries ``cache_creation_input_tokens``.
@@ -178,6 +181,9 @@ def _parts_to_blocks(content: Any, where: str, unsupported: Unsupported) -> list
                 b: dict[str, Any] = {"type": "text", "text": text}
                 if "cache_control" in part:
                     b["cache_control"] = part["cache_control"]
+                ext = part.get("anthropic")
+                if isinstance(ext, dict):  # Anthropic fields the ingress did not translate (citations, ...)
+                    b.update(ext)
                 out.append(b)
         elif t == "refusal":
             if part.get("refusal"):
@@ -188,6 +194,11 @@ def _parts_to_blocks(content: Any, where: str, unsupported: Unsupported) -> list
             out.append(_file_to_anthropic(part, w, unsupported))
         elif t == "input_audio":
             raise unsupported("audio input", w)
+        elif t == "anthropic_block":  # a block the ingress kept whole (server tool results, search results...)
+            blk = part.get("block")
+            if not isinstance(blk, dict) or not isinstance(blk.get("type"), str):
+                raise bad_request(f"'{w}.block' must be an Anthropic content block", param=w, code="invalid_type")
+            out.append(blk)
         else:
             raise bad_request(f"'{w}.type' {t!r} is not a known content part type", param=w, code="invalid_value")
     return out
@@ -352,6 +363,9 @@ def _tools_to_anthropic(tools: Any, unsupported: Unsupported) -> list[dict[str, 
             d["input_schema"] = fn.get("parameters") or {"type": "object", "properties": {}}
             if "cache_control" in t:
                 d["cache_control"] = t["cache_control"]
+            ext = t.get("anthropic")
+            if isinstance(ext, dict):  # Anthropic tool fields the ingress did not translate (strict, ...)
+                d.update(ext)
             out.append(d)
         elif typ == "custom" or typ is None and "function" in t:
             raise unsupported(f"{typ or 'untyped'} tools", f"tools[{i}]")
@@ -465,6 +479,13 @@ def canonical_to_anthropic_request(req: ChatRequest, default_max_tokens: int = 4
                 pass  # tool_choice none without tools: nothing to say
             else:
                 body["tool_choice"] = tc
+    for k, v in (req.extra.get("anthropic") or {}).items():
+        # top-level fields the /v1/messages ingress did not translate (context_management, mcp_servers, ...)
+        cur = body.get(k)
+        if cur is None:
+            body[k] = v
+        elif isinstance(cur, dict) and isinstance(v, dict):
+            body[k] = {**v, **cur}
     if stream if stream is not None else req.stream:
         body["stream"] = True
     return body

@@ -17,7 +17,11 @@ provider config and model, so they are safe to call on the hot path):
   cached and cache-write tokens); those are charged at the cache prices when the catalogue has them.
 * ``lookup(provider_cfg, model) -> ModelInfo | None`` -- everything known about the model.
 * ``models_for(provider_type) -> list[str]`` and ``known(provider_type, model) -> bool`` -- what a
-  provider with no ``models:`` list serves.
+  provider with no ``models:`` list serves (the catalogue's models and every model of the type's family).
+
+A model of a provider type's family that the catalogue does not know yet (``claude-sonnet-9-9``,
+``gpt-5.5-mini``) resolves to the newest known model of its tier (``families`` in models.yaml), with a
+warning logged once per model: served, priced (so dollar budgets hold) and never a 404.
 
 ``provider_cfg`` is a :class:`~helixagent.config.ProviderConfig` or anything with a ``.cfg`` attribute
 holding one (a Provider).  Model names resolve exactly, then without a ``models/`` prefix, then
@@ -28,6 +32,7 @@ like OpenAI).
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -35,6 +40,7 @@ from typing import Any
 
 import yaml
 
+log = logging.getLogger("helixagent.catalogue")
 _MTOK = 1_000_000.0
 _SUFFIX = re.compile(r"(-\d{4}-\d{2}-\d{2}|-\d{8}|-\d{3}|-latest|-preview(-\d{2}-\d{2,4})?|-exp(-\d{4})?)$")
 
@@ -50,6 +56,7 @@ class ModelInfo:
     cache_read_per_mtok: float | None = None
     cache_write_per_mtok: float | None = None
     embedding: bool = False
+    reasoning: bool = False   # the model takes ``reasoning_effort`` (OpenAI o-series / GPT-5, Gemini 2.5)
 
     @property
     def price_per_token(self) -> tuple[float, float] | None:
@@ -59,14 +66,18 @@ class ModelInfo:
 
 
 _FIELDS = ("context_window", "max_output_tokens", "input_per_mtok", "output_per_mtok", "cache_read_per_mtok",
-           "cache_write_per_mtok", "embedding")
+           "cache_write_per_mtok", "embedding", "reasoning")
 
 
 class Catalogue:
     def __init__(self, data: dict[str, Any]):
         self.by_type: dict[str, dict[str, ModelInfo]] = {}
         self.names: dict[str, list[str]] = {}
-        for ptype, models in (data or {}).items():
+        # provider type -> (family pattern, [(tier pattern, known model)]): see ``families`` in models.yaml
+        self.families: dict[str, tuple[re.Pattern[str], list[tuple[re.Pattern[str], str]]]] = {}
+        data = dict(data or {})
+        families = data.pop("families", None) or {}
+        for ptype, models in data.items():
             table: dict[str, ModelInfo] = {}
             names: list[str] = []
             for name, spec in (models or {}).items():
@@ -82,6 +93,14 @@ class Catalogue:
                     table[a] = info
             self.by_type[ptype] = table
             self.names[ptype] = names
+        for ptype, fam in families.items():
+            table = self.by_type.get(ptype) or {}
+            tiers = []
+            for pat, model in fam["tiers"]:
+                if model not in table:
+                    raise ValueError(f"models.yaml: families.{ptype}: {model!r} is not a known {ptype} model")
+                tiers.append((re.compile(pat), model))
+            self.families[ptype] = (re.compile(fam["match"]), tiers)
 
     def find(self, ptype: str, model: str) -> ModelInfo | None:
         tables = [self.by_type.get(ptype) or {}]
@@ -92,6 +111,21 @@ class Catalogue:
                 info = t.get(name)
                 if info is not None:
                     return info
+        return None
+
+
+    def family(self, ptype: str, model: str) -> ModelInfo | None:
+        """A model of ``ptype``'s family (``claude-*`` for anthropic, ...) newer than the catalogue: the
+        newest known model of its tier (opus / sonnet / haiku, gpt-5-mini, ...); None outside the family."""
+        fam = self.families.get(ptype)
+        if fam is None:
+            return None
+        m = model[7:] if model.startswith("models/") else model
+        if not fam[0].match(m):
+            return None
+        for pat, known_model in fam[1]:
+            if pat.search(m):
+                return self.by_type[ptype][known_model]
         return None
 
 
@@ -126,6 +160,22 @@ def _cfg(provider_cfg: Any) -> Any:
 
 
 _memo: dict[tuple[str, str, str], tuple[Any, ModelInfo | None]] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+def _find(ptype: str, model: str) -> ModelInfo | None:
+    """The catalogue entry, else (for a model newer than the catalogue) its family's, with a warning logged
+    once per model: such a model is served and priced, never refused."""
+    cat = catalogue()
+    info = cat.find(ptype, model)
+    if info is None:
+        info = cat.family(ptype, model)
+        if info is not None and (ptype, model) not in _warned:
+            if len(_warned) < 4096:
+                _warned.add((ptype, model))
+            log.warning("model %r is not in the catalogue; served as a %s model and priced like %s (set "
+                        "model_prices in the provider config for its own price)", model, ptype, info.name)
+    return info
 
 
 def lookup(provider_cfg: Any, model: str) -> ModelInfo | None:
@@ -137,7 +187,7 @@ def lookup(provider_cfg: Any, model: str) -> ModelInfo | None:
     hit = _memo.get(key)
     if hit is not None and hit[0] is overrides:
         return hit[1]
-    info = catalogue().find(ptype, model)
+    info = _find(ptype, model)
     ov = overrides.get(model) if overrides else None
     if ov is None and overrides and info is not None:
         ov = overrides.get(info.name)
@@ -192,6 +242,10 @@ def models_for(provider_type: str | None) -> list[str]:
 
 
 def known(provider_type: str | None, model: str) -> bool:
+    """Whether a provider of this type with no ``models:`` list serves ``model``: a catalogue model, or any
+    model of the type's family (``claude-*``, ``gpt-*`` / ``o1*`` / ``o3*`` / ``o4*`` / ``chatgpt-*``,
+    ``gemini-*``, ``deepseek-*``), so that a model newer than the catalogue is served, not a 404."""
     if provider_type == "openai_compatible":
         return False
-    return catalogue().find(provider_type or "", model) is not None
+    cat = catalogue()
+    return cat.find(provider_type or "", model) is not None or cat.family(provider_type or "", model) is not None

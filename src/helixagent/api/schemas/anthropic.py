@@ -123,14 +123,61 @@ class RedactedThinkingBlock(TypedDict):
     data: str
 
 
+@with_config(OPEN)
+class ServerToolUseBlock(TypedDict):
+    """``server_tool_use`` (and ``mcp_tool_use``): a call of a tool the API runs itself."""
+    type: Literal["server_tool_use", "mcp_tool_use"]
+    id: str
+    name: str
+    input: Obj
+    cache_control: NotRequired[Union[CacheControl, None]]
+
+
+@with_config(OPEN)
+class ServerToolResultBlock(TypedDict):
+    """The result blocks of server tools (``web_search_tool_result``, ``web_fetch_tool_result``,
+    ``code_execution_tool_result``, ``bash_code_execution_tool_result``, ``mcp_tool_result``, ...)."""
+    type: str
+    tool_use_id: str
+    content: Any
+    cache_control: NotRequired[Union[CacheControl, None]]
+
+
+@with_config(OPEN)
+class SearchResultBlock(TypedDict):
+    type: Literal["search_result"]
+    source: str
+    title: str
+    content: list[TextBlock]
+    cache_control: NotRequired[Union[CacheControl, None]]
+    citations: NotRequired[Union[Obj, None]]
+
+
+@with_config(OPEN)
+class ContainerUploadBlock(TypedDict):
+    type: Literal["container_upload"]
+    file_id: str
+    cache_control: NotRequired[Union[CacheControl, None]]
+
+
+_SERVER_RESULTS = ("web_search_tool_result", "web_fetch_tool_result", "code_execution_tool_result",
+                   "bash_code_execution_tool_result", "text_editor_code_execution_tool_result", "mcp_tool_result",
+                   "tool_search_tool_result")
+
+# Every documented block type; any other ``type`` is admitted as ``{"type": str}`` (a block the API added
+# after this schema: sent as it is to an Anthropic provider, refused by name for another one).
 Block = _tagged({"text": TextBlock, "image": ImageBlock, "document": DocumentBlock,
                  "tool_result": ToolResultBlock, "tool_use": ToolUseBlock, "thinking": ThinkingBlock,
-                 "redacted_thinking": RedactedThinkingBlock}, Typed)
+                 "redacted_thinking": RedactedThinkingBlock, "server_tool_use": ServerToolUseBlock,
+                 "mcp_tool_use": ServerToolUseBlock, "search_result": SearchResultBlock,
+                 "container_upload": ContainerUploadBlock,
+                 **{t: ServerToolResultBlock for t in _SERVER_RESULTS}}, Typed)
 
 
 @with_config(OPEN)
 class Message(TypedDict):
-    role: Literal["user", "assistant"]
+    # "system": a system prompt in the conversation (Claude Code sends it so in some modes); text only
+    role: Literal["user", "assistant", "system"]
     content: Union[str, list[Block]]
 
 
@@ -143,7 +190,16 @@ class CustomTool(TypedDict):
     cache_control: NotRequired[Union[CacheControl, None]]
 
 
-Tool = _tagged({"custom": CustomTool}, Typed, default="custom")
+@with_config(OPEN)
+class TypedTool(TypedDict):
+    """Server tools (``web_search_20250305``, ``code_execution_...``, ``web_fetch_...``), Anthropic-defined
+    client tools (``bash_...``, ``text_editor_...``, ``computer_...``, ``memory_...``), ``mcp_toolset``."""
+    type: str
+    name: NotRequired[str]
+    cache_control: NotRequired[Union[CacheControl, None]]
+
+
+Tool = _tagged({"custom": CustomTool}, TypedTool, default="custom")
 
 
 @with_config(OPEN)
@@ -224,6 +280,12 @@ class MessagesBody(TypedDict, total=False):
     thinking: Thinking
     cache_control: Union[CacheControl, None]
     output_config: OutputConfig
+    # Anthropic fields with no canonical meaning: sent untouched to an Anthropic provider (any other
+    # unknown top-level field too), dropped and named -- or refused, mcp_servers -- for another one
+    context_management: Union[Obj, None]
+    mcp_servers: list[Obj]
+    container: Union[str, Obj, None]
+    service_tier: str
 
 
 check_messages: Callable[[Any], Any] = validator(MessagesBody, style="dots")
