@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 from ..errors import GatewayError
 from ..gateway_types import GatewayLike
 from ..pipeline import RequestContext, Stage
+from ..routing.adapt import add_dropped
 from ..tokens import estimate_messages
 from . import anthropic_format as afmt
 from .http import Request, send_json
@@ -23,7 +24,6 @@ def _headers(ctx: RequestContext) -> dict[str, str]:
     return h
 
 
-DROPPED_HEADER = "x-helixagent-dropped-params"
 _MAX_NAMED = 32  # a header names at most this many dropped fields (then "+N more")
 
 
@@ -100,7 +100,7 @@ class AnthropicFeatureStage(Stage):
         if dropped:
             more = len(dropped) - _MAX_NAMED
             names = ",".join(dropped[:_MAX_NAMED]) + (f",+{more} more" if more > 0 else "")
-            ctx.response_headers[DROPPED_HEADER] = names
+            add_dropped(ctx.response_headers, names.split(","))  # merged with what routing adapts later
         return False
 
 

@@ -31,7 +31,8 @@ UNSUPPORTED = "unsupported_feature"
 
 # A header item: a field name, optionally "=<from>-><to>".  Anything else (a client-chosen field name
 # with other characters) is left out of the header: no client value reaches a header unvalidated.
-_ITEM = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,64}(=[A-Za-z0-9_.+\-]{1,40}->[A-Za-z0-9_.+\-]{1,40})?")
+# a name, name=from->to, or the "+N more" an ingress writes after its own cap
+_ITEM = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,64}(=[A-Za-z0-9_.+\-]{1,40}->[A-Za-z0-9_.+\-]{1,40})?|\+\d{1,6} more")
 _MAX_HEADER = 1024
 
 # The largest temperature a provider type accepts (only those below OpenAI's 2).
