@@ -339,3 +339,20 @@ def test_input_tokens_and_cancel(make_gateway: Any) -> None:
         c.responses.cancel(done.id)
     with pytest.raises(openai.NotFoundError):
         c.responses.cancel("resp_nope")
+
+
+def test_conversation_moves_from_claude_to_native_openai(make_gateway: Any, fake_openai: Any,
+                                                         claude: FakeAnthropic) -> None:
+    """A response Claude served, continued on OpenAI by previous_response_id: OpenAI does not know the id, so
+    the stored items go as input -- without HelixAgent's item ids and its own reasoning items."""
+    gw = make_gateway({"providers": [claude.provider(max_retries=0), fake_openai.provider(priority=2)]})
+    c = client(gw)
+    r1 = c.responses.create(model="claude-sonnet-4-5", input="ponder first", reasoning={"effort": "high"},
+                            include=["reasoning.encrypted_content"], max_output_tokens=4096)
+    assert any(o.type == "reasoning" for o in r1.output)
+    r2 = c.responses.create(model="gpt-4o-mini", input="then this", previous_response_id=r1.id)
+    assert r2.status == "completed"
+    body = fake_openai.calls[-1]["body"]
+    assert "previous_response_id" not in body
+    assert [i.get("type", "message") for i in body["input"]] == ["message", "message", "message"]
+    assert not any("id" in i for i in body["input"][:2]) and body["input"][0]["content"][0]["text"] == "ponder first"

@@ -201,9 +201,8 @@ def items_to_messages(items: list[dict[str, Any]], native_only: list[str], base:
             block = decode_reasoning(it)
             if block is not None:
                 pending_thinking.append(block)
-            elif isinstance(it.get("encrypted_content"), str) and it["encrypted_content"]:
-                native_only.append(f"{path}.encrypted_content")  # OpenAI's own: only OpenAI reads it
-            # a summary alone is not sent back (chat upstreams take no earlier reasoning)
+            # OpenAI's own encrypted reasoning, or a summary alone: dropped (chat upstreams take no earlier
+            # reasoning; a conversation may move between providers)
         elif t == "item_reference":
             raise _err(path, "item_reference items are resolved from stored responses; this one was not found",
                        "invalid_value")
@@ -346,6 +345,19 @@ def translation_error(req: ResponsesRequest, provider: Any) -> GatewayError | No
                                  f"({provider.cfg.type}) gets a translated request", code="unsupported_feature",
                             param=w, provider=provider.name)
     return None
+
+
+def items_for_openai(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored items of a response another provider served, as input for OpenAI: without HelixAgent's item ids
+    (OpenAI would look them up) and without the reasoning items HelixAgent minted."""
+    out = []
+    for it in items:
+        if it.get("type") == "reasoning" and decode_reasoning(it) is not None or (
+                it.get("type") == "reasoning" and not it.get("encrypted_content")):
+            continue
+        it = {k: v for k, v in it.items() if k != "id" and not (k == "status" and it.get("type") == "message")}
+        out.append(it)
+    return out
 
 
 def is_native(provider: Any) -> bool:

@@ -109,7 +109,7 @@ class ResponsesStage(Stage):
                 if native and not prev.native:  # OpenAI does not know it: send the conversation itself
                     body = dict(req.native)
                     body.pop("previous_response_id", None)
-                    body["input"] = history + req.input_items
+                    body["input"] = rfmt.items_for_openai(history) + req.input_items
                     req.native = body
         ctx.state["responses_history"] = history
         if first is not None and not native:
