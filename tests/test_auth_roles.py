@@ -17,6 +17,8 @@ ACTIONS = {
     ("POST", "/v1/chat/completions"): "completions", ("POST", "/chat/completions"): "completions",
     ("POST", "/v1/completions"): "completions", ("POST", "/completions"): "completions",
     ("POST", "/v1/messages"): "completions",
+    ("POST", "/v1/responses"): "completions", ("POST", "/responses"): "completions",
+    ("POST", "/v1/responses/input_tokens"): "completions",
     ("POST", "/v1/embeddings"): "embeddings", ("POST", "/embeddings"): "embeddings",
     ("GET", "/v1/models"): "models", ("GET", "/models"): "models", ("GET", "/v1/models/"): "models",
     ("GET", "/health"): "health",
@@ -34,6 +36,8 @@ def _request(gw, method: str, path: str, key: str | None) -> httpx.Response:
         body = {"model": MODEL, "prompt": "hi"}
     elif path.endswith("embeddings"):
         body = {"model": MODEL, "input": "hi"}
+    elif path.endswith(("/responses", "/input_tokens")):
+        body = {"model": MODEL, "input": "hi"}
     elif path == "/v1/messages":
         body = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
         h["anthropic-version"] = "2023-06-01"
@@ -41,6 +45,8 @@ def _request(gw, method: str, path: str, key: str | None) -> httpx.Response:
         body = {"role": "readonly", "user_id": "matrix"}
     if path == "/v1/models/":
         path = "/v1/models/" + MODEL
+    elif path == "/v1/responses/":
+        path = "/v1/responses/resp_matrix"
     elif path == "/admin/keys/":
         victim = admin_create(gw, role="readonly", user_id="victim")  # a fresh key to revoke each time
         path = f"/admin/keys/{victim['id']}/revoke"

@@ -2,7 +2,11 @@
 
 It answers ``POST /v1/chat/completions`` (JSON and SSE with ``data: [DONE]``, ``stream_options.include_usage``,
 tool calls streamed as argument deltas), ``POST /v1/completions`` (legacy), ``POST /v1/embeddings`` and
-``GET /v1/models``, checks the bearer key, reasons like DeepSeek for a model whose name contains
+``GET /v1/models``, ``POST /v1/responses`` (the Responses API: a ``response`` object, or with ``stream``
+the documented event sequence -- created, in_progress, output_item.added, content_part.added,
+output_text.delta..., the .done events, completed -- with sequence numbers; function tools answered with a
+``function_call`` item streamed as argument deltas; a ``reasoning`` item with encrypted_content when
+``include`` asks for it; built-in tools accepted and named in ``call["body"]``), checks the bearer key, reasons like DeepSeek for a model whose name contains
 "reasoner" (``reasoning_content`` on the message, streamed as ``reasoning_content`` deltas before the
 content), and returns OpenAI's error bodies.  Tests queue faults with
 :meth:`FakeOpenAI.push`:
@@ -90,6 +94,7 @@ class FakeOpenAI:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/v1/responses", self.responses)
         app.router.add_get("/v1/models", self.models)
         self.server = AiohttpServer(app)
 
@@ -332,3 +337,140 @@ class FakeOpenAI:
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
             {"id": "gpt-4o-mini", "object": "model", "created": 1721172741, "owned_by": "system"}]})
+
+    # -- the Responses API ---------------------------------------------------------------------------
+    @staticmethod
+    def _responses_last_user(body: dict[str, Any]) -> str:
+        inp = body.get("input")
+        if isinstance(inp, str):
+            return inp
+        for it in reversed(inp or []):
+            if it.get("type", "message") == "message" and it.get("role") == "user":
+                c = it.get("content")
+                if isinstance(c, list):
+                    return " ".join(p.get("text", "") for p in c if p.get("type") == "input_text")
+                return str(c or "")
+            if it.get("type") == "function_call_output":
+                return "tool said " + str(it.get("output"))
+        return ""
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body, fault, early = await self._intake(request)
+        if early is not None:
+            return early
+        assert body is not None
+        if "input" not in body and not body.get("previous_response_id"):
+            return self._error(400, "Missing required parameter: 'input'.")
+        model = body.get("model")
+        if model == "missing-model":
+            return self._error(404, f"The model `{model}` does not exist or you do not have access to it.")
+        n = len(self.calls)
+        rid = f"resp_fake{n:04d}"
+        created = int(time.time())
+        text = self._responses_last_user(body)
+        words = [f"echo:{w}" for w in text.split()][: self.words] or ["ok"]
+        mt = body.get("max_output_tokens")
+        incomplete = bool(mt and len(words) > mt)
+        if mt:
+            words = words[:mt]
+        fn_tools = [t for t in body.get("tools") or [] if t.get("type") == "function"]
+        last = (body.get("input") or [{}])[-1] if isinstance(body.get("input"), list) else {}
+        call = None
+        if fn_tools and body.get("tool_choice") != "none" and last.get("type") != "function_call_output":
+            call = {"id": f"fc_fake{n}", "type": "function_call", "status": "completed", "call_id": f"call_fake{n}",
+                    "name": fn_tools[0]["name"], "arguments": orjson.dumps({"q": text}).decode()}
+        out: list[dict[str, Any]] = []
+        reasoning = None
+        if (body.get("reasoning") or {}).get("effort") not in (None, "none"):
+            reasoning = {"id": f"rs_fake{n}", "type": "reasoning",
+                         "summary": [{"type": "summary_text", "text": f"Thinking about {text!r}."}]}
+            if "reasoning.encrypted_content" in (body.get("include") or []):
+                reasoning["encrypted_content"] = "gAAAAfake-openai-encrypted-" + str(n)
+            out.append(reasoning)
+        message = None
+        if call is None:
+            message = {"id": f"msg_fake{n}", "type": "message", "status": "incomplete" if incomplete else "completed",
+                       "role": "assistant",
+                       "content": [{"type": "output_text", "text": " ".join(words), "annotations": [], "logprobs": []}]}
+            out.append(message)
+        else:
+            out.append(call)
+        in_tok = len(orjson.dumps(body.get("input"))) // 4 + len(str(body.get("instructions") or "")) // 4
+        out_tok = len(words) if call is None else 12
+        usage = {"input_tokens": in_tok, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                 "output_tokens": out_tok, "output_tokens_details": {"reasoning_tokens": 3 if reasoning else 0},
+                 "total_tokens": in_tok + out_tok}
+        resp_obj: dict[str, Any] = {
+            "id": rid, "object": "response", "created_at": created, "status": "completed", "background": False,
+            "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
+            "max_output_tokens": mt, "metadata": body.get("metadata") or {}, "model": model, "output": [],
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": body.get("previous_response_id"),
+            "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
+            "service_tier": "default", "store": body.get("store", True),
+            "temperature": body.get("temperature", 1.0),
+            "text": body.get("text") or {"format": {"type": "text"}, "verbosity": "medium"},
+            "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
+            "top_p": body.get("top_p", 1.0), "truncation": body.get("truncation", "disabled"), "usage": None,
+            "user": body.get("user")}
+        final = dict(resp_obj, output=out, usage=usage, status="incomplete" if incomplete else "completed",
+                     incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
+                     completed_at=None if incomplete else int(time.time()))
+        if not body.get("stream") or (fault is not None and fault.json_answer):
+            return web.json_response(final, dumps=lambda o: orjson.dumps(o).decode())
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        events: list[dict[str, Any]] = [{"type": "response.created", "response": dict(resp_obj, status="in_progress")},
+                                        {"type": "response.in_progress", "response": dict(resp_obj, status="in_progress")}]
+        for oi, item in enumerate(out):
+            if item["type"] == "reasoning":
+                events.append({"type": "response.output_item.added", "output_index": oi,
+                               "item": {"id": item["id"], "type": "reasoning", "summary": []}})
+                s = item["summary"][0]
+                events += [
+                    {"type": "response.reasoning_summary_part.added", "item_id": item["id"], "output_index": oi,
+                     "summary_index": 0, "part": {"type": "summary_text", "text": ""}},
+                    {"type": "response.reasoning_summary_text.delta", "item_id": item["id"], "output_index": oi,
+                     "summary_index": 0, "delta": s["text"]},
+                    {"type": "response.reasoning_summary_text.done", "item_id": item["id"], "output_index": oi,
+                     "summary_index": 0, "text": s["text"]},
+                    {"type": "response.reasoning_summary_part.done", "item_id": item["id"], "output_index": oi,
+                     "summary_index": 0, "part": s}]
+            elif item["type"] == "message":
+                events.append({"type": "response.output_item.added", "output_index": oi,
+                               "item": dict(item, status="in_progress", content=[])})
+                events.append({"type": "response.content_part.added", "item_id": item["id"], "output_index": oi,
+                               "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": [],
+                                                            "logprobs": []}})
+                for i, w in enumerate(words):
+                    events.append({"type": "response.output_text.delta", "item_id": item["id"], "output_index": oi,
+                                   "content_index": 0, "delta": w if i == 0 else " " + w, "logprobs": []})
+                events.append({"type": "response.output_text.done", "item_id": item["id"], "output_index": oi,
+                               "content_index": 0, "text": " ".join(words), "logprobs": []})
+                events.append({"type": "response.content_part.done", "item_id": item["id"], "output_index": oi,
+                               "content_index": 0, "part": item["content"][0]})
+            else:
+                events.append({"type": "response.output_item.added", "output_index": oi,
+                               "item": dict(item, status="in_progress", arguments="")})
+                args = item["arguments"]
+                for i in range(0, len(args), 7):
+                    events.append({"type": "response.function_call_arguments.delta", "item_id": item["id"],
+                                   "output_index": oi, "delta": args[i:i + 7]})
+                events.append({"type": "response.function_call_arguments.done", "item_id": item["id"],
+                               "output_index": oi, "arguments": args, "name": item["name"]})
+            events.append({"type": "response.output_item.done", "output_index": oi, "item": item})
+        events.append({"type": "response.incomplete" if incomplete else "response.completed", "response": final})
+        for i, ev in enumerate(events):
+            ev["sequence_number"] = i
+            if fault is not None and fault.cut_after is not None and i >= fault.cut_after:
+                assert request.transport is not None
+                if i:
+                    await asyncio.sleep(0.05)
+                request.transport.abort()
+                return resp
+            if fault is not None and fault.chunk_delay:
+                if not await _wait(request, request[CALL], fault.chunk_delay):
+                    return resp
+            await resp.write(b"event: " + ev["type"].encode() + b"\ndata: " + orjson.dumps(ev) + b"\n\n")
+        await resp.write_eof()
+        return resp

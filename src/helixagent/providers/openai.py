@@ -29,6 +29,7 @@ class OpenAIProvider(Provider):
         self.url_chat = f"{cfg.base_url}/chat/completions"
         self.url_completions = f"{cfg.base_url}/completions"
         self.url_embeddings = f"{cfg.base_url}/embeddings"
+        self.url_responses = f"{cfg.base_url}/responses"
 
     def serves(self, model: str) -> bool:
         if self.cfg.models:
@@ -59,6 +60,8 @@ class OpenAIProvider(Provider):
         return orjson.dumps(b)
 
     def prepare(self, req: Any, op: str) -> Any:
+        if op != "embed" and self.native_responses(req):
+            return NativeResponses(self.responses_body(req, op == "stream"))
         if op == "embed":
             check_embedding(req)
             b = dict(req.params)
@@ -81,6 +84,8 @@ class OpenAIProvider(Provider):
         return res
 
     async def send(self, req: Any, op: str, wire: Any) -> Any:
+        if isinstance(wire, NativeResponses):
+            return await self.responses(req, op == "stream", wire.body)
         if op == "embed":
             return await self._embed(req, wire)
         url = self.url_completions if req.endpoint == "completion" else self.url_chat
@@ -151,6 +156,94 @@ class OpenAIProvider(Provider):
             raise self.bad_body("an unexpected embeddings body")
         return EmbeddingResponse(body, Usage.from_openai(body.get("usage")), self.name)
 
+    # -- the Responses API, natively (see NATIVE below) --------------------------------------------------
+    def native_responses(self, req: Any) -> bool:
+        return self.cfg.type == "openai" and getattr(req, "endpoint", "") == "responses" and isinstance(
+            getattr(req, "native", None), dict)
+
+    def responses_body(self, req: Any, stream: bool) -> bytes:
+        b = dict(req.native)
+        b["model"] = req.model
+        if stream:
+            b["stream"] = True
+        else:
+            b.pop("stream", None)
+            b.pop("stream_options", None)
+        return orjson.dumps(b)
+
+    async def responses(self, req: Any, stream: bool, wire: bytes) -> Any:
+        if not stream:
+            body, _, _ = await self.post_json(self.url_responses, wire, self.headers)
+            if not isinstance(body.get("output"), list):
+                raise self.bad_body("a responses body without output")
+            return self.read_answer(native_to_canonical, body, self.name, req.model)
+        resp = await self.open_sse(self.url_responses, wire, self.headers)
+        if self.is_json_answer(resp):
+            body = await self.json_answer(resp)
+            if not isinstance(body, dict) or not isinstance(body.get("output"), list):
+                raise self.bad_body("a responses body without output")
+            res = self.read_answer(native_to_canonical, body, self.name, req.model)
+            chunks = replay_chunks(res)
+            chunks.append({"id": body.get("id", ""), "object": "chat.completion.chunk", "created": 0,
+                           "model": res.model, "choices": [], "usage": res.usage.to_openai()})
+            return iter_chunks(chunks)
+        return self._native_events(resp, req.model)
+
+    async def _native_events(self, resp: Any, model: str) -> AsyncIterator[dict[str, Any]]:
+        """Upstream Responses events -> canonical chunks, each carrying its event under NATIVE."""
+        done = False
+        calls: dict[int, int] = {}   # output_index -> canonical tool call index
+        rid = ""
+        try:
+            async for _event, data in sse_from_chunks(resp.chunks()):
+                if data == b"[DONE]":
+                    break
+                ev = self.stream_event(data)
+                if not isinstance(ev, dict) or not isinstance(ev.get("type"), str):
+                    raise self.stream_error("sent a stream event that is not a Responses event")
+                t = ev["type"]
+                if t == "error" or t == "response.failed":
+                    err = ev.get("error") if t == "error" else (ev.get("response") or {}).get("error")
+                    msg = ev.get("message") if t == "error" else (err or {}).get("message")
+                    raise self.stream_error(str(msg or "the response failed"), sep=": ")
+                delta: dict[str, Any] = {}
+                finish = None
+                usage = None
+                if t == "response.created":
+                    rid = (ev.get("response") or {}).get("id") or ""
+                    delta = {"role": "assistant", "content": ""}
+                elif t == "response.output_text.delta":
+                    delta = {"content": ev.get("delta") or ""}
+                elif t == "response.reasoning_summary_text.delta":
+                    delta = {"reasoning_content": ev.get("delta") or ""}
+                elif t == "response.output_item.added" and (ev.get("item") or {}).get("type") == "function_call":
+                    it = ev["item"]
+                    k = calls[int(ev.get("output_index") or 0)] = len(calls)
+                    delta = {"tool_calls": [{"index": k, "id": it.get("call_id") or "", "type": "function",
+                                             "function": {"name": it.get("name") or "",
+                                                          "arguments": it.get("arguments") or ""}}]}
+                elif t == "response.function_call_arguments.delta":
+                    k = calls.get(int(ev.get("output_index") or 0), 0)
+                    delta = {"tool_calls": [{"index": k, "function": {"arguments": ev.get("delta") or ""}}]}
+                elif t in ("response.completed", "response.incomplete"):
+                    r = ev.get("response") or {}
+                    _msg, finish = native_message(r)
+                    usage = _native_usage(r.get("usage")).to_openai()
+                    done = True
+                chunk: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": 0, "model": model,
+                                         "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                      "finish_reason": finish}] if delta or finish else [],
+                                         NATIVE: ev}
+                if usage is not None:
+                    chunk["usage"] = usage
+                yield chunk
+                if done:
+                    break
+        finally:
+            resp.close()
+        if not done:
+            raise self.stream_error("ended the stream without response.completed")
+
 
 def _legacy_to_chat(b: dict[str, Any]) -> dict[str, Any]:
     """text_completion -> canonical chat.completion (text becomes the assistant message)."""
@@ -169,3 +262,66 @@ def _legacy_chunk_to_chat(c: dict[str, Any]) -> dict[str, Any]:
                        "logprobs": ch.get("logprobs"), "finish_reason": ch.get("finish_reason")}
                       for ch in c.get("choices") or ()]
     return out
+
+
+# -- the Responses API, natively (POST {base_url}/responses) ---------------------------------------------
+# A request that came to /v1/responses (``req.native`` holds the client's body) goes as is to the real
+# OpenAI; its answer rides back on the canonical shapes (records, usage, cache read those) with the
+# upstream's own object / events under ``NATIVE``, which the Responses client format relays untouched.
+
+NATIVE = "_responses_native"
+
+
+class NativeResponses:
+    __slots__ = ("body",)
+
+    def __init__(self, body: bytes):
+        self.body = body
+
+
+def _native_usage(u: Any) -> Usage:
+    if not isinstance(u, dict):
+        return Usage()
+    i, o = int(u.get("input_tokens") or 0), int(u.get("output_tokens") or 0)
+    d = u.get("input_tokens_details") or {}
+    return Usage(i, o, int(u.get("total_tokens") or i + o), int(d.get("cached_tokens") or 0),
+                 int(d.get("cache_write_tokens") or 0))
+
+
+def native_message(resp: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """A ``response`` object's output -> (canonical assistant message, finish reason)."""
+    text = ""
+    calls = []
+    reasoning = ""
+    for it in resp.get("output") or ():
+        t = it.get("type")
+        if t == "message":
+            for c in it.get("content") or ():
+                if c.get("type") == "output_text":
+                    text += c.get("text") or ""
+                elif c.get("type") == "refusal":
+                    text += c.get("refusal") or ""
+        elif t == "function_call":
+            calls.append({"id": it.get("call_id") or "", "type": "function",
+                          "function": {"name": it.get("name") or "", "arguments": it.get("arguments") or ""}})
+        elif t == "reasoning":
+            reasoning += "".join(s.get("text") or "" for s in it.get("summary") or ())
+    msg: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if calls:
+        msg["tool_calls"] = calls
+    if reasoning:
+        msg["reasoning_content"] = reasoning
+    inc = (resp.get("incomplete_details") or {}).get("reason")
+    finish = ("length" if inc == "max_output_tokens" else "content_filter" if inc == "content_filter"
+              else "tool_calls" if calls else "stop")
+    return msg, finish
+
+
+def native_to_canonical(resp: dict[str, Any], provider: str, model: str) -> ChatResponse:
+    msg, finish = native_message(resp)
+    usage = _native_usage(resp.get("usage"))
+    body = {"id": resp.get("id") or "", "object": "chat.completion", "created": int(resp.get("created_at") or 0),
+            "model": resp.get("model") or model,
+            "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
+            "usage": usage.to_openai(), NATIVE: resp}
+    return ChatResponse(body, usage, provider, resp.get("model") or model)

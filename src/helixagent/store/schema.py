@@ -48,3 +48,25 @@ META_COLUMNS = (
     "endpoint", "status", "error_type", "prompt_tokens", "completion_tokens", "total_tokens", "cost",
     "latency_ms", "ttft_ms", "cache_hit", "streamed", "enc_key_id", "outcome",
 )
+
+# Stored responses of the Responses API (/v1/responses with ``store`` not false); revision 0004_responses.
+# ``tenant`` is who created it (``k:<key id>``, ``u:<user>``, or empty for the master key / an open
+# gateway): another tenant's lookup finds nothing.  The blobs are AES-256-GCM like record bodies when
+# encryption is on (associated data: the id and the column), with ``enc_key_id`` naming the key.
+responses = sa.Table(
+    "responses", metadata,
+    sa.Column("id", sa.String(), primary_key=True),
+    sa.Column("tenant", sa.String(), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("request_id", sa.String(), nullable=True),      # the completion record of this response
+    sa.Column("provider", sa.String(), nullable=True),
+    sa.Column("model", sa.String(), nullable=True),
+    sa.Column("status", sa.String(), nullable=False),
+    sa.Column("native", sa.Boolean(), nullable=False, server_default=sa.false()),  # stored by OpenAI too
+    sa.Column("previous_response_id", sa.String(), nullable=True),
+    sa.Column("history", sa.LargeBinary(), nullable=True),      # the conversation before this turn (items)
+    sa.Column("input_items", sa.LargeBinary(), nullable=False),  # this turn's input items
+    sa.Column("response", sa.LargeBinary(), nullable=False),     # the response object
+    sa.Column("enc_key_id", sa.String(), nullable=True),
+    sa.Index("ix_responses_tenant", "tenant", "created_at"),
+)

@@ -1,0 +1,676 @@
+"""The OpenAI Responses client format (``POST /v1/responses``): parse a Responses body into the canonical
+request, render canonical answers as ``response`` objects and canonical chunks as Responses SSE events.
+
+Two ways upstream (see docs/responses.md):
+
+* **native** -- the routed provider is the real OpenAI (type ``openai``): :class:`ResponsesRequest` keeps the
+  client's body (``native``), which the OpenAI provider posts to ``{base_url}/responses`` as is (unknown fields
+  and built-in tools included); the answer (or each event) rides back on the canonical shapes under
+  ``NATIVE`` so records, usage, limits and cache read it like any chat answer, and the client gets the
+  upstream's own object / events.
+* **translated** -- every other provider: items become canonical chat messages (messages, function calls and
+  their outputs, reasoning items), function tools become canonical tools, ``text.format`` becomes
+  ``response_format``, ``reasoning.effort`` ``reasoning_effort``, ``max_output_tokens`` ``max_tokens``.
+
+Reasoning: a canonical answer's ``thinking_blocks`` (Anthropic's thinking, signed) become ``reasoning``
+items whose summary is the thinking text and, when the client asks for ``reasoning.encrypted_content``,
+whose ``encrypted_content`` carries the block (text and signature); a reasoning item sent back in the input
+turns into the assistant turn's thinking block again, so a Codex-style ``store: false`` conversation keeps
+its signed thinking.  Bare ``reasoning_content`` (DeepSeek, vLLM) becomes a summary only."""
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ..canonical import ChatRequest, ChatResponse, Usage, text_of
+from ..errors import GatewayError, bad_request
+from ..providers.openai import NATIVE
+from .openai_format import HELIX_FIELDS, load_json_object, split_model
+from .schemas.responses import check_responses
+
+ENC_PREFIX = "hxr1:"              # encrypted_content HelixAgent minted (an Anthropic thinking block)
+FUNCTION = "function"
+# top-level fields a translation cannot honour: they change the answer's meaning
+_NATIVE_ONLY = ("conversation", "prompt", "background", "max_tool_calls")
+# top-level fields the translation reads (the rest is only for a native upstream)
+_READ = frozenset(("model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
+                   "reasoning", "max_output_tokens", "metadata", "temperature", "top_p", "user", "store",
+                   "include", "truncation", "stream", "previous_response_id", "background", "service_tier",
+                   "top_logprobs", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+                   "stream_options"))
+
+
+@dataclass(slots=True)
+class ResponsesRequest(ChatRequest):
+    """A canonical request that came as a Responses body."""
+    native: dict[str, Any] = field(default_factory=dict)     # the client's body for an OpenAI upstream
+    builtin: list[tuple[int, str]] = field(default_factory=list)   # (index, type) of built-in tools
+    native_only: list[str] = field(default_factory=list)      # items/fields only an OpenAI upstream takes
+    input_items: list[dict[str, Any]] = field(default_factory=list)  # this turn's items, as given
+    echo: dict[str, Any] = field(default_factory=dict)        # request fields the response object repeats
+    store: bool = True
+    encrypted: bool = False                                   # include has reasoning.encrypted_content
+    previous_response_id: str | None = None
+
+    def copy_for(self, model: str) -> "ResponsesRequest":
+        return ResponsesRequest(model, self.messages, self.params, self.stream, self.include_usage, self.provider,
+                                self.endpoint, self.prompt, self.anthropic_beta, self.native, self.builtin,
+                                self.native_only, self.input_items, self.echo, self.store, self.encrypted,
+                                self.previous_response_id)
+
+
+def _err(path: str, message: str, code: str = "invalid_value") -> GatewayError:
+    return bad_request(f"'{path}': {message}", param=path, code=code)
+
+
+# -- request: Responses -> canonical ---------------------------------------------------------------------
+
+def _user_parts(content: Any, path: str, role: str) -> Any:
+    if isinstance(content, str):
+        return content
+    parts: list[dict[str, Any]] = []
+    for j, p in enumerate(content):
+        pp = f"{path}.content[{j}]"
+        t = p["type"]
+        if t in ("input_text", "output_text", "text"):
+            if not isinstance(p.get("text"), str):
+                raise _err(pp + ".text", "is required and must be a string", "missing_required_parameter")
+            parts.append({"type": "text", "text": p["text"]})
+        elif t == "refusal":
+            parts.append({"type": "text", "text": p.get("refusal") or ""})
+        elif t == "input_image":
+            url = p.get("image_url")
+            if not isinstance(url, str) or not url:
+                raise _err(pp + ".image_url", "is required (file_id images need an OpenAI upstream)",
+                           "unsupported_feature")
+            iu: dict[str, Any] = {"url": url}
+            if isinstance(p.get("detail"), str) and p["detail"] != "auto":
+                iu["detail"] = p["detail"]
+            parts.append({"type": "image_url", "image_url": iu})
+        elif t == "input_file":
+            data = p.get("file_data")
+            if not isinstance(data, str) or not data:
+                raise _err(pp + ".file_data", "is required (file_id / file_url files need an OpenAI upstream)",
+                           "unsupported_feature")
+            f: dict[str, Any] = {"file_data": data}
+            if isinstance(p.get("filename"), str):
+                f["filename"] = p["filename"]
+            parts.append({"type": "file", "file": f})
+        else:
+            raise _err(pp + ".type", f"content parts of type {t!r} cannot be translated; supported: input_text, "
+                                     f"input_image, input_file, output_text, refusal", "unsupported_feature")
+    if role != "user" and any(x["type"] != "text" for x in parts):
+        raise _err(path + ".content", f"{role} messages may only hold text", "invalid_value")
+    if len(parts) == 1 and parts[0]["type"] == "text":
+        return parts[0]["text"]
+    return parts
+
+
+def decode_reasoning(item: dict[str, Any]) -> dict[str, Any] | None:
+    """A reasoning item HelixAgent minted -> the canonical thinking block it carries (None: not ours)."""
+    enc = item.get("encrypted_content")
+    if not isinstance(enc, str) or not enc.startswith(ENC_PREFIX):
+        return None
+    try:
+        b = orjson.loads(base64.urlsafe_b64decode(enc[len(ENC_PREFIX):].encode()))
+    except (binascii.Error, ValueError, orjson.JSONDecodeError):
+        return None
+    if isinstance(b, dict) and isinstance(b.get("r"), str):
+        return {"type": "redacted_thinking", "data": b["r"]}
+    if isinstance(b, dict) and isinstance(b.get("t"), str) and isinstance(b.get("s"), str):
+        return {"type": "thinking", "thinking": b["t"], "signature": b["s"]}
+    return None
+
+
+def encode_reasoning(block: dict[str, Any]) -> str:
+    if block.get("type") == "redacted_thinking":
+        d: dict[str, Any] = {"r": block.get("data") or ""}
+    else:
+        d = {"t": block.get("thinking") or "", "s": block.get("signature") or ""}
+    return ENC_PREFIX + base64.urlsafe_b64encode(orjson.dumps(d)).decode()
+
+
+def items_to_messages(items: list[dict[str, Any]], native_only: list[str], base: str = "input"
+                      ) -> list[dict[str, Any]]:
+    """Responses input items -> canonical chat messages.  Consecutive assistant output (text, function
+    calls, reasoning) folds into one assistant message; ``function_call_output`` becomes a tool message.
+    Items only an OpenAI upstream understands are named in ``native_only`` (the route refuses them for
+    another provider)."""
+    out: list[dict[str, Any]] = []
+    asst: dict[str, Any] | None = None
+    pending_thinking: list[dict[str, Any]] = []
+
+    def assistant() -> dict[str, Any]:
+        nonlocal asst, pending_thinking
+        if asst is None:
+            asst = {"role": "assistant", "content": None}
+            out.append(asst)
+        if pending_thinking:
+            asst.setdefault("thinking_blocks", []).extend(pending_thinking)
+            pending_thinking = []
+        return asst
+
+    for i, it in enumerate(items):
+        path = f"{base}[{i}]"
+        t = it.get("type") or "message"
+        if t == "message":
+            role = it.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise _err(path + ".role", f"must be one of user, assistant, system, developer; got {role!r}")
+            if "content" not in it:
+                raise _err(path + ".content", "is required", "missing_required_parameter")
+            content = _user_parts(it["content"], path, role)
+            if role == "assistant":
+                m = assistant()
+                text = text_of(content) if not isinstance(content, str) else content
+                prev = m.get("content")
+                m["content"] = (prev or "") + text if prev or text else prev
+                if m.get("tool_calls"):  # text after calls starts a new assistant turn
+                    asst = None
+                continue
+            asst = None
+            out.append({"role": "system" if role == "developer" else role, "content": content})
+        elif t == "function_call":
+            for k in ("call_id", "name", "arguments"):
+                if not isinstance(it.get(k), str):
+                    raise _err(f"{path}.{k}", "is required and must be a string", "missing_required_parameter")
+            m = assistant()
+            m.setdefault("tool_calls", []).append(
+                {"id": it["call_id"], "type": "function",
+                 "function": {"name": it["name"], "arguments": it["arguments"]}})
+        elif t == "function_call_output":
+            if not isinstance(it.get("call_id"), str):
+                raise _err(path + ".call_id", "is required and must be a string", "missing_required_parameter")
+            o = it.get("output")
+            if o is None:
+                raise _err(path + ".output", "is required", "missing_required_parameter")
+            oc = _user_parts(o, path, "user") if not isinstance(o, str) else o
+            if not isinstance(oc, str):
+                if any(x["type"] != "text" for x in oc):
+                    raise _err(path + ".output", "images and files in a function_call_output cannot be translated "
+                                                 "to a tool message", "unsupported_feature")
+                oc = text_of(oc)
+            asst = None
+            out.append({"role": "tool", "tool_call_id": it["call_id"], "content": oc})
+        elif t == "reasoning":
+            block = decode_reasoning(it)
+            if block is not None:
+                pending_thinking.append(block)
+            # OpenAI's own encrypted reasoning, or a summary alone: dropped (chat upstreams take no earlier
+            # reasoning; a conversation may move between providers)
+        elif t == "item_reference":
+            raise _err(path, "item_reference items are resolved from stored responses; this one was not found",
+                       "invalid_value")
+        else:
+            native_only.append(f"{path}.type")
+    if pending_thinking and asst is not None:
+        asst.setdefault("thinking_blocks", []).extend(pending_thinking)
+    return out
+
+
+def _tools(tools: list[dict[str, Any]], req: ResponsesRequest) -> list[dict[str, Any]]:
+    out = []
+    for i, t in enumerate(tools):
+        if t["type"] != FUNCTION:
+            req.builtin.append((i, t["type"]))
+            continue
+        name = t.get("name")
+        if not isinstance(name, str) or not name:
+            raise _err(f"tools[{i}].name", "is required for function tools", "missing_required_parameter")
+        fn: dict[str, Any] = {"name": name}
+        if t.get("description") is not None:
+            fn["description"] = t["description"]
+        fn["parameters"] = t.get("parameters") or {"type": "object", "properties": {}}
+        if t.get("strict") is not None:
+            fn["strict"] = t["strict"]
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _tool_choice(tc: Any, params: dict[str, Any], req: ResponsesRequest) -> None:
+    if isinstance(tc, str):
+        params["tool_choice"] = tc
+        return
+    t = tc["type"]
+    if t == FUNCTION:
+        if not isinstance(tc.get("name"), str):
+            raise _err("tool_choice.name", "is required for type 'function'", "missing_required_parameter")
+        params["tool_choice"] = {"type": "function", "function": {"name": tc["name"]}}
+    elif t == "allowed_tools":
+        names = {x.get("name") for x in tc.get("tools") or () if isinstance(x, dict) and x.get("type") == FUNCTION}
+        if any(isinstance(x, dict) and x.get("type") != FUNCTION for x in tc.get("tools") or ()):
+            req.native_only.append("tool_choice.tools")
+        params["tools"] = [x for x in params.get("tools") or () if x["function"]["name"] in names]
+        mode = tc.get("mode", "auto")
+        if mode not in ("auto", "required"):
+            raise _err("tool_choice.mode", f"must be 'auto' or 'required'; got {mode!r}")
+        params["tool_choice"] = mode
+    else:
+        req.native_only.append("tool_choice.type")
+
+
+def parse_responses(raw: bytes, known_providers: Any, count_only: bool = False
+                    ) -> tuple[ResponsesRequest, dict[str, Any]]:
+    """Parse a /v1/responses body: the canonical request (which keeps the native body) and the HelixAgent
+    fields."""
+    body = check_responses(load_json_object(raw))
+    helix = {k: body.pop(k) for k in HELIX_FIELDS if k in body}
+    if "model" not in body and "provider" not in helix and not count_only:
+        raise _err("model", "is required", "missing_required_parameter")
+    if "input" not in body and not body.get("previous_response_id"):
+        raise _err("input", "is required", "missing_required_parameter")
+    model, provider = split_model(body.get("model"), helix.get("provider"), known_providers)
+    native = dict(body)
+    native["model"] = model
+    stream = bool(body.get("stream"))
+    inc = body.get("include") or []
+    req = ResponsesRequest(model=model, messages=[], params={}, stream=stream, include_usage=stream,
+                           provider=provider, endpoint="responses", native=native,
+                           store=body.get("store") is not False, encrypted="reasoning.encrypted_content" in inc,
+                           previous_response_id=body.get("previous_response_id"))
+    inp = body.get("input")
+    if inp is None:
+        items: list[dict[str, Any]] = []
+    elif isinstance(inp, str):
+        items = [{"type": "message", "role": "user", "content": inp}]
+    else:
+        items = list(inp)
+    req.input_items = items
+    msgs: list[dict[str, Any]] = []
+    instr = body.get("instructions")
+    if instr:
+        msgs.append({"role": "system", "content": instr})
+    msgs.extend(items_to_messages(items, req.native_only))
+    req.messages = msgs
+    p = req.params
+    for k in _NATIVE_ONLY:
+        if body.get(k) not in (None, False):
+            req.native_only.append(k)
+    if body.get("tools"):
+        ft = _tools(body["tools"], req)
+        if ft:
+            p["tools"] = ft
+    if body.get("tool_choice") is not None:
+        _tool_choice(body["tool_choice"], p, req)
+    if p.get("tools") and body.get("parallel_tool_calls") is not None:
+        p["parallel_tool_calls"] = body["parallel_tool_calls"]
+    fmt = (body.get("text") or {}).get("format")
+    if fmt is not None:
+        ft_ = fmt["type"]
+        if ft_ == "json_schema":
+            if not isinstance(fmt.get("schema"), dict):
+                raise _err("text.format.schema", "is required for json_schema", "missing_required_parameter")
+            if not isinstance(fmt.get("name"), str):
+                raise _err("text.format.name", "is required for json_schema", "missing_required_parameter")
+            js: dict[str, Any] = {"name": fmt["name"], "schema": fmt["schema"]}
+            if fmt.get("strict") is not None:
+                js["strict"] = fmt["strict"]
+            if fmt.get("description"):
+                js["description"] = fmt["description"]
+            p["response_format"] = {"type": "json_schema", "json_schema": js}
+        elif ft_ == "json_object":
+            p["response_format"] = {"type": "json_object"}
+    eff = (body.get("reasoning") or {}).get("effort")
+    if eff is not None:
+        p["reasoning_effort"] = eff
+    if body.get("max_output_tokens") is not None:
+        p["max_tokens"] = body["max_output_tokens"]
+    for k in ("temperature", "top_p", "user"):
+        if body.get(k) is not None:
+            p[k] = body[k]
+    req.echo = {k: body.get(k) for k in ("instructions", "metadata", "max_output_tokens", "temperature", "top_p",
+                                          "user", "tool_choice", "parallel_tool_calls", "tools", "text",
+                                          "reasoning", "truncation", "previous_response_id", "store",
+                                          "background", "service_tier", "top_logprobs", "safety_identifier",
+                                          "prompt_cache_key")}
+    return req, helix
+
+
+def translation_error(req: ResponsesRequest, provider: Any) -> GatewayError | None:
+    """A clear 400 when the request needs an OpenAI upstream and ``provider`` (the router's first choice)
+    is another kind."""
+    if req.builtin:
+        i, t = req.builtin[0]
+        return GatewayError(400, f"'tools[{i}].type': the built-in tool {t!r} is served only by OpenAI; provider "
+                                 f"{provider.name!r} ({provider.cfg.type}) takes function tools",
+                            code="unsupported_feature", param=f"tools[{i}].type", provider=provider.name)
+    if req.native_only:
+        w = req.native_only[0]
+        return GatewayError(400, f"'{w}': only an OpenAI upstream serves this; provider {provider.name!r} "
+                                 f"({provider.cfg.type}) gets a translated request", code="unsupported_feature",
+                            param=w, provider=provider.name)
+    return None
+
+
+def items_for_openai(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored items of a response another provider served, as input for OpenAI: without HelixAgent's item ids
+    (OpenAI would look them up) and without the reasoning items HelixAgent minted."""
+    out = []
+    for it in items:
+        if it.get("type") == "reasoning" and decode_reasoning(it) is not None or (
+                it.get("type") == "reasoning" and not it.get("encrypted_content")):
+            continue
+        it = {k: v for k, v in it.items() if k != "id" and not (k == "status" and it.get("type") == "message")}
+        out.append(it)
+    return out
+
+
+def is_native(provider: Any) -> bool:
+    return bool(provider.cfg.type == "openai")
+
+
+# -- response: canonical -> Responses ------------------------------------------------------------------
+
+def usage_object(u: Usage | None) -> dict[str, Any]:
+    u = u or Usage()
+    return {"input_tokens": u.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": u.cache_read_tokens,
+                                     "cache_write_tokens": u.cache_creation_tokens},
+            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": u.total_tokens or (u.prompt_tokens + u.completion_tokens)}
+
+
+def response_id(request_id: str) -> str:
+    return "resp_" + request_id
+
+
+def shell(req: ResponsesRequest, rid: str, model: str, status: str, created: float) -> dict[str, Any]:
+    """The ``response`` object around its output (status, the request fields it repeats)."""
+    e = req.echo
+    text = e.get("text") or {}
+    return {"id": rid, "object": "response", "created_at": int(created), "status": status,
+            "background": bool(e.get("background")), "error": None, "incomplete_details": None,
+            "instructions": e.get("instructions"), "max_output_tokens": e.get("max_output_tokens"),
+            "metadata": e.get("metadata") or {}, "model": model, "output": [],
+            "parallel_tool_calls": e.get("parallel_tool_calls") is not False,
+            "previous_response_id": e.get("previous_response_id"),
+            "reasoning": {"effort": (e.get("reasoning") or {}).get("effort"),
+                          "summary": (e.get("reasoning") or {}).get("summary")},
+            "service_tier": e.get("service_tier") or "default", "store": req.store,
+            "temperature": e.get("temperature") if e.get("temperature") is not None else 1.0,
+            "text": {"format": text.get("format") or {"type": "text"}, "verbosity": text.get("verbosity") or "medium"},
+            "tool_choice": e.get("tool_choice") or "auto", "tools": e.get("tools") or [],
+            "top_p": e.get("top_p") if e.get("top_p") is not None else 1.0,
+            "truncation": e.get("truncation") or "disabled", "usage": None, "user": e.get("user")}
+
+
+def reasoning_item(rid: str, k: int, text: str, block: dict[str, Any] | None, encrypted: bool) -> dict[str, Any]:
+    item: dict[str, Any] = {"id": f"rs_{rid}_{k}", "type": "reasoning",
+                            "summary": [{"type": "summary_text", "text": text}] if text else []}
+    if encrypted and block is not None:
+        item["encrypted_content"] = encode_reasoning(block)
+    return item
+
+
+def output_items(msg: dict[str, Any], rid: str, encrypted: bool, status: str = "completed") -> list[dict[str, Any]]:
+    """A canonical assistant message -> Responses output items (reasoning, message, function calls)."""
+    out: list[dict[str, Any]] = []
+    blocks = msg.get("thinking_blocks")
+    if blocks:
+        for k, b in enumerate(blocks):
+            out.append(reasoning_item(rid, k, b.get("thinking") or "" if b.get("type") == "thinking" else "", b,
+                                      encrypted))
+    elif msg.get("reasoning_content"):
+        out.append(reasoning_item(rid, 0, msg["reasoning_content"], None, False))
+    text = text_of(msg.get("content"))
+    if text or not msg.get("tool_calls"):
+        out.append({"id": f"msg_{rid}", "type": "message", "status": status, "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]})
+    for k, tc in enumerate(msg.get("tool_calls") or ()):
+        fn = tc.get("function") or {}
+        out.append({"id": f"fc_{rid}_{k}", "type": "function_call", "status": status,
+                    "call_id": tc.get("id") or f"call_{rid}_{k}", "name": fn.get("name") or "",
+                    "arguments": fn.get("arguments") or ""})
+    return out
+
+
+def render_response(resp: ChatResponse, req: ResponsesRequest, request_id: str) -> dict[str, Any]:
+    """A canonical (or native) answer -> the ``response`` object the client gets."""
+    body = resp.body
+    native = body.pop(NATIVE, None) if isinstance(body, dict) else None
+    if isinstance(native, dict):
+        return native
+    choices = body.get("choices") or [{}]
+    ch = choices[0]
+    rid = response_id(request_id)
+    finish = ch.get("finish_reason")
+    status = "incomplete" if finish == "length" else "completed"
+    model = body.get("model") or resp.model or req.model
+    out = shell(req, rid, model, status, body.get("created") or time.time())
+    out["output"] = output_items(ch.get("message") or {}, rid, req.encrypted,
+                                 "incomplete" if status == "incomplete" else "completed")
+    if status == "incomplete":
+        out["incomplete_details"] = {"reason": "max_output_tokens"}
+    elif finish == "content_filter":
+        out["status"] = "incomplete"
+        out["incomplete_details"] = {"reason": "content_filter"}
+    out["usage"] = usage_object(resp.usage)
+    out["completed_at"] = int(time.time()) if out["status"] == "completed" else None
+    return out
+
+
+def load_request(raw: bytes) -> dict[str, Any]:
+    return load_json_object(raw)
+
+
+# -- stream: canonical chunks -> Responses SSE events --------------------------------------------------------
+
+def sse(event: dict[str, Any]) -> bytes:
+    t: str = event["type"]
+    return b"event: " + t.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+class StreamTranslator:
+    """Stateful: canonical chunks in, Responses events out, in the documented order --
+    ``response.created``, ``response.in_progress``, then per output item ``response.output_item.added``,
+    its parts and deltas (reasoning summary parts / text deltas; a message's content part and
+    ``response.output_text.delta``; a function call's ``response.function_call_arguments.delta``), their
+    ``.done`` events and ``response.output_item.done``, and ``response.completed`` (``response.incomplete``
+    when the answer was cut by max_output_tokens) with usage.  Every event carries the next
+    ``sequence_number``.  A failure ends with an ``error`` event and ``response.failed``.
+
+    Native chunks (an OpenAI upstream's own events, under ``NATIVE``) are relayed as they are."""
+
+    def __init__(self, req: ResponsesRequest, request_id: str, model: str):
+        self.req = req
+        self.rid = response_id(request_id)
+        self.model = model
+        self.created = time.time()
+        self.seq = 0
+        self.started = False
+        self.items: list[dict[str, Any]] = []   # output items, done or open
+        self.kind = ""                           # open item: "reasoning" | "message" | "call" | ""
+        self.text = ""
+        self.tool_index = -1
+        self.think_index: Any = None
+        self.reasoning_k = 0
+        self.block: dict[str, Any] | None = None  # the open reasoning item's thinking block
+        self.finish: str | None = None
+        self.usage: Usage | None = None
+        self.native_final: dict[str, Any] | None = None
+        self.native = False
+        self.final: dict[str, Any] | None = None
+        self.native_created: dict[str, Any] | None = None
+
+    def _ev(self, d: dict[str, Any]) -> bytes:
+        d["sequence_number"] = self.seq
+        self.seq += 1
+        return sse(d)
+
+    def _shell(self, status: str) -> dict[str, Any]:
+        return shell(self.req, self.rid, self.model, status, self.created)
+
+    def _start(self) -> bytes:
+        self.started = True
+        r = self._shell("in_progress")
+        return (self._ev({"type": "response.created", "response": r})
+                + self._ev({"type": "response.in_progress", "response": dict(r)}))
+
+    def _close(self) -> bytes:
+        k, self.kind = self.kind, ""
+        if not k:
+            return b""
+        oi = len(self.items) - 1
+        item = self.items[oi]
+        out = b""
+        if k == "reasoning":
+            if item["summary"]:
+                s = item["summary"][0]
+                out += self._ev({"type": "response.reasoning_summary_text.done", "item_id": item["id"],
+                                 "output_index": oi, "summary_index": 0, "text": s["text"]})
+                out += self._ev({"type": "response.reasoning_summary_part.done", "item_id": item["id"],
+                                 "output_index": oi, "summary_index": 0, "part": dict(s)})
+            if self.req.encrypted and self.block is not None and (self.block.get("signature")
+                                                                  or self.block.get("type") == "redacted_thinking"):
+                item["encrypted_content"] = encode_reasoning(self.block)
+            self.block = None
+        elif k == "message":
+            part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
+            item["content"] = [part]
+            out += self._ev({"type": "response.output_text.done", "item_id": item["id"], "output_index": oi,
+                             "content_index": 0, "text": self.text, "logprobs": []})
+            out += self._ev({"type": "response.content_part.done", "item_id": item["id"], "output_index": oi,
+                             "content_index": 0, "part": dict(part)})
+        else:
+            out += self._ev({"type": "response.function_call_arguments.done", "item_id": item["id"],
+                             "output_index": oi, "arguments": item["arguments"], "name": item["name"]})
+        item["status"] = "completed"
+        return out + self._ev({"type": "response.output_item.done", "output_index": oi, "item": dict(item)})
+
+    def _open(self, kind: str, item: dict[str, Any]) -> bytes:
+        out = self._close()
+        self.kind = kind
+        self.items.append(item)
+        return out + self._ev({"type": "response.output_item.added", "output_index": len(self.items) - 1,
+                               "item": dict(item)})
+
+    def _reasoning(self, block: dict[str, Any] | None) -> bytes:
+        k = self.reasoning_k
+        self.reasoning_k += 1
+        out = self._open("reasoning", {"id": f"rs_{self.rid}_{k}", "type": "reasoning", "summary": []})
+        self.block = block
+        return out
+
+    def _reasoning_text(self, text: str) -> bytes:
+        item = self.items[-1]
+        oi = len(self.items) - 1
+        out = b""
+        if not item["summary"]:
+            item["summary"].append({"type": "summary_text", "text": ""})
+            out += self._ev({"type": "response.reasoning_summary_part.added", "item_id": item["id"],
+                             "output_index": oi, "summary_index": 0, "part": {"type": "summary_text", "text": ""}})
+        item["summary"][0]["text"] += text
+        if self.block is not None and self.block.get("type") == "thinking":
+            self.block["thinking"] += text
+        return out + self._ev({"type": "response.reasoning_summary_text.delta", "item_id": item["id"],
+                               "output_index": oi, "summary_index": 0, "delta": text})
+
+    def _text(self, text: str) -> bytes:
+        out = b""
+        if self.kind != "message":
+            out += self._open("message", {"id": f"msg_{self.rid}", "type": "message", "status": "in_progress",
+                                          "role": "assistant", "content": []})
+            self.text = ""
+            oi = len(self.items) - 1
+            out += self._ev({"type": "response.content_part.added", "item_id": f"msg_{self.rid}",
+                             "output_index": oi, "content_index": 0,
+                             "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})
+        if not text:
+            return out
+        self.text += text
+        return out + self._ev({"type": "response.output_text.delta", "item_id": f"msg_{self.rid}",
+                               "output_index": len(self.items) - 1, "content_index": 0, "delta": text,
+                               "logprobs": []})
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        ev = chunk.get(NATIVE)
+        if ev is not None:
+            self.native = True
+            if ev.get("type") in ("response.completed", "response.incomplete", "response.failed"):
+                self.native_final = ev.get("response")
+            elif ev.get("type") == "response.created" and isinstance(ev.get("response"), dict):
+                self.native_created = ev["response"]
+            self.seq = max(self.seq, int(ev.get("sequence_number") or 0) + 1)
+            return sse(ev)
+        out = b"" if self.started else self._start()
+        if chunk.get("model"):
+            self.model = chunk["model"]
+        u = chunk.get("usage")
+        if u:
+            self.usage = Usage.from_openai(u)
+        for ch in chunk.get("choices") or ():
+            if ch.get("index", 0) != 0:
+                continue
+            d = ch.get("delta") or {}
+            for f in d.get("thinking_blocks") or ():
+                k = f.get("index", 0)
+                if k != self.think_index or self.kind != "reasoning":
+                    self.think_index = k
+                    if f.get("type") == "redacted_thinking":
+                        out += self._reasoning({"type": "redacted_thinking", "data": f.get("data") or ""})
+                    else:
+                        out += self._reasoning({"type": "thinking", "thinking": "", "signature": ""})
+                sig = f.get("signature")
+                if sig and self.block is not None and self.block.get("type") == "thinking":
+                    self.block["signature"] += sig
+            rc = d.get("reasoning_content")
+            if rc:
+                if self.kind != "reasoning":
+                    self.think_index = None
+                    out += self._reasoning(None)
+                out += self._reasoning_text(rc)
+            text = d.get("content") or d.get("refusal")
+            if text:
+                out += self._text(text)
+            for tc in d.get("tool_calls") or ():
+                ti = tc.get("index", 0)
+                fn = tc.get("function") or {}
+                if self.kind != "call" or ti != self.tool_index:
+                    self.tool_index = ti
+                    k = sum(1 for i in self.items if i["type"] == "function_call")
+                    cid = tc.get("id") or f"call_{self.rid}_{k}"
+                    out += self._open("call", {"id": f"fc_{self.rid}_{k}", "type": "function_call",
+                                               "status": "in_progress", "call_id": cid,
+                                               "name": fn.get("name") or "", "arguments": ""})
+                args = fn.get("arguments")
+                if args:
+                    item = self.items[-1]
+                    item["arguments"] += args
+                    out += self._ev({"type": "response.function_call_arguments.delta", "item_id": item["id"],
+                                     "output_index": len(self.items) - 1, "delta": args})
+            if ch.get("finish_reason"):
+                self.finish = ch["finish_reason"]
+        return out
+
+    def end(self, error: GatewayError | None) -> bytes:
+        if self.native and error is None:
+            return b""
+        out = b"" if self.started or self.native else self._start()
+        if error is not None:
+            r = dict(self.native_created, status="failed") if self.native_created else self._shell("failed")
+            if not self.native:
+                r["output"] = self.items
+            r["error"] = {"code": "server_error" if error.status >= 500 else "invalid_prompt",
+                          "message": error.message}
+            r["usage"] = usage_object(self.usage) if self.usage else None
+            return (out + self._ev({"type": "error", "code": error.code, "message": error.message,
+                                    "param": error.param})
+                    + self._ev({"type": "response.failed", "response": r}))
+        if not self.items:
+            out += self._text("")
+        out += self._close()
+        incomplete = self.finish in ("length", "content_filter")
+        r = self._shell("incomplete" if incomplete else "completed")
+        r["output"] = self.items
+        r["usage"] = usage_object(self.usage)
+        if incomplete:
+            r["incomplete_details"] = {"reason": "max_output_tokens" if self.finish == "length" else "content_filter"}
+        else:
+            r["completed_at"] = int(time.time())
+        self.final = r
+        return out + self._ev({"type": "response.incomplete" if incomplete else "response.completed", "response": r})
