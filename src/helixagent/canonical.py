@@ -28,9 +28,10 @@ included).  A chunk's delta carries them incrementally:
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Self
 
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "function_call")
 
@@ -88,10 +89,9 @@ class ChatRequest:
         v = self.params.get("max_completion_tokens") or self.params.get("max_tokens")
         return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
-    def copy_for(self, model: str) -> "ChatRequest":
-        return ChatRequest(model, self.messages, self.params, self.stream, self.include_usage,
-                           self.provider, self.endpoint, self.prompt, self.anthropic_beta, self.extra,
-                           self.anthropic_query)
+    def copy_for(self, model: str) -> Self:
+        """The same request (of the same class, every field kept) for another model."""
+        return dataclasses.replace(self, model=model)
 
 
 @dataclass(slots=True)

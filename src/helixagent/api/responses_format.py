@@ -57,12 +57,6 @@ class ResponsesRequest(ChatRequest):
     encrypted: bool = False                                   # include has reasoning.encrypted_content
     previous_response_id: str | None = None
 
-    def copy_for(self, model: str) -> "ResponsesRequest":
-        return ResponsesRequest(model, self.messages, self.params, self.stream, self.include_usage, self.provider,
-                                self.endpoint, self.prompt, self.anthropic_beta, self.native, self.builtin,
-                                self.native_only, self.input_items, self.echo, self.store, self.encrypted,
-                                self.previous_response_id)
-
 
 def _err(path: str, message: str, code: str = "invalid_value") -> GatewayError:
     return bad_request(f"'{path}': {message}", param=path, code=code)
