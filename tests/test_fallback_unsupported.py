@@ -314,3 +314,27 @@ def test_header_helper_merges_and_validates():
     assert g == {}
     adapt.add_dropped(g, [f"p{i}" for i in range(1000)])
     assert len(g[HDR]) <= 1024
+
+
+# -- the Responses API: built-in tools need an OpenAI upstream, also during fallback --------------------------
+def test_responses_builtin_tool_is_not_served_silently_by_a_fallback(make_gateway, ups):
+    """OpenAI (which serves web_search natively) is down: Claude must not answer as if the built-in tool
+    did not exist; the client gets OpenAI's failure and Claude is named as skipped, never called."""
+    fo, fa, fg = ups
+    fo.sticky = Fault(status=503, headers={"retry-after": "2"})
+    gw = make_gateway(config(ups, ["claude"]))
+    body = {"model": "gpt-4o-mini", "input": "what happened today?", "tools": [{"type": "web_search"}]}
+    r = post(gw, body, "/v1/responses")
+    assert_primary_failure(r, 503, "2", ["claude"], "tools[0].type")
+    assert fa.calls == [] and fg.calls == []
+
+
+def test_responses_function_tools_fall_back(make_gateway, ups):
+    fo, fa, fg = ups
+    fo.sticky = Fault(status=503, headers={"retry-after": "2"})
+    gw = make_gateway(config(ups, ["claude"]))
+    body = {"model": "gpt-4o-mini", "input": "hi", "tools": [{"type": "function", "name": "f",
+                                                             "parameters": {"type": "object", "properties": {}}}]}
+    r = post(gw, body, "/v1/responses")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-helixagent-provider"] == "claude" and len(fa.calls) == 1

@@ -89,6 +89,12 @@ class ChatRequest:
         v = self.params.get("max_completion_tokens") or self.params.get("max_tokens")
         return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
+    def refusal_for(self, provider: Any) -> Any:
+        """A 400 GatewayError when ``provider`` cannot serve this request as asked, by a rule of the client
+        format it came in (the router asks it of every candidate before mapping: a fallback that cannot
+        serve it is skipped); None for a plain chat request."""
+        return None
+
     def copy_for(self, model: str) -> Self:
         """The same request (of the same class, every field kept) for another model."""
         return dataclasses.replace(self, model=model)

@@ -57,6 +57,11 @@ class ResponsesRequest(ChatRequest):
     encrypted: bool = False                                   # include has reasoning.encrypted_content
     previous_response_id: str | None = None
 
+    def refusal_for(self, provider: Any) -> GatewayError | None:
+        """Built-in tools and OpenAI-only items need an OpenAI upstream: any other candidate (the first
+        choice, or a fallback) refuses the request rather than silently serving it without them."""
+        return None if is_native(provider) else translation_error(self, provider)
+
 
 def _err(path: str, message: str, code: str = "invalid_value") -> GatewayError:
     return bad_request(f"'{path}': {message}", param=path, code=code)

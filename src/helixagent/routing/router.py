@@ -474,6 +474,10 @@ class Router:
         try:
             if op == "embed" and type(p).embed is Provider.embed:  # no embeddings: refused before any call
                 raise p.unsupported("embeddings", "model")
+            if op != "embed":
+                refused = sub.refusal_for(p)
+                if refused is not None:
+                    raise refused
             steps = 0
             while True:
                 try:
