@@ -213,8 +213,9 @@ def responses_events(body: dict[str, Any], decision: tuple[str, Any], n: int) ->
 class CaptureServer:
     """Record every request; answer as the vendor would (see the module docstring)."""
 
-    def __init__(self, script: Script | None = None) -> None:
+    def __init__(self, script: Script | None = None, api_key: str | None = None) -> None:
         self.script = script or Script()
+        self.api_key = api_key  # when set, a request without it (bearer, x-api-key, x-goog-api-key) is a 401
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -244,6 +245,14 @@ class CaptureServer:
         with self._lock:
             self.requests.append(rec)
             n = len(self.requests)
+        if self.api_key is not None:
+            rec["authorized"] = self.api_key in (
+                request.headers.get("authorization", "").removeprefix("Bearer "), request.headers.get("x-api-key"),
+                request.headers.get("x-goog-api-key"), request.query.get("key"))
+            if not rec["authorized"]:
+                return web.json_response({"error": {"message": "Incorrect API key provided", "param": None,
+                                                    "type": "invalid_request_error", "code": "invalid_api_key"}},
+                                         status=401)
         path = request.path
         if request.method == "POST" and path.endswith("/messages/count_tokens"):
             return web.json_response({"input_tokens": 10})
@@ -301,10 +310,10 @@ def claude_env(home: str, base_url: str, api_key: str) -> dict[str, str]:
 
 
 def codex_home(home: str, base_url: str, key_env: str = "HELIX_CODEX_KEY", model: str = "gpt-5.1",
-               web_search: bool = True) -> str:
+               openai_tools: bool = True) -> str:
     """A CODEX_HOME whose config.toml points Codex at ``base_url`` (``.../v1``) with the Responses wire API
-    (every key is accepted by ``codex exec --strict-config``).  ``web_search=False`` drops Codex's built-in
-    ``web_search`` tool, which only an OpenAI upstream can serve."""
+    (every key is accepted by ``codex exec --strict-config``).  ``openai_tools=False`` drops the tools only
+    an OpenAI upstream serves: the built-in ``web_search`` and the ``namespace`` tool of the sub-agents."""
     ch = os.path.join(home, "codex")
     os.makedirs(ch, exist_ok=True)
     Path(ch, "config.toml").write_text(f'''model = "{model}"
@@ -312,7 +321,7 @@ model_provider = "helixagent"
 approval_policy = "never"
 sandbox_mode = "danger-full-access"
 check_for_update_on_startup = false
-{'' if web_search else 'web_search = "disabled"'}
+{'' if openai_tools else 'web_search = "disabled"'}
 
 [analytics]
 enabled = false
@@ -325,14 +334,15 @@ wire_api = "responses"
 request_max_retries = 0
 stream_max_retries = 0
 stream_idle_timeout_ms = 60000
+{'' if openai_tools else '[agents]' + chr(10) + 'enabled = false'}
 ''')
     return ch
 
 
 def codex_env(home: str, base_url: str, api_key: str, key_env: str = "HELIX_CODEX_KEY",
-              model: str = "gpt-5.1", web_search: bool = True) -> dict[str, str]:
+              model: str = "gpt-5.1", openai_tools: bool = True) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_", "ANTHROPIC_"))}
-    env.update({"HOME": home, "CODEX_HOME": codex_home(home, base_url, key_env, model, web_search),
+    env.update({"HOME": home, "CODEX_HOME": codex_home(home, base_url, key_env, model, openai_tools),
                 key_env: api_key, "NO_COLOR": "1", "RUST_LOG": "error"})
     return env
 
