@@ -147,11 +147,11 @@ def anthropic_stream_text(r: httpx.Response) -> tuple[list[str], str]:
 
 def responses_stream(r: httpx.Response) -> list[dict[str, Any]]:
     """Every event validated with the openai SDK's ResponseStreamEvent; the documented order checked."""
-    events = [data for _, data in sse(r)]
-    for name_data in sse(r):
-        assert name_data[0] == name_data[1]["type"], name_data
-    for e in events:
-        RESPONSES_EVENT.validate_python(e)
+    events = []
+    for name, data in sse(r):
+        assert name == data["type"], (name, data)
+        RESPONSES_EVENT.validate_python(data)
+        events.append(data)
     kinds = [e["type"] for e in events]
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
     seqs = [e["sequence_number"] for e in events]
