@@ -29,4 +29,19 @@ if [ -n "$need" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ];
   # shellcheck disable=SC2086
   apt-get install -y -qq --no-install-recommends $need >/dev/null || echo "test-setup: could not install$need" >&2
 fi
+# The real client programs tests/test_real_clients.py drives (Claude Code, Codex CLI, Gemini CLI), from the
+# npm registry at the versions pinned in tests/clients/package.json + package-lock.json, into the
+# project-local tests/clients/node_modules (never a global install).  Skipped when already installed at
+# the locked versions (npm writes node_modules/.package-lock.json; it must be newer than the lock).
+clients=tests/clients
+cd "$(dirname "$0")/.." || exit 1
+if command -v npm >/dev/null 2>&1; then
+  if [ ! -x "$clients/node_modules/.bin/claude" ] || [ ! -x "$clients/node_modules/.bin/codex" ] \
+      || [ ! -x "$clients/node_modules/.bin/gemini" ] \
+      || [ "$clients/package-lock.json" -nt "$clients/node_modules/.package-lock.json" ]; then
+    (cd "$clients" && npm ci --no-audit --no-fund --loglevel=error) || echo "test-setup: npm ci in $clients failed" >&2
+  fi
+else
+  echo "test-setup: npm not found: the real-client tests (tests/test_real_clients.py) need Node 20+ and npm" >&2
+fi
 exit 0

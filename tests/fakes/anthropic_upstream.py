@@ -340,3 +340,56 @@ class FakeAnthropic:
             await resp.write(b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
         await resp.write_eof()
         return resp
+
+
+class ScriptedAnthropic(FakeAnthropic):
+    """Scripted mode, for the real-client tests (tests/test_real_clients.py): the same server, key check and
+    request validation as :class:`FakeAnthropic`, but each turn is answered from a
+    :class:`support.capture_server.Script` -- a ``tool_use`` of a tool the client offers (e.g. Claude Code's
+    ``Bash``) while the conversation has no ``tool_result``, then text quoting the tool's output -- so a real
+    agent runs a whole tool loop.  ``calls`` entries also carry the ``query`` (``?beta=true``).
+
+    Claude Code sends ``role: "system"`` entries inside ``messages`` (environment notes between turns), which
+    the Messages API accepts; the validation here lets them through and checks everything else as the base
+    class does."""
+
+    def __init__(self, script: Any, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.script = script
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        from support.capture_server import anthropic_events, anthropic_message
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return self._error(400, "There was an issue with the format or content of your request.")
+        self.calls.append({"path": request.path, "query": dict(request.query), "body": body, "t": time.time(),
+                           "headers": {k.lower(): v for k, v in request.headers.items()}})
+        if request.headers.get("x-api-key") != self.api_key and \
+                request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return self._error(401, "invalid x-api-key")
+        if not request.headers.get("anthropic-version"):
+            return self._error(400, "anthropic-version: header is required")
+        checked = body
+        if isinstance(body, dict) and isinstance(body.get("messages"), list):
+            rest = [m for m in body["messages"] if not (isinstance(m, dict) and m.get("role") == "system")]
+            checked = dict(body, messages=rest)
+            bad = next((m for m in body["messages"] if isinstance(m, dict) and m.get("role") == "system"
+                        and not isinstance(m.get("content"), (str, list))), None)
+            if bad is not None:
+                return self._error(400, "messages: a system message needs string or list content")
+        problem = self._invalid(checked)
+        if problem:
+            return self._error(400, problem)
+        msg = anthropic_message(body, self.script.decide_anthropic(body), len(self.calls))
+        if not body.get("stream"):
+            return web.json_response(msg, dumps=lambda o: orjson.dumps(o).decode(),
+                                     headers={"request-id": "req_fake"})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8",
+                                           "cache-control": "no-cache", "request-id": "req_fake"})
+        await resp.prepare(request)
+        for event in anthropic_events(msg):
+            await resp.write(event)
+        await resp.write_eof()
+        return resp
