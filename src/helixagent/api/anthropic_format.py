@@ -440,7 +440,12 @@ def parse_messages(raw: bytes, known_providers: Any, count_only: bool = False) -
             raise _err(p + ".role", f"must be 'user', 'assistant' or 'system'; got {role!r}")
         fields = set(m) - {"role", "content"}
         if fields:
-            raise _err(p, f"unsupported message fields: {', '.join(sorted(fields))}", "unsupported_feature")
+            if role != "system":
+                raise _err(p, f"unsupported message fields: {', '.join(sorted(fields))}", "unsupported_feature")
+            # Claude Code puts per-message settings (``output_config``) on the system messages it sends inside
+            # ``messages``: the text joins the system prompt, where such settings have no place -- dropped, and
+            # named (x-helixagent-dropped-params) for a provider that is not Anthropic's
+            flags.dropped.update(f"{p}.{f}" for f in fields)
         if role == "system":  # Claude Code sends its system prompt this way in some modes: kept in its place
             sm = _system(c, flags, p + ".content")
             if sm is not None:
