@@ -19,13 +19,13 @@ from ..canonical import ChatRequest, ChatResponse, replay_chunks, usage_chunk
 from ..config import HTTPConfig, ProviderConfig
 from .anthropic_mapping import (AnthropicStreamDecoder, AnthropicStreamError, anthropic_response_to_canonical,
                                 canonical_to_anthropic_request)
-from .base import Provider, iter_chunks
+from .base import MappedProvider, iter_chunks
 from .sse import sse_from_chunks
 
 DEFAULT_VERSION = "2023-06-01"
 
 
-class AnthropicProvider(Provider):
+class AnthropicProvider(MappedProvider):
     wire = "anthropic"
 
     def __init__(self, cfg: ProviderConfig, http: HTTPConfig):
@@ -69,14 +69,6 @@ class AnthropicProvider(Provider):
         if op == "embed":
             return None  # embed() answers "unsupported" (a 400) without an upstream call
         return self.body(req, op == "stream")
-
-    async def chat(self, req: ChatRequest) -> ChatResponse:
-        res: ChatResponse = await self.send(req, "chat", self.prepare(req, "chat"))
-        return res
-
-    async def stream(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
-        res: AsyncIterator[dict[str, Any]] = await self.send(req, "stream", self.prepare(req, "stream"))
-        return res
 
     async def send(self, req: Any, op: str, wire: Any) -> Any:
         if op == "embed":

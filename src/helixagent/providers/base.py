@@ -216,6 +216,19 @@ class Provider:
                             provider=self.name, kind="upstream_4xx")
 
 
+class MappedProvider(Provider):
+    """An adapter with its own mapping step (``prepare``) and upstream exchange (``send``): the one-call
+    operations are both steps.  ``send`` handles "chat" and "stream" (and "embed" where the vendor has it)."""
+
+    async def chat(self, req: ChatRequest) -> ChatResponse:
+        res: ChatResponse = await self.send(req, "chat", self.prepare(req, "chat"))
+        return res
+
+    async def stream(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+        res: AsyncIterator[dict[str, Any]] = await self.send(req, "stream", self.prepare(req, "stream"))
+        return res
+
+
 def extract_error(body: bytes) -> tuple[str | None, str | None]:
     """Pull (message, type) out of an OpenAI-, Anthropic- or Google-shaped error body."""
     try:

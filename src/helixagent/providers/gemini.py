@@ -8,12 +8,12 @@ from typing import Any, AsyncIterator
 
 import orjson
 
-from ..canonical import (ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingResponse, Usage, replay_chunks,
+from ..canonical import (ChatResponse, EmbeddingRequest, EmbeddingResponse, Usage, replay_chunks,
                          usage_chunk)
 from ..config import HTTPConfig, ProviderConfig
 from ..errors import GatewayError, bad_request
 from ..tokens import estimate_text
-from .base import Provider, iter_chunks
+from .base import MappedProvider, iter_chunks
 from .checks import check_embedding
 from .gemini_mapping import (_GOOGLE_STATUS, GeminiStreamDecoder, StreamErrorEvent, canonical_to_gemini_request,
                              gemini_response_to_canonical, google_error)
@@ -33,7 +33,7 @@ def _vectors(vecs: list[Any], fmt: str) -> list[dict[str, Any]]:
     return out
 
 
-class GeminiProvider(Provider):
+class GeminiProvider(MappedProvider):
     wire = "gemini"
 
     def __init__(self, cfg: ProviderConfig, http: HTTPConfig):
@@ -76,14 +76,6 @@ class GeminiProvider(Provider):
         if op == "embed":
             return self._embed_request(req)
         return orjson.dumps(canonical_to_gemini_request(req, self.unsupported))
-
-    async def chat(self, req: ChatRequest) -> ChatResponse:
-        res: ChatResponse = await self.send(req, "chat", self.prepare(req, "chat"))
-        return res
-
-    async def stream(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
-        res: AsyncIterator[dict[str, Any]] = await self.send(req, "stream", self.prepare(req, "stream"))
-        return res
 
     async def embed(self, req: EmbeddingRequest) -> EmbeddingResponse:
         res: EmbeddingResponse = await self.send(req, "embed", self.prepare(req, "embed"))

@@ -11,12 +11,12 @@ import orjson
 from ..canonical import ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingResponse, Usage, replay_chunks
 from ..config import HTTPConfig, ProviderConfig
 from ..errors import GatewayError
-from .base import Provider, extract_error, iter_chunks
+from .base import MappedProvider, extract_error, iter_chunks
 from .checks import check_chat, check_embedding
 from .sse import sse_from_chunks
 
 
-class OpenAIProvider(Provider):
+class OpenAIProvider(MappedProvider):
     wire = "openai"
 
     def __init__(self, cfg: ProviderConfig, http: HTTPConfig):
@@ -71,14 +71,6 @@ class OpenAIProvider(Provider):
         return self.body(req, op == "stream")
 
     # -- operations --------------------------------------------------------------------------------
-    async def chat(self, req: ChatRequest) -> ChatResponse:
-        res: ChatResponse = await self.send(req, "chat", self.prepare(req, "chat"))
-        return res
-
-    async def stream(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
-        res: AsyncIterator[dict[str, Any]] = await self.send(req, "stream", self.prepare(req, "stream"))
-        return res
-
     async def embed(self, req: EmbeddingRequest) -> EmbeddingResponse:
         res: EmbeddingResponse = await self.send(req, "embed", self.prepare(req, "embed"))
         return res
