@@ -169,10 +169,6 @@ async def get_model(gw: GatewayLike, req: Request, rest: str) -> None:
         await _answer_error(req, exc)
 
 
-async def not_found(gw: GatewayLike, req: Request, rest: str) -> None:
-    await _answer_error(req, GatewayError(404, f"no such endpoint: {req.method} {req.path}", code="unknown_url"))
-
-
 class GeminiFeatureStage(Stage):
     """After auth: fits a Gemini-format request to the provider the router will try first
     (:func:`gemini_format.adapt`): Gemini-only fields for a Gemini provider, dropped hints or a clear 400
@@ -212,8 +208,6 @@ def install(gw: GatewayLike) -> None:
         gw.prefix_route("POST", prefix + "models/", post_model)
     gw.route("GET", "/v1beta/models", list_models)
     gw.prefix_route("GET", "/v1beta/models/", get_model)
-    for method in ("GET", "POST"):
-        gw.prefix_route(method, "/v1beta/", not_found)
     # /v1/models and /v1/models/{id} are the OpenAI API's too: a Google-style request gets the Gemini answer
     openai_list = gw.routes.get(("GET", "/v1/models"))
     if openai_list is not None:
