@@ -24,7 +24,10 @@ ACTIONS = {
     ("GET", "/health"): "health",
     ("GET", "/v1/usage"): "usage",
     ("GET", "/admin/keys"): "admin", ("POST", "/admin/keys"): "admin", ("POST", "/admin/keys/"): "admin",
+    ("POST", "/v1beta/models/"): "completions", ("POST", "/v1/models/"): "completions",
+    ("GET", "/v1beta/models"): "models", ("GET", "/v1beta/models/"): "models",
 }
+GEMINI = {("POST", "/v1beta/models/"), ("POST", "/v1/models/"), ("GET", "/v1beta/models"), ("GET", "/v1beta/models/")}
 
 
 def _request(gw, method: str, path: str, key: str | None) -> httpx.Response:
@@ -43,7 +46,13 @@ def _request(gw, method: str, path: str, key: str | None) -> httpx.Response:
         h["anthropic-version"] = "2023-06-01"
     elif path == "/admin/keys" and method == "POST":
         body = {"role": "readonly", "user_id": "matrix"}
-    if path == "/v1/models/":
+    if (method, path) in GEMINI:  # the Gemini API (api/gemini_routes.py)
+        if method == "POST":
+            body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+            path += MODEL + ":generateContent"
+        elif path.endswith("/"):
+            path += MODEL
+    elif path == "/v1/models/":
         path = "/v1/models/" + MODEL
     elif path == "/v1/responses/":
         path = "/v1/responses/resp_matrix"
@@ -85,6 +94,9 @@ def test_role_matrix(matrix_gw):
             if role is None:
                 assert r.status_code == 401, where
                 err = r.json()["error"]
+                if (method, path) in GEMINI:
+                    assert err["status"] == "UNAUTHENTICATED", where
+                    continue
                 assert err["type"] == "authentication_error" if path != "/v1/messages" else True, where
                 continue
             if action is None:  # a route this matrix does not know yet: only authentication is asserted
@@ -96,7 +108,9 @@ def test_role_matrix(matrix_gw):
                 body = r.json()
                 msg = body["error"]["message"]
                 assert role in msg and action in msg, where
-                if path != "/v1/messages":
+                if (method, path) in GEMINI:
+                    assert body["error"]["status"] == "PERMISSION_DENIED", where
+                elif path != "/v1/messages":
                     assert body["error"]["type"] == "permission_error", where
             checked += 1
     assert checked >= 13 * 4, checked  # every known endpoint x the four authenticated callers

@@ -11,7 +11,7 @@ from .gateway_types import GatewayLike
 
 def install_features(gw: GatewayLike) -> None:
     from . import auth, cache, limits, routing
-    from .api import anthropic_routes, openai_routes, responses_routes
+    from .api import anthropic_routes, gemini_routes, openai_routes, responses_routes
     from .observability import stage as observability
     from .store import record
 
@@ -21,6 +21,7 @@ def install_features(gw: GatewayLike) -> None:
     auth.install(gw)
     anthropic_routes.install(gw)  # after auth: /v1/messages and its provider-feature check
     responses_routes.install(gw)  # after auth: /v1/responses, its store and its native/translated check
+    gemini_routes.install(gw)  # after auth: /v1beta/models/{model}:generateContent ... and its provider fit
     limits.install(gw)
     cache.install(gw)  # the last stage before the router; wraps the router's handler for de-duplication
     routing.install(gw)

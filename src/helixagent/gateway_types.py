@@ -32,6 +32,7 @@ class GatewayLike(Protocol):
     router: Router
     services: dict[str, Any]          # shared services (store, limiter, cache, metrics, auth, health...)
     routes: dict[tuple[str, str], RouteHandler]
+    prefix_routes: list[tuple[str, str, PrefixHandler]]
     chat_pipeline: Pipeline
     embed_pipeline: Pipeline
     http_done: HttpDone | None

@@ -317,6 +317,8 @@ async def send_sse(req: Request, status: int, headers: dict[str, Any] | None,
     event).  Raises :class:`ResponseFailed` (``events`` untouched) when the server refuses the head."""
     send = req.send
     h = list(SSE_HEADERS)
+    if headers and "content-type" in headers:  # a stream in another framing (Gemini's JSON-array stream)
+        h = [x for x in h if x[0] != b"content-type"]
     h.extend(_hdrs(headers))
     await start_response(send, status, h)
     task = asyncio.current_task()
