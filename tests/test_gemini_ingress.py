@@ -420,3 +420,40 @@ def test_limits_apply_to_the_gemini_format(gw: Any) -> None:
     path = "/v1beta/models/gpt-4o-mini:generateContent"
     assert post(gw, path, HELLO, {"x-goog-api-key": k}).status_code == 200
     google_error(post(gw, path, HELLO, {"x-goog-api-key": k}), 429, "RESOURCE_EXHAUSTED")
+
+
+# -- fallback: a Gemini-only field is never served silently by a provider of another kind -------------------
+def _fallback_gw(make_gateway: Any, up: dict[str, Any]) -> Any:
+    return make_gateway({"auth": {"master_key": MASTER},
+                         "providers": [up["gemini"].provider(max_retries=0, fallback_to=["openai"]),
+                                       up["openai"].provider(max_retries=0, priority=2,
+                                                             models=["gpt-4o-mini", "gemini-2.0-flash"])],
+                         "routing": {"retries": {"max_attempts": 1}}})
+
+
+def test_fallback_refuses_a_gemini_only_field(make_gateway: Any, up: dict[str, Any]) -> None:
+    """Gemini is down; the request uses cachedContent, which only Gemini serves: OpenAI is skipped (never
+    called) and the client gets Gemini's failure, not an answer that ignored the cached content."""
+    gw = _fallback_gw(make_gateway, up)
+    for _ in range(3):
+        up["gemini"].push(Fault(status=503))
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "cachedContent": "cachedContents/abc"}
+    r = httpx.post(f"{gw.url}/v1beta/models/gemini-2.0-flash:generateContent", json=body,
+                   headers={"x-goog-api-key": MASTER}, timeout=20)
+    assert r.status_code == 503, r.text
+    assert "cachedContent" in r.json()["error"]["message"], r.text
+    assert up["openai"].calls == []
+
+
+def test_fallback_gets_no_gemini_only_hint(make_gateway: Any, up: dict[str, Any]) -> None:
+    """Gemini is down; safetySettings (a hint) must not reach the OpenAI fallback, which serves the request."""
+    gw = _fallback_gw(make_gateway, up)
+    for _ in range(3):
+        up["gemini"].push(Fault(status=503))
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+            "safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]}
+    r = httpx.post(f"{gw.url}/v1beta/models/gemini-2.0-flash:generateContent", json=body,
+                   headers={"x-goog-api-key": MASTER}, timeout=20)
+    assert r.status_code == 200, r.text
+    sent = up["openai"].calls[-1]["body"]
+    assert "safetySettings" not in sent and "generationConfig" not in sent, sent

@@ -83,6 +83,9 @@ class ChatRequest:
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     # the client's query string for the vendor's own endpoint (``beta=true`` on /v1/messages), re-encoded
     anthropic_query: str | None = None
+    # (wire, param): the request uses a field only a provider of that wire format serves (e.g. Gemini's
+    # ``cachedContent``), so any other candidate -- a fallback too -- refuses it (``refusal_for``)
+    only_for: tuple[str, str] | None = None
 
     @property
     def max_tokens(self) -> int | None:
@@ -93,7 +96,13 @@ class ChatRequest:
         """A 400 GatewayError when ``provider`` cannot serve this request as asked, by a rule of the client
         format it came in (the router asks it of every candidate before mapping: a fallback that cannot
         serve it is skipped); None for a plain chat request."""
-        return None
+        of = self.only_for
+        if of is None or provider.cfg.wire == of[0]:
+            return None
+        from .errors import GatewayError
+        return GatewayError(400, f"'{of[1]}' needs a {of[0]} provider, and provider {provider.name!r} "
+                                 f"({provider.cfg.type}) cannot serve it; route the model to a {of[0]} provider "
+                                 "or remove it", code="unsupported_feature", param=of[1], provider=provider.name)
 
     def copy_for(self, model: str) -> Self:
         """The same request (of the same class, every field kept) for another model."""

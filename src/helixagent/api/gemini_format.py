@@ -366,6 +366,13 @@ def from_body(body: dict[str, Any], path_model: str, known_providers: Any, strea
                        provider=provider, endpoint="chat"), helix
 
 
+def _native_names(native: dict[str, Any]) -> list[str]:
+    """The Gemini-only fields of a request, as the client named them."""
+    names = [*native["top"], *(f"generationConfig.{k}" for k in native["gen"])]
+    names.extend(f"tools[{i}].{next(iter(t))}" for i, t in enumerate(native["tools"]))
+    return names
+
+
 def adapt(req: ChatRequest, native: dict[str, Any], provider: Any) -> list[str]:
     """Fit the request to the provider the router will try first (in place): Gemini-only fields are added
     for a Gemini provider; elsewhere they are dropped (hints) or refused (a 400 naming the field).
@@ -373,17 +380,16 @@ def adapt(req: ChatRequest, native: dict[str, Any], provider: Any) -> list[str]:
     wire = provider.cfg.wire
     p = req.params
     if wire == "gemini":
-        p.update(native["top"])
-        if native["gen"]:
-            p["generationConfig"] = dict(native["gen"])
-        if native["tools"]:
-            p["tools"] = list(p.get("tools") or ()) + native["tools"]
+        # carried beside the canonical request, sent by a Gemini provider only (providers/gemini_mapping.py);
+        # a fallback of another kind never sees them, and refuses the request if one changes its meaning
+        req.extra = {**req.extra, "gemini": native}
+        for name in _native_names(native):
+            if name not in _DROPPABLE:
+                req.only_for = ("gemini", name)
+                break
         return []
     dropped: list[str] = []
-    wanted = [*native["top"], *(f"generationConfig.{k}" for k in native["gen"])]
-    for i, t in enumerate(native["tools"]):
-        wanted.append(f"tools[{i}].{next(iter(t))}")
-    for name in wanted:
+    for name in _native_names(native):
         if name in _DROPPABLE:
             dropped.append(name)
             continue

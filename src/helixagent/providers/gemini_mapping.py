@@ -251,6 +251,13 @@ def canonical_to_gemini_request(req: ChatRequest, unsupported: Any = None) -> di
         body["systemInstruction"] = {"parts": system}
     gen: dict[str, Any] = {}
     p = req.params
+    ext = req.extra.get("gemini")
+    if ext:  # the Gemini ingress's own fields (api/gemini_format.py): top level, generationConfig, native tools
+        p = {**p, **ext["top"]}
+        if ext["gen"]:
+            p["generationConfig"] = {**(p.get("generationConfig") or {}), **ext["gen"]}
+        if ext["tools"]:
+            p["tools"] = [*(p.get("tools") or ()), *ext["tools"]]
     mt = req.max_tokens
     if mt is not None:
         gen["maxOutputTokens"] = mt
