@@ -21,7 +21,7 @@ from ..pipeline import RequestContext, Stage
 from ..tokens import estimate_messages
 from . import gemini_format as gfmt
 from .http import Request, send_json
-from .openai_routes import base_headers, new_context, respond, serve_chat
+from .openai_routes import base_headers, new_context, respond, run_embeddings, serve_chat
 
 _PREFIXES = ("/v1beta/", "/v1/")
 _PIPELINE_FLAG = "helixagent.pipeline_prefix"
@@ -86,20 +86,13 @@ async def _count_tokens(gw: GatewayLike, req: Request, model: str) -> None:
 
 
 async def _embed(gw: GatewayLike, req: Request, model: str, batch: bool) -> None:
-    from .openai_routes import _parse
     req.scope[_PIPELINE_FLAG] = True
     ctx = new_context(gw, req, "embeddings", "gemini")
     parse = gfmt.parse_batch_embed if batch else gfmt.parse_embed
-    parsed = await _parse(gw, req, ctx, lambda raw: parse(raw, model, gw.providers))
-    pipeline = gw.embed_pipeline
-    if parsed is None:
-        entered = await pipeline.run_rejected(ctx)
-    else:
-        ctx.request = parsed
-        entered = await pipeline.run(ctx)
-    if ctx.client_disconnected:
-        await pipeline.finish(ctx, entered)
+    entered = await run_embeddings(gw, req, ctx, lambda raw: parse(raw, model, gw.providers))
+    if entered is None:
         return
+    pipeline = gw.embed_pipeline
     h = base_headers(ctx)
     if ctx.error is not None:
         h.update(ctx.error.response_headers())

@@ -195,9 +195,10 @@ async def _sse_frames(ctx: RequestContext, chunks: AsyncIterator[dict[str, Any]]
         yield _DONE
 
 
-async def embeddings(gw: GatewayLike, req: Request) -> None:
-    ctx = new_context(gw, req, "embeddings")
-    parsed = await _parse(gw, req, ctx, lambda raw: fmt.parse_embeddings(raw, gw.providers))
+async def run_embeddings(gw: GatewayLike, req: Request, ctx: RequestContext, parser: Any) -> list[Stage] | None:
+    """Parse the body with ``parser`` and run the embeddings pipeline (any client format); None when the
+    client left meanwhile (the request is finished and recorded then), else the stages entered."""
+    parsed = await _parse(gw, req, ctx, parser)
     pipeline = gw.embed_pipeline
     if parsed is None:
         entered = await pipeline.run_rejected(ctx)
@@ -206,7 +207,16 @@ async def embeddings(gw: GatewayLike, req: Request) -> None:
         entered = await pipeline.run(ctx)
     if ctx.client_disconnected:
         await pipeline.finish(ctx, entered)
+        return None
+    return entered
+
+
+async def embeddings(gw: GatewayLike, req: Request) -> None:
+    ctx = new_context(gw, req, "embeddings")
+    entered = await run_embeddings(gw, req, ctx, lambda raw: fmt.parse_embeddings(raw, gw.providers))
+    if entered is None:
         return
+    pipeline = gw.embed_pipeline
     if ctx.error is not None:
         await _send_error(req, ctx, pipeline, entered)
         return
