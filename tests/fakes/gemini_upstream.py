@@ -7,7 +7,8 @@ Google's 400 INVALID_ARGUMENT with reason API_KEY_INVALID).  Requests are valida
 (unknown field names, roles, Schema keywords, functionResponse without a matching functionCall).
 
 Behaviour: with function declarations and mode != NONE the model calls the first (or the only allowed)
-function with ``{"q": <last user text>}``; otherwise it echoes the last user text.  A prompt containing
+function with ``{"q": <last user text>}`` (or, when :attr:`FakeGemini.tool_args` is set, with exactly those
+arguments and only while the contents hold no ``functionResponse``: a scripted tool loop); otherwise it echoes the last user text.  A prompt containing
 ``BLOCKME`` is blocked (``promptFeedback.blockReason: SAFETY``, no candidates); ``UNSAFE`` ends the
 candidate with finishReason SAFETY.
 
@@ -84,6 +85,7 @@ class FakeGemini:
         self.faults: list[Fault] = []
         self.thoughts = 0   # thoughtsTokenCount to report
         self.signature: str | None = None  # thoughtSignature to attach to function calls
+        self.tool_args: dict[str, Any] | None = None  # scripted tool loop (see the module docstring)
         app = web.Application()
         app.router.add_post("/v1beta/models/{target}", self.dispatch)
         self.server = AiohttpServer(app)
@@ -100,6 +102,7 @@ class FakeGemini:
         self.faults.clear()
         self.thoughts = 0
         self.signature = None
+        self.tool_args = None
 
     def close(self) -> None:
         self.server.close()
@@ -238,10 +241,12 @@ class FakeGemini:
         decls = [d for t in body.get("tools") or () for d in t.get("functionDeclarations") or ()]
         fcc = (body.get("toolConfig") or {}).get("functionCallingConfig") or {}
         call = None
-        if decls and fcc.get("mode", "AUTO") != "NONE":
+        answered = self.tool_args is not None and any(
+            "functionResponse" in p for c in body["contents"] for p in c["parts"])
+        if decls and fcc.get("mode", "AUTO") != "NONE" and not answered:
             allowed = fcc.get("allowedFunctionNames")
             d = next((x for x in decls if x["name"] in allowed), decls[0]) if allowed else decls[0]
-            call = {"name": d["name"], "args": {"q": text}}
+            call = {"name": d["name"], "args": self.tool_args if self.tool_args is not None else {"q": text}}
         n = gc.get("candidateCount") or 1
         out_tokens = len(words) if call is None else 9
         usage: dict[str, Any] = {"promptTokenCount": prompt_tokens, "candidatesTokenCount": out_tokens * n,

@@ -22,6 +22,12 @@ content), and returns OpenAI's error bodies.  Tests queue faults with
 * ``Fault(json_answer=True)`` -- answer a streamed request with the plain JSON completion (as some
   OpenAI-compatible servers do when they ignore ``stream: true``)
 
+Scripted tool loop: set :attr:`FakeOpenAI.tool_args` (e.g. ``{"city": "Paris"}``) and the model calls the
+first function tool with exactly those arguments while the conversation holds no tool result, then answers
+text (the echo of ``tool said <output>``) once a ``tool`` message / ``function_call_output`` is there -- so
+an agent framework runs a whole loop.  Unset (the default), it calls the tool with ``{"q": <last user text>}``
+whenever tools are offered.
+
 Each call is recorded in :attr:`FakeOpenAI.calls`; ``call["disconnected"]`` becomes True when the
 gateway closed the connection while the fake was still waiting (a delay, a hang or a stall).
 """
@@ -90,6 +96,7 @@ class FakeOpenAI:
         self.inflight = 0
         self.max_inflight = 0
         self.generation = 0
+        self.tool_args: dict[str, Any] | None = None  # scripted tool loop (see the module docstring)
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
@@ -113,6 +120,7 @@ class FakeOpenAI:
         self.calls.clear()
         self.faults.clear()
         self.sticky = None
+        self.tool_args = None
 
     def close(self) -> None:
         self.server.close()
@@ -177,6 +185,9 @@ class FakeOpenAI:
 
     def _answer(self, body: dict[str, Any]) -> list[str]:
         text = self._last_user(body)
+        last = (body.get("messages") or [{}])[-1]
+        if self.tool_args is not None and last.get("role") == "tool":   # scripted loop: answer from the result
+            text = "tool said " + str(last.get("content"))
         words = [f"echo:{w}" for w in text.split()][: self.words] or ["ok"]
         mt = body.get("max_tokens") or body.get("max_completion_tokens")
         if mt:
@@ -210,10 +221,12 @@ class FakeOpenAI:
         words = self._answer(body)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) + 4 for m in body["messages"])
         tool_call = None
-        if tools and body.get("tool_choice") != "none":
+        answered = self.tool_args is not None and any(m.get("role") == "tool" for m in body["messages"])
+        if tools and body.get("tool_choice") != "none" and not answered:
             fn = tools[0]["function"]["name"]
+            args = self.tool_args if self.tool_args is not None else {"q": self._last_user(body)}
             tool_call = {"id": "call_fake1", "type": "function",
-                         "function": {"name": fn, "arguments": orjson.dumps({"q": self._last_user(body)}).decode()}}
+                         "function": {"name": fn, "arguments": orjson.dumps(args).decode()}}
         completion_tokens = len(words) if tool_call is None else 12
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
@@ -376,9 +389,13 @@ class FakeOpenAI:
         fn_tools = [t for t in body.get("tools") or [] if t.get("type") == "function"]
         last = (body.get("input") or [{}])[-1] if isinstance(body.get("input"), list) else {}
         call = None
-        if fn_tools and body.get("tool_choice") != "none" and last.get("type") != "function_call_output":
+        answered = last.get("type") == "function_call_output"
+        if self.tool_args is not None and isinstance(body.get("input"), list):
+            answered = any(isinstance(i, dict) and i.get("type") == "function_call_output" for i in body["input"])
+        if fn_tools and body.get("tool_choice") != "none" and not answered:
+            args = self.tool_args if self.tool_args is not None else {"q": text}
             call = {"id": f"fc_fake{n}", "type": "function_call", "status": "completed", "call_id": f"call_fake{n}",
-                    "name": fn_tools[0]["name"], "arguments": orjson.dumps({"q": text}).decode()}
+                    "name": fn_tools[0]["name"], "arguments": orjson.dumps(args).decode()}
         out: list[dict[str, Any]] = []
         reasoning = None
         if (body.get("reasoning") or {}).get("effort") not in (None, "none"):
