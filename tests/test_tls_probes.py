@@ -302,12 +302,31 @@ def test_readyz_with_a_refused_redis_and_a_live_one(tmp_path):
         gw.close()
 
 
+def test_readyz_is_ready_while_records_spool_for_an_unreachable_database(tmp_path):
+    """PostgreSQL away: requests are served and their records spooled, which is ready (``spooling``)."""
+    gw = GatewayServer({"database": {"url": f"postgresql://postgres@127.0.0.1:{dead_port()}/test",
+                                     "spool_dir": str(tmp_path / "spool"), "retry_interval": "30s"}})
+    try:
+        r = httpx.post(gw.url + "/v1/chat/completions", timeout=10, json={
+            "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "spool me"}]})
+        assert r.status_code == 200, r.text
+
+        def spooling() -> bool:
+            r = httpx.get(gw.url + "/readyz", timeout=5)
+            return r.status_code == 200 and r.json()["checks"]["database"] == "spooling"
+        assert wait_until(spooling, timeout=15, interval=0.2), httpx.get(gw.url + "/readyz").text
+        assert "postgres@" not in httpx.get(gw.url + "/readyz", timeout=5).text
+    finally:
+        gw.close()
+
+
 # -- SIGTERM: readiness first, then the drain ---------------------------------------------------------------------
-def test_sigterm_fails_readiness_first_then_drains_and_exits_0(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_fails_readiness_first_then_drains_and_exits_0(tmp_path, workers):
     port = free_port()
     delay = 2.0
     proc, logpath = start_serve(tmp_path, write_config(tmp_path, port, drain_readiness_delay=f"{delay}s",
-                                                      drain_timeout="5s"))
+                                                      drain_timeout="5s", workers=workers))
     try:
         url = f"http://127.0.0.1:{port}"
         wait_up(proc, logpath, url)
@@ -333,5 +352,44 @@ def test_sigterm_fails_readiness_first_then_drains_and_exits_0(tmp_path):
         assert code == 0, logpath.read_text()
         assert took >= delay - 0.2, took
         assert "SIGTERM: not ready" in logpath.read_text()
+    finally:
+        stop(proc)
+
+
+def test_sigterm_lets_a_running_stream_finish_and_refuses_new_work(tmp_path, fake_openai):
+    """No readiness delay: SIGTERM mid-stream -> the stream still ends with [DONE] (within drain_timeout),
+    no new request is served, and the process exits 0."""
+    from fakes.openai_upstream import Fault
+    port = free_port()
+    cfgfile = write_config(tmp_path, port, drain_timeout="20s")
+    cfg = yaml.safe_load(cfgfile.read_text())
+    cfg["providers"] = [{"name": "openai", "type": "openai", "base_url": fake_openai.base_url,
+                         "api_key": fake_openai.api_key}]
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    proc, logpath = start_serve(tmp_path, cfgfile)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_up(proc, logpath, url)
+        fake_openai.push(Fault(chunk_delay=0.3))
+        lines: list[str] = []
+        with httpx.Client(timeout=30) as c, c.stream("POST", url + "/v1/chat/completions", json={
+                "model": "gpt-4o-mini", "stream": True,
+                "messages": [{"role": "user", "content": "stream through the drain"}]}) as r:
+            assert r.status_code == 200
+            it = r.iter_lines()
+            for line in it:
+                if line.startswith("data: "):
+                    lines.append(line)
+                    break
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(url + "/livez", timeout=1.0)
+            lines.extend(line for line in it if line.startswith("data: "))
+        assert lines[-1] == "data: [DONE]", lines
+        assert len(lines) >= 4, lines
+        assert proc.wait(20) == 0, logpath.read_text()
+        assert time.monotonic() - t0 < 20
     finally:
         stop(proc)

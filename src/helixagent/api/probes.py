@@ -82,7 +82,7 @@ class Readiness:
             w = records.writer
             if w.db_ok:
                 checks["database"] = "ok"
-            elif not w.memory_only and not any(s.failed for s in w.segments):
+            elif not w.memory_only:  # memory_only: records the spool (journal) could not take
                 checks["database"] = "spooling"
             else:
                 checks["database"] = "unreachable, and the spool is failing"
