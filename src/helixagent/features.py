@@ -11,12 +11,13 @@ from .gateway_types import GatewayLike
 
 def install_features(gw: GatewayLike) -> None:
     from . import auth, cache, limits, routing
-    from .api import anthropic_routes, gemini_routes, openai_routes, responses_routes
+    from .api import anthropic_routes, gemini_routes, openai_routes, probes, responses_routes
     from .observability import stage as observability
     from .store import record
 
     observability.install(gw)  # first: outermost stage, its post-hook runs last
     openai_routes.install(gw)
+    probes.install(gw)  # /livez, /readyz (no key), beside /health
     record.install(gw)  # outer stage: records requests rejected by any later stage too
     auth.install(gw)
     anthropic_routes.install(gw)  # after auth: /v1/messages and its provider-feature check

@@ -170,7 +170,36 @@ def check_runtime(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
                 _check_file_writable("database.url (SQLite file)", path, out)
     if cfg.logging.file:
         _check_file_writable("logging.file", cfg.logging.file, out)
+    if cfg.server.tls.enabled:
+        _check_tls(cfg, out)
     return out
+
+
+def _check_tls(cfg: Config, out: list[str]) -> None:
+    """server.tls: the certificate and key exist, are readable and load as a pair (the key is never shown)."""
+    import ssl
+    tls = cfg.server.tls
+    ok = True
+    for where, path in (("server.tls.cert_path (TLS_CERT_PATH)", tls.cert_path),
+                        ("server.tls.key_path (TLS_KEY_PATH)", tls.key_path)):
+        if not path:
+            out.append(f"{where}: not set, and TLS is enabled")
+            ok = False
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            out.append(f"{where}: {path!r} cannot be read ({exc.strerror or exc})")
+            ok = False
+    if ok:
+        assert tls.cert_path and tls.key_path
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                tls.cert_path, tls.key_path, password=lambda: b"")  # never an interactive prompt
+        except ssl.SSLError as exc:
+            out.append(f"server.tls: {tls.cert_path!r} and {tls.key_path!r} are not a PEM certificate and its "
+                       f"unencrypted private key ({exc.reason or 'unreadable'})")
 
 
 def require_runtime(cfg: Config, source: str = "<config>") -> None:

@@ -22,6 +22,12 @@ moves the deadline, not the timer), so a keep-alive request costs no timer opera
 :func:`serve` binds the socket itself (and logs "listening" only once it is bound and the workers are
 up), survives SIGHUP, applies ``drain_timeout`` to the shutdown, and stops the whole server with a
 non-zero status when a worker cannot start instead of respawning it forever.
+
+TLS: with ``server.tls.enabled`` the port speaks HTTPS only (uvicorn's ``ssl_certfile``/``ssl_keyfile``).
+SIGTERM: readiness fails at once (``/readyz`` 503 ``draining``, see api/probes.py); requests are still
+served for ``server.drain_readiness_delay`` (so a load balancer stops sending first), then the server
+stops accepting and running requests get ``drain_timeout`` to finish; a drained SIGTERM exits 0.  A second
+SIGTERM (or SIGINT) during the delay starts the drain at once.
 """
 from __future__ import annotations
 
@@ -41,6 +47,8 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
+
+from . import probes
 
 log = logging.getLogger("helixagent")
 
@@ -301,9 +309,14 @@ class HelixHttpProtocol(HttpToolsProtocol):
 def uvicorn_config(app: Any, server_cfg: Any, **kwargs: Any) -> uvicorn.Config:
     """A uvicorn Config running :class:`HelixHttpProtocol` with the ``server:`` limits."""
     # (uvicorn's own timeout_keep_alive timer is not used: the protocol's one timer covers keep-alive)
+    tls = server_cfg.tls
+    if tls.enabled:
+        kwargs.setdefault("ssl_certfile", tls.cert_path)
+        kwargs.setdefault("ssl_keyfile", tls.key_path)
     config = uvicorn.Config(app, http=HelixHttpProtocol, timeout_graceful_shutdown=server_cfg.drain_timeout,
                             **kwargs)
     config.helix_limits = ServerLimits.from_config(server_cfg)  # type: ignore[attr-defined]
+    config.helix_drain_delay = float(server_cfg.drain_readiness_delay)  # type: ignore[attr-defined]
     return config
 
 
@@ -312,6 +325,31 @@ class HelixServer(uvicorn.Server):
     """uvicorn's Server that survives SIGHUP and says "listening" only once it is."""
 
     announce: str | None = None  # logged once start-up is complete (single worker)
+    _exit_at: float | None = None  # SIGTERM received: the drain begins at this monotonic time
+    _drain_logged = False
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # runs in a signal handler: no logging here (on_tick logs)
+        probes.start_draining()
+        delay: float = getattr(self.config, "helix_drain_delay", 0.0)
+        if sig == signal.SIGTERM and delay > 0 and self._exit_at is None and not self.should_exit:
+            self._exit_at = time.monotonic() + delay
+            return
+        if sig == signal.SIGTERM:
+            # a drained SIGTERM is a normal stop (exit 0): not re-raised after the shutdown as uvicorn does
+            self.should_exit = True
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._exit_at is not None and not self.should_exit:
+            if not self._drain_logged:
+                self._drain_logged = True
+                log.info("SIGTERM: not ready (/readyz 503) for %.3gs, still serving; then draining for up to "
+                         "%.3gs", self._exit_at - time.monotonic(), self.config.timeout_graceful_shutdown or 0)
+            if time.monotonic() >= self._exit_at:
+                self.should_exit = True
+        return await super().on_tick(counter)
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -473,7 +511,8 @@ def serve(server_cfg: Any, host: str, port: int, workers: int, version: str,
         log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
         return 1
     shown = f"[{host}]" if ":" in host else host
-    announce = (f"HelixAgent {version} listening on http://{shown}:{sock.getsockname()[1]} "
+    scheme = "https" if server_cfg.tls.enabled else "http"
+    announce = (f"HelixAgent {version} listening on {scheme}://{shown}:{sock.getsockname()[1]} "
                 f"({workers} worker{'' if workers == 1 else 's'})")
     config = uvicorn_config(app, server_cfg, factory=True, host=host, port=port, workers=workers, loop="uvloop",
                             lifespan="on", access_log=False, log_config=None, server_header=False,
