@@ -264,3 +264,28 @@ def test_logrotate_example_rotates_a_live_file_handler(tmp_path: Path) -> None:
     assert rotated[0].read_text() == "before rotation\n"
     live = log_file.read_bytes()
     assert live == b"after rotation\n"  # no hole of NUL bytes: the handler appends at the truncated end
+
+
+def test_k6_script_matches_the_gateway() -> None:
+    """k6 is not on this machine: check the script's syntax with node (as an ES module) and that it loads
+    the route and checks the header the gateway really serves."""
+    js = ROOT / "deploy" / "loadtest" / "load-test.js"
+    text = js.read_text()
+    assert "/v1/chat/completions" in text and "thresholds" in text and "vus: 100" in text
+    assert "X-Helixagent-Request-Id" in text
+    node = shutil.which("node")
+    assert node, "node is not installed (the real-client tests need it too)"
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        copy = Path(d) / "load-test.mjs"
+        copy.write_text(text)
+        p = subprocess.run([node, "--check", str(copy)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    # the header k6 reads (Go canonicalises names) is the one a completion carries
+    gw = GatewayServer({"providers": [{"name": "mock", "type": "mock"}]})
+    try:
+        r = httpx.post(gw.url + "/v1/chat/completions", json=BODY, timeout=10)
+    finally:
+        gw.close()
+    assert r.status_code == 200 and r.headers.get("x-helixagent-request-id")
+    assert isinstance(r.json()["choices"][0]["message"]["content"], str)
