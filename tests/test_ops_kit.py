@@ -96,6 +96,26 @@ def pg_url() -> Iterator[str]:
     yield from fresh_schema(need_postgres())
 
 
+@pytest.fixture
+def pg_database_url() -> Iterator[str]:
+    """A whole fresh database (public schema, no search_path in the URL): the usual deployment."""
+    import uuid
+
+    import psycopg2
+    base = need_postgres().replace("postgresql+psycopg2://", "postgresql://")
+    name = "helix_ops_" + uuid.uuid4().hex[:10]
+    conn = psycopg2.connect(base)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield base.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
 def round_trip(tmp_path: Path, db_url: str) -> None:
     cfg = write_config(tmp_path, db_url)
     ids = record_through_gateway(cfg, 5)
@@ -132,6 +152,25 @@ def test_sqlite_backup_restore_round_trip(tmp_path: Path) -> None:
 
 def test_postgres_backup_restore_round_trip(tmp_path: Path, pg_url: str) -> None:
     round_trip(tmp_path, pg_url)
+
+
+def test_postgres_whole_database_round_trip(tmp_path: Path, pg_database_url: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # a password in the URL (the test server trusts loopback and ignores it) is never printed by the scripts
+    url = pg_database_url.replace("postgresql://postgres@", "postgresql://postgres:hunter2-ops-secret@")
+    assert "hunter2-ops-secret" in url
+    outputs: list[str] = []
+    real = subprocess.run
+
+    def spy(*a: object, **kw: object) -> object:
+        p = real(*a, **kw)  # type: ignore[call-overload]
+        outputs.append(f"{p.args} {p.stdout} {p.stderr}")
+        return p
+    monkeypatch.setattr(subprocess, "run", spy)
+    round_trip(tmp_path, url)
+    monkeypatch.undo()
+    assert len(outputs) >= 4
+    assert all("hunter2-ops-secret" not in o for o in outputs)
 
 
 def test_sqlite_restore_into_a_missing_database_file(tmp_path: Path) -> None:
