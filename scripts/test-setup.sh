@@ -46,4 +46,14 @@ if command -v npm >/dev/null 2>&1; then
 else
   echo "test-setup: npm not found: the real-client tests (tests/test_real_clients.py) need Node 20+ and npm" >&2
 fi
+# The operations kit (tests/test_ops_kit.py): shellcheck lints deploy/scripts/*.sh and logrotate runs the
+# deploy/logrotate example; the test lints only when shellcheck is there.
+ops_need=""
+command -v shellcheck >/dev/null 2>&1 || ops_need="$ops_need shellcheck"
+command -v logrotate >/dev/null 2>&1 || [ -x /usr/sbin/logrotate ] || ops_need="$ops_need logrotate"
+if [ -n "$ops_need" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $ops_need >/dev/null \
+    || echo "test-setup: could not install$ops_need" >&2
+fi
 exit 0
