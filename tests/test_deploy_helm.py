@@ -295,6 +295,10 @@ def test_service_monitor_scrapes_the_metrics_port() -> None:
     assert sm["metadata"]["name"] and sm["metadata"]["labels"]
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert sm["spec"]["namespaceSelector"] == {"matchNames": ["llm"]}
+    # the job label is the Service's label named by jobLabel: the one the shipped alert rules select on
+    job = svc["metadata"]["labels"][sm["spec"]["jobLabel"]]
+    alerts = (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
+    assert f'up{{job="{job}"}}' in alerts
     (ep,) = sm["spec"]["endpoints"]
     port = next(p for p in svc["spec"]["ports"] if p["name"] == ep["port"])
     assert port["port"] == 9464 and ep["path"] == "/metrics"
