@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, with_config
 from typing_extensions import NotRequired, Required, TypedDict
 
+from .anthropic import RedactedThinkingBlock, ThinkingBlock  # the canonical thinking_blocks are Anthropic's
 from .base import CLOSED, INT32, OPEN, Int64, NonNegInt, PosInt, number, validator
 
 Obj = dict[str, Any]
@@ -138,19 +139,6 @@ class CustomToolCall(TypedDict):
 
 
 ToolCall = Annotated[Union[FunctionToolCall, CustomToolCall], Discriminator("type")]
-
-
-@with_config(OPEN)
-class ThinkingBlock(TypedDict):
-    type: Literal["thinking"]
-    thinking: str
-    signature: NotRequired[str]
-
-
-@with_config(OPEN)
-class RedactedThinkingBlock(TypedDict):
-    type: Literal["redacted_thinking"]
-    data: str
 
 
 @with_config(OPEN)
