@@ -80,6 +80,18 @@ def fake_openai(fake_openai_session: FakeOpenAI) -> Iterator[FakeOpenAI]:
     fake_openai_session.reset()
 
 
+@pytest.fixture(scope="session")
+def fakes() -> Iterator[tuple[Any, Any, Any]]:
+    """One fake upstream per vendor wire format (OpenAI, Anthropic, Gemini), shared by the session; tests
+    reset them before use (a module may define its own ``fakes`` of another shape)."""
+    from fakes.anthropic_upstream import FakeAnthropic
+    from fakes.gemini_upstream import FakeGemini
+    fs = (FakeOpenAI(), FakeAnthropic(), FakeGemini())
+    yield fs
+    for f in fs:
+        f.close()
+
+
 @pytest.fixture
 def make_gateway(tmp_path: Any) -> Iterator[Callable[..., GatewayServer]]:
     """``make_gateway(config_dict)`` starts a gateway on a free port; all are stopped after the test.

@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import orjson
@@ -31,14 +31,6 @@ CLAUDE, GEMINI, GPT = "claude-3-5-haiku-latest", "gemini-2.0-flash", "gpt-4o-min
 MSG = [{"role": "user", "content": "hello there"}]
 BREAKER = {"failure_threshold": 3, "cooldown": "30s", "min_requests": 100}
 RETRIES = {"max_attempts": 2, "backoff_base_ms": 10, "backoff_max_ms": 20}
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[tuple[FakeOpenAI, FakeAnthropic, FakeGemini]]:
-    fs = (FakeOpenAI(), FakeAnthropic(), FakeGemini())
-    yield fs
-    for f in fs:
-        f.close()
 
 
 @pytest.fixture

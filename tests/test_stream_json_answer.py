@@ -5,7 +5,7 @@ Real HTTP end to end: the openai / anthropic SDKs stream from the gateway, whose
 upstreams (tests/fakes) told to answer the stream request with JSON (``Fault(json_answer=True)``)."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import anthropic
 import httpx
@@ -19,14 +19,6 @@ from fakes.openai_upstream import FakeOpenAI, Fault
 
 MSG = [{"role": "user", "content": "hello json world"}]
 EXPECTED = "echo:hello echo:json echo:world"
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[tuple[FakeOpenAI, FakeAnthropic, FakeGemini]]:
-    fs = (FakeOpenAI(), FakeAnthropic(), FakeGemini())
-    yield fs
-    for f in fs:
-        f.close()
 
 
 @pytest.fixture
