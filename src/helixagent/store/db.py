@@ -7,6 +7,11 @@ PostgreSQL server settings may be given the libpq way, ``?options=-csearch_path%
 HelixAgent's tables in their own schema): psycopg2 understands that natively and for asyncpg it is turned
 into ``server_settings``.  SQLite files are opened in WAL mode with a busy timeout so the usage API can
 read while the writer writes, and several processes can share one file.
+
+Pools: :func:`engine_for` builds an engine from ``database:`` -- ``max_open_conns`` (hard cap),
+``max_idle_conns`` / ``pool_size`` (kept when idle), ``conn_max_lifetime`` (recycle), ``pool_timeout``
+(longest wait for a free connection) -- see :func:`pool_kwargs` and docs/records.md.  Each pool names
+itself in PostgreSQL's ``application_name`` (``helixagent``, ``helixagent-keys``, ``helixagent-read``).
 """
 from __future__ import annotations
 

@@ -41,6 +41,8 @@ def _where(url: str) -> str:
     """host:port/database of a URL, for log lines (no user, no password)."""
     from sqlalchemy.engine import make_url
     u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        return f"sqlite:{u.database or ':memory:'}"
     return f"{u.host or 'localhost'}:{u.port or 5432}/{u.database or ''}"
 
 
@@ -58,7 +60,6 @@ class ReadRouter:
         self._clock = clock
         self._down_since: float | None = None    # the replica's last failure (None: it answers)
         self._last_error = ""
-        self.fallbacks = 0                         # reads that fell back to the primary
 
     @property
     def replica_state(self) -> str | None:
@@ -79,7 +80,6 @@ class ReadRouter:
             else:
                 self._recovered()
                 return result, REPLICA
-        self.fallbacks += 1
         return await fn(self.primary), FALLBACK
 
     async def probe(self, timeout: float) -> str | None:
