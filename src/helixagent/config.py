@@ -96,6 +96,20 @@ class ProviderConfig(Strict):
     # Adapt a request this provider cannot serve as asked (clamp/drop parameters, named in the
     # x-helixagent-dropped-params header) instead of skipping it; None = the route's or routing's setting.
     drop_params: bool | None = None
+    # Concurrency caps (per gateway process) served by a priority queue (routing/queue.py, docs/routing.md
+    # "Queues and priorities"); http.max_conns_per_host caps every provider too.  queue_timeout_ms: the
+    # longest wait for a slot (None = routing.queue.timeout_ms).
+    max_concurrency: int | None = Field(default=None, ge=1)
+    models_concurrency: dict[str, int] = Field(default_factory=dict)
+    queue_timeout_ms: int | None = Field(default=None, ge=0)
+
+    @field_validator("models_concurrency")
+    @classmethod
+    def _model_caps(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = [m for m, n in v.items() if isinstance(n, bool) or n < 1]
+        if bad:
+            raise ValueError(f"models_concurrency: the cap of {', '.join(map(repr, bad))} must be at least 1")
+        return v
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> "ProviderConfig":
@@ -263,6 +277,20 @@ class RouteConfig(Strict):
     drop_params: bool | None = None
 
 
+class QueueConfig(Strict):
+    """``routing.queue``: how requests wait for a provider's concurrency slot (docs/routing.md)."""
+    timeout_ms: int = Field(default=30000, ge=0)  # longest wait for a slot (0: 503 at once when busy)
+    max_waiting: int = Field(default=10000, ge=1)  # waiters per provider; beyond: 503 at once
+    fair_share: Literal["api_key", "user", "application"] = "api_key"  # whose share is weighed
+
+
+class EmbeddingCoalesceConfig(Strict):
+    """``routing.embedding_coalesce``: concurrent embedding requests sent upstream as one call."""
+    enabled: bool = False
+    window_ms: float = Field(default=5.0, ge=0, le=1000)  # how long the first request waits for company
+    max_inputs: int = Field(default=256, ge=2, le=2048)  # inputs per combined call (a full batch leaves at once)
+
+
 class RoutingConfig(Strict):
     strategy: Literal["priority", "cost", "latency", "weighted"] = "priority"
     aliases: dict[str, list[AliasTarget]] = Field(default_factory=dict)
@@ -285,6 +313,8 @@ class RoutingConfig(Strict):
     rate_limit_cooldown_max: float = Field(default=60.0, ge=0)
     rate_limit_cooldown_default: float = Field(default=1.0, ge=0)
     rate_limit_cooldown_after: int = Field(default=3, ge=1)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    embedding_coalesce: EmbeddingCoalesceConfig = Field(default_factory=EmbeddingCoalesceConfig)
 
     _rl = field_validator("rate_limit_cooldown_max", "rate_limit_cooldown_default",
                           mode="before")(lambda v: parse_duration(v))

@@ -13,7 +13,7 @@ import itertools
 import logging
 import os
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal
 
 from .canonical import ChatResponse, StreamAccumulator, Usage
 from .errors import GatewayError
@@ -54,6 +54,12 @@ class Identity:
         self.is_master = is_master
 
 
+# A request's priority in the provider queues (routing/queue.py): set it on ``RequestContext.priority``
+# before running the pipeline (the batch runner sets "low"); left None, the priority stage takes it from
+# the x-helixagent-priority header or the key's default (routing/priority.py).
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+
 ANONYMOUS_LOCAL = Identity(key_id=None, user_id=None, application=None, role="admin")
 
 
@@ -64,7 +70,7 @@ class RequestContext:
         "stream", "error", "status", "usage", "cost", "cache_status", "streamed", "first_token_at",
         "finished_at", "response_headers", "attempts", "fallbacks", "retries", "state", "stream_listeners",
         "candidates_tried", "estimated_tokens", "client_disconnected", "upstream_latency", "status_sent",
-        "outcome",
+        "outcome", "priority",
     )
 
     def __init__(self, endpoint: str, client_format: str = "openai", request_id: str | None = None,
@@ -111,6 +117,7 @@ class RequestContext:
         # sent), and how the response ended (see OUTCOMES; set by finish() unless a caller knows better)
         self.status_sent: int | None = None
         self.outcome: str | None = None
+        self.priority: Priority | None = None  # see PRIORITIES; None until the priority stage resolves it
 
     @property
     def latency(self) -> float:

@@ -12,7 +12,7 @@ import datetime as dt
 import hashlib
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, select, update
@@ -52,6 +52,11 @@ class KeyLimits(BaseModel):
     tokens_per_month: int | None = Field(default=None, ge=0)
     cost_per_day: float | None = Field(default=None, ge=0)
     cost_per_month: float | None = Field(default=None, ge=0)
+    # the provider queues (routing/queue.py): the priority of a request that sends no
+    # x-helixagent-priority header, the highest one it may ask for, and the key's weight in the fair share
+    priority: Literal["high", "normal", "low"] | None = None
+    max_priority: Literal["high", "normal", "low"] | None = None
+    queue_weight: float | None = Field(default=None, gt=0, le=1000)
 
 
 def validate_limits(data: Any) -> dict[str, Any]:
@@ -65,7 +70,8 @@ def validate_limits(data: Any) -> dict[str, Any]:
         e = exc.errors()[0]
         name = ".".join(str(x) for x in e["loc"])
         msg = "unknown limit (use requests_per_minute, tokens_per_minute, tokens_per_day, tokens_per_month, " \
-              "cost_per_day, cost_per_month)" if e["type"] == "extra_forbidden" else e["msg"]
+              "cost_per_day, cost_per_month, priority, max_priority, queue_weight)" \
+            if e["type"] == "extra_forbidden" else e["msg"]
         raise GatewayError(400, f"limits.{name}: {msg}", param=f"limits.{name}", code="invalid_value") from None
 
 

@@ -32,6 +32,7 @@ from ..providers import Provider
 from ..tokens import estimate_messages
 from . import adapt, costs
 from .health import DENIED, NORMAL, OPEN, Health, ProviderHealth, Throttle
+from .queue import BudgetSpent, LeasedStream, ProviderQueue, Queues
 
 log = logging.getLogger("helixagent.routing")
 
@@ -44,7 +45,7 @@ _NONE: list[Any] = []  # a shared empty list (never appended to)
 
 class Candidate:
     __slots__ = ("provider", "model", "health", "price", "per_request_limit", "timeout", "max_attempts",
-                 "weight", "name", "throttle", "drop_params")
+                 "weight", "name", "throttle", "drop_params", "queue")
 
     def __init__(self, provider: Provider, model: str):
         self.provider = provider
@@ -58,6 +59,7 @@ class Candidate:
         self.max_attempts = 1
         self.weight = provider.cfg.weight
         self.drop_params = False  # adapt a request it cannot serve as asked (adapt.py) instead of skipping
+        self.queue: ProviderQueue | None = None  # its concurrency cap's queue (queue.py), when capped
 
     def __repr__(self) -> str:
         return f"Candidate({self.provider.name}, {self.model})"
@@ -122,6 +124,10 @@ class Router:
         self._rl = (g.rate_limit_cooldown_max, g.rate_limit_cooldown_default, g.rate_limit_cooldown_after)
         # process-wide counters (the metrics exporter reads them)
         self.counters = {"attempts": 0, "retries": 0, "fallbacks": 0, "hedges": 0}
+        self.queues = Queues(cfg)  # concurrency caps as priority queues (queue.py)
+        from .coalesce import Coalescer
+        co = cfg.routing.embedding_coalesce
+        self.coalescer = Coalescer(self, co) if co.enabled else None
 
     # -- candidate selection -----------------------------------------------------------------------
     def default_model(self, p: Provider) -> str:
@@ -214,6 +220,7 @@ class Router:
             pc = c.provider.cfg
             c.health = self.health.get(c.name)
             c.throttle = self.health.throttle(c.name, c.model)
+            c.queue = self.queues.get(pc.name)
             c.price = costs.price(pc, c.model)
             c.max_attempts = pc.max_retries + 1 if "max_retries" in pc.model_fields_set else retries.max_attempts
             c.drop_params = (route.drop_params if route.drop_params is not None else
@@ -350,6 +357,9 @@ class Router:
         plan = self.plan(req.model, req.provider)
         m = _Mapped(self, req, "embed")
         m.check(ctx, plan.primary)
+        co = self.coalescer
+        if co is not None and co.accepts(req) and await co.submit(ctx, req, plan):
+            return  # answered by a combined upstream call (coalesce.py)
         cands = self.order(plan, req)
         c, res = await self._sequential(ctx, cands, req, "embed", m)
         ctx.provider = c.name
@@ -409,14 +419,30 @@ class Router:
                     except GatewayError as exc:
                         m.skip(c, exc)  # it cannot serve the request as asked: the next one may
                         break
+                lease = None
+                if c.queue is not None:  # a concurrency cap: wait for a slot (queue.py), no health verdict
+                    try:
+                        lease = await c.queue.acquire(ctx, c.model, remaining)
+                    except BudgetSpent:
+                        raise m.named(last or self._budget_error()) from None
+                    except GatewayError as exc:  # still busy: on to the next candidate, as for an overloaded one
+                        last = exc
+                        first_name = first_name or c.name
+                        break
+                    now = self.clock()
+                    remaining = deadline - now
                 probe = h.acquire(now)
                 if probe == DENIED:
+                    if lease is not None:
+                        lease.release()
                     break
                 sprobe = NORMAL
                 if stream:
                     sprobe = h.stream.acquire(now)  # type: ignore[union-attr]
                     if sprobe == DENIED:
                         h.cancelled(probe)
+                        if lease is not None:
+                            lease.release()
                         break
                 ctx.attempts += 1
                 counters["attempts"] += 1
@@ -435,11 +461,17 @@ class Router:
                     t0 = _perf()
                     res = await self._attempt(c, sub, op, remaining, probe, wire, sprobe)
                     ctx.upstream_latency = _perf() - t0  # to the whole answer, or a stream's first chunk
+                    if lease is not None and stream:  # the slot is held until the stream ends
+                        res = (res[0], LeasedStream(res[1], lease), res[2])
+                        lease = None
                     return c, res
                 except GatewayError as exc:
                     last = exc
                     if not exc.retryable:
                         raise
+                finally:
+                    if lease is not None:
+                        lease.release()
                 failed = True
                 tries += 1
                 if tries >= c.max_attempts or last.kind == "upstream_auth" or h.state is OPEN:
@@ -644,7 +676,11 @@ class Router:
                         ctx.fallbacks += 1
                         counters["fallbacks"] += 1
                 ctx.candidates_tried.append(c.name)
-                t = asyncio.ensure_future(self._attempt(c, sub, op, deadline - now, probe, wire, sprobe))
+                if c.queue is not None:
+                    from .queue import queued_attempt
+                    t = asyncio.ensure_future(queued_attempt(self, ctx, c, sub, op, deadline, probe, wire, sprobe))
+                else:
+                    t = asyncio.ensure_future(self._attempt(c, sub, op, deadline - now, probe, wire, sprobe))
                 tasks[t] = c
                 last_launch = now
                 stats = c.health.ttfb if req.stream else c.health.full  # type: ignore[union-attr]
