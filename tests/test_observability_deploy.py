@@ -50,7 +50,8 @@ def test_promtool_check_config():
 
 def _exported(make_gateway, fake_openai) -> set[str]:
     """The metric names a gateway exports once every kind of event has happened."""
-    gw = make_gateway({"providers": [fake_openai.provider(max_retries=0, fallback_to=["backup"]),
+    # max_concurrency: the provider's queue metrics (routing/queue.py) are exported too
+    gw = make_gateway({"providers": [fake_openai.provider(max_retries=0, fallback_to=["backup"], max_concurrency=8),
                                      fake_openai.provider(max_retries=0, name="backup", priority=2)]})
     add_stage(gw, FeatureStandIn())
 

@@ -1,7 +1,7 @@
 """Which feature modules make up the gateway, in pipeline order.
 
 Stages are entered in the order installed here (pre-hooks in order, post-hooks in reverse):
-observability -> record -> auth -> (Anthropic feature check) -> limits -> cache -> [route -> provider]."""
+observability -> record -> auth -> priority -> (Anthropic feature check) -> limits -> cache -> [route -> provider]."""
 from __future__ import annotations
 
 from typing import Any
@@ -20,6 +20,7 @@ def install_features(gw: GatewayLike) -> None:
     probes.install(gw)  # /livez, /readyz (no key), beside /health
     record.install(gw)  # outer stage: records requests rejected by any later stage too
     auth.install(gw)
+    routing.install_priority(gw)  # right after auth: the request's queue priority (a bad header is a 400)
     anthropic_routes.install(gw)  # after auth: /v1/messages and its provider-feature check
     responses_routes.install(gw)  # after auth: /v1/responses, its store and its native/translated check
     gemini_routes.install(gw)  # after auth: /v1beta/models/{model}:generateContent ... and its provider fit

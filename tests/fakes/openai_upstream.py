@@ -19,6 +19,7 @@ content), and returns OpenAI's error bodies.  Tests queue faults with
 * ``Fault(chunk_delay=0.2)`` -- a slow body: pause between stream chunks
 * ``Fault(stall_after=2)`` -- a stream that sends 2 chunks and then goes silent (stays open)
 * ``Fault(body_delay=0.2)`` -- a slow non-streamed body: the JSON is sent in 8 pieces, this far apart
+* ``Fault(gate=threading.Event())`` -- hold the call until the test sets the event (or the client leaves)
 * ``Fault(json_answer=True)`` -- answer a streamed request with the plain JSON completion (as some
   OpenAI-compatible servers do when they ignore ``stream: true``)
 
@@ -63,6 +64,7 @@ class Fault:
     stall_after: int | None = None
     body_delay: float = 0.0
     json_answer: bool = False
+    gate: Any = None  # a threading.Event: the call waits until it is set
 
 
 CALL = web.RequestKey("call", dict) if hasattr(web, "RequestKey") else "call"
@@ -158,6 +160,12 @@ class FakeOpenAI:
                 "Authorization", "")[7:] + ". You can find your API key at https://platform.openai.com/account/api-keys.")
         fault = self.faults.pop(0) if self.faults else self.sticky
         if fault is not None:
+            if fault.gate is not None:
+                while not fault.gate.is_set():
+                    if _gone(request):
+                        call["disconnected"] = True
+                        return body, fault, web.Response(status=500)
+                    await asyncio.sleep(0.01)
             if fault.hang:
                 await _wait(request, call, 3600)
                 return body, fault, web.Response(status=500)

@@ -50,6 +50,9 @@ _KIND_OK = re.compile(r"^[a-z0-9_]{1,40}$")
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 UPSTREAM_BUCKETS = DURATION_BUCKETS
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+QUEUE_PRIORITIES = ("high", "normal", "low")
+QUEUE_REJECTIONS = ("timeout", "full")
 
 FLUSH_SECONDS = 0.5
 
@@ -185,6 +188,25 @@ class Metrics:
                                "workers)", registry=reg, multiprocess_mode="livemin")
         self._pushed: dict[Any, float] = {}
         self._svc_lock = threading.Lock()
+        # -- provider queues (routing/queue.py): waits observed as they end, depths at refresh time -------
+        QP = ("provider", "priority")
+        self.queue_depth = Gauge("helixagent_queue_depth", "Requests waiting for a provider's concurrency slot, by "
+                                 "priority (sum over workers)", QP, registry=reg, multiprocess_mode="livesum")
+        self.queue_in_use = Gauge("helixagent_queue_slots_in_use", "Concurrency slots of a capped provider held "
+                                  "now (sum over workers)", ("provider",), registry=reg, multiprocess_mode="livesum")
+        self.queue_capacity = Gauge("helixagent_queue_capacity", "Concurrency slots of a capped provider (sum over "
+                                    "workers; each worker has its own)", ("provider",), registry=reg,
+                                    multiprocess_mode="livesum")
+        self.queue_wait = Histogram("helixagent_queue_wait_seconds", "Time a request waited for a provider's "
+                                    "concurrency slot (0 when one was free; a timeout counts its whole wait)", QP,
+                                    buckets=QUEUE_BUCKETS, registry=reg)
+        self.queue_rejections = Counter("helixagent_queue_rejections", "Requests that got no slot of a provider: "
+                                        "timeout (queue_timeout_ms passed) or full (routing.queue.max_waiting)",
+                                        QP + ("reason",), registry=reg)
+        self._queue_children: dict[tuple[str, str, str], Any] = {}
+        queues = getattr(gw.router, "queues", None)
+        if queues is not None:
+            queues.set_observer(self.queue_event)
 
         # -- label vocabularies from the configuration --------------------------------------------------
         self.provider_names: dict[str, str] = {n: n for n in gw.providers}
@@ -331,6 +353,16 @@ class Metrics:
         h[0] += v
         h[1][bisect_left(child._upper_bounds, v)] += 1
 
+    def queue_event(self, provider: str, priority: str, waited: float, outcome: str) -> None:
+        """A wait for a provider slot ended (routing/queue.py): served, timeout or full."""
+        p = self.provider_label(provider)
+        with self._lock:
+            if outcome != "full":
+                self._hist(self._ph, self._child(self._queue_children, self.queue_wait, (p, priority)), waited)
+            if outcome != "served":
+                c = self._child(self._queue_children, self.queue_rejections, (p, priority, outcome))
+                self._pc[c] = self._pc.get(c, 0) + 1
+
     def inflight_add(self, n: int) -> None:
         self._inflight_n += n  # only the event loop thread writes it
 
@@ -421,6 +453,15 @@ class Metrics:
                 log.debug("limits.budget_remaining() failed", exc_info=True)
         with self._svc_lock:
             self._push_services(gw.services.get("cache"), limits)
+        queues = getattr(gw.router, "queues", None)
+        for q in queues.by_name.values() if queues is not None else ():
+            qp = self.provider_label(q.name)
+            for prio, n in zip(QUEUE_PRIORITIES, q.depth, strict=True):
+                self.queue_depth.labels(qp, prio).set(n)
+                for reason in QUEUE_REJECTIONS:  # every series exists from the start (0 until it happens)
+                    self._child(self._queue_children, self.queue_rejections, (qp, prio, reason))
+            self.queue_in_use.labels(qp).set(q.active)
+            self.queue_capacity.labels(qp).set(q.cap or sum(q.model_caps.values()))
 
     def _push(self, child: Any, total: Any) -> None:
         """Add to ``child`` what the service's running total gained since the last push."""

@@ -144,6 +144,8 @@ class ObservabilityStage(Stage):
         snap["pid"] = os.getpid()
         snap["workers"] = gw.cfg.server.workers
         snap["in_flight"] = self.metrics._inflight_n if self.metrics is not None else None
+        queues = getattr(gw.router, "queues", None)
+        snap["queues"] = queues.snapshot() if queues is not None else []  # this worker's (routing/queue.py)
         return snap
 
 

@@ -244,8 +244,8 @@ class ProviderQueue:
     def snapshot(self) -> dict[str, Any]:
         return {"provider": self.name, "capacity": self.cap, "in_use": self.active,
                 "models": {m: {"capacity": c, "in_use": self.model_active[m]} for m, c in self.model_caps.items()},
-                "waiting": dict(zip(PRIORITIES, self.depth, strict=True)), "served": self.served, "timeouts": self.timeouts,
-                "rejected": self.rejected, "hold_seconds": round(self.hold, 4)}
+                "waiting": dict(zip(PRIORITIES, self.depth, strict=True)), "served": self.served,
+                "timeouts": self.timeouts, "rejected": self.rejected, "hold_seconds": round(self.hold, 4)}
 
 
 class BudgetSpent(Exception):

@@ -1,0 +1,393 @@
+"""Provider concurrency caps as priority queues (routing/queue.py): over real HTTP with the fake OpenAI upstream
+(calls held by a gate, so the order in which queued requests reach the upstream is the queue's order), and the
+scheduler itself in process (model caps, weights, cancellation)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from fakes.openai_upstream import Fault
+from support.keys import MASTER, admin_create
+from support.servers import wait_until
+
+from helixagent.errors import GatewayError
+from helixagent.pipeline import Identity, RequestContext
+from helixagent.routing.queue import ProviderQueue
+
+client = httpx.Client(timeout=30, limits=httpx.Limits(max_connections=200, max_keepalive_connections=200))
+
+
+def chat(gw: Any, text: str, key: str | None = None, priority: str | None = None, timeout: float = 30,
+         path: str = "/v1/chat/completions", **body: Any) -> httpx.Response:
+    h = {}
+    if key:
+        h["authorization"] = f"Bearer {key}"
+    if priority:
+        h["x-helixagent-priority"] = priority
+    return client.post(gw.url + path, headers=h, timeout=timeout,
+                       json={"model": "gpt-4o", "messages": [{"role": "user", "content": text}], **body})
+
+
+def arrivals(fake: Any) -> list[str]:
+    return [c["body"]["messages"][-1]["content"] for c in fake.calls if c["path"] == "/v1/chat/completions"]
+
+
+def queue_of(gw: Any, name: str = "openai") -> ProviderQueue:
+    q = gw.app.router.queues.get(name)
+    assert q is not None
+    return q
+
+
+def blocked(gw: Any, fake: Any, ex: ThreadPoolExecutor, n: int, key: str | None = None) -> tuple[threading.Event, list[Any]]:
+    """``n`` requests that hold the provider's ``n`` slots until the returned gate is set."""
+    gate = threading.Event()
+    fake.push(*[Fault(gate=gate) for _ in range(n)])
+    base = len(fake.calls)
+    futs = [ex.submit(chat, gw, f"blocker{i}", key) for i in range(n)]
+    q = queue_of(gw)
+    assert wait_until(lambda: q.active == n and len(fake.calls) == base + n), (q.snapshot(), len(fake.calls))
+    return gate, futs
+
+
+# -- priorities ---------------------------------------------------------------------------------------------------
+def test_high_priority_overtakes_queued_low(make_gateway, fake_openai):
+    gw = make_gateway({"providers": [fake_openai.provider(max_concurrency=2)]})
+    q = queue_of(gw)
+    with ThreadPoolExecutor(16) as ex:
+        gate, blockers = blocked(gw, fake_openai, ex, 2)
+        lows = [ex.submit(chat, gw, f"low{i}", priority="low") for i in range(4)]
+        assert wait_until(lambda: q.depth[2] == 4), q.snapshot()
+        highs = [ex.submit(chat, gw, f"high{i}", priority="high") for i in range(2)]
+        normal = ex.submit(chat, gw, "normal0")
+        assert wait_until(lambda: q.waiting == 7), q.snapshot()
+        assert q.snapshot()["waiting"] == {"high": 2, "normal": 1, "low": 4}
+        gate.set()
+        res = [f.result() for f in blockers + lows + highs + [normal]]
+    assert [r.status_code for r in res] == [200] * 9, [r.text for r in res]
+    order = arrivals(fake_openai)
+    assert sorted(order[:2]) == ["blocker0", "blocker1"]
+    assert sorted(order[2:4]) == ["high0", "high1"], order
+    assert order[4] == "normal0", order
+    assert sorted(order[5:]) == ["low0", "low1", "low2", "low3"], order
+    assert res[-2].headers["x-helixagent-priority"] == "high"
+    text = httpx.get(gw.url + "/metrics").text
+    assert 'helixagent_queue_wait_seconds_count{priority="low",provider="openai"} 4.0' in text, text
+    assert 'helixagent_queue_depth{priority="low",provider="openai"} 0.0' in text
+    assert 'helixagent_queue_capacity{provider="openai"} 2.0' in text
+
+
+def test_bad_priority_header_is_400_naming_it(make_gateway, fake_openai):
+    gw = make_gateway({"providers": [fake_openai.provider(max_concurrency=2)]})
+    r = chat(gw, "x", priority="urgent")
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "x-helixagent-priority" and "x-helixagent-priority" in err["message"]
+    r = client.post(gw.url + "/v1/messages", headers={"x-helixagent-priority": "HIGHEST"},
+                    json={"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["type"] == "error"
+    assert "x-helixagent-priority" in r.json()["error"]["message"]
+    assert not fake_openai.calls
+    assert chat(gw, "x", priority="HIGH").status_code == 200  # case does not matter
+
+
+def test_key_default_and_maximum_priority(make_gateway, fake_openai):
+    gw = make_gateway({"auth": {"master_key": MASTER}, "providers": [fake_openai.provider(max_concurrency=1)]})
+    capped = admin_create(gw, limits={"priority": "low", "max_priority": "normal"})["key"]
+    r = chat(gw, "x", capped, priority="high")
+    assert r.status_code == 200 and r.headers["x-helixagent-priority"] == "normal"  # lowered to the key's cap
+    assert "x-helixagent-priority" not in chat(gw, "x", capped).headers  # the key's default: no header sent
+    bad = client.post(gw.url + "/admin/keys", headers={"authorization": f"Bearer {MASTER}"},
+                      json={"role": "user", "limits": {"priority": "urgent"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "limits.priority"
+    q = queue_of(gw)
+    with ThreadPoolExecutor(8) as ex:  # the key's default (low) really is low: a normal request overtakes it
+        gate, blockers = blocked(gw, fake_openai, ex, 1)
+        low = ex.submit(chat, gw, "keydefault", capped)
+        assert wait_until(lambda: q.depth[2] == 1), q.snapshot()
+        normal = ex.submit(chat, gw, "masternormal", MASTER)
+        assert wait_until(lambda: q.depth[1] == 1), q.snapshot()
+        gate.set()
+        assert low.result().status_code == normal.result().status_code == blockers[0].result().status_code == 200
+    order = arrivals(fake_openai)
+    assert order.index("masternormal") < order.index("keydefault"), order
+
+
+# -- fair share ---------------------------------------------------------------------------------------------------
+def _flood(gw: Any, fake: Any, keys: dict[str, str], per_key: int, extra: dict[str, str] | None = None) -> list[str]:
+    """Queue ``per_key`` requests of every key behind a held cap of 2, then ``extra`` single requests; release;
+    the keys (by name) in the order their requests reached the upstream."""
+    q = queue_of(gw)
+    owner: dict[str, str] = {}
+    with ThreadPoolExecutor(2 * per_key * len(keys) + 8) as ex:
+        gate, blockers = blocked(gw, fake, ex, 2, MASTER)
+        futs = []
+        for name, key in keys.items():
+            for i in range(per_key):
+                text = f"{name}-{i}"
+                owner[text] = name
+                futs.append(ex.submit(chat, gw, text, key))
+        total = per_key * len(keys)
+        assert wait_until(lambda: q.waiting == total, timeout=20), q.snapshot()
+        for name, key in (extra or {}).items():
+            owner[name + "-0"] = name
+            futs.append(ex.submit(chat, gw, name + "-0", key))
+            total += 1
+            assert wait_until(lambda: q.waiting == total), q.snapshot()
+        gate.set()
+        res = [f.result() for f in blockers + futs]
+    assert all(r.status_code == 200 for r in res), [r.text for r in res if r.status_code != 200][:3]
+    return [owner[t] for t in arrivals(fake)[2:]]
+
+
+def test_two_keys_of_equal_weight_share_equally(make_gateway, fake_openai):
+    gw = make_gateway({"auth": {"master_key": MASTER}, "providers": [fake_openai.provider(max_concurrency=2)]})
+    a, b = (admin_create(gw, user=u)["key"] for u in ("alice", "bob"))
+    order = _flood(gw, fake_openai, {"a": a, "b": b}, 30)
+    window = order[:40]  # while both keys still have a backlog
+    assert abs(window.count("a") - window.count("b")) <= 4, order  # equal within 10%
+
+
+def test_weights_share_in_proportion(make_gateway, fake_openai):
+    gw = make_gateway({"auth": {"master_key": MASTER}, "providers": [fake_openai.provider(max_concurrency=2)]})
+    heavy = admin_create(gw, user="heavy", limits={"queue_weight": 2})["key"]
+    light = admin_create(gw, user="light")["key"]
+    order = _flood(gw, fake_openai, {"h": heavy, "l": light}, 24)
+    window = order[:30]
+    assert 18 <= window.count("h") <= 22, order  # 2:1 (20 of 30)
+
+
+def test_newcomer_is_not_starved_behind_a_flood(make_gateway, fake_openai):
+    gw = make_gateway({"auth": {"master_key": MASTER}, "providers": [fake_openai.provider(max_concurrency=2)]})
+    a, b, c = (admin_create(gw, user=u)["key"] for u in ("alice", "bob", "carol"))
+    order = _flood(gw, fake_openai, {"a": a, "b": b}, 25, extra={"c": c})
+    assert order.index("c") < 4, order  # behind at most the floods' first requests, not their 50
+
+
+def test_fair_share_by_user(make_gateway, fake_openai):
+    # routing.queue.fair_share: user -- two keys of one user share one flow against another user's key
+    gw = make_gateway({"auth": {"master_key": MASTER}, "routing": {"queue": {"fair_share": "user"}},
+                       "providers": [fake_openai.provider(max_concurrency=2)]})
+    a1, a2 = (admin_create(gw, user="alice")["key"] for _ in range(2))
+    b = admin_create(gw, user="bob")["key"]
+    order = _flood(gw, fake_openai, {"a1": a1, "a2": a2, "b": b}, 12)
+    window = order[:24]
+    alice = window.count("a1") + window.count("a2")
+    assert 10 <= alice <= 14, order  # alice's two keys together get bob's share, not twice it
+
+
+# -- timeouts, fallback, health -------------------------------------------------------------------------------------
+def test_queue_timeout_is_503_with_retry_after_and_health_untouched(make_gateway, fake_openai):
+    gw = make_gateway({"providers": [fake_openai.provider(max_concurrency=1, queue_timeout_ms=300, max_retries=0)]})
+    with ThreadPoolExecutor(4) as ex:
+        gate, blockers = blocked(gw, fake_openai, ex, 1)
+        r = chat(gw, "late")
+        assert r.status_code == 503, r.text
+        assert int(r.headers["retry-after"]) >= 1
+        err = r.json()["error"]
+        assert err["code"] == "queue_timeout" and err["type"] == "service_unavailable"
+        m = client.post(gw.url + "/v1/messages", json={"model": "gpt-4o", "max_tokens": 5,
+                                                       "messages": [{"role": "user", "content": "late2"}]})
+        assert m.status_code == 503 and m.json()["error"]["type"] == "overloaded_error" and "retry-after" in m.headers
+        gate.set()
+        assert blockers[0].result().status_code == 200
+    assert arrivals(fake_openai) == ["blocker0"]
+    h = gw.app.router.health.describe("openai")
+    assert h["breaker"] == "closed" and h["consecutive_failures"] == 0 and h["error_rate"] == 0.0, h
+    assert chat(gw, "after").status_code == 200
+    text = httpx.get(gw.url + "/metrics").text
+    assert 'helixagent_queue_rejections_total{priority="normal",provider="openai",reason="timeout"} 2.0' in text
+
+
+def test_queue_timeout_falls_back_to_the_next_candidate(make_gateway, fake_openai):
+    gw = make_gateway({"providers": [
+        fake_openai.provider(max_concurrency=1, queue_timeout_ms=200, fallback_to=["backup"]),
+        fake_openai.provider(name="backup", priority=2)]})
+    with ThreadPoolExecutor(4) as ex:
+        gate, blockers = blocked(gw, fake_openai, ex, 1)
+        r = chat(gw, "spill")
+        gate.set()
+        assert blockers[0].result().headers["x-helixagent-provider"] == "openai"
+    assert r.status_code == 200 and r.headers["x-helixagent-provider"] == "backup", r.text
+    assert gw.app.router.health.describe("openai")["consecutive_failures"] == 0
+
+
+def test_hedged_mode_queues_too(make_gateway, fake_openai):
+    gw = make_gateway({"routing": {"hedging": {"enabled": True}}, "providers": [
+        fake_openai.provider(max_concurrency=1, queue_timeout_ms=200, fallback_to=["backup"]),
+        fake_openai.provider(name="backup", priority=2)]})
+    with ThreadPoolExecutor(4) as ex:
+        gate, blockers = blocked(gw, fake_openai, ex, 1)
+        r = chat(gw, "spill")
+        gate.set()
+        assert blockers[0].result().status_code == 200
+    assert r.status_code == 200 and r.headers["x-helixagent-provider"] == "backup", r.text
+    assert queue_of(gw).active == 0
+
+
+def test_http_max_conns_per_host_is_a_queue(make_gateway, fake_openai):
+    gw = make_gateway({"http": {"max_conns_per_host": 2}, "providers": [fake_openai.provider()]})
+    fake_openai.sticky = Fault(delay=0.05)
+    with ThreadPoolExecutor(12) as ex:
+        res = list(ex.map(lambda i: chat(gw, f"r{i}"), range(12)))
+    assert all(r.status_code == 200 for r in res)
+    assert fake_openai.max_inflight == 2
+    assert queue_of(gw).snapshot()["capacity"] == 2
+
+
+def test_a_stream_holds_its_slot_until_it_ends(make_gateway, fake_openai):
+    gw = make_gateway({"providers": [fake_openai.provider(max_concurrency=2)]})
+    fake_openai.sticky = Fault(chunk_delay=0.03)
+
+    def stream(i: int) -> str:
+        with client.stream("POST", gw.url + "/v1/chat/completions",
+                           json={"model": "gpt-4o", "stream": True,
+                                 "messages": [{"role": "user", "content": f"s{i} a b c"}]}) as r:
+            assert r.status_code == 200
+            return r.read().decode()
+
+    with ThreadPoolExecutor(6) as ex:
+        bodies = list(ex.map(stream, range(6)))
+    assert all(b.rstrip().endswith("data: [DONE]") for b in bodies)
+    assert fake_openai.max_inflight == 2
+    assert queue_of(gw).active == 0
+
+
+def test_a_client_that_leaves_the_queue_never_reaches_the_upstream(make_gateway, fake_openai):
+    gw = make_gateway({"providers": [fake_openai.provider(max_concurrency=1)]})
+    q = queue_of(gw)
+    with ThreadPoolExecutor(4) as ex:
+        gate, blockers = blocked(gw, fake_openai, ex, 1)
+        with pytest.raises(httpx.ReadTimeout):
+            chat(gw, "leaver", timeout=0.5)
+        assert wait_until(lambda: q.waiting == 0, timeout=5), q.snapshot()  # gone while the slot is still held
+        assert q.active == 1
+        stayer = ex.submit(chat, gw, "stayer")
+        assert wait_until(lambda: q.waiting == 1)
+        gate.set()
+        assert blockers[0].result().status_code == 200 and stayer.result().status_code == 200
+    assert arrivals(fake_openai) == ["blocker0", "stayer"]
+
+
+def test_max_waiting_rejects_at_once(make_gateway, fake_openai):
+    gw = make_gateway({"routing": {"queue": {"max_waiting": 1}},
+                       "providers": [fake_openai.provider(max_concurrency=1, max_retries=0)]})
+    q = queue_of(gw)
+    with ThreadPoolExecutor(4) as ex:
+        gate, blockers = blocked(gw, fake_openai, ex, 1)
+        waiting = ex.submit(chat, gw, "waits")
+        assert wait_until(lambda: q.waiting == 1)
+        r = chat(gw, "full")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full" and "retry-after" in r.headers
+        gate.set()
+        assert waiting.result().status_code == 200
+
+
+def test_config_rejects_bad_caps():
+    from helixagent.config import ConfigError, load_config_dict
+    for bad in ({"max_concurrency": 0}, {"models_concurrency": {"gpt-4o": 0}}, {"queue_timeout_ms": -1}):
+        with pytest.raises(ConfigError) as e:
+            load_config_dict({"providers": [{"name": "openai", "api_key": "k", **bad}]})
+        assert "providers[0]" in str(e.value)
+    with pytest.raises(ConfigError, match="fair_share"):
+        load_config_dict({"routing": {"queue": {"fair_share": "ip"}}})
+
+
+# -- the scheduler in process ---------------------------------------------------------------------------------------
+def _ctx(flow: str, priority: str = "normal", weight: float | None = None) -> RequestContext:
+    ctx = RequestContext("chat")
+    ctx.identity = Identity(key_id=flow, limits={"queue_weight": weight} if weight else {})
+    ctx.priority = priority  # type: ignore[assignment]
+    return ctx
+
+
+def test_model_caps_inside_a_provider():
+    async def main() -> None:
+        q = ProviderQueue("p", None, {"big": 1}, 5.0, 100, "api_key")
+        first = await q.acquire(_ctx("k"), "big", 5.0)
+        second = asyncio.ensure_future(q.acquire(_ctx("k"), "big", 5.0))
+        await asyncio.sleep(0.01)
+        assert not second.done() and q.waiting == 1
+        other = await asyncio.wait_for(q.acquire(_ctx("k"), "small", 5.0), 1)  # another model is not held up
+        first.release()
+        lease = await asyncio.wait_for(second, 1)
+        lease.release()
+        other.release()
+        assert q.active == 0 and q.model_active["big"] == 0
+    asyncio.run(main())
+
+
+def test_cancelled_and_granted_in_the_same_instant_hands_the_slot_on():
+    async def main() -> None:
+        q = ProviderQueue("p", 1, {}, 5.0, 100, "api_key")
+        held = await q.acquire(_ctx("a"), "m", 5.0)
+        w1 = asyncio.ensure_future(q.acquire(_ctx("a"), "m", 5.0))
+        w2 = asyncio.ensure_future(q.acquire(_ctx("b"), "m", 5.0))
+        await asyncio.sleep(0)
+        held.release()  # grants w1 ...
+        w1.cancel()  # ... which is cancelled before it runs: w2 gets the slot
+        lease = await asyncio.wait_for(w2, 1)
+        assert w1.cancelled() and q.active == 1 and q.waiting == 0
+        lease.release()
+        assert q.active == 0
+    asyncio.run(main())
+
+
+def test_many_cancelled_waiters_leave_no_trace():
+    async def main() -> None:
+        q = ProviderQueue("p", 1, {}, 5.0, 10000, "api_key")
+        held = await q.acquire(_ctx("a"), "m", 5.0)
+        ws = [asyncio.ensure_future(q.acquire(_ctx(f"k{i % 7}", "low" if i % 2 else "high"), "m", 5.0))
+              for i in range(500)]
+        await asyncio.sleep(0)
+        assert q.waiting == 500
+        for w in ws[:499]:
+            w.cancel()
+        await asyncio.sleep(0)
+        assert q.waiting == 1 and q.depth == [0, 0, 1] and sum(len(h) for h in q.heaps.values()) < 100
+        held.release()
+        (await asyncio.wait_for(ws[499], 1)).release()
+        assert q.active == 0
+    asyncio.run(main())
+
+
+def test_timeout_inside_the_budget_and_the_budget_itself():
+    from helixagent.routing.queue import BudgetSpent
+
+    async def main() -> None:
+        q = ProviderQueue("p", 1, {}, 0.05, 100, "api_key")
+        held = await q.acquire(_ctx("a"), "m", 5.0)
+        with pytest.raises(GatewayError) as e:
+            await q.acquire(_ctx("b"), "m", 5.0)
+        assert e.value.status == 503 and e.value.code == "queue_timeout" and e.value.retryable
+        assert e.value.retry_after is not None and e.value.retry_after >= 1
+        with pytest.raises(BudgetSpent):  # the request's budget is shorter than the queue timeout
+            await q.acquire(_ctx("b"), "m", 0.01)
+        held.release()
+        assert q.waiting == 0 and q.active == 0 and q.timeouts == 2
+    asyncio.run(main())
+
+
+def test_start_time_fair_order():
+    async def main() -> None:
+        q = ProviderQueue("p", 1, {}, 5.0, 100, "api_key")
+        held = await q.acquire(_ctx("x"), "m", 5.0)
+        order: list[str] = []
+
+        async def one(flow: str, w: float | None) -> None:
+            lease = await q.acquire(_ctx(flow, weight=w), "m", 5.0)
+            order.append(flow)
+            await asyncio.sleep(0)
+            lease.release()
+
+        tasks = [asyncio.ensure_future(one("h", 3)) for _ in range(9)]
+        tasks += [asyncio.ensure_future(one("l", None)) for _ in range(3)]
+        await asyncio.sleep(0)
+        held.release()
+        await asyncio.wait_for(asyncio.gather(*tasks), 2)
+        assert order[:4].count("h") == 3 and order[:8].count("h") == 6, order  # 3:1
+    asyncio.run(main())
