@@ -106,7 +106,7 @@ def test_key_default_and_maximum_priority(make_gateway, fake_openai):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "limits.priority"
     q = queue_of(gw)
     with ThreadPoolExecutor(8) as ex:  # the key's default (low) really is low: a normal request overtakes it
-        gate, blockers = blocked(gw, fake_openai, ex, 1)
+        gate, blockers = blocked(gw, fake_openai, ex, 1, MASTER)
         low = ex.submit(chat, gw, "keydefault", capped)
         assert wait_until(lambda: q.depth[2] == 1), q.snapshot()
         normal = ex.submit(chat, gw, "masternormal", MASTER)
