@@ -105,8 +105,6 @@ def test_different_parameters_are_never_combined(make_gateway, fake_openai):
     assert all(r.status_code == 200 for r in res)
     for i, r in enumerate(res):
         assert len(r.json()["data"][0]["embedding"]) == (4 if i % 2 else 6)
-    for c in embed_calls(fake_openai):
-        assert len({len(x) for x in c["body"]["input"]}) >= 1
     dims = {c["body"].get("dimensions") for c in embed_calls(fake_openai)}
     assert dims == {4, 6} and len(embed_calls(fake_openai)) < 12
 
