@@ -132,12 +132,12 @@ def _flood(gw: Any, fake: Any, keys: dict[str, str], per_key: int, extra: dict[s
                 owner[text] = name
                 futs.append(ex.submit(chat, gw, text, key))
         total = per_key * len(keys)
-        assert wait_until(lambda: q.waiting == total, timeout=20), q.snapshot()
+        assert wait_until(lambda n=total: q.waiting == n, timeout=20), q.snapshot()
         for name, key in (extra or {}).items():
             owner[name + "-0"] = name
             futs.append(ex.submit(chat, gw, name + "-0", key))
             total += 1
-            assert wait_until(lambda: q.waiting == total), q.snapshot()
+            assert wait_until(lambda n=total: q.waiting == n), q.snapshot()
         gate.set()
         res = [f.result() for f in blockers + futs]
     assert all(r.status_code == 200 for r in res), [r.text for r in res if r.status_code != 200][:3]
