@@ -150,3 +150,11 @@ def test_a_full_batch_leaves_at_once_and_a_lone_request_alone(make_gateway, fake
 def test_split_tokens(total, weights, want):
     got = split_tokens(total, weights)
     assert got == want and (sum(got) == total or not sum(weights))
+
+
+def test_a_combined_call_takes_one_queue_slot(make_gateway, fake_openai):
+    gw = gateway(make_gateway, fake_openai, max_concurrency=1)
+    res = fire(gw, [{"input": [f"t{i}"]} for i in range(20)])
+    assert all(r.status_code == 200 for r in res)
+    q = gw.app.router.queues.get("openai")
+    assert q is not None and q.active == 0 and q.served == len(embed_calls(fake_openai)) < 20

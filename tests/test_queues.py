@@ -391,3 +391,40 @@ def test_start_time_fair_order():
         await asyncio.wait_for(asyncio.gather(*tasks), 2)
         assert order[:4].count("h") == 3 and order[:8].count("h") == 6, order  # 3:1
     asyncio.run(main())
+
+
+def test_cli_creates_a_key_with_queue_settings(make_gateway, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    db = f"sqlite:///{tmp_path}/cli.db"
+    cfgfile = tmp_path / "cfg.yaml"
+    cfgfile.write_text(f"database: {{url: '{db}'}}\n")
+    make_gateway({"auth": {"master_key": MASTER}, "database": {"url": db}})  # migrates the database
+    env = dict(os.environ)
+    env.pop("HELIXAGENT_API_KEY", None)
+    p = subprocess.run([sys.executable, "-m", "helixagent", "keys", "create", "--user", "etl", "--priority", "low",
+                        "--max-priority", "normal", "--queue-weight", "0.5", "--json", "--config", str(cfgfile)],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["limits"] == {"priority": "low", "max_priority": "normal", "queue_weight": 0.5}
+
+
+def test_an_unread_stream_gives_its_slot_back_when_dropped():
+    from helixagent.routing.queue import LeasedStream
+
+    async def main() -> None:
+        q = ProviderQueue("p", 1, {}, 5.0, 100, "api_key")
+        lease = await q.acquire(_ctx("a"), "m", 5.0)
+
+        async def chunks():
+            yield {}
+
+        s = LeasedStream(chunks(), lease)
+        waiter = asyncio.ensure_future(q.acquire(_ctx("b"), "m", 5.0))
+        await asyncio.sleep(0)
+        del s  # never iterated nor closed (a response that could not start): garbage, the slot comes back
+        (await asyncio.wait_for(waiter, 1)).release()
+        assert q.active == 0
+    asyncio.run(main())

@@ -41,6 +41,10 @@ def install(sub: Any) -> None:
     c.add_argument("--tpd", type=int, help="tokens per day for this key")
     c.add_argument("--cost-per-day", type=float, help="dollars per day for this key")
     c.add_argument("--cost-per-month", type=float, help="dollars per month for this key")
+    c.add_argument("--priority", choices=["high", "normal", "low"],
+                   help="queue priority of requests that send no x-helixagent-priority header")
+    c.add_argument("--max-priority", choices=["high", "normal", "low"], help="highest priority the key may ask for")
+    c.add_argument("--queue-weight", type=float, help="the key's weight in the provider queues' fair share")
     common(c)
     c.set_defaults(func=lambda a: _run(_create, a))
 
@@ -131,7 +135,8 @@ def _show(rec: Any, args: argparse.Namespace, secret: str | None = None) -> None
 async def _create(cfg: Any, store: Any, args: argparse.Namespace) -> int:
     limits: dict[str, Any] = {}
     for name, attr in (("requests_per_minute", "rpm"), ("tokens_per_minute", "tpm"), ("tokens_per_day", "tpd"),
-                       ("cost_per_day", "cost_per_day"), ("cost_per_month", "cost_per_month")):
+                       ("cost_per_day", "cost_per_day"), ("cost_per_month", "cost_per_month"),
+                       ("priority", "priority"), ("max_priority", "max_priority"), ("queue_weight", "queue_weight")):
         v = getattr(args, attr)
         if v is not None:
             limits[name] = v
