@@ -428,3 +428,44 @@ def test_an_unread_stream_gives_its_slot_back_when_dropped():
         (await asyncio.wait_for(waiter, 1)).release()
         assert q.active == 0
     asyncio.run(main())
+
+
+def test_a_waiter_cancelled_just_before_its_grant_or_its_timeout():
+    async def main() -> None:
+        q = ProviderQueue("p", 1, {}, 0.02, 100, "api_key")
+        held = await q.acquire(_ctx("a"), "m", 5.0)
+        w1 = asyncio.ensure_future(q.acquire(_ctx("a"), "m", 5.0))
+        w2 = asyncio.ensure_future(q.acquire(_ctx("b"), "m", 5.0))
+        await asyncio.sleep(0)
+        w1.cancel()  # its future is cancelled now, its task runs later
+        await asyncio.sleep(0)  # w1's task is scheduled: the grant below must skip it, not fail
+        w3 = asyncio.ensure_future(q.acquire(_ctx("c"), "m", 5.0))
+        await asyncio.sleep(0)
+        w3.cancel()
+        await asyncio.sleep(0.05)  # w2's and w3's timers fire; w3's future is already cancelled
+        held.release()
+        for w in (w1, w3):
+            with pytest.raises(asyncio.CancelledError):
+                await w
+        with pytest.raises(GatewayError):
+            await w2
+        assert q.waiting == 0 and q.active == 0 and q.depth == [0, 0, 0]
+    asyncio.run(main())
+
+
+def test_a_grant_skips_a_waiter_whose_task_was_cancelled_in_the_same_tick():
+    async def main() -> None:
+        q = ProviderQueue("p", 1, {}, 5.0, 100, "api_key")
+        held = await q.acquire(_ctx("a"), "m", 5.0)
+        w1 = asyncio.ensure_future(q.acquire(_ctx("a"), "m", 5.0))
+        w2 = asyncio.ensure_future(q.acquire(_ctx("b"), "m", 5.0))
+        await asyncio.sleep(0)
+        w1.cancel()  # w1's future is cancelled at once; its task has not run
+        held.release()  # the grant passes w1 by
+        lease = await asyncio.wait_for(w2, 1)
+        with pytest.raises(asyncio.CancelledError):
+            await w1
+        assert q.active == 1 and q.waiting == 0
+        lease.release()
+        assert q.active == 0
+    asyncio.run(main())

@@ -114,11 +114,12 @@ class ProviderQueue:
         if model in self.model_active:
             self.model_active[model] += 1
 
-    def _release(self, model: str, held: float) -> None:
+    def _release(self, model: str, held: float | None) -> None:
         self.active -= 1
         if model in self.model_active:
             self.model_active[model] -= 1
-        self.hold += _EWMA * (held - self.hold)
+        if held is not None:
+            self.hold += _EWMA * (held - self.hold)
         self._pump()
 
     def _pump(self) -> None:
@@ -138,6 +139,9 @@ class ProviderQueue:
             if best is None:
                 return
             heapq.heappop(self.heaps[best.model if best.model in self.model_caps else _ANY])
+            if best.fut.done():  # its task was cancelled a moment ago and has not run yet: it is gone
+                self._leave(best, GONE)
+                continue
             self._leave(best, GRANTED)
             self.vtime[best.rank] = best.tag
             self._take(best.model)
@@ -177,7 +181,9 @@ class ProviderQueue:
         (``queue_timeout`` / ``queue_full``, retryable: the router tries the next candidate) or, when the
         request's own budget is what ran out, the 504 ``budget`` error of the caller."""
         prio = ctx.priority or "normal"
-        if self.waiting == 0 and self._free(model):
+        # A free slot is this request's at once: every change of state ends in _pump, which grants free slots
+        # to eligible waiters, so whoever still waits is held by a full model cap that does not apply here.
+        if self._free(model):
             self._take(model)
             self.served += 1
             self._observe(prio, 0.0, "served")
@@ -202,7 +208,7 @@ class ProviderQueue:
             await w.fut
         except asyncio.CancelledError:
             if w.state == GRANTED:  # granted in the same instant: hand the slot on
-                self._release(model, 0.0)
+                self._release(model, None)
             elif w.state == WAITING:
                 self._bury(w, GONE)
             raise
@@ -223,7 +229,8 @@ class ProviderQueue:
     def _expire(self, w: _Waiter) -> None:
         if w.state == WAITING:
             self._bury(w, EXPIRED)
-            w.fut.set_result(None)
+            if not w.fut.done():
+                w.fut.set_result(None)
 
     def _observe(self, prio: str, waited: float, outcome: str) -> None:
         obs = self.observer
