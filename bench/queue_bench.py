@@ -14,6 +14,7 @@ first slot a low request gives back, i.e. p99 rises by at most about one upstrea
 a measurement (results in bench/results/queue.md).
 
     .venv/bin/python bench/queue_bench.py [--cap 8] [--interactive 4] [--flood 64] [--seconds 10]
+    .venv/bin/python bench/queue_bench.py --micro   # in process: CPU of a slot taken and given back
 """
 from __future__ import annotations
 
@@ -83,7 +84,48 @@ async def phase(url: str, seconds: float, interactive: int, flood: int, flood_pr
             "errors": errors}
 
 
+def micro() -> None:
+    """CPU per request of the queue itself: a free slot (the common case) and a slot waited for."""
+    from helixagent.pipeline import PRIORITIES, Identity, RequestContext
+    from helixagent.routing.queue import ProviderQueue
+
+    async def run() -> None:
+        ctx = RequestContext("chat")
+        ctx.identity = Identity(key_id="k")
+        q = ProviderQueue("p", 8, {}, 5.0, 1000, "api_key")
+        n = 200_000
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(n):
+                (await q.acquire(ctx, "m", 5.0)).release()
+            print(f"free slot: acquire + release {(time.perf_counter() - t) / n * 1e6:.2f} us")
+        q = ProviderQueue("p", 1, {}, 60.0, 100_000, "api_key")
+        held = await q.acquire(ctx, "m", 5.0)
+        ctxs = []
+        for i in range(5000):
+            c = RequestContext("chat")
+            c.identity = Identity(key_id=f"k{i % 50}")
+            c.priority = PRIORITIES[i % 3]
+            ctxs.append(c)
+
+        async def one(c: RequestContext) -> None:
+            (await q.acquire(c, "m", 60.0)).release()
+
+        tasks = [asyncio.ensure_future(one(c)) for c in ctxs]
+        await asyncio.sleep(0)
+        t = time.perf_counter()
+        held.release()
+        await asyncio.gather(*tasks)
+        print(f"5,000 waiters (3 priorities, 50 keys) served one at a time: "
+              f"{(time.perf_counter() - t) / 5000 * 1e6:.2f} us each (incl. the task switch)")
+
+    asyncio.run(run())
+
+
 def main() -> int:
+    if "--micro" in sys.argv:
+        micro()
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cap", type=int, default=8)
     ap.add_argument("--interactive", type=int, default=4)
