@@ -496,3 +496,21 @@ def test_no_slot_leaks_when_clients_leave_at_random(make_gateway, fake_openai):
     assert codes.count(200) >= 30 and set(codes) <= {0, 200}, codes
     assert wait_until(lambda: q.active == 0 and q.waiting == 0, timeout=15), q.snapshot()
     assert chat(gw, "after").status_code == 200
+
+
+def test_an_embeddings_client_that_leaves_the_queue_never_reaches_the_upstream(make_gateway, fake_openai):
+    gw = make_gateway({"providers": [fake_openai.provider(max_concurrency=1, models=["text-embedding-3-small"])]})
+    q = queue_of(gw)
+    gate = threading.Event()
+    fake_openai.push(Fault(gate=gate))
+    with ThreadPoolExecutor(4) as ex:
+        blocker = ex.submit(client.post, gw.url + "/v1/embeddings",
+                            json={"model": "text-embedding-3-small", "input": "blocker"})
+        assert wait_until(lambda: q.active == 1 and len(fake_openai.calls) == 1)
+        with pytest.raises(httpx.ReadTimeout):
+            client.post(gw.url + "/v1/embeddings", json={"model": "text-embedding-3-small", "input": "leaver"},
+                        timeout=0.5)
+        assert wait_until(lambda: q.waiting == 0, timeout=5), q.snapshot()
+        gate.set()
+        assert blocker.result().status_code == 200
+    assert [c["body"]["input"] for c in fake_openai.calls] == [["blocker"]]

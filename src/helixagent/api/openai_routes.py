@@ -204,7 +204,11 @@ async def run_embeddings(gw: GatewayLike, req: Request, ctx: RequestContext, par
         entered = await pipeline.run_rejected(ctx)
     else:
         ctx.request = parsed
-        entered = await pipeline.run(ctx)
+        watch = DisconnectWatch(req, disconnected, ctx)  # a client that leaves while queued leaves the queue
+        try:
+            entered = await pipeline.run(ctx)
+        finally:
+            watch.stop()
     if ctx.client_disconnected:
         await pipeline.finish(ctx, entered)
         return None
