@@ -293,6 +293,9 @@ def test_config_rejects_bad_caps():
         with pytest.raises(ConfigError) as e:
             load_config_dict({"providers": [{"name": "openai", "api_key": "k", **bad}]})
         assert "providers[0]" in str(e.value)
+    with pytest.raises(ConfigError, match="'gpt-4': not|models_concurrency names 'gpt-4'"):
+        load_config_dict({"providers": [{"name": "openai", "api_key": "k", "models": ["gpt-4o"],
+                                         "models_concurrency": {"gpt-4": 2}}]})
     with pytest.raises(ConfigError, match="fair_share"):
         load_config_dict({"routing": {"queue": {"fair_share": "ip"}}})
 

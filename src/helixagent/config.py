@@ -133,6 +133,10 @@ class ProviderConfig(Strict):
             self.api_key = None
         if self.name in self.fallback_to:
             raise ValueError(f"provider {self.name!r} lists itself in fallback_to")
+        stray = [m for m in self.models_concurrency if self.models and m not in self.models]
+        if stray:  # a cap on a model this provider never serves is a typo that would cap nothing
+            raise ValueError(f"provider {self.name!r}: models_concurrency names {', '.join(map(repr, stray))}, "
+                             f"which is not in its models ({', '.join(self.models)})")
         return self
 
     @property
