@@ -263,6 +263,27 @@ class RouteConfig(Strict):
     drop_params: bool | None = None
 
 
+class SharedHealthConfig(Strict):
+    """Breaker state, Retry-After cooldowns and health scores shared by every instance through Redis
+    (docs/routing.md, "Several instances").  ``routing.shared_health: false`` is ``{enabled: false}``."""
+    # None: on whenever a Redis URL is known (redis_url here, else redis.url)
+    enabled: bool | None = None
+    redis_url: str | None = None
+    # keys are <key_prefix>:{health:<provider>}:... (one hash slot per provider)
+    key_prefix: str = Field(default="helixagent", min_length=1)
+    # how often each instance publishes its EWMAs and re-reads the fleet's state (missed messages, merge)
+    sync_interval: float = Field(default=1.0, gt=0)
+    # a Redis command slower than this counts as an outage (local-only health until Redis answers again)
+    redis_timeout: float = Field(default=0.5, gt=0)
+
+    _d = field_validator("sync_interval", "redis_timeout", mode="before")(lambda v: parse_duration(v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bool(cls, v: Any) -> Any:
+        return {"enabled": v} if isinstance(v, bool) else v
+
+
 class RoutingConfig(Strict):
     strategy: Literal["priority", "cost", "latency", "weighted"] = "priority"
     aliases: dict[str, list[AliasTarget]] = Field(default_factory=dict)
@@ -285,6 +306,7 @@ class RoutingConfig(Strict):
     rate_limit_cooldown_max: float = Field(default=60.0, ge=0)
     rate_limit_cooldown_default: float = Field(default=1.0, ge=0)
     rate_limit_cooldown_after: int = Field(default=3, ge=1)
+    shared_health: SharedHealthConfig = Field(default_factory=SharedHealthConfig)
 
     _rl = field_validator("rate_limit_cooldown_max", "rate_limit_cooldown_default",
                           mode="before")(lambda v: parse_duration(v))
@@ -509,6 +531,13 @@ class Config(Strict):
                 self.cache.redis_url = shared
             if self.rate_limits.backend == "redis" and not self.rate_limits.redis_url:
                 self.rate_limits.redis_url = shared
+        sh = self.routing.shared_health
+        if sh.redis_url is None and shared and sh.enabled is not False:
+            sh.redis_url = shared
+        if sh.enabled is None:
+            sh.enabled = bool(sh.redis_url)
+        elif sh.enabled and not sh.redis_url:
+            raise ValueError("routing.shared_health: enabled needs routing.shared_health.redis_url or redis.url")
         if self.cache.enabled and self.cache.type == "redis" and not self.cache.redis_url:
             raise ValueError("cache: type redis needs cache.redis_url or redis.url")
         if self.rate_limits.backend == "redis" and not self.rate_limits.redis_url:

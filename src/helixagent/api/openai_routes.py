@@ -288,9 +288,11 @@ async def health(gw: GatewayLike, req: Request) -> None:
             info.update(state.describe(name))
         providers[name] = info
     status = "ok" if any(p.cfg.enabled for p in gw.providers.values()) and not gw.mock_fallback else "degraded"
+    shared = gw.services.get("shared_health")
     await send_json(req.send, 200, {"status": status, "version": gw.version, "environment": gw.cfg.environment,
                                     "uptime_seconds": round(time.time() - gw.started_at, 3),
-                                    "mock_fallback": gw.mock_fallback, "providers": providers})
+                                    "mock_fallback": gw.mock_fallback, "providers": providers,
+                                    "shared_health": shared.status() if shared is not None else {"enabled": False}})
 
 
 def install(gw: GatewayLike) -> None:

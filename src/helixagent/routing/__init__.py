@@ -5,6 +5,14 @@ from ..gateway_types import GatewayLike
 
 
 def install(gw: GatewayLike) -> None:
-    """Expose the router's health state as the ``health`` service (``/health``, availability metric)."""
+    """Expose the router's health state as the ``health`` service (``/health``, availability metric);
+    with ``routing.shared_health`` on, share it with the other instances through Redis."""
     gw.services["health"] = gw.router.health
     gw.services["router"] = gw.router
+    sh = gw.cfg.routing.shared_health
+    if sh.enabled and sh.redis_url:
+        from .shared_health import SharedHealth
+        shared = SharedHealth(gw.router.health, sh.redis_url, sh.key_prefix, sh.sync_interval, sh.redis_timeout)
+        gw.services["shared_health"] = shared
+        gw.on_startup(shared.start)
+        gw.on_shutdown(shared.stop)

@@ -245,10 +245,7 @@ class Router:
                 inf = float("inf")
                 prim = sorted(prim, key=lambda c: inf if c.price is None else c.price[0] * pt + c.price[1] * ct)
             elif strategy == "latency":
-                if stream:
-                    prim = sorted(prim, key=lambda c: c.health.ttfb.ewma or c.health.full.ewma or 0.0)  # type: ignore[union-attr]
-                else:
-                    prim = sorted(prim, key=lambda c: c.health.full.ewma or 0.0)  # type: ignore[union-attr]
+                prim = sorted(prim, key=lambda c: c.health.latency(stream))  # type: ignore[union-attr]  # fleet's when shared
             elif strategy == "weighted":
                 rnd = random.random
                 prim = sorted(prim, key=lambda c: -(rnd() ** (1.0 / c.weight)) if c.weight > 0 else 1.0)
