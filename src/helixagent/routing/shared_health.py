@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from typing import Any, Coroutine
 
 import orjson
@@ -121,13 +120,13 @@ class SharedHealth:
     """The fleet side of one process's :class:`Health` (see the module docstring)."""
 
     def __init__(self, health: Health, url: str, prefix: str = "helixagent", sync_interval: float = 1.0,
-                 timeout: float = 0.5, clock: Any = time.monotonic):
+                 timeout: float = 0.5, clock: Any = None):
         self.health = health
         self.url = url
         self.prefix = prefix
         self.sync_interval = sync_interval
         self.timeout = timeout
-        self.clock = clock
+        self.clock = clock if clock is not None else health.clock  # the breakers' clock
         self.id = secrets.token_hex(6)
         self.channel = f"{prefix}:health:events"
         self.ok = False            # subscribed and the last sync succeeded: coordinating with the fleet
