@@ -183,6 +183,14 @@ class Metrics:
         self.limits_up = Gauge("helixagent_rate_limit_backend_up",
                                "1 when the rate limit backend is reachable, 0 during an outage (lowest among "
                                "workers)", registry=reg, multiprocess_mode="livemin")
+        self.shared_health_up = Gauge("helixagent_shared_health_up",
+                                      "1 while breaker state and cooldowns are shared with the other instances "
+                                      "through Redis, 0 while degraded to local-only health (lowest among "
+                                      "workers; 1 when routing.shared_health is off)", registry=reg,
+                                      multiprocess_mode="livemin")
+        self.shared_health_outages = Counter("helixagent_shared_health_outages",
+                                             "Times shared health became degraded (Redis unreachable)",
+                                             registry=reg)
         self._pushed: dict[Any, float] = {}
         self._svc_lock = threading.Lock()
 
@@ -452,6 +460,12 @@ class Metrics:
             self._push(self.limits_errors, limits.backend_errors)
             self._push(self.limits_outages, getattr(limits, "outages", 0))
             self.limits_up.set(1 if getattr(limits, "backend_up", True) else 0)
+        shared = self.gw.services.get("shared_health")
+        if shared is not None:
+            self.shared_health_up.set(1 if shared.ok else 0)
+            self._push(self.shared_health_outages, shared.outages)
+        else:
+            self.shared_health_up.set(1)
 
     def exposition(self) -> bytes:
         """The Prometheus text for a scrape (all workers' values in multi-process mode: this worker's are

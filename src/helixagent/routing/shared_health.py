@@ -144,7 +144,8 @@ class SharedHealth:
         self._next_try: dict[ProviderHealth, float] = {}  # not before (another instance holds the slot)
         self._ours: set[ProviderHealth] = set()          # breakers whose probe slot we won
         self._wake = asyncio.Event()
-        self._restore = False      # first sync after an outage: re-write our open breakers
+        # the first sync (at start, after an outage) re-writes the breakers this instance opened meanwhile
+        self._restore = True
         self._scripts: dict[str, Any] = {}
 
     # -- keys -------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ class SharedHealth:
     def opened(self, b: ProviderHealth) -> None:
         self._ours.discard(b)
         b.held = self.ok
-        if not self.started:
+        if not self.ok:  # not written while Redis is unreachable: the first sync after it re-writes it
             return
         msg = self._msg("open", b.name, k=b.kind, ms=int(b.cfg.cooldown * 1000))
         self._spawn(self._run("open", self._bkeys(b), [self.id, max(1, int(b.cfg.cooldown * 1000)),
@@ -253,13 +254,13 @@ class SharedHealth:
 
     def closed(self, b: ProviderHealth) -> None:
         self._ours.discard(b)
-        if not self.started:
+        if not self.ok:
             return
         self._spawn(self._run("close", self._bkeys(b), [self.channel, self._msg("closed", b.name, k=b.kind)]))
 
     def cooled(self, t: Throttle, wait: float) -> None:
-        if not self.started or t.provider not in self.health.providers:
-            return
+        if not self.ok or t.provider not in self.health.providers:
+            return  # while Redis is unreachable, cooldowns stay local
         ms = max(1, int(wait * 1000))
         msg = self._msg("cool", t.provider, m=t.model, ms=ms, s=t.status)
         self._spawn(self._run("cool", [self.key(t.provider, "cool")], [t.model, ms, t.status, self.channel, msg]))
