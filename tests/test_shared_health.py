@@ -146,7 +146,7 @@ async def test_half_open_probe_is_coordinated_across_instances(fleet):
 async def test_prober_that_dies_frees_the_slot_after_its_ttl(fleet, shared_redis):
     url, prefix = shared_redis
     f = fleet()
-    (a, sa), (b, _) = await f.start(), await f.start()
+    (a, _), (b, _) = await f.start(), await f.start()
     trip(a)
     assert await until(lambda: b.get(P).state is OPEN)
     await asyncio.sleep(0.65)

@@ -188,6 +188,7 @@ def test_gateway_keeps_serving_when_redis_dies_and_shares_again(make_gateway, fa
             assert c.post("/v1/chat/completions", json=body).status_code == 200
         warned = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
         assert len(warned) == 1
+        assert "helixagent_shared_health_up 0.0" in c.get("/metrics").text
         srv2 = PrivateRedis.__new__(PrivateRedis)
         d = tmp_path / "redis2"
         d.mkdir()
@@ -196,6 +197,8 @@ def test_gateway_keeps_serving_when_redis_dies_and_shares_again(make_gateway, fa
         assert c.post("/v1/chat/completions", json=body).status_code == 200
         st = c.get("/health").json()["shared_health"]
         assert st["outages"] == 1 and st["subscribed"] is True
+        m = c.get("/metrics").text
+        assert "helixagent_shared_health_up 1.0" in m and "helixagent_shared_health_outages_total 1.0" in m
     finally:
         c.close()
         if srv2 is not None:
