@@ -311,3 +311,22 @@ def _restart(srv: Any, port: int, d: str) -> None:
         if srv.proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError("redis-server did not restart")
         time.sleep(0.05)
+
+
+async def test_redis_unreachable_at_start_is_local_only_with_one_warning(caplog):
+    from support.servers import free_port
+    caplog.set_level(logging.WARNING, logger="helixagent.routing")
+    h = Health(BreakerConfig(failure_threshold=2, cooldown=0.2), [P])
+    s = SharedHealth(h, f"redis://127.0.0.1:{free_port()}/0", "hxnone", sync_interval=0.05, timeout=0.2)
+    try:
+        await s.start()
+        assert not s.ok and s.status()["status"] == "degraded"
+        await asyncio.sleep(0.5)  # several reconnect attempts
+        warned = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
+        assert len(warned) == 1 and "start-up" in warned[0].getMessage()
+        trip(h)
+        assert not h.get(P).held
+        await asyncio.sleep(0.25)
+        assert h.get(P).acquire(h.clock()) == PROBE  # probes on its own, as a single instance does
+    finally:
+        await s.stop()

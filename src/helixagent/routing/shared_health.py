@@ -147,6 +147,7 @@ class SharedHealth:
         # the first sync (at start, after an outage) re-writes the breakers this instance opened meanwhile
         self._restore = True
         self._scripts: dict[str, Any] = {}
+        self._logged_down = False
 
     # -- keys -------------------------------------------------------------------------------------
     def key(self, provider: str, what: str) -> str:
@@ -214,10 +215,15 @@ class SharedHealth:
     def _degrade(self, why: str) -> None:
         self.last_error = why
         if not self.ok:
+            if not self._logged_down:  # unreachable from the start: said once too
+                self._logged_down = True
+                log.warning("shared health: Redis unreachable (%s) at start-up; breakers, cooldowns and health "
+                            "scores are local to this instance until it answers", why)
             return
         self.ok = False
         self.outages += 1
         self._restore = True
+        self._logged_down = True
         log.warning("shared health: Redis unreachable (%s); breakers, cooldowns and health scores are local to "
                     "this instance until it answers again", why)
         for h in self.health.providers.values():
@@ -233,7 +239,8 @@ class SharedHealth:
         if self.ok or not self.subscribed:
             return
         self.ok = True
-        if self.outages:
+        if self._logged_down:
+            self._logged_down = False
             log.warning("shared health: Redis answers again; breaker state is shared with the fleet again")
         self.last_error = None
         for h in self.health.providers.values():
