@@ -12,7 +12,8 @@ Each process keeps its own ``health.Health`` (the request path reads only that);
 * **The half-open probe is coordinated.**  While shared health is up, an open breaker is ``held``: when
   its cooldown is over this instance does not probe on its own; the first request that would have
   probed starts (in the background, never waiting on it) a try for the fleet's probe slot
-  ``<prefix>:{health:<provider>}:probe`` (SET NX, TTL = the cooldown) and is itself routed elsewhere.
+  ``<prefix>:{health:<provider>}:probe`` (SET NX, TTL = the cooldown, at least the provider's attempt
+  timeout + 1 s) and is itself routed elsewhere.
   The winner probes (``half_open_probes`` requests); the others keep skipping the provider until the
   winner publishes ``closed`` (closing them too) or ``open`` (a failed probe: another cooldown for all),
   or the slot's TTL runs out (the prober died: the next try takes it).
@@ -120,13 +121,16 @@ class SharedHealth:
     """The fleet side of one process's :class:`Health` (see the module docstring)."""
 
     def __init__(self, health: Health, url: str, prefix: str = "helixagent", sync_interval: float = 1.0,
-                 timeout: float = 0.5, clock: Any = None):
+                 timeout: float = 0.5, clock: Any = None, attempt_timeouts: dict[str, float] | None = None):
         self.health = health
         self.url = url
         self.prefix = prefix
         self.sync_interval = sync_interval
         self.timeout = timeout
         self.clock = clock if clock is not None else health.clock  # the breakers' clock
+        # provider -> its attempt timeout (s): the probe slot lasts at least that long, so a slow probe
+        # in flight is not joined by a second one when the slot's TTL would otherwise run out
+        self.attempt_timeouts = attempt_timeouts or {}
         self.id = secrets.token_hex(6)
         self.channel = f"{prefix}:health:events"
         self.ok = False            # subscribed and the last sync succeeded: coordinating with the fleet
@@ -292,10 +296,13 @@ class SharedHealth:
         except FAILED as exc:
             self._degrade(type(exc).__name__)
 
+    def _slot_ms(self, b: ProviderHealth) -> int:
+        """The probe slot's TTL: the cooldown, at least the provider's attempt timeout (+1 s), at least 1 s."""
+        return int(max(1.0, b.cfg.cooldown, self.attempt_timeouts.get(b.name, 0.0) + 1.0) * 1000)
+
     async def _try_probe(self, b: ProviderHealth) -> None:
         try:
-            code, ms = await self._scripts["probe"](keys=self._bkeys(b),
-                                                    args=[self.id, max(1000, int(b.cfg.cooldown * 1000))])
+            code, ms = await self._scripts["probe"](keys=self._bkeys(b), args=[self.id, self._slot_ms(b)])
         except FAILED as exc:
             self._degrade(type(exc).__name__)
             b.held = False
