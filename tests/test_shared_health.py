@@ -234,13 +234,17 @@ async def test_malformed_and_foreign_messages_are_ignored(fleet, shared_redis, c
     r = redis.Redis.from_url(url)
     try:
         r.publish(sa.channel, b"not json")
+        r.publish(sa.channel, b'{"t": "open", "p": "p1", "k": "breaker", "ms": "soon", "from": "x"}')
+        r.publish(sa.channel, b'["a", "list"]')
+        r.publish(sa.channel, b'{"t": "cool", "p": "p1", "ms": 100, "from": "x"}')
         r.publish(sa.channel, b'{"t": "open", "p": "unknown-provider", "k": "breaker", "ms": 5000, "from": "x"}')
         r.publish(sa.channel, b'{"t": "open", "p": "p1", "k": "breaker", "ms": 5000, "from": "x"}')
     finally:
         r.close()
     assert await until(lambda: a.get(P).state is OPEN)
     assert "unknown-provider" not in a.providers
-    assert any("malformed" in rec.getMessage() for rec in caplog.records)
+    assert len([rec for rec in caplog.records if "malformed" in rec.getMessage()]) == 4
+    assert sa.subscribed and sa.ok  # the subscription survived them
 
 
 def test_config_shared_health_defaults_and_switch():

@@ -204,3 +204,9 @@ def test_gateway_keeps_serving_when_redis_dies_and_shares_again(make_gateway, fa
         if srv2 is not None:
             srv2.close()
         srv.close()
+
+
+def test_without_redis_shared_health_is_off(gateway):
+    h = httpx.get(gateway.url + "/health").json()
+    assert h["shared_health"] == {"enabled": False} and "shared" not in h["providers"]["openai"]
+    assert "helixagent_shared_health_up 1.0" in httpx.get(gateway.url + "/metrics").text

@@ -347,24 +347,27 @@ class SharedHealth:
         t.status = status
 
     def handle(self, data: bytes) -> None:
-        """One message from another instance."""
+        """One message from another instance (a malformed one is logged and ignored)."""
         try:
             m = orjson.loads(data)
-            t, p = m["t"], m["p"]
-            if m.get("from") == self.id:
-                return
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+            t, p, sender = str(m["t"]), str(m["p"]), m.get("from")
+            ms = int(m["ms"]) if t in ("open", "cool") else 0
+            model = str(m["m"]) if t == "cool" else ""
+            status = int(m.get("s", 429))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             log.warning("shared health: ignored a malformed message on %s", self.channel)
+            return
+        if sender == self.id:
             return
         self.counters["applied"] += 1
         if t == "cool":
-            self._apply_cool(p, str(m["m"]), int(m["ms"]), int(m.get("s", 429)))
+            self._apply_cool(p, model, ms, status)
             return
         b = self._breaker(p, m.get("k"))
         if b is None:
             return
         if t == "open":
-            self._apply_open(b, int(m["ms"]))
+            self._apply_open(b, ms)
         elif t == "closed" and b.state is not CLOSED:
             self._ours.discard(b)
             b.set_closed()
@@ -459,10 +462,13 @@ class SharedHealth:
             if ttl > 0:
                 self._apply_open(b, ttl)
         for i in range(0, len(cool), 2):
-            deadline, _, status = cool[i + 1].decode().partition(":")
-            left = int(deadline) - int(now_ms)
+            deadline, _, status = cool[i + 1].decode(errors="replace").partition(":")
+            try:
+                left, code = int(deadline) - int(now_ms), int(status or 429)
+            except ValueError:
+                continue  # not written by us
             if left > 0:
-                self._apply_cool(name, cool[i].decode(), left, int(status or 429))
+                self._apply_cool(name, cool[i].decode(errors="replace"), left, code)
         self._merge(h, sh, stats)
 
     @staticmethod
