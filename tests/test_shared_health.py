@@ -334,3 +334,12 @@ async def test_redis_unreachable_at_start_is_local_only_with_one_warning(caplog)
         assert h.get(P).acquire(h.clock()) == PROBE  # probes on its own, as a single instance does
     finally:
         await s.stop()
+
+
+def test_every_key_of_a_provider_is_in_one_cluster_slot():
+    from redis.crc import key_slot
+    s = SharedHealth(Health(BreakerConfig(), [P]), "redis://127.0.0.1:1/0", "hx:prod")
+    for name in (P, "claude", "a:b{c"):
+        keys = [s.key(name, w) for w in ("breaker", "stream_breaker", "probe", "stream_probe", "cool", "stats")]
+        assert len({key_slot(k.encode()) for k in keys}) == 1, keys
+        assert all(k.startswith("hx:prod:{health:") for k in keys)
