@@ -143,6 +143,28 @@ async def test_half_open_probe_is_coordinated_across_instances(fleet):
     assert all(h.get(P).available(h.clock()) for h in members)
 
 
+async def test_after_a_failed_probe_any_instance_may_probe_next(fleet):
+    """The instances that lost the slot to the prober are not locked out of the next half-open."""
+    f = fleet()
+    (a, sa), (b, sb), (c, sc) = await f.start(), await f.start(), await f.start()
+    sa.attempt_timeouts[P] = 30.0  # a's slot lasts 31 s: the losers must not wait for that
+    trip(a)
+    assert await until(lambda: b.get(P).state is OPEN and c.get(P).state is OPEN)
+    await asyncio.sleep(0.65)
+    got: list[int] = []
+    while not got:  # a takes the slot and starts its probe (b and c have no demand yet)
+        got = await demand([a], 0.05)
+    assert got == [0]
+    await demand([b, c], 0.2)  # while a's probe is in flight: they lose the slot
+    assert sb.counters["probe_slots_lost"] >= 1 and sc.counters["probe_slots_lost"] >= 1
+    a.get(P).failure(PROBE, "server_error")  # a's probe fails: another cooldown for all
+    assert await until(lambda: b.get(P).state is OPEN and c.get(P).state is OPEN
+                       and b.get(P).effective_state() == OPEN)
+    await asyncio.sleep(0.65)
+    got = await demand([b, c], 0.5, verdict=lambda bk: bk.failure(PROBE, "server_error"))
+    assert len(got) == 1, got  # one of b, c probes this time (a is silent)
+
+
 async def test_prober_that_dies_frees_the_slot_after_its_ttl(fleet, shared_redis):
     url, prefix = shared_redis
     f = fleet()

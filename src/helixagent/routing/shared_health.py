@@ -256,6 +256,7 @@ class SharedHealth:
     # -- Listener (called from the request path: never waits) -------------------------------------
     def opened(self, b: ProviderHealth) -> None:
         self._ours.discard(b)
+        self._next_try.pop(b, None)
         b.held = self.ok
         if not self.ok:  # not written while Redis is unreachable: the first sync after it re-writes it
             return
@@ -317,6 +318,7 @@ class SharedHealth:
             self._ours.add(b)
             b.held = False  # the next request here is the fleet's probe
         elif code == 0:
+            self._next_try.pop(b, None)
             b.set_open(now - max(0.0, b.cfg.cooldown - ms / 1000.0), held=True)  # re-opened elsewhere
         else:
             self.counters["probe_slots_lost"] += 1
@@ -337,6 +339,7 @@ class SharedHealth:
         if b.state is CLOSED:
             b.remote_opens += 1
         self._ours.discard(b)
+        self._next_try.pop(b, None)  # a new cooldown: the slot is free again when it ends
         b.set_open(opened_at, held=self.ok)
 
     def _apply_cool(self, p: str, model: str, ms: int, status: int) -> None:
@@ -368,9 +371,11 @@ class SharedHealth:
             return
         if t == "open":
             self._apply_open(b, ms)
-        elif t == "closed" and b.state is not CLOSED:
-            self._ours.discard(b)
-            b.set_closed()
+        elif t == "closed":
+            self._next_try.pop(b, None)
+            if b.state is not CLOSED:
+                self._ours.discard(b)
+                b.set_closed()
 
     # -- loops ------------------------------------------------------------------------------------
     async def _subscriber(self, ready: asyncio.Event) -> None:
