@@ -157,7 +157,7 @@ def test_three_processes_avoid_a_failing_provider_and_probe_it_once(three, upstr
 def test_retry_after_on_one_process_cools_the_model_on_the_others(three, upstream):
     g1, g2, g3 = three
     upstream.push(Fault(status=429, headers={"retry-after": "3"}))
-    assert g1.chat() == "p2"  # the 429 falls back (Retry-After 3 s > max_retry_after... or no attempts left)
+    assert g1.chat() == "p2"  # the 429 falls back (max_attempts 1: no retry on p1)
     assert len(upstream.calls) == 1
     assert wait_until(lambda: MODEL in g2.health()["providers"]["p1"].get("rate_limit_cooldown_s", {}), timeout=2)
     assert g2.chat() == "p2" and g3.chat() == "p2"
