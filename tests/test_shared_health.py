@@ -273,6 +273,9 @@ def test_config_shared_health_defaults_and_switch():
     cfg = load_config_dict({"redis": {"url": "redis://127.0.0.1:6379/0"}}, "<t>")
     sh = cfg.routing.shared_health
     assert sh.enabled is True and sh.redis_url == "redis://127.0.0.1:6379/0"
+    assert sh.key_prefix == "helixagent"
+    cfg = load_config_dict({"redis": {"url": "redis://x:1/0"}, "auth": {"redis_prefix": "staging"}}, "<t>")
+    assert cfg.routing.shared_health.key_prefix == "staging"
     cfg = load_config_dict({"redis": {"url": "redis://x:1/0"}, "routing": {"shared_health": False}}, "<t>")
     assert cfg.routing.shared_health.enabled is False
     cfg = load_config_dict({}, "<t>")

@@ -269,8 +269,8 @@ class SharedHealthConfig(Strict):
     # None: on whenever a Redis URL is known (redis_url here, else redis.url)
     enabled: bool | None = None
     redis_url: str | None = None
-    # keys are <key_prefix>:{health:<provider>}:... (one hash slot per provider)
-    key_prefix: str = Field(default="helixagent", min_length=1)
+    # keys are <key_prefix>:{health:<provider>}:... (one hash slot per provider); default auth.redis_prefix
+    key_prefix: str | None = Field(default=None, min_length=1)
     # how often each instance publishes its EWMAs and re-reads the fleet's state (missed messages, merge)
     sync_interval: float = Field(default=1.0, gt=0)
     # a Redis command slower than this counts as an outage (local-only health until Redis answers again)
@@ -534,6 +534,8 @@ class Config(Strict):
         sh = self.routing.shared_health
         if sh.redis_url is None and shared and sh.enabled is not False:
             sh.redis_url = shared
+        if sh.key_prefix is None:
+            sh.key_prefix = self.auth.redis_prefix
         if sh.enabled is None:
             sh.enabled = bool(sh.redis_url)
         elif sh.enabled and not sh.redis_url:

@@ -13,8 +13,8 @@ def install(gw: GatewayLike) -> None:
     if sh.enabled and sh.redis_url:
         from .shared_health import SharedHealth
         timeouts = {n: p.cfg.timeout_ms / 1000.0 for n, p in gw.providers.items()}
-        shared = SharedHealth(gw.router.health, sh.redis_url, sh.key_prefix, sh.sync_interval, sh.redis_timeout,
-                              attempt_timeouts=timeouts)
+        shared = SharedHealth(gw.router.health, sh.redis_url, sh.key_prefix or gw.cfg.auth.redis_prefix,
+                              sh.sync_interval, sh.redis_timeout, attempt_timeouts=timeouts)
         gw.services["shared_health"] = shared
         gw.on_startup(shared.start)
         gw.on_shutdown(shared.stop)
