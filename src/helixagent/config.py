@@ -466,6 +466,21 @@ class RedisConfig(Strict):
     url: str | None = None
 
 
+class FeatureFlag(Strict):
+    """One feature flag (``features.<name>``; evaluated per request by flags.py, see docs/features.md)."""
+    enabled: bool = True  # the state for everyone not listed in keys/users
+    percentage: float | None = Field(default=None, ge=0, le=100)  # of key ids (stable hash), when enabled
+    keys: list[str] = Field(default_factory=list)  # key ids that always have it (in its environments)
+    users: list[str] = Field(default_factory=list)  # user ids that always have it (in its environments)
+    environments: list[str] = Field(default_factory=list)  # only in these environments (empty: all)
+
+
+class FeaturesConfig(Strict):
+    streaming: FeatureFlag = Field(default_factory=FeatureFlag)
+    caching: FeatureFlag = Field(default_factory=FeatureFlag)
+    multi_tenant: FeatureFlag = Field(default_factory=lambda: FeatureFlag(enabled=False))
+
+
 class Config(Strict):
     environment: str = "development"
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -482,6 +497,7 @@ class Config(Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":

@@ -102,6 +102,16 @@ class ProviderHealth:
         self.stream: ProviderHealth | None = None if _sub else ProviderHealth(name, cfg, clock, True)
 
     # -- admission -----------------------------------------------------------------------------
+    def retune(self, cfg: BreakerConfig) -> None:
+        """New breaker settings (a config reload); the window's buckets restart when its width changes."""
+        width = max(cfg.window / _BUCKETS, 1e-3)
+        if width != self.width:
+            self.b_stamp = [-1] * _BUCKETS
+            self.b_req = [0] * _BUCKETS
+            self.b_fail = [0] * _BUCKETS
+            self.width = width
+        self.cfg = cfg
+
     def available(self, now: float) -> bool:
         """Whether a request could be sent now (no side effect)."""
         st = self.state
@@ -272,6 +282,19 @@ class Health:
         self.clock = clock
         self.providers: dict[str, ProviderHealth] = {}
         self.throttles: dict[tuple[str, str], Throttle] = {}
+        for n in names:
+            self.get(n)
+
+    def reconfigure(self, cfg: BreakerConfig, names: Any = ()) -> None:
+        """New breaker settings for every provider; states, counters and latencies are kept (a changed
+        ``window`` restarts the error-rate window).  Providers new in ``names`` get a fresh state."""
+        old = self.cfg
+        self.cfg = cfg
+        if cfg != old:
+            for h in self.providers.values():
+                for x in (h, h.stream):
+                    if x is not None:
+                        x.retune(cfg)
         for n in names:
             self.get(n)
 
