@@ -385,9 +385,7 @@ class _WorkerProcess(Process):
         return self._server
 
     def target(self, sockets: list[socket.socket] | None = None) -> None:  # pragma: no cover - child
-        # a SIGHUP forwarded before the server installs its handler must not kill the worker (it reads
-        # the config file as it starts anyway)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (inherited so from _Supervisor._new; kept until serve)
         threading.Thread(target=self.always_pong, daemon=True).start()
         try:
             self.server.run(sockets)
@@ -417,7 +415,13 @@ class _Supervisor(Multiprocess):
 
     def _new(self) -> _WorkerProcess:
         p = _WorkerProcess(self.config, self.sockets)
-        p.start()
+        # the worker inherits SIGHUP ignored until its server installs the reload handler: a SIGHUP
+        # forwarded while it boots must not kill it (it reads the config file as it starts anyway)
+        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            p.start()
+        finally:
+            signal.signal(signal.SIGHUP, previous)
         return p
 
     def init_processes(self) -> None:
