@@ -314,3 +314,56 @@ def test_restart_only_settings_are_reported_not_applied(serve, fake_openai):
     body = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 3000}]})
     r = httpx.post(s.url + "/v1/chat/completions", content=body, headers=AUTH, timeout=10)
     assert r.status_code == 200, r.text  # the running max_body_bytes (8 MiB) still applies
+
+
+def test_removed_provider_finishes_its_streams_and_unchanged_ones_keep_their_state(serve, fake_openai):
+    from fakes.openai_upstream import Fault
+    s = serve(base_cfg(fake_openai, second=True))
+    key = admin_create(s, limits={"requests_per_minute": 1000})["key"]
+    for _ in range(3):
+        assert chat(s.url, key)[0] == 200
+    before = s.health()["providers"]["openai"]
+    assert before["successes"] >= 3
+    fake_openai.sticky = Fault(chunk_delay=0.3)  # streams of about 2 s
+    out: list[tuple[int, str]] = []
+    threads = [threading.Thread(target=lambda: out.append(chat(s.url, key, model="brand-new-model", stream=True)))
+               for _ in range(5)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: fake_openai.inflight >= 5, timeout=20)
+    s.write(base_cfg(fake_openai))  # openai-b removed while its streams run
+    r = s.reload()
+    assert r.status_code == 200, r.text
+    assert r.json()["providers"] == {"added": [], "removed": ["openai-b"], "changed": []}, r.text
+    for t in threads:
+        t.join(60)
+    fake_openai.sticky = None
+    assert [c for c, _ in out] == [200] * 5, out  # in-flight streams finished on the old provider object
+    assert chat(s.url, key, model="brand-new-model")[0] == 404
+    after = s.health()["providers"]
+    assert "openai-b" not in after
+    assert after["openai"]["successes"] >= before["successes"], (before, after["openai"])  # state kept
+
+
+def test_concurrent_reloads_and_a_half_written_file(serve, fake_openai):
+    s = serve(base_cfg(fake_openai))
+    key = admin_create(s, limits={"requests_per_minute": 100000})["key"]
+    load = Load(s.url, key, n=8)
+    try:
+        s.cfgfile.write_text(yaml.safe_dump(base_cfg(fake_openai, new_model=True))[:40])  # cut mid-write
+        assert s.reload().status_code == 422
+        s.write(base_cfg(fake_openai, new_model=True))
+        results: list[int] = []
+        ts = [threading.Thread(target=lambda: results.append(s.reload().status_code)) for _ in range(6)]
+        for t in ts:
+            t.start()
+        for _ in range(3):
+            s.proc.send_signal(signal.SIGHUP)
+        for t in ts:
+            t.join(60)
+        assert results == [200] * 6, results
+    finally:
+        res = load.finish()
+    assert [r for r in res if r[0] != 200] == []
+    assert s.health()["config"]["generation"] == 2  # one change, applied once whatever the number of reloads
+    assert chat(s.url, key, model="gpt-4.1-new")[0] == 200
