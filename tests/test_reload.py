@@ -238,6 +238,7 @@ BAD_FILES = {
     "yaml": "providers:\n  - name: openai\n    api_key: \"sk-test-upstream-key-123456\n  models: [x\n",
     "unknown_key": None,  # built below (needs the fake's URL)
     "bad_provider_ref": None,
+    "preflight": None,
 }
 
 
@@ -256,11 +257,16 @@ def test_invalid_file_changes_nothing(serve, fake_openai, kind):
         cfg["routing"] = {"strategy": "priority", "retires": {"max_attempts": 2}}
         s.write(cfg)
         expect = "routing.retires: unknown key"
-    else:
+    elif kind == "bad_provider_ref":
         cfg = base_cfg(fake_openai, new_model=True)
         cfg["providers"][0]["fallback_to"] = ["nowhere"]
         s.write(cfg)
         expect = "'nowhere' is not a configured provider"
+    else:  # valid config models, refused by the start-up checks (preflight)
+        cfg = base_cfg(fake_openai, new_model=True)
+        cfg["providers"][0]["base_url"] = "ftp://upstream.example/v1"
+        s.write(cfg)
+        expect = "providers[0].base_url"
     r = s.reload()
     assert r.status_code == 422, r.text
     err = r.json()["error"]
