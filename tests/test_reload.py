@@ -373,3 +373,18 @@ def test_concurrent_reloads_and_a_half_written_file(serve, fake_openai):
     assert [r for r in res if r[0] != 200] == []
     assert s.health()["config"]["generation"] == 2  # one change, applied once whatever the number of reloads
     assert chat(s.url, key, model="gpt-4.1-new")[0] == 200
+
+
+def test_breaker_settings_apply_and_breaker_state_is_kept():
+    from helixagent.config import BreakerConfig
+    from helixagent.routing.health import OPEN, Health
+    t = [100.0]
+    h = Health(BreakerConfig(failure_threshold=2, cooldown=30), ["a", "b"], clock=lambda: t[0])
+    for _ in range(2):
+        h.get("a").failure(h.get("a").acquire(t[0]))
+    assert h.get("a").state is OPEN
+    h.reconfigure(BreakerConfig(failure_threshold=2, cooldown=5), ["a", "b", "c"])
+    assert h.get("a").state is OPEN and h.get("a").cfg.cooldown == 5 and h.get("a").stream.cfg.cooldown == 5
+    assert h.state("a") == "open"
+    t[0] += 6  # the new, shorter cooldown applies to the breaker that was already open
+    assert h.state("a") == "half_open" and "c" in h.providers
