@@ -147,7 +147,7 @@ async def test_after_a_failed_probe_any_instance_may_probe_next(fleet):
     """The instances that lost the slot to the prober are not locked out of the next half-open."""
     f = fleet()
     (a, sa), (b, sb), (c, sc) = await f.start(), await f.start(), await f.start()
-    sa.attempt_timeouts[P] = 30.0  # a's slot lasts 31 s: the losers must not wait for that
+    sa.attempt_timeout = lambda name: 30.0  # a's slot lasts 31 s: the losers must not wait for that
     trip(a)
     assert await until(lambda: b.get(P).state is OPEN and c.get(P).state is OPEN)
     await asyncio.sleep(0.65)

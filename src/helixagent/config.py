@@ -442,7 +442,17 @@ class AuthConfig(Strict):
 
 class DatabaseConfig(Strict):
     url: str = "sqlite:///./helixagent.db"
-    pool_size: int = Field(default=10, ge=1)
+    # Reads for reports (GET /v1/usage, `helixagent usage`) go here when set; writes never do.  See
+    # docs/records.md#connection-pool-and-read-replica.
+    read_url: str | None = None
+    # Connection pool, per pool and per worker process (store/db.py maps them onto SQLAlchemy's):
+    # max_open_conns is the hard cap, max_idle_conns the connections kept open when idle (pool_size is its
+    # older name), conn_max_lifetime recycles older connections, pool_timeout is the longest wait for one.
+    pool_size: int | None = Field(default=None, ge=1)
+    max_open_conns: int | None = Field(default=None, ge=1)
+    max_idle_conns: int | None = Field(default=None, ge=1)
+    conn_max_lifetime: float | None = None
+    pool_timeout: float = 10.0
     spool_dir: str = "./spool"
     batch_size: int = Field(default=500, ge=1)
     queue_size: int = Field(default=10000, ge=1)
@@ -454,8 +464,39 @@ class DatabaseConfig(Strict):
     retry_interval: float = 1.0
     spool_fsync_interval: float = 1.0
 
-    _d = field_validator("flush_interval", "retry_interval", "spool_fsync_interval",
+    _d = field_validator("flush_interval", "retry_interval", "spool_fsync_interval", "pool_timeout",
                          mode="before")(lambda v: parse_duration(v))
+    _lt = field_validator("conn_max_lifetime", mode="before")(
+        lambda v: None if v is None else parse_duration(v))
+
+    @model_validator(mode="after")
+    def _pool(self) -> "DatabaseConfig":
+        if self.pool_size is not None and self.max_idle_conns is not None and self.pool_size != self.max_idle_conns:
+            raise ValueError(f"database.pool_size ({self.pool_size}) and database.max_idle_conns "
+                             f"({self.max_idle_conns}) are the same setting (pool_size is its older name): "
+                             "give one of them")
+        idle = self.max_idle_conns if self.max_idle_conns is not None else self.pool_size
+        if idle is not None and self.max_open_conns is not None and idle > self.max_open_conns:
+            key = "max_idle_conns" if self.max_idle_conns is not None else "pool_size"
+            raise ValueError(f"database.{key} ({idle}) is more than database.max_open_conns "
+                             f"({self.max_open_conns}): no more connections can be kept idle than may be open")
+        if self.conn_max_lifetime is not None and self.conn_max_lifetime <= 0:
+            raise ValueError("database.conn_max_lifetime must be a positive duration (e.g. 30m); leave it out "
+                             "to keep connections without a limit")
+        if self.pool_timeout <= 0:
+            raise ValueError("database.pool_timeout must be a positive duration (e.g. 10s)")
+        if self.read_url is not None and not self.read_url.strip():
+            self.read_url = None   # `read_url: ${HELIXAGENT_DATABASE_READ_URL}` with the variable unset
+        return self
+
+    def pool_limits(self) -> tuple[int, int]:
+        """(max_open, max_idle).  Neither given: 20 open, 10 kept.  Only the idle count (max_idle_conns or
+        pool_size): twice as many open.  Only max_open_conns: all of them kept."""
+        idle = self.max_idle_conns if self.max_idle_conns is not None else self.pool_size
+        if self.max_open_conns is not None:
+            return self.max_open_conns, idle if idle is not None else self.max_open_conns
+        idle = idle if idle is not None else 10
+        return 2 * idle, idle
 
 
 class EncryptionConfig(Strict):
@@ -488,6 +529,21 @@ class RedisConfig(Strict):
     url: str | None = None
 
 
+class FeatureFlag(Strict):
+    """One feature flag (``features.<name>``; evaluated per request by flags.py, see docs/features.md)."""
+    enabled: bool = True  # the state for everyone not listed in keys/users
+    percentage: float | None = Field(default=None, ge=0, le=100)  # of key ids (stable hash), when enabled
+    keys: list[str] = Field(default_factory=list)  # key ids that always have it (in its environments)
+    users: list[str] = Field(default_factory=list)  # user ids that always have it (in its environments)
+    environments: list[str] = Field(default_factory=list)  # only in these environments (empty: all)
+
+
+class FeaturesConfig(Strict):
+    streaming: FeatureFlag = Field(default_factory=FeatureFlag)
+    caching: FeatureFlag = Field(default_factory=FeatureFlag)
+    multi_tenant: FeatureFlag = Field(default_factory=lambda: FeatureFlag(enabled=False))
+
+
 class Config(Strict):
     environment: str = "development"
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -504,6 +560,7 @@ class Config(Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":

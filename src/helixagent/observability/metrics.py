@@ -183,6 +183,16 @@ class Metrics:
         self.limits_up = Gauge("helixagent_rate_limit_backend_up",
                                "1 when the rate limit backend is reachable, 0 during an outage (lowest among "
                                "workers)", registry=reg, multiprocess_mode="livemin")
+        self.config_reloads = Counter("helixagent_config_reloads",
+                                      "Config reloads (SIGHUP, POST /admin/reload) by result: success (applied) "
+                                      "or failure (the file was invalid; the old config is kept)", ("result",),
+                                      registry=reg)
+        for r in ("success", "failure"):
+            self.config_reloads.labels(r)
+        self.config_generation = Gauge("helixagent_config_generation",
+                                       "Generation of the applied config: 1 at start, +1 per applied reload "
+                                       "(lowest among workers)", registry=reg, multiprocess_mode="livemin")
+        self.config_generation.set(1)
         self.shared_health_up = Gauge("helixagent_shared_health_up",
                                       "1 while breaker state and cooldowns are shared with the other instances "
                                       "through Redis, 0 while degraded to local-only health (lowest among "
@@ -375,6 +385,22 @@ class Metrics:
         if c is None:
             c = cache[key] = metric.labels(*key)
         return c
+
+    def reconfigure(self, gw: GatewayLike) -> None:
+        """A config reload: new provider names and models become label values (old ones stay valid)."""
+        for n, prov in gw.providers.items():
+            self.provider_names.setdefault(n, n)
+            self.provider_names.setdefault(prov.name, prov.name)
+        for p in gw.cfg.providers:
+            self.provider_names.setdefault(p.name, p.name)
+        if self.model_names is not None:
+            names = dict(self.model_names)
+            names.update((m, m) for m in known_models(gw))
+            self.model_names = names
+
+    def config_reloaded(self, ok: bool, generation: int) -> None:
+        self.config_reloads.labels("success" if ok else "failure").inc()
+        self.config_generation.set(generation)
 
     # -- gauges refreshed periodically and at scrape time --------------------------------------------------
     def refresh(self) -> None:

@@ -12,9 +12,14 @@ def install(gw: GatewayLike) -> None:
     sh = gw.cfg.routing.shared_health
     if sh.enabled and sh.redis_url:
         from .shared_health import SharedHealth
-        timeouts = {n: p.cfg.timeout_ms / 1000.0 for n, p in gw.providers.items()}
-        shared = SharedHealth(gw.router.health, sh.redis_url, sh.key_prefix or gw.cfg.auth.redis_prefix,
-                              sh.sync_interval, sh.redis_timeout, attempt_timeouts=timeouts)
+        router = gw.router
+
+        def attempt_timeout(name: str) -> float:  # the running config's (a reload may change it)
+            p = router.providers.get(name)
+            return p.cfg.timeout_ms / 1000.0 if p is not None else 0.0
+
+        shared = SharedHealth(router.health, sh.redis_url, sh.key_prefix or gw.cfg.auth.redis_prefix,
+                              sh.sync_interval, sh.redis_timeout, attempt_timeout=attempt_timeout)
         gw.services["shared_health"] = shared
         gw.on_startup(shared.start)
         gw.on_shutdown(shared.stop)

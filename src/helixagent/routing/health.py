@@ -127,6 +127,16 @@ class ProviderHealth:
         self.fleet_ttfb: float | None = None
 
     # -- admission -----------------------------------------------------------------------------
+    def retune(self, cfg: BreakerConfig) -> None:
+        """New breaker settings (a config reload); the window's buckets restart when its width changes."""
+        width = max(cfg.window / _BUCKETS, 1e-3)
+        if width != self.width:
+            self.b_stamp = [-1] * _BUCKETS
+            self.b_req = [0] * _BUCKETS
+            self.b_fail = [0] * _BUCKETS
+            self.width = width
+        self.cfg = cfg
+
     def available(self, now: float) -> bool:
         """Whether a request could be sent now (no side effect)."""
         st = self.state
@@ -344,6 +354,19 @@ class Health:
         self.throttles: dict[tuple[str, str], Throttle] = {}
         self.shared: Any = None  # the SharedHealth when on (shared_health.py); /health describes it
         self.listener: Listener | None = None
+        for n in names:
+            self.get(n)
+
+    def reconfigure(self, cfg: BreakerConfig, names: Any = ()) -> None:
+        """New breaker settings for every provider; states, counters and latencies are kept (a changed
+        ``window`` restarts the error-rate window).  Providers new in ``names`` get a fresh state."""
+        old = self.cfg
+        self.cfg = cfg
+        if cfg != old:
+            for h in self.providers.values():
+                for x in (h, h.stream):
+                    if x is not None:
+                        x.retune(cfg)
         for n in names:
             self.get(n)
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import Any, Coroutine
+from typing import Any, Callable, Coroutine
 
 import orjson
 
@@ -121,16 +121,16 @@ class SharedHealth:
     """The fleet side of one process's :class:`Health` (see the module docstring)."""
 
     def __init__(self, health: Health, url: str, prefix: str = "helixagent", sync_interval: float = 1.0,
-                 timeout: float = 0.5, clock: Any = None, attempt_timeouts: dict[str, float] | None = None):
+                 timeout: float = 0.5, clock: Any = None, attempt_timeout: Callable[[str], float] | None = None):
         self.health = health
         self.url = url
         self.prefix = prefix
         self.sync_interval = sync_interval
         self.timeout = timeout
         self.clock = clock if clock is not None else health.clock  # the breakers' clock
-        # provider -> its attempt timeout (s): the probe slot lasts at least that long, so a slow probe
-        # in flight is not joined by a second one when the slot's TTL would otherwise run out
-        self.attempt_timeouts = attempt_timeouts or {}
+        # provider name -> its attempt timeout (s; the running config's): the probe slot lasts at least
+        # that long, so a slow probe in flight is not joined by a second one when the slot's TTL runs out
+        self.attempt_timeout = attempt_timeout or (lambda name: 0.0)
         self.id = secrets.token_hex(6)
         self.channel = f"{prefix}:health:events"
         self.ok = False            # subscribed and the last sync succeeded: coordinating with the fleet
@@ -299,7 +299,7 @@ class SharedHealth:
 
     def _slot_ms(self, b: ProviderHealth) -> int:
         """The probe slot's TTL: the cooldown, at least the provider's attempt timeout (+1 s), at least 1 s."""
-        return int(max(1.0, b.cfg.cooldown, self.attempt_timeouts.get(b.name, 0.0) + 1.0) * 1000)
+        return int(max(1.0, b.cfg.cooldown, self.attempt_timeout(b.name) + 1.0) * 1000)
 
     async def _try_probe(self, b: ProviderHealth) -> None:
         try:
