@@ -210,3 +210,36 @@ def test_without_redis_shared_health_is_off(gateway):
     h = httpx.get(gateway.url + "/health").json()
     assert h["shared_health"] == {"enabled": False} and "shared" not in h["providers"]["openai"]
     assert "helixagent_shared_health_up 1.0" in httpx.get(gateway.url + "/metrics").text
+
+
+def test_reload_keeps_sharing_and_reports_shared_health_changes_as_restart_only(make_gateway, fake_openai, tmp_path):
+    """A provider added by a config reload is shared too; a changed routing.shared_health needs a restart."""
+    from helixagent.config import load_config_dict
+    url = need_redis()
+    prefix = unique_prefix()
+    db = {"url": f"sqlite:///{tmp_path}/r.db", "spool_dir": str(tmp_path / "spool")}
+
+    def cfg(sync: str, extra: bool) -> dict[str, Any]:
+        provs = [fake_openai.provider()] + ([fake_openai.provider("p3", priority=3)] if extra else [])
+        return {"database": db, "redis": {"url": url}, "providers": provs,
+                "routing": {"shared_health": {"key_prefix": prefix, "sync_interval": sync}}}
+    try:
+        gw = make_gateway(cfg("200ms", False))
+        other = make_gateway(cfg("200ms", True))  # an instance that has p3 already
+        shared = gw.app.services["shared_health"]
+        assert wait_until(lambda: shared.ok and other.app.services["shared_health"].ok)
+        res = gw.run(gw.app.services["reload"].apply(load_config_dict(cfg("5s", True), "<t>")))
+        assert "routing.shared_health" in res["restart_required"], res
+        assert gw.app.cfg.routing.shared_health.sync_interval == 0.2  # the running value is kept
+        h3 = gw.app.router.health.get("p3")
+        assert h3.listener is shared and gw.app.services["health"] is shared.health
+
+        def trip() -> None:
+            for _ in range(h3.cfg.failure_threshold):
+                h3.failure(1, "server_error")  # NORMAL: not a probe
+        gw.app.loop.call_soon_threadsafe(trip)
+        oh = other.app.router.health
+        assert wait_until(lambda: oh.get("p3").state == "open")
+        assert httpx.get(other.url + "/health").json()["providers"]["p3"]["breaker"] == "open"
+    finally:
+        redis_cleanup(url, prefix)
