@@ -41,12 +41,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import httpx
+import pytest
 import yaml
 
+from fakes.openai_upstream import FakeOpenAI
 from support.keys import redis_cleanup, unique_prefix
+from support.pg import fresh_schema
 from support.servers import free_port, wait_until
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -414,3 +417,40 @@ def _pg_dsn(url: str) -> tuple[str, str | None]:
 
 def which_nginx() -> str | None:
     return NGINX if os.path.exists(NGINX) else shutil.which("nginx")
+
+
+# -- fixtures (a test module uses them with ``pytest_plugins = ("support.cluster",)``) ----------------
+def _need(kind: str) -> str:
+    import conftest  # tests/conftest.py: the CI URL, or a private server outside CI
+    return str(conftest.need_postgres() if kind == "postgres" else conftest.need_redis())
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh PostgreSQL schema on the CI server, dropped afterwards."""
+    yield from fresh_schema(_need("postgres"))
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI(words=6)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path, pg_schema: str) -> Iterator[Any]:
+    """``make_cluster(providers, config=...)`` -> a started :class:`Cluster`; always closed after the test."""
+    started: list[Cluster] = []
+
+    def make(providers: list[dict[str, Any]], **kw: Any) -> Cluster:
+        c = Cluster(tmp_path / f"cluster-{len(started)}", providers=providers, db_url=pg_schema,
+                    redis_url=_need("redis"), **kw)
+        started.append(c)
+        return c
+
+    try:
+        yield make
+    finally:
+        for c in started:
+            c.close()
