@@ -16,9 +16,9 @@ This is the multi-instance harness of tests/test_scale_out*.py::
 * Redis: the caller passes the URL; every Redis key of the cluster is under one unique ``prefix``
   (rate limits, key bus, cache), deleted by :meth:`Cluster.close`.
 * nginx: Debian's ``/usr/sbin/nginx`` in the foreground (``daemon off``) with a temporary prefix, pid,
-  temp paths and logs under the test's tmp dir; :data:`NGINX_CONF` holds the settings (those of
-  deploy/compose/nginx.conf: least_conn, HTTP/1.1 with keepalive, no buffering, and ``proxy_next_upstream
-  error timeout``, which never replays a POST that was already sent to an instance).  The access log
+  temp paths and logs under the test's tmp dir, running the shipped deploy/compose/nginx.conf adapted by
+  :func:`nginx_conf` (least_conn, HTTP/1.1 with keepalive, no buffering, ``proxy_next_upstream error
+  timeout``, which never replays a POST that was already sent to an instance).  The access log
   (``nginx-access.log``) records, per request, the client's X-Request-ID, the status and every upstream
   tried (``$upstream_addr`` / ``$upstream_status``): :meth:`Cluster.nginx_log` parses it.
 * Processes are started in their own session and killed (the whole group) on :meth:`close`, which the
@@ -56,57 +56,43 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 NGINX = "/usr/sbin/nginx"
 MASTER = "cluster-master-key-0123456789"
 
-# The proxy settings under test (deploy/compose/nginx.conf's, with a fixed upstream list).  Notes:
-# * ``proxy_next_upstream error timeout`` (nginx's default plus timeout): a request is passed to the next
-#   instance only when connecting to one failed or the instance failed before sending a response head --
-#   and, since nginx 1.9.13, a POST is never passed on once it was sent to an instance (that would need
-#   ``non_idempotent``, which we do not set: the instance may already have called the upstream and
-#   recorded it).  So a SIGKILLed instance costs at most the requests it was running (502 at the client);
-#   new connections are refused at once and go to the others.
-# * ``keepalive_timeout`` (upstream idle connections) is below the gateway's ``server.keep_alive_timeout``
-#   (5 s): otherwise nginx may send a POST on a connection the gateway is closing for idleness, and that
-#   POST cannot be retried (a 502 for a healthy instance).
-NGINX_CONF = """\
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/nginx-error.log warn;
-daemon off;
-{user}
-events {{ worker_connections 4096; }}
-http {{
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    log_format helix '$http_x_request_id $status "$upstream_addr" "$upstream_status" $request_time';
-    access_log {prefix}/nginx-access.log helix;
-    client_max_body_size 32m;
-    upstream helixagent {{
-        least_conn;
-{servers}
-        keepalive 64;
-        keepalive_timeout 4s;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location = /nginx-health {{ return 200 "ok\\n"; }}
-        location / {{
-            proxy_pass http://helixagent;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header X-Real-IP $remote_addr;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_buffering off;
-            proxy_request_buffering off;
-            proxy_read_timeout 60s;
-            proxy_send_timeout 60s;
-            proxy_next_upstream error timeout;
-        }}
-    }}
-}}
-"""
+# The proxy under test is the shipped deploy/compose/nginx.conf itself, adapted by :func:`nginx_conf`: its
+# one ``server gateway:7061 <params>;`` line becomes one line per instance with the same parameters, it
+# listens on a loopback port, runs one worker in the foreground with pid, temp paths and logs under the
+# test's directory, and logs each request.  What that file sets and the tests check:
+# * least_conn over the instances, HTTP/1.1 with upstream keepalive, no buffering (SSE);
+# * ``proxy_next_upstream error timeout``: a request is passed to the next instance only when connecting
+#   to one failed (refused, timed out) or it failed before a response head -- and, since nginx 1.9.13,
+#   never a POST that was already sent to an instance (that would need ``non_idempotent``, not set: the
+#   instance may already have called the provider and recorded it).  A SIGKILLed instance costs at most
+#   the requests it was running (502, or a stream cut at the client); new ones go to the others;
+# * upstream ``keepalive_timeout`` below the gateway's ``server.keep_alive_timeout`` (5 s).
+COMPOSE_NGINX = Path(__file__).resolve().parents[2] / "deploy" / "compose" / "nginx.conf"
+_LOG_FORMAT = "log_format helix '$http_x_request_id $status \"$upstream_addr\" \"$upstream_status\" $request_time';"
+
+
+def nginx_conf(prefix: Path, port: int, addrs: list[str], source: Path = COMPOSE_NGINX) -> str:
+    """deploy/compose/nginx.conf for these instance addresses (see above); every edit must apply."""
+    conf = source.read_text()
+
+    def sub(pattern: str, repl: Any, what: str) -> None:
+        nonlocal conf
+        conf, n = re.subn(pattern, repl, conf, count=1, flags=re.M)
+        if n != 1:
+            raise AssertionError(f"{source}: cannot adapt {what} (pattern {pattern!r} not found)")
+
+    sub(r"^\s*server\s+gateway:7061\b([^;]*);",
+        lambda m: "\n".join(f"        server {a}{m[1]};" for a in addrs), "the upstream server line")
+    sub(r"^(\s*)listen\s+80;", lambda m: f"{m[1]}listen 127.0.0.1:{port};", "the listen port")
+    sub(r"^worker_processes\s+\S+;", "worker_processes 1;", "worker_processes")
+    sub(r"^(\s*)access_log\s+off;", lambda m: (
+        f"{m[1]}{_LOG_FORMAT}\n{m[1]}access_log {prefix}/nginx-access.log helix;\n"
+        + "".join(f"{m[1]}{k}_temp_path {prefix}/{k};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))),
+        "the access log")
+    head = (f"pid {prefix}/nginx.pid;\nerror_log {prefix}/nginx-error.log warn;\ndaemon off;\n"
+            + ("user root;\n" if os.geteuid() == 0 else ""))
+    return head + conf
+
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
 
@@ -294,9 +280,7 @@ class Cluster:
             raise RuntimeError(f"{NGINX} is missing: run scripts/test-setup.sh (apt-get install nginx-light)")
         prefix = self.tmp / "nginx"
         prefix.mkdir(exist_ok=True)
-        servers = "\n".join(f"        server {inst.addr} max_fails=3 fail_timeout=10s;" for inst in self.instances)
-        conf = NGINX_CONF.format(prefix=prefix, port=self.nginx_port, servers=servers,
-                                 user="user root;" if os.geteuid() == 0 else "")
+        conf = nginx_conf(prefix, self.nginx_port, [inst.addr for inst in self.instances])
         (prefix / "nginx.conf").write_text(conf)
         self.nginx_conf = prefix / "nginx.conf"
         err = open(prefix / "nginx-stderr.log", "ab")
