@@ -95,11 +95,17 @@ def test_sigkill_and_restart_mid_load_loses_no_record(make_cluster, upstream):
     and restarted at once (its spool kept), while the load goes on until nginx sends to it again (nginx
     takes a server that failed max_fails=3 times out for fail_timeout=10s)."""
     upstream.sticky = Fault(delay=0.03, chunk_delay=0.02)      # ~30 ms non-streamed, ~0.2 s streamed
-    c = make_cluster([upstream.provider()])
+    # the victim writes to the database only every 60 s: at the kill, every record it answered is in its
+    # journal alone (and its writer's memory), and only the replay at its restart can save them
+    c = make_cluster([upstream.provider()], instance_config={1: {"database": {"flush_interval": "60s"}}})
     victim = c.instances[1]
     total, clients = 400, 24
     results: list[Outcome] = []
     events: dict[str, float] = {}
+    # the victim's record ids start with its process's prefix (pipeline.new_request_id)
+    victim_prefix = [str(httpx.post(victim.url + "/v1/chat/completions", headers=c.auth(), timeout=10,
+                                    json={"model": MODEL, "messages": [{"role": "user", "content": "id?"}]}
+                                    ).headers["x-helixagent-request-id"])[:16]]
 
     async def load() -> None:
         sent = itertools.count()
@@ -116,7 +122,9 @@ def test_sigkill_and_restart_mid_load_loses_no_record(make_cluster, upstream):
                 events["killed"] = time.monotonic()
                 events["killed_at_done"] = len(results)
                 c.kill(1)
-                await asyncio.to_thread(c.restart, 1)
+                events["victim_rows_at_kill"] = len(await asyncio.to_thread(c.records, "WHERE request_id LIKE %(p)s",
+                                                                            {"p": victim_prefix[0] + "%"}))
+                await asyncio.to_thread(c.restart, 1, True, {})        # restarted with the default flush
                 events["restarted"] = time.monotonic()
                 events["restarted_at_done"] = len(results)
                 before = sum(1 for e in c.nginx_log() if e.upstreams[-1:] == [victim.addr])
@@ -165,11 +173,13 @@ def test_sigkill_and_restart_mid_load_loses_no_record(make_cluster, upstream):
     print(f"\nscale-out kill: {len(results)} requests in {elapsed:.1f}s, {len(ok)} complete, {len(failed)} failed "
           f"(on the killed instance); killed after {int(events['killed_at_done'])} done, restarted (ready) "
           f"{events['restarted'] - events['killed']:.2f}s later; {len(rows)} records for the complete ones; "
-          f"{len(answered_by_victim)} answered by the victim before the kill (recovered from its spool); "
+          f"{len(answered_by_victim)} answered by the victim before the kill, none in the database at the kill, all "
+          f"replayed from its spool at restart; "
           f"{len(retried)} retried by nginx (connection refused); {len(served_after)} served by it after "
           f"restart; failed: {Counter(o.status for o in failed)}")
     assert len(results) >= total
     assert len(answered_by_victim) > 0
+    assert events["victim_rows_at_kill"] == 0, "the victim's records were meant to be in its journal only"
     assert len(served_after) >= 5, "the restarted instance took no traffic"
 
 

@@ -125,6 +125,7 @@ class Instance:
     spool: Path
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)   # merged over the cluster's config
     starts: int = 0
     exits: list[int] = field(default_factory=list)
 
@@ -150,11 +151,12 @@ class NginxEntry:
 
 class Cluster:
     """N gateway processes + nginx; see the module docstring.  ``config`` is merged over the base config
-    (providers, shared PostgreSQL/Redis, redis rate limits and cache, master key)."""
+    (providers, shared PostgreSQL/Redis, redis rate limits and cache, master key); ``instance_config[i]``
+    over that for instance ``i`` alone."""
 
     def __init__(self, tmp: Path, *, providers: list[dict[str, Any]], db_url: str, redis_url: str,
                  n: int = 3, config: dict[str, Any] | None = None, prefix: str | None = None,
-                 migrate: bool = True) -> None:
+                 migrate: bool = True, instance_config: dict[int, dict[str, Any]] | None = None) -> None:
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.db_url = db_url
@@ -163,6 +165,8 @@ class Cluster:
         self.master = MASTER
         self.instances = [Instance(i, free_port(), self.tmp / f"spool-{i}", self.tmp / f"gw-{i}.log")
                           for i in range(n)]
+        for i, extra in (instance_config or {}).items():
+            self.instances[i].overrides = extra
         self.nginx_port = free_port()
         self.nginx_proc: subprocess.Popen[bytes] | None = None
         self.cfg = self._config(providers, config or {})
@@ -215,7 +219,7 @@ class Cluster:
         # each instance its own spool (kept across restarts: the journal of a killed one is replayed)
         env = self._env()
         cfg_path = self.tmp / f"cluster-{inst.index}.yaml"
-        cfg = _merge(self.cfg, {"database": {"spool_dir": str(inst.spool)}})
+        cfg = _merge(_merge(self.cfg, inst.overrides), {"database": {"spool_dir": str(inst.spool)}})
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         with open(inst.log, "ab") as log:
             log.write(f"--- start {inst.starts} at {time.time():.3f}\n".encode())
@@ -261,9 +265,12 @@ class Cluster:
         _LIVE.discard(inst.proc)
         return rc
 
-    def restart(self, i: int, wait: bool = True) -> None:
-        """Start instance ``i`` again on its port, with its spool (killing it first if it still runs)."""
+    def restart(self, i: int, wait: bool = True, config: dict[str, Any] | None = None) -> None:
+        """Start instance ``i`` again on its port, with its spool (killing it first if it still runs);
+        ``config`` replaces its own overrides of the cluster's config."""
         inst = self.instances[i]
+        if config is not None:
+            inst.overrides = config
         if inst.alive():
             self.kill(i)
         self._spawn(inst)
