@@ -22,8 +22,8 @@ This is the multi-instance harness of tests/test_scale_out*.py::
   (``nginx-access.log``) records, per request, the client's X-Request-ID, the status and every upstream
   tried (``$upstream_addr`` / ``$upstream_status``): :meth:`Cluster.nginx_log` parses it.
 * Processes are started in their own session and killed (the whole group) on :meth:`close`, which the
-  context manager and the ``cluster`` fixtures always call, and at interpreter exit as a last resort; a
-  failed test leaves no process behind.
+  context manager and the ``make_cluster`` fixture always call, at interpreter exit as a last resort, and
+  by the kernel if the test process dies (``setpriv --pdeathsig``); a failed test leaves no process behind.
 
 Hooks for the shared-state tests (tests/test_scale_out_shared.py): :meth:`Cluster.instance_url` talks to
 one instance directly (bypassing nginx), :meth:`Cluster.each` runs a request against every instance,
@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -95,6 +96,20 @@ def nginx_conf(prefix: Path, port: int, addrs: list[str], source: Path = COMPOSE
 
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
+# Children are started from one long-lived thread, under util-linux's ``setpriv --pdeathsig``: the kernel
+# signals them when that thread ends, so even a test process that is itself SIGKILLed (a CI timeout)
+# leaves no gateway or nginx behind (the death signal follows the thread that forked, hence one thread
+# for every start, restarts from worker threads included).  Without setpriv, only close() and atexit.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cluster-spawner")
+_SETPRIV = shutil.which("setpriv")
+
+
+def _popen(argv: list[str], death_signal: str = "KILL", **kw: Any) -> subprocess.Popen[bytes]:
+    if _SETPRIV:
+        argv = [_SETPRIV, f"--pdeathsig={death_signal}", "--", *argv]
+    proc: subprocess.Popen[bytes] = _SPAWNER.submit(subprocess.Popen, argv, start_new_session=True, **kw).result()
+    _LIVE.add(proc)
+    return proc
 
 
 def _reap_all() -> None:  # last resort at interpreter exit (the fixtures close the cluster first)
@@ -224,10 +239,9 @@ class Cluster:
         with open(inst.log, "ab") as log:
             log.write(f"--- start {inst.starts} at {time.time():.3f}\n".encode())
             log.flush()
-            inst.proc = subprocess.Popen(
+            inst.proc = _popen(
                 [sys.executable, "-m", "helixagent", "serve", "-c", str(cfg_path), "--port", str(inst.port)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        _LIVE.add(inst.proc)
+                env=env, stdout=log, stderr=subprocess.STDOUT)
         inst.starts += 1
 
     def wait_ready(self, i: int, timeout: float = 45) -> None:
@@ -292,11 +306,11 @@ class Cluster:
         self.nginx_conf = prefix / "nginx.conf"
         err = open(prefix / "nginx-stderr.log", "ab")
         try:
-            self.nginx_proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(self.nginx_conf)],
-                                               stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
+            # nginx's master is told TERM (it then stops its worker), not KILL (which would orphan the worker)
+            self.nginx_proc = _popen([NGINX, "-p", str(prefix), "-c", str(self.nginx_conf)], death_signal="TERM",
+                                     stdout=err, stderr=subprocess.STDOUT)
         finally:
             err.close()
-        _LIVE.add(self.nginx_proc)
 
         def up() -> bool:
             if self.nginx_proc is None or self.nginx_proc.poll() is not None:
