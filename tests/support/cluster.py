@@ -298,7 +298,7 @@ class Cluster:
     # -- nginx ----------------------------------------------------------------------------------------
     def _start_nginx(self) -> None:
         if not os.path.exists(NGINX):
-            raise RuntimeError(f"{NGINX} is missing: run scripts/test-setup.sh (apt-get install nginx-light)")
+            raise RuntimeError(f"{NGINX} is missing: run scripts/test-setup.sh (Debian's nginx package)")
         prefix = self.tmp / "nginx"
         prefix.mkdir(exist_ok=True)
         conf = nginx_conf(prefix, self.nginx_port, [inst.addr for inst in self.instances])
@@ -419,9 +419,6 @@ def _pg_dsn(url: str) -> tuple[str, str | None]:
     dsn = re.sub(r"[?&]options=-csearch_path%3D[A-Za-z0-9_]+", "", dsn)
     return dsn, m[1]
 
-
-def which_nginx() -> str | None:
-    return NGINX if os.path.exists(NGINX) else shutil.which("nginx")
 
 
 # -- fixtures (a test module uses them with ``pytest_plugins = ("support.cluster",)``) ----------------
