@@ -517,3 +517,33 @@ def test_an_embeddings_client_that_leaves_the_queue_never_reaches_the_upstream(m
         gate.set()
         assert blocker.result().status_code == 200
     assert [c["body"]["input"] for c in fake_openai.calls] == [["blocker"]]
+
+
+def test_a_config_reload_changes_the_caps_in_place(make_gateway, fake_openai):
+    from helixagent.config import load_config_dict
+    cfg = {"providers": [fake_openai.provider(max_concurrency=1, models_concurrency={"gpt-4o": 1})]}
+    gw = make_gateway(cfg)
+    q = queue_of(gw)
+    with ThreadPoolExecutor(8) as ex:
+        gate, blockers = blocked(gw, fake_openai, ex, 1)
+        waiters = [ex.submit(chat, gw, f"w{i}") for i in range(2)]
+        assert wait_until(lambda: q.waiting == 2), q.snapshot()
+        new = load_config_dict({**cfg, "database": gw.cfg.database.model_dump(),
+                                "providers": [fake_openai.provider(max_concurrency=3)]})
+
+        async def reload() -> None:
+            gw.app.router.reconfigure(new, gw.app.providers)
+
+        gw.run(reload())
+        assert queue_of(gw) is q and q.cap == 3 and q.model_caps == {}
+        assert wait_until(lambda: q.waiting == 0 and len(fake_openai.calls) == 3), q.snapshot()  # granted at once
+        gate.set()
+        assert all(f.result().status_code == 200 for f in blockers + waiters)
+    assert q.active == 0
+    gone = load_config_dict({**cfg, "database": gw.cfg.database.model_dump(), "providers": [fake_openai.provider()]})
+
+    async def uncap() -> None:
+        gw.app.router.reconfigure(gone, gw.app.providers)
+
+    gw.run(uncap())
+    assert gw.app.router.queues.get("openai") is None and chat(gw, "free").status_code == 200

@@ -295,6 +295,27 @@ class EmbeddingCoalesceConfig(Strict):
     max_inputs: int = Field(default=256, ge=2, le=2048)  # inputs per combined call (a full batch leaves at once)
 
 
+class SharedHealthConfig(Strict):
+    """Breaker state, Retry-After cooldowns and health scores shared by every instance through Redis
+    (docs/routing.md, "Several instances").  ``routing.shared_health: false`` is ``{enabled: false}``."""
+    # None: on whenever a Redis URL is known (redis_url here, else redis.url)
+    enabled: bool | None = None
+    redis_url: str | None = None
+    # keys are <key_prefix>:{health:<provider>}:... (one hash slot per provider); default auth.redis_prefix
+    key_prefix: str | None = Field(default=None, min_length=1)
+    # how often each instance publishes its EWMAs and re-reads the fleet's state (missed messages, merge)
+    sync_interval: float = Field(default=1.0, gt=0)
+    # a Redis command slower than this counts as an outage (local-only health until Redis answers again)
+    redis_timeout: float = Field(default=0.5, gt=0)
+
+    _d = field_validator("sync_interval", "redis_timeout", mode="before")(lambda v: parse_duration(v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bool(cls, v: Any) -> Any:
+        return {"enabled": v} if isinstance(v, bool) else v
+
+
 class RoutingConfig(Strict):
     strategy: Literal["priority", "cost", "latency", "weighted"] = "priority"
     aliases: dict[str, list[AliasTarget]] = Field(default_factory=dict)
@@ -319,6 +340,7 @@ class RoutingConfig(Strict):
     rate_limit_cooldown_after: int = Field(default=3, ge=1)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     embedding_coalesce: EmbeddingCoalesceConfig = Field(default_factory=EmbeddingCoalesceConfig)
+    shared_health: SharedHealthConfig = Field(default_factory=SharedHealthConfig)
 
     _rl = field_validator("rate_limit_cooldown_max", "rate_limit_cooldown_default",
                           mode="before")(lambda v: parse_duration(v))
@@ -541,6 +563,21 @@ class RedisConfig(Strict):
     url: str | None = None
 
 
+class FeatureFlag(Strict):
+    """One feature flag (``features.<name>``; evaluated per request by flags.py, see docs/features.md)."""
+    enabled: bool = True  # the state for everyone not listed in keys/users
+    percentage: float | None = Field(default=None, ge=0, le=100)  # of key ids (stable hash), when enabled
+    keys: list[str] = Field(default_factory=list)  # key ids that always have it (in its environments)
+    users: list[str] = Field(default_factory=list)  # user ids that always have it (in its environments)
+    environments: list[str] = Field(default_factory=list)  # only in these environments (empty: all)
+
+
+class FeaturesConfig(Strict):
+    streaming: FeatureFlag = Field(default_factory=FeatureFlag)
+    caching: FeatureFlag = Field(default_factory=FeatureFlag)
+    multi_tenant: FeatureFlag = Field(default_factory=lambda: FeatureFlag(enabled=False))
+
+
 class Config(Strict):
     environment: str = "development"
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -557,6 +594,7 @@ class Config(Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -584,6 +622,15 @@ class Config(Strict):
                 self.cache.redis_url = shared
             if self.rate_limits.backend == "redis" and not self.rate_limits.redis_url:
                 self.rate_limits.redis_url = shared
+        sh = self.routing.shared_health
+        if sh.redis_url is None and shared and sh.enabled is not False:
+            sh.redis_url = shared
+        if sh.key_prefix is None:
+            sh.key_prefix = self.auth.redis_prefix
+        if sh.enabled is None:
+            sh.enabled = bool(sh.redis_url)
+        elif sh.enabled and not sh.redis_url:
+            raise ValueError("routing.shared_health: enabled needs routing.shared_health.redis_url or redis.url")
         if self.cache.enabled and self.cache.type == "redis" and not self.cache.redis_url:
             raise ValueError("cache: type redis needs cache.redis_url or redis.url")
         if self.rate_limits.backend == "redis" and not self.rate_limits.redis_url:

@@ -1,7 +1,8 @@
 """GET /v1/usage: tokens, requests, errors and cost per day, provider, model, user or application.
 
 A caller sees only their own usage (their user id, or their key when the key has no user); an admin sees
-everyone's and may filter with ``user_id=`` / ``application=``.
+everyone's and may filter with ``user_id=`` / ``application=``.  Under the ``multi_tenant`` feature flag a
+caller's view is also confined to its key's application (``scope`` ends in ``+application``).
 
 The numbers are read from ``database.read_url`` when it is set (store/replica.py: the replica, or the
 primary when the replica is unavailable); the ``x-helixagent-read-source`` response header says which:
@@ -66,6 +67,14 @@ async def usage(gw: GatewayLike, req: Request) -> None:
             if key_id is None:
                 raise GatewayError(403, "this key has no identity to report usage for", type="permission_error",
                                    code="insufficient_permissions")
+        flags = gw.services.get("flags")
+        if ident.application is not None and flags is not None and flags.multi_tenant.on(ident):
+            # multi_tenant (docs/features.md): a caller sees only its own application's usage
+            if application is not None and application != ident.application:
+                raise GatewayError(403, "you may only see your own application's usage", type="permission_error",
+                                   code="insufficient_permissions", param="application")
+            application = ident.application
+            scope += "+application"
     try:
         result, source = await store.reads.read(
             lambda engine: queries.usage(engine, start, end, group_by, user_id=user_id, key_id=key_id,

@@ -45,7 +45,7 @@ Observer = Callable[[str, str, float, str], None]
 
 
 class _Waiter:
-    __slots__ = ("rank", "tag", "seq", "model", "fut", "state")
+    __slots__ = ("rank", "tag", "seq", "model", "fut", "state", "counted")
 
     def __init__(self, rank: int, tag: float, seq: int, model: str, fut: asyncio.Future[None]):
         self.rank = rank
@@ -54,6 +54,7 @@ class _Waiter:
         self.model = model
         self.fut = fut
         self.state = WAITING
+        self.counted: str | None = None  # the capped model whose count its grant took
 
     def __lt__(self, other: "_Waiter") -> bool:
         return (self.rank, self.tag, self.seq) < (other.rank, other.tag, other.seq)
@@ -64,9 +65,9 @@ class Lease:
 
     __slots__ = ("queue", "model", "t0", "done", "__weakref__")
 
-    def __init__(self, queue: "ProviderQueue", model: str):
+    def __init__(self, queue: "ProviderQueue", model: str | None):
         self.queue = queue
-        self.model = model
+        self.model = model  # the capped model whose count it holds (None: the provider's count only)
         self.t0 = time.monotonic()
         self.done = False
 
@@ -109,15 +110,17 @@ class ProviderQueue:
         mc = self.model_caps.get(model)
         return mc is None or self.model_active[model] < mc
 
-    def _take(self, model: str) -> None:
+    def _take(self, model: str) -> str | None:
         self.active += 1
         if model in self.model_active:
             self.model_active[model] += 1
+            return model
+        return None
 
-    def _release(self, model: str, held: float | None) -> None:
+    def _release(self, model: str | None, held: float | None) -> None:
         self.active -= 1
-        if model in self.model_active:
-            self.model_active[model] -= 1
+        if model is not None and model in self.model_active:  # a reload may have lifted the model's cap
+            self.model_active[model] = max(0, self.model_active[model] - 1)
         if held is not None:
             self.hold += _EWMA * (held - self.hold)
         self._pump()
@@ -144,8 +147,31 @@ class ProviderQueue:
                 continue
             self._leave(best, GRANTED)
             self.vtime[best.rank] = best.tag
-            self._take(best.model)
+            best.counted = self._take(best.model)
             best.fut.set_result(None)
+
+    def update(self, cap: int | None, model_caps: dict[str, int], timeout: float, max_waiting: int,
+               fair_share: str) -> None:
+        """A config reload: the new caps and settings, in place (waiters keep their place and tags; a slot
+        held under a cap that is gone is simply given back).  A model whose cap is lifted has its waiters
+        moved to the provider's common heap; a larger cap grants waiters at once."""
+        self.cap = cap
+        self.timeout = timeout
+        self.max_waiting = max_waiting
+        self.fair_share = fair_share
+        for m in [m for m in self.model_caps if m not in model_caps]:
+            moved = [w for w in self.heaps.pop(m) if w.state == WAITING]
+            common = self.heaps[_ANY]
+            common.extend(moved)
+            heapq.heapify(common)
+            del self.model_active[m]
+        for m in model_caps:
+            if m not in self.model_caps:
+                self.heaps[m] = []
+                self.model_active[m] = 0  # slots taken before the cap existed are not counted against it
+        self.model_caps = dict(model_caps)
+        self.tombstones = sum(1 for h in self.heaps.values() for w in h if w.state != WAITING)
+        self._pump()
 
     def _leave(self, w: _Waiter, state: int) -> None:
         w.state = state
@@ -184,10 +210,10 @@ class ProviderQueue:
         # A free slot is this request's at once: every change of state ends in _pump, which grants free slots
         # to eligible waiters, so whoever still waits is held by a full model cap that does not apply here.
         if self._free(model):
-            self._take(model)
+            counted = self._take(model)
             self.served += 1
             self._observe(prio, 0.0, "served")
-            return Lease(self, model)
+            return Lease(self, counted)
         rank = RANK[prio]
         if self.waiting >= self.max_waiting or self.timeout <= 0:
             self.rejected += 1
@@ -208,7 +234,7 @@ class ProviderQueue:
             await w.fut
         except asyncio.CancelledError:
             if w.state == GRANTED:  # granted in the same instant: hand the slot on
-                self._release(model, None)
+                self._release(w.counted, None)
             elif w.state == WAITING:
                 self._bury(w, GONE)
             raise
@@ -224,7 +250,7 @@ class ProviderQueue:
         self.served += 1
         self._observe(prio, waited, "served")
         ctx.state["queue_wait"] = ctx.state.get("queue_wait", 0.0) + waited
-        return Lease(self, model)
+        return Lease(self, w.counted)
 
     def _expire(self, w: _Waiter) -> None:
         if w.state == WAITING:
@@ -264,6 +290,7 @@ class Queues:
 
     def __init__(self, cfg: Config):
         self.by_name: dict[str, ProviderQueue] = {}
+        self.observer: Observer | None = None
         q = cfg.routing.queue
         per_host = cfg.http.max_conns_per_host or None
         for pc in cfg.providers:
@@ -274,10 +301,24 @@ class Queues:
             self.by_name[pc.name] = ProviderQueue(pc.name, cap, pc.models_concurrency, timeout, q.max_waiting,
                                                   q.fair_share)
 
+    def reconfigure(self, cfg: Config) -> None:
+        """A config reload: a provider that keeps a cap keeps its queue (updated in place); one that loses
+        it, or is gone, stops taking new requests (its waiters and slots finish in the old queue)."""
+        fresh = Queues(cfg)
+        for name, q in fresh.by_name.items():
+            old = self.by_name.get(name)
+            if old is not None:
+                old.update(q.cap, q.model_caps, q.timeout, q.max_waiting, q.fair_share)
+                fresh.by_name[name] = old
+            else:
+                q.observer = self.observer
+        self.by_name = fresh.by_name
+
     def get(self, name: str) -> ProviderQueue | None:
         return self.by_name.get(name)
 
     def set_observer(self, fn: Observer | None) -> None:
+        self.observer = fn
         for pq in self.by_name.values():
             pq.observer = fn
 
