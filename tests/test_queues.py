@@ -198,6 +198,8 @@ def test_queue_timeout_is_503_with_retry_after_and_health_untouched(make_gateway
     assert arrivals(fake_openai) == ["blocker0"]
     h = gw.app.router.health.describe("openai")
     assert h["breaker"] == "closed" and h["consecutive_failures"] == 0 and h["error_rate"] == 0.0, h
+    q = httpx.get(gw.url + "/health").json()["providers"]["openai"]["queue"]
+    assert q["capacity"] == 1 and q["in_use"] == 0 and q["timeouts"] == 2, q
     assert chat(gw, "after").status_code == 200
     text = httpx.get(gw.url + "/metrics").text
     assert 'helixagent_queue_rejections_total{priority="normal",provider="openai",reason="timeout"} 2.0' in text

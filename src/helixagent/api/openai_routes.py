@@ -290,6 +290,9 @@ async def health(gw: GatewayLike, req: Request) -> None:
         state = gw.services.get("health")
         if state is not None:
             info.update(state.describe(name))
+        q = gw.router.queues.get(name)
+        if q is not None:  # its concurrency cap: slots in use, waiting by priority (routing/queue.py)
+            info["queue"] = q.snapshot()
         providers[name] = info
     status = "ok" if any(p.cfg.enabled for p in gw.providers.values()) and not gw.mock_fallback else "degraded"
     body: dict[str, Any] = {"status": status, "version": gw.version, "environment": gw.cfg.environment,
