@@ -9,8 +9,8 @@ it ends).  With no slot free it waits, up to ``queue_timeout_ms`` (the provider'
 next candidate as it does for a busy (overloaded) provider, and when none is left the client gets a 503
 with Retry-After.  Waiting is never a verdict on the provider's health.
 
-Order of service: strict priority (``high`` before ``normal`` before ``low``); within a priority, start-time
-fair queueing between flows (keys, users or applications: ``routing.queue.fair_share``): a request's tag is
+Order of service: strict priority (``high`` before ``normal`` before ``low``); within a priority, self-clocked
+fair queueing (SCFQ) between flows (keys, users or applications: ``routing.queue.fair_share``): a request's tag is
 ``max(V, last tag of its flow) + 1/weight``, the queue serves the smallest tag, and ``V`` is the tag last
 served.  Two flooding keys of equal weight alternate, a key of weight 2 gets twice the slots of a key of
 weight 1, and a newcomer's first request is tagged ``V + 1/w``: it goes ahead of a flood's backlog.  Every
