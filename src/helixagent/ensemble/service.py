@@ -1,0 +1,212 @@
+"""The ensemble feature: ``POST /v1/ensemble/completions``, named ensembles as the model ``ensemble/<name>``
+on every chat endpoint, the handler that runs a panel in place of the router, and the metrics.
+
+How a request flows: the endpoint's parser (or, for ``ensemble/<name>``, the ``ensemble`` stage after auth)
+resolves the panel into ``ctx.state["ensemble"]``; the same stage hands the limits stage the panel's worst
+case (``ctx.state["reserve"]``) and keeps the request out of the response cache; the chat pipeline's handler
+runs the panel instead of the router for such a request.  Everything else in the pipeline (auth, limits,
+records, observability) applies to the ensemble request as to any other; each member call is a child
+request with a record of its own (panel.py)."""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, AsyncIterator, Callable
+
+import orjson
+
+from ..api import openai_format as fmt
+from ..api.http import Request
+from ..api.openai_routes import new_context, serve_chat
+from ..canonical import ChatRequest
+from ..errors import GatewayError, bad_request, not_found
+from ..gateway_types import GatewayLike
+from ..pipeline import RequestContext, Stage
+from . import stream as estream
+from .budget import worst_case
+from .engine import Engine, combined_body, describe, format_cost, response_of
+from .metrics import EnsembleMetrics
+from .panel import Calls
+from .spec import PREFIX, Spec, check_edge, resolve
+from .strategies import Decision
+
+ENDPOINT = "/v1/ensemble/completions"
+
+
+class EnsembleService:
+    def __init__(self, gw: GatewayLike):
+        self.gw = gw
+        self.router = gw.router
+        self.ensembles = gw.cfg.ensembles
+        m = gw.services.get("metrics")
+        self.metrics = EnsembleMetrics(m.registry) if m is not None else None
+
+    # -- resolving -----------------------------------------------------------------------------------
+    def named(self, model: str) -> Spec:
+        name = model[len(PREFIX):]
+        ec = self.ensembles.get(name)
+        if ec is None:
+            raise not_found(f"the ensemble {name!r} is not configured (configured: "
+                            f"{', '.join(PREFIX + n for n in self.ensembles) or 'none'})",
+                            code="model_not_found", param="model")
+        return resolve(ec, self.router, "", name)
+
+    def parse(self, raw: bytes) -> tuple[ChatRequest, dict[str, Any]]:
+        """An OpenAI chat body plus ``ensemble_config`` (or a model ``ensemble/<name>``)."""
+        body = fmt.load_json_object(raw)
+        ec = check_edge(body.pop("ensemble_config")) if "ensemble_config" in body else None
+        req, helix = fmt.parse_chat(orjson.dumps(body), self.gw.providers)
+        if ec is not None:
+            spec = resolve(ec, self.router, req.model)
+        elif req.provider is None and req.model.startswith(PREFIX):
+            spec = self.named(req.model)
+        else:
+            raise bad_request("'ensemble_config' is required (or name a configured ensemble as the model "
+                              "'ensemble/<name>')", param="ensemble_config", code="missing_required_parameter")
+        check_request(req)
+        helix["_ensemble"] = spec
+        return req, helix
+
+    # -- the handler ---------------------------------------------------------------------------------
+    def wrap(self, inner: Callable[[RequestContext], Any]) -> Callable[[RequestContext], Any]:
+        async def handle(ctx: RequestContext) -> None:
+            spec = ctx.state.get("ensemble")
+            if spec is None:
+                await inner(ctx)
+                return
+            await self.serve(ctx, spec)
+        return handle
+
+    def _calls(self, ctx: RequestContext) -> Calls:
+        rec = self.gw.services.get("records")
+        return Calls(self.router, ctx, rec.writer.record if rec is not None else None,
+                     self.gw.services.get("limits"))
+
+    async def serve(self, ctx: RequestContext, spec: Spec) -> None:
+        eng = Engine(spec, ctx.request, self._calls(ctx), self.router.health)
+        ctx.state["ensemble_id"] = ctx.request_id
+        if ctx.request.stream:
+            ctx.stream = estream.combined_stream(self, ctx, eng)
+            ctx.streamed = True
+            return
+        d: Decision | None = None
+        try:
+            answers = await eng.panel()
+            d = eng.decision = await eng.decide(answers)
+        except GatewayError as exc:
+            self.done(ctx, eng, None, exc)
+            raise
+        body = combined_body(eng, d, ctx.request_id, int(time.time()), "logprobs" in ctx.request.params)
+        body["ensemble"] = describe(eng, ctx.request_id, d, ctx.state.get("ensemble_reserved"))
+        ctx.response = response_of(body, eng, d)
+        self.done(ctx, eng, d, None)
+
+    def done(self, ctx: RequestContext, eng: Engine, d: Decision | None, err: GatewayError | None) -> None:
+        """The parent request's totals, headers and metrics (once, however it ended)."""
+        if ctx.state.get("ensemble_done"):
+            return
+        ctx.state["ensemble_done"] = True
+        calls = eng.calls
+        ctx.usage = calls.usage
+        ctx.cost = calls.cost
+        if calls.limits_cost is not None:
+            ctx.state["real_cost"] = calls.limits_cost
+        h = ctx.response_headers
+        h["x-helixagent-ensemble-id"] = ctx.request_id
+        h["x-helixagent-ensemble-strategy"] = eng.spec.strategy
+        answered = sum(1 for a in eng.final if a.ok)
+        h["x-helixagent-ensemble-members"] = f"{answered}/{len(eng.spec.members)}"
+        if calls.cost:
+            h["x-helixagent-cost"] = format_cost(calls.cost)
+        if d is not None:
+            w = d.winner.member
+            ctx.provider = w.provider
+            ctx.upstream_model = w.model
+            h["x-helixagent-ensemble-decision"] = d.decision
+            h["x-helixagent-ensemble-winner"] = w.provider
+            h["x-helixagent-ensemble-agreement"] = f"{d.agreement:.3f}"
+        if self.metrics is not None:
+            latency = (eng.decided_at - ctx.started) if eng.decided_at is not None else None
+            left = [a.status for a in calls.all if not a.ok and a is not eng.judge]
+            self.metrics.observe(eng.spec.strategy, d.decision if d is not None else "error", len(eng.spec.members),
+                                 d.agreement if d is not None else None, latency, calls.cost, left)
+
+    # -- SSE -----------------------------------------------------------------------------------------
+    async def frames(self, ctx: RequestContext, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+        include_usage = ctx.request.include_usage
+        dumps = orjson.dumps
+        async for chunk in chunks:
+            if chunk is estream.KEEPALIVE:
+                yield b": keep-alive\n\n"
+                continue
+            if chunk.get("usage") is not None and not chunk.get("choices") and not include_usage:
+                continue
+            yield b"data: " + dumps(chunk) + b"\n\n"
+        if ctx.error is not None:
+            yield b"data: " + dumps(ctx.error.openai_body()) + b"\n\n"
+        else:
+            yield b"data: [DONE]\n\n"
+
+
+def check_request(req: ChatRequest) -> None:
+    if req.endpoint != "chat":
+        raise bad_request("an ensemble answers chat requests (/v1/chat/completions, /v1/messages, /v1/responses, "
+                          "/v1/ensemble/completions), not legacy completions", param="model")
+    n = req.params.get("n")
+    if n is not None and n != 1:
+        raise bad_request("'n' must be 1 for an ensemble (the panel gives one combined answer)", param="n",
+                          code="invalid_value")
+
+
+class EnsembleStage(Stage):
+    """After auth, before limits: a request for the model ``ensemble/<name>`` gets its panel; every ensemble
+    request gets its worst-case reservation and skips the response cache."""
+
+    name = "ensemble"
+
+    def __init__(self, svc: EnsembleService):
+        self.svc = svc
+
+    async def pre(self, ctx: RequestContext) -> bool:
+        spec = ctx.state.get("ensemble")
+        req = ctx.request
+        if spec is None:
+            if not isinstance(req, ChatRequest) or req.provider is not None or not req.model.startswith(PREFIX):
+                return False
+            spec = self.svc.named(req.model)
+            check_request(req)
+            ctx.state["ensemble"] = spec
+        lm = self.svc.gw.services.get("limits")
+        if lm is not None:
+            ctx.state["ensemble_reserved"] = worst_case(spec, req, lm, False)
+        ctx.state["reserve"] = functools.partial(_reserve, ctx, spec, req)
+        helix = dict(ctx.state.get("helix") or {})
+        helix["cache"] = False  # every member answers anew: an ensemble is never served from the cache
+        ctx.state["helix"] = helix
+        return False
+
+
+def _reserve(ctx: RequestContext, spec: Spec, req: ChatRequest, limiter: Any, need_usd: bool) -> tuple[int, float]:
+    got = worst_case(spec, req, limiter, need_usd)
+    ctx.state["ensemble_reserved"] = got
+    return got
+
+
+async def ensemble_completions(gw: GatewayLike, req: Request) -> None:
+    svc: EnsembleService = gw.services["ensemble"]
+
+    def on_parsed(ctx: RequestContext) -> None:
+        ctx.state["ensemble"] = ctx.state["helix"].pop("_ensemble")
+        ctx.state["ensemble_keepalive"] = True
+
+    await serve_chat(gw, req, new_context(gw, req, "ensemble"), svc.parse,
+                     render=lambda ctx: fmt.render_chat(ctx.response), frames=svc.frames,
+                     error_body=GatewayError.openai_body, on_parsed=on_parsed)
+
+
+def install(gw: GatewayLike) -> None:
+    svc = EnsembleService(gw)
+    gw.services["ensemble"] = svc
+    gw.route("POST", ENDPOINT, ensemble_completions, pipeline=True)
+    gw.add_stage(EnsembleStage(svc))
+    gw.chat_pipeline.handler = svc.wrap(gw.chat_pipeline.handler)
