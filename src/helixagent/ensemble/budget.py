@@ -38,10 +38,10 @@ def worst_case(spec: Spec, req: ChatRequest, limiter: Any, need_usd: bool) -> tu
     dollars = 0.0
     for m, p, c in planned_calls(spec, req, limiter.default_completion):
         tokens += p + c
-        if not need_usd:
-            continue
         price = limiter.price(m.provider, m.model)
         if price is None:
+            if not need_usd:
+                continue  # no dollar budget: an unknown price is only left out of the reported estimate
             raise GatewayError(400, f"ensemble member {m.label} has no known price, and this API key has a dollar "
                                     "budget: a call it cannot price cannot be counted against the budget (set "
                                     "model_prices for it, or rate_limits.unknown_price: default)",
