@@ -149,7 +149,10 @@ class EnsembleService:
 
 
 def check_request(req: ChatRequest) -> None:
-    if req.endpoint != "chat":
+    if getattr(req, "builtin", None) or getattr(req, "native_only", None):  # a Responses body for OpenAI only
+        raise bad_request("an ensemble's members answer translated chat requests: built-in tools and OpenAI-only "
+                          "items cannot go to a panel", param="tools", code="unsupported_feature")
+    if req.endpoint not in ("chat", "responses"):
         raise bad_request("an ensemble answers chat requests (/v1/chat/completions, /v1/messages, /v1/responses, "
                           "/v1/ensemble/completions), not legacy completions", param="model")
     n = req.params.get("n")

@@ -1,0 +1,121 @@
+"""An ensemble's whole panel (judge and debate rounds too) is reserved against the caller's budgets before any
+member is called; refused up front with the amount it would need, nothing spent; settled to the real usage
+after.  Memory and real Redis limit backends."""
+from __future__ import annotations
+
+import math
+import time
+
+import openai
+import pytest
+import redis
+
+from conftest import need_redis
+from ensemble_support import MSG, Script, client, ensemble, gateway_cfg, panel, panel_session, records
+from support.keys import MASTER, admin_create, redis_cleanup, unique_prefix
+
+from helixagent.ensemble.budget import OVERHEAD
+from helixagent.tokens import estimate_messages
+
+__all__ = ["panel", "panel_session"]
+
+PROMPT = estimate_messages(MSG)
+MT = 100
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request):
+    if request.param == "memory":
+        yield {}, None
+        return
+    url = need_redis()
+    prefix = unique_prefix()
+    yield {"backend": "redis", "redis_url": url, "key_prefix": prefix, "redis_timeout": 3.0}, (url, prefix)
+    redis_cleanup(url, prefix)
+
+
+def _gw(make_gateway, panel, tmp_path, rl):
+    return make_gateway(gateway_cfg(panel, tmp_path, auth={"master_key": MASTER}, rate_limits=rl))
+
+
+def test_a_budget_that_fits_two_members_but_not_three_is_refused_up_front(make_gateway, panel, tmp_path, backend):
+    rl, where = backend
+    gw = _gw(make_gateway, panel, tmp_path, rl)
+    per_member = PROMPT + MT
+    k = admin_create(gw, user_id="ens", limits={"tokens_per_day": per_member * 2 + 10})
+    with pytest.raises(openai.RateLimitError) as ei:
+        ensemble(gw, {"providers": ["a", "b", "c"]}, key=k["key"], max_tokens=MT)
+    err = ei.value.body
+    assert err["code"] == "budget_exceeded"
+    assert f"reserves about {per_member * 3} tokens" in err["message"], err["message"]
+    assert panel.total() == 0  # nothing was called
+    # two members fit, and the reservation settles to the real usage (each fake answer: 10 + 1 tokens)
+    r = ensemble(gw, {"providers": ["a", "b"]}, key=k["key"], max_tokens=MT)
+    assert r.usage.total_tokens == 22 and panel.total() == 2
+    assert r.model_extra["ensemble"]["reserved"]["tokens"] == per_member * 2
+    lim = gw.app.services["limits"]
+    if where is None:
+        used = next(v for key, v in lim.backend.state.items() if key.endswith(f"{k['id']}:tpd"))
+        assert used[1] == 22, used
+    else:
+        url, prefix = where
+        day = int(time.time() * 1000 // 86_400_000)
+        rc = redis.Redis.from_url(url)
+        try:
+            assert int(rc.get(f"{prefix}:rl:key:{k['id']}:tpd:d{day}") or 0) == 22
+        finally:
+            rc.close()
+
+
+def test_judge_and_debate_rounds_are_in_the_reservation(make_gateway, panel, tmp_path):
+    gw = _gw(make_gateway, panel, tmp_path, {})
+    n = 3
+    judge = PROMPT + n * MT + OVERHEAD + MT
+    panel_cost = n * (PROMPT + MT)
+    k = admin_create(gw, user_id="judge", limits={"tokens_per_day": panel_cost + judge - 1})
+    cfg = {"strategy": "judge", "providers": ["a", "b", "c"], "judge": {"provider": "j"}}
+    with pytest.raises(openai.RateLimitError) as ei:
+        ensemble(gw, cfg, key=k["key"], max_tokens=MT)
+    assert f"reserves about {panel_cost + judge} tokens" in ei.value.body["message"]
+    debate = panel_cost + 2 * n * (PROMPT + n * MT + OVERHEAD + MT)
+    with pytest.raises(openai.RateLimitError) as ei:
+        ensemble(gw, {"strategy": "debate", "providers": ["a", "b", "c"], "rounds": 3}, key=k["key"], max_tokens=MT)
+    assert f"reserves about {debate} tokens" in ei.value.body["message"]
+    assert panel.total() == 0
+
+
+def test_dollar_budget_prices_each_member_and_settles_to_real_cost(make_gateway, panel, tmp_path):
+    gw = _gw(make_gateway, panel, tmp_path, {"cost": {"api_key": {"per_day": 0.0005}}})
+    k = admin_create(gw, user_id="usd")
+    # each member: PROMPT * 1e-6 + 100 * 2e-6 ~ 0.000216 $: two fit in 0.0005 $, three do not
+    with pytest.raises(openai.RateLimitError) as ei:
+        ensemble(gw, {"providers": ["a", "b", "c"]}, key=k["key"], max_tokens=MT)
+    need = 3 * (PROMPT * 1e-6 + MT * 2e-6)
+    assert f"reserves about ${need:.6f}" in ei.value.body["message"], ei.value.body["message"]
+    assert panel.total() == 0
+    raw = client(gw, k["key"]).post("/ensemble/completions", cast_to=openai.types.chat.ChatCompletion,
+                                    body={"model": "x", "messages": MSG, "max_tokens": MT,
+                                          "ensemble_config": {"providers": ["a", "b"]}},
+                                    options={"headers": {"X-Stainless-Raw-Response": "true"}})
+    r = raw.parse()
+    real = 2 * (10 * 1e-6 + 1 * 2e-6)
+    assert r.model_extra["ensemble"]["cost"] == pytest.approx(real)
+    assert float(raw.headers["x-helixagent-cost"]) == pytest.approx(real)
+    lim = gw.app.services["limits"]
+    used = next(v for key, v in lim.backend.state.items() if key.endswith(f"{k['id']}:usd-d"))
+    assert used[1] == math.ceil(real * 1e6), used
+    parent = records(gw, raw.headers["x-helixagent-ensemble-id"])[0]
+    assert parent["cost"] == pytest.approx(real) and parent["key_id"] == k["id"]
+
+
+def test_usage_report_counts_an_ensemble_once(make_gateway, panel, tmp_path):
+    panel.scripts.update(a=Script("x"), b=Script("x"))
+    gw = _gw(make_gateway, panel, tmp_path, {})
+    k = admin_create(gw, user_id="usage")
+    ensemble(gw, {"providers": ["a", "b"]}, key=k["key"])
+    from ensemble_support import flush
+    flush(gw)
+    import httpx
+    u = httpx.get(gw.url + "/v1/usage", headers={"authorization": f"Bearer {MASTER}"},
+                  params={"user_id": "usage"}, timeout=10).json()
+    assert u["total"]["requests"] == 1 and u["total"]["total_tokens"] == 22, u
