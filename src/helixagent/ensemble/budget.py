@@ -6,7 +6,7 @@ round's prompt holds the other members' answers), plus the judge's (the prompt a
 completion is ``max_tokens`` (``max_completion_tokens``), else ``rate_limits.default_completion_tokens``."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Callable
 
 from ..canonical import ChatRequest
 from ..errors import GatewayError
@@ -31,14 +31,16 @@ def planned_calls(spec: Spec, req: ChatRequest, default_completion: int) -> list
     return out
 
 
-def worst_case(spec: Spec, req: ChatRequest, limiter: Any, need_usd: bool) -> tuple[int, float]:
-    """(tokens, dollars) for the limits stage.  A call the gateway cannot price is a 400 when the caller
-    has a dollar budget (``rate_limits.unknown_price: reject``), as for a single request."""
+def worst_case(spec: Spec, req: ChatRequest, price_of: Callable[[str, str], tuple[float, float] | None],
+               default_completion: int, need_usd: bool) -> tuple[int, float]:
+    """(tokens, dollars): for the limits stage (``price_of`` = the limiter's prices), and as reported in the
+    ``ensemble`` object.  A call the gateway cannot price is a 400 when the caller has a dollar budget
+    (``rate_limits.unknown_price: reject``), as for a single request."""
     tokens = 0
     dollars = 0.0
-    for m, p, c in planned_calls(spec, req, limiter.default_completion):
+    for m, p, c in planned_calls(spec, req, default_completion):
         tokens += p + c
-        price = limiter.price(m.provider, m.model)
+        price = price_of(m.provider, m.model)
         if price is None:
             if not need_usd:
                 continue  # no dollar budget: an unknown price is only left out of the reported estimate

@@ -21,7 +21,9 @@ from ..api.openai_routes import new_context, serve_chat
 from ..canonical import ChatRequest
 from ..errors import GatewayError, bad_request, not_found
 from ..gateway_types import GatewayLike
+from ..limits import Limiter
 from ..pipeline import RequestContext, Stage
+from ..routing import costs
 from . import stream as estream
 from .budget import worst_case
 from .engine import Engine, combined_body, describe, format_cost, response_of
@@ -38,8 +40,13 @@ class EnsembleService:
         self.gw = gw
         self.router = gw.router
         self.ensembles = gw.cfg.ensembles
+        self.default_completion = gw.cfg.rate_limits.default_completion_tokens
         m = gw.services.get("metrics")
         self.metrics = EnsembleMetrics(m.registry) if m is not None else None
+
+    def price(self, provider: str, model: str) -> tuple[float, float] | None:
+        p = self.router.providers.get(provider)
+        return costs.price(p.cfg, model) if p is not None else None
 
     # -- resolving -----------------------------------------------------------------------------------
     def named(self, model: str) -> Spec:
@@ -79,8 +86,9 @@ class EnsembleService:
 
     def _calls(self, ctx: RequestContext) -> Calls:
         rec = self.gw.services.get("records")
+        lm = self.gw.services.get("limits")
         return Calls(self.router, ctx, rec.writer.record if rec is not None else None,
-                     self.gw.services.get("limits"))
+                     lm if isinstance(lm, Limiter) else None)
 
     async def serve(self, ctx: RequestContext, spec: Spec) -> None:
         eng = Engine(spec, ctx.request, self._calls(ctx), self.router.health)
@@ -179,9 +187,7 @@ class EnsembleStage(Stage):
             spec = self.svc.named(req.model)
             check_request(req)
             ctx.state["ensemble"] = spec
-        lm = self.svc.gw.services.get("limits")
-        if lm is not None:
-            ctx.state["ensemble_reserved"] = worst_case(spec, req, lm, False)
+        ctx.state["ensemble_reserved"] = worst_case(spec, req, self.svc.price, self.svc.default_completion, False)
         ctx.state["reserve"] = functools.partial(_reserve, ctx, spec, req)
         helix = dict(ctx.state.get("helix") or {})
         helix["cache"] = False  # every member answers anew: an ensemble is never served from the cache
@@ -190,7 +196,7 @@ class EnsembleStage(Stage):
 
 
 def _reserve(ctx: RequestContext, spec: Spec, req: ChatRequest, limiter: Any, need_usd: bool) -> tuple[int, float]:
-    got = worst_case(spec, req, limiter, need_usd)
+    got = worst_case(spec, req, limiter.price, limiter.default_completion, need_usd)
     ctx.state["ensemble_reserved"] = got
     return got
 
