@@ -553,6 +553,16 @@ class Config(Strict):
             for pname in used:
                 if pname not in seen:
                     raise ValueError(f"ensembles.{ename}: provider {pname!r} is not configured")
+            size = len(ens.members) or len(ens.providers) or len(ens.models)
+            if not size:
+                raise ValueError(f"ensembles.{ename}: the panel is empty (set members, providers or models)")
+            if ens.providers and ens.models and len(ens.models) != len(ens.providers):
+                raise ValueError(f"ensembles.{ename}.models: one model per provider, or none")
+            if ens.min_providers > size:
+                raise ValueError(f"ensembles.{ename}.min_providers: {ens.min_providers} > the panel's {size} members")
+            if ens.judge is None and (ens.strategy == "judge" or (ens.strategy == "debate"
+                                                                  and ens.debate_close == "judge")):
+                raise ValueError(f"ensembles.{ename}.judge: strategy {ens.strategy!r} needs a judge")
         if self.auth.master_key is None:
             self.auth.master_key = os.environ.get("HELIXAGENT_API_KEY") or None
         shared = self.redis.url

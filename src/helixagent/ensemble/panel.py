@@ -26,7 +26,10 @@ from .spec import Member, Spec
 log = logging.getLogger("helixagent.ensemble")
 
 MEMBER_ENDPOINT = "ensemble_member"
-LOGPROB_WIRES = ("openai",)  # the wire formats whose chat API returns token logprobs
+LOGPROB_WIRES = ("openai",)
+_CUT_REASONS = {"timeout": "panel_timeout_ms ran out before it answered",
+                "decided": "not needed: the panel had decided",
+                "aborted": "the ensemble request ended first (its client left, or the gateway shut down)"}  # the wire formats whose chat API returns token logprobs
 
 
 class Calls:
@@ -106,10 +109,9 @@ class Calls:
             ans.error = exc
             ans.reason = f"failed: {exc.status} {exc.code or exc.kind or ''}".rstrip()
         except asyncio.CancelledError:
-            why = self.cut.get((member.index, rnd), "decided")
+            why = self.cut.get((member.index, rnd), "aborted")
             ans.status = "timeout" if why == "timeout" else "cancelled"
-            ans.reason = ("panel_timeout_ms ran out before it answered" if why == "timeout"
-                          else "not needed: the panel had decided")
+            ans.reason = _CUT_REASONS[why]
             ctx.error = GatewayError(499, ans.reason, code="ensemble_left_out", kind="ensemble_left_out")
             ans.latency = time.perf_counter() - t0
             self.settle(ctx, ans)
@@ -138,6 +140,7 @@ async def run_panel(calls: Calls, spec: Spec, members: list[Member], make_req: C
     deadline = loop.time() + spec.timeout
     results: list[Answer] = []
     pending: set[asyncio.Task[Answer]] = set(tasks)
+    aborted = False
     try:
         while pending:
             left = deadline - loop.time()
@@ -151,9 +154,12 @@ async def run_panel(calls: Calls, spec: Spec, members: list[Member], make_req: C
                 break  # min_providers can no longer be met
             if settled is not None and pending and settled(results, len(pending)):
                 break
+    except asyncio.CancelledError:
+        aborted = True  # the ensemble request itself ended (its client left, or the shutdown drain ran out)
+        raise
     finally:
         if pending:
-            why = "timeout" if loop.time() >= deadline else "decided"
+            why = "aborted" if aborted else "timeout" if loop.time() >= deadline else "decided"
             for t in pending:
                 calls.cut[(tasks[t].index, rnd)] = why
                 t.cancel()
