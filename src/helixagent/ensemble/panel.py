@@ -26,10 +26,10 @@ from .spec import Member, Spec
 log = logging.getLogger("helixagent.ensemble")
 
 MEMBER_ENDPOINT = "ensemble_member"
-LOGPROB_WIRES = ("openai",)
+LOGPROB_WIRES = ("openai",)  # the wire formats whose chat API returns token logprobs
 _CUT_REASONS = {"timeout": "panel_timeout_ms ran out before it answered",
                 "decided": "not needed: the panel had decided",
-                "aborted": "the ensemble request ended first (its client left, or the gateway shut down)"}  # the wire formats whose chat API returns token logprobs
+                "aborted": "the ensemble request ended first (its client left, or the gateway shut down)"}
 
 
 class Calls:
