@@ -13,7 +13,8 @@ VOTE3 = {"strategy": "majority", "providers": ["a", "b", "c"]}
 
 
 def test_majority_normalises_whitespace_case_and_reports_the_panel(make_gateway, panel, tmp_path):
-    panel.scripts.update(a=Script("The capital is  Paris."), b=Script("the capital is paris. "),
+    # the dissenter answers first, so the majority is only decided by the last answer: all three count
+    panel.scripts.update(a=Script("The capital is  Paris.", delay=0.2), b=Script("the capital is paris. ", delay=0.3),
                          c=Script("London"))
     gw = make_gateway(gateway_cfg(panel, tmp_path))
     raw = ensemble_raw(gw, VOTE3)
@@ -47,7 +48,8 @@ def test_majority_normalises_whitespace_case_and_reports_the_panel(make_gateway,
 
 
 def test_majority_json_and_tool_calls_compare_structurally(make_gateway, panel, tmp_path):
-    panel.scripts.update(a=Script('{"city": "Paris", "n": 1}'), b=Script('```json\n{"n": 1,  "city": "Paris"}\n```'),
+    panel.scripts.update(a=Script('{"city": "Paris", "n": 1}', delay=0.2),
+                         b=Script('```json\n{"n": 1,  "city": "Paris"}\n```', delay=0.3),
                          c=Script('{"city": "paris", "n": 1}'))
     gw = make_gateway(gateway_cfg(panel, tmp_path))
     e = ensemble(gw, VOTE3).model_extra["ensemble"]
@@ -204,7 +206,7 @@ def test_majority_decided_early_cancels_the_rest(make_gateway, panel, tmp_path):
 
 
 def test_a_failing_member_does_not_fail_the_request(make_gateway, panel, tmp_path):
-    panel.scripts.update(a=Script(status=503), b=Script("Paris"), c=Script("Paris"))
+    panel.scripts.update(a=Script(status=503), b=Script("Paris", delay=0.2), c=Script("Paris", delay=0.2))
     gw = make_gateway(gateway_cfg(panel, tmp_path))
     e = ensemble(gw, {**VOTE3, "min_providers": 2}).model_extra["ensemble"]
     assert e["winner"]["provider"] == "b" and e["answered"] == 2

@@ -34,7 +34,7 @@ def _check_order(chunks: list[ChatCompletionChunk]) -> dict:
 
 
 def test_vote_streamed_after_the_decision(make_gateway, panel, tmp_path):
-    panel.scripts.update(a=Script("Paris is it"), b=Script("paris IS it"), c=Script("Lyon"))
+    panel.scripts.update(a=Script("Paris is it", delay=0.2), b=Script("paris IS it", delay=0.3), c=Script("Lyon"))
     gw = make_gateway(gateway_cfg(panel, tmp_path))
     chunks = ensemble_stream(gw, VOTE3, stream_options={"include_usage": True})
     e = _check_order(chunks)
