@@ -281,3 +281,29 @@ def test_named_ensemble_via_chat_completions(make_gateway, panel, tmp_path):
     # and through /v1/ensemble/completions by name
     r2 = ensemble(gw, None, model="ensemble/capitals")
     assert r2.model_extra["ensemble"]["name"] == "capitals"
+
+
+def test_debate_closed_by_the_judge(make_gateway, panel, tmp_path):
+    panel.scripts.update(a=Script("Paris"), b=Script("Lyon"), c=Script("Nice"),
+                         j=Script(lambda body: "Paris, after the debate"))
+    gw = make_gateway(gateway_cfg(panel, tmp_path))
+    r = ensemble(gw, {"strategy": "debate", "providers": ["a", "b", "c"], "rounds": 2, "judge": {"provider": "j"}})
+    e = r.model_extra["ensemble"]
+    assert e["decision"] == "judge_synthesis" and r.choices[0].message.content == "Paris, after the debate"
+    assert panel.count("j") == 1 and all(panel.count(n) == 2 for n in "abc")
+    assert "You are the judge of a panel of 3" in panel.calls["j"][0]["messages"][-1]["content"]
+
+
+def test_models_shortcut_and_an_unparsable_pick(make_gateway, panel, tmp_path):
+    panel.scripts.update(a=Script("Paris", delay=0.2), b=Script("paris", delay=0.2), c=Script("Lyon"),
+                         j=Script("I cannot decide"))
+    gw = make_gateway(gateway_cfg(panel, tmp_path))
+    # models alone: each routed to the provider serving it
+    e = ensemble(gw, {"models": ["a-model", "b-model", "c-model"], "strategy": "judge", "judge_mode": "pick",
+                      "judge": {"provider": "j"}}).model_extra["ensemble"]
+    assert [m["provider"] for m in e["members"]] == ["a", "b", "c"]
+    assert e["decision"] == "judge_unparsed_vote" and e["winner"]["provider"] == "a"
+    assert "named no candidate" in e["judge"]["note"]
+    with pytest.raises(openai.BadRequestError) as ei:
+        ensemble(gw, {"models": ["a-model", "unknown-model"]})
+    assert ei.value.body["param"] == "ensemble_config.models[1]"

@@ -39,7 +39,6 @@ class EnsembleService:
     def __init__(self, gw: GatewayLike):
         self.gw = gw
         self.router = gw.router
-        self.ensembles = gw.cfg.ensembles
         self.default_completion = gw.cfg.rate_limits.default_completion_tokens
         m = gw.services.get("metrics")
         self.metrics = EnsembleMetrics(m.registry) if m is not None else None
@@ -51,10 +50,11 @@ class EnsembleService:
     # -- resolving -----------------------------------------------------------------------------------
     def named(self, model: str) -> Spec:
         name = model[len(PREFIX):]
-        ec = self.ensembles.get(name)
+        ensembles = self.gw.cfg.ensembles  # read per request: a reloaded config's ensembles apply at once
+        ec = ensembles.get(name)
         if ec is None:
             raise not_found(f"the ensemble {name!r} is not configured (configured: "
-                            f"{', '.join(PREFIX + n for n in self.ensembles) or 'none'})",
+                            f"{', '.join(PREFIX + n for n in ensembles) or 'none'})",
                             code="model_not_found", param="model")
         return resolve(ec, self.router, "", name)
 
