@@ -119,3 +119,57 @@ def test_usage_report_counts_an_ensemble_once(make_gateway, panel, tmp_path):
     u = httpx.get(gw.url + "/v1/usage", headers={"authorization": f"Bearer {MASTER}"},
                   params={"user_id": "usage"}, timeout=10).json()
     assert u["total"]["requests"] == 1 and u["total"]["total_tokens"] == 22, u
+
+
+def _redis_on(port: int, tmp_path):
+    import shutil
+    import subprocess
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed (needed to stop and restart a private Redis)")
+    p = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                          "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = redis.Redis(port=port)
+    try:
+        from support.servers import wait_until
+
+        def up() -> bool:
+            try:
+                return bool(r.ping())
+            except redis.ConnectionError:
+                return False
+        assert wait_until(up, 15)
+    finally:
+        r.close()
+    return p
+
+
+def test_redis_down_and_back_budgets_deny_before_any_member_call(make_gateway, panel, tmp_path):
+    from support.servers import free_port
+    port = free_port()
+    rs = _redis_on(port, tmp_path)
+    try:
+        gw = _gw(make_gateway, panel, tmp_path, {"backend": "redis", "redis_url": f"redis://127.0.0.1:{port}/0",
+                                                 "redis_timeout": 1.0, "user": {"tokens_per_day": 10 ** 6}})
+        k = admin_create(gw, user_id="outage", application="a")["key"]
+        cfg = {"providers": ["a", "b"]}
+        assert ensemble(gw, cfg, key=k).model_extra["ensemble"]["answered"] == 2
+        rs.kill()
+        rs.wait(10)
+        before = panel.total()
+        with pytest.raises(openai.InternalServerError) as ei:  # 503: budgets deny while Redis is away
+            ensemble(gw, cfg, key=k)
+        assert ei.value.status_code == 503 and ei.value.body["code"] == "rate_limit_backend_unavailable"
+        assert panel.total() == before  # nothing was called
+        rs = _redis_on(port, tmp_path)
+        from support.servers import wait_until
+
+        def served() -> bool:
+            try:
+                return ensemble(gw, cfg, key=k).model_extra["ensemble"]["answered"] == 2
+            except openai.InternalServerError:
+                return False
+        assert wait_until(served, 15, 0.2)
+    finally:
+        rs.kill()
+        rs.wait(10)

@@ -106,8 +106,8 @@ def decide(answers: list[Answer], spec: Spec, health: Health, strategy: str | No
                                    code="ensemble_low_confidence", param=f"{spec.param}.confidence_threshold",
                                    kind="ensemble_low_confidence")
             best = max(ok, key=lambda a: (a.score or 0.0, -a.member.index))
-            return Decision(best, "fallback_to_best", 1 / len(ok) if best.key != key else agreement, votes,
-                            best.score)
+            assert best.key is not None
+            return Decision(best, "fallback_to_best", len(groups[best.key]) / len(ok), votes, best.score)
         return Decision(winner, "confidence" if how == "vote" else how, agreement, votes, round(conf, 6))
     winner = _best_in(group) if strategy == "quality_weighted" else min(group, key=lambda a: a.member.index)
     if how == "vote":
