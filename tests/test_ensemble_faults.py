@@ -107,3 +107,16 @@ def test_ensemble_metrics(make_gateway, panel, tmp_path):
     assert 'helixagent_ensemble_panel_size_count{strategy="confidence_weighted"} 1.0' in text
     assert 'helixagent_ensemble_decision_seconds_count{strategy="judge"} 1.0' in text
     assert "helixagent_ensemble_agreement_ratio_bucket" in text and "helixagent_ensemble_cost_dollars_total" in text
+
+
+def test_dashboard_data_has_the_ensembles(make_gateway, panel, tmp_path):
+    panel.scripts.update(a=Script("x"), b=Script("x"), c=Script(status=500))
+    gw = make_gateway(gateway_cfg(panel, tmp_path))
+    ensemble(gw, {**VOTE3, "strategy": "quality_weighted"})
+    d = httpx.get(gw.url + "/dashboard/data", timeout=10).json()
+    (row,) = d["ensembles"]
+    assert row["strategy"] == "quality_weighted" and row["requests"] == 1 and row["errors"] == 0
+    assert row["panel_size"] == 3 and row["answered"] == 2 and row["left_out"] == 1 and row["agreement"] == 1.0
+    assert row["decision_ms"] is not None and row["cost"] > 0
+    page = httpx.get(gw.url + "/dashboard", headers={"accept": "text/html"}, timeout=10).text
+    assert 'id="ensembles"' in page

@@ -33,6 +33,7 @@ from .spec import PREFIX, Spec, check_edge, resolve
 from .strategies import Decision
 
 ENDPOINT = "/v1/ensemble/completions"
+_STATS = ("requests", "errors", "members", "answered", "agreement", "decided", "decision_s", "cost", "left_out")
 
 
 class EnsembleService:
@@ -42,6 +43,7 @@ class EnsembleService:
         self.default_completion = gw.cfg.rate_limits.default_completion_tokens
         m = gw.services.get("metrics")
         self.metrics = EnsembleMetrics(m.registry) if m is not None else None
+        self.stats: dict[str, dict[str, float]] = {}  # strategy -> totals since start (this worker; /dashboard)
 
     def price(self, provider: str, model: str) -> tuple[float, float] | None:
         p = self.router.providers.get(provider)
@@ -133,11 +135,37 @@ class EnsembleService:
             h["x-helixagent-ensemble-decision"] = d.decision
             h["x-helixagent-ensemble-winner"] = w.provider
             h["x-helixagent-ensemble-agreement"] = f"{d.agreement:.3f}"
+        latency = (eng.decided_at - ctx.started) if eng.decided_at is not None else None
+        left = [a.status for a in calls.all if not a.ok and a is not eng.judge]
+        st = self.stats.setdefault(eng.spec.strategy, dict.fromkeys(_STATS, 0.0))
+        st["requests"] += 1
+        st["errors"] += d is None
+        st["members"] += len(eng.spec.members)
+        st["answered"] += answered
+        st["left_out"] += len(left)
+        st["cost"] += calls.cost
+        if d is not None:
+            st["decided"] += 1
+            st["agreement"] += d.agreement
+        if latency is not None:
+            st["decision_s"] += latency
         if self.metrics is not None:
-            latency = (eng.decided_at - ctx.started) if eng.decided_at is not None else None
-            left = [a.status for a in calls.all if not a.ok and a is not eng.judge]
             self.metrics.observe(eng.spec.strategy, d.decision if d is not None else "error", len(eng.spec.members),
                                  d.agreement if d is not None else None, latency, calls.cost, left)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per strategy, since this worker started: requests, errors, mean panel size, answered members and
+        agreement, mean decision latency, cost, members left out (the /dashboard's ensemble table)."""
+        out = []
+        for strategy, st in sorted(self.stats.items()):
+            n = st["requests"] or 1.0
+            dec = st["decided"] or 1.0
+            out.append({"strategy": strategy, "requests": int(st["requests"]), "errors": int(st["errors"]),
+                        "panel_size": round(st["members"] / n, 2), "answered": round(st["answered"] / n, 2),
+                        "agreement": round(st["agreement"] / dec, 3) if st["decided"] else None,
+                        "decision_ms": round(st["decision_s"] / dec * 1000, 1) if st["decided"] else None,
+                        "cost": round(st["cost"], 6), "left_out": int(st["left_out"])})
+        return out
 
     # -- SSE -----------------------------------------------------------------------------------------
     async def frames(self, ctx: RequestContext, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:

@@ -144,6 +144,8 @@ class ObservabilityStage(Stage):
         snap["pid"] = os.getpid()
         snap["workers"] = gw.cfg.server.workers
         snap["in_flight"] = self.metrics._inflight_n if self.metrics is not None else None
+        ens = gw.services.get("ensemble")
+        snap["ensembles"] = ens.summary() if ens is not None else []
         return snap
 
 
