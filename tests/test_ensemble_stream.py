@@ -68,6 +68,8 @@ def test_keepalive_comments_while_the_panel_works(make_gateway, panel, tmp_path,
     lines = []
     with httpx.stream("POST", gw.url + "/v1/ensemble/completions", json=body, timeout=20) as r:
         assert r.status_code == 200
+        assert r.headers["x-helixagent-ensemble-strategy"] == "majority"
+        assert r.headers["x-helixagent-ensemble-id"] == r.headers["x-helixagent-request-id"]
         for line in r.iter_lines():
             if line:
                 lines.append(line)

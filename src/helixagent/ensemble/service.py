@@ -95,6 +95,9 @@ class EnsembleService:
     async def serve(self, ctx: RequestContext, spec: Spec) -> None:
         eng = Engine(spec, ctx.request, self._calls(ctx), self.router.health)
         ctx.state["ensemble_id"] = ctx.request_id
+        # known before the panel runs: a stream's response head carries these too (the rest is in its last chunk)
+        ctx.response_headers["x-helixagent-ensemble-id"] = ctx.request_id
+        ctx.response_headers["x-helixagent-ensemble-strategy"] = spec.strategy
         if ctx.request.stream:
             ctx.stream = estream.combined_stream(self, ctx, eng)
             ctx.streamed = True
@@ -122,8 +125,6 @@ class EnsembleService:
         if calls.limits_cost is not None:
             ctx.state["real_cost"] = calls.limits_cost
         h = ctx.response_headers
-        h["x-helixagent-ensemble-id"] = ctx.request_id
-        h["x-helixagent-ensemble-strategy"] = eng.spec.strategy
         answered = sum(1 for a in eng.final if a.ok)
         h["x-helixagent-ensemble-members"] = f"{answered}/{len(eng.spec.members)}"
         if calls.cost:
