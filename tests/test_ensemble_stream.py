@@ -132,3 +132,35 @@ def test_named_ensemble_through_the_responses_api(make_gateway, panel, tmp_path)
     with client(gw).responses.stream(model="ensemble/v", input="capital of Italy?") as s:
         final = s.get_final_response()
     assert final.output_text == "Rome"
+
+
+def test_judge_cut_mid_stream_ends_with_an_error_event(make_gateway, panel, tmp_path):
+    panel.scripts.update(a=Script("Paris"), b=Script("Paris"), j=Script("one two three four five", cut_after=3))
+    gw = make_gateway(gateway_cfg(panel, tmp_path))
+    body = {"model": "x", "messages": MSG, "stream": True,
+            "ensemble_config": {"strategy": "judge", "providers": ["a", "b"], "judge": {"provider": "j"}}}
+    events = []
+    with httpx.stream("POST", gw.url + "/v1/ensemble/completions", json=body, timeout=20) as r:
+        eid = r.headers["x-helixagent-ensemble-id"]
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    text = "".join((orjson.loads(e)["choices"] or [{}])[0].get("delta", {}).get("content") or ""
+                   for e in events[:-1])
+    assert text == "one two"  # what the judge wrote before its connection dropped
+    last = orjson.loads(events[-1])
+    assert "error" in last and last["error"]["code"] is not None, last
+    recs = records(gw, eid)
+    judge = [x for x in recs if x["provider"] == "j"]
+    assert len(judge) == 1 and judge[0]["outcome"] == "error" and judge[0]["streamed"]
+    assert recs[0]["outcome"] == "upstream_error"
+
+
+def test_judge_failing_before_its_first_token_streams_the_vote(make_gateway, panel, tmp_path):
+    panel.scripts.update(a=Script("Paris", delay=0.2), b=Script("paris", delay=0.2), c=Script("Lyon"),
+                         j=Script(status=503))
+    gw = make_gateway(gateway_cfg(panel, tmp_path))
+    chunks = ensemble_stream(gw, {"strategy": "judge", "providers": ["a", "b", "c"], "judge": {"provider": "j"}})
+    e = _check_order(chunks)
+    assert e["decision"] == "judge_failed_vote" and e["winner"]["provider"] == "a"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Paris"

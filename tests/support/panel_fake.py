@@ -25,6 +25,7 @@ class Script:
     status: int | None = None             # answer this error status instead
     tool_call: dict[str, Any] | None = None   # {"name": ..., "arguments": "..."}
     chunk_delay: float = 0.0              # streamed: pause between chunks
+    cut_after: int | None = None          # streamed: the connection drops after this many chunks
 
 
 class PanelFake:
@@ -105,6 +106,11 @@ class PanelFake:
         for i, w in enumerate(words):
             if sc.chunk_delay:
                 await asyncio.sleep(sc.chunk_delay)
+            if sc.cut_after is not None and i + 1 >= sc.cut_after:
+                await asyncio.sleep(0.05)  # let the chunks written reach the peer, then drop the connection
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
             await resp.write(chunk({"content": w if i == 0 else " " + w}))
         await resp.write(chunk({}, finish))
         if (body.get("stream_options") or {}).get("include_usage"):
