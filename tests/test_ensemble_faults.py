@@ -120,3 +120,75 @@ def test_dashboard_data_has_the_ensembles(make_gateway, panel, tmp_path):
     assert row["decision_ms"] is not None and row["cost"] > 0
     page = httpx.get(gw.url + "/dashboard", headers={"accept": "text/html"}, timeout=10).text
     assert 'id="ensembles"' in page
+
+
+def test_gateway_sigkilled_while_the_judge_works_keeps_the_member_records(panel, tmp_path):
+    """The members answered and were journaled; the gateway is SIGKILLed while the judge is still writing; on
+    restart the journal is replayed: the member records are there, linked to an ensemble that never finished
+    (no parent record -- nobody got an answer)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from support.servers import free_port
+    from test_store_faults import _wait_healthy
+
+    from ensemble_support import providers
+
+    spool = tmp_path / "spool"
+    db = f"sqlite:///{tmp_path}/kill.db"
+    cfg = tmp_path / "gw.yaml"
+
+    def write_cfg(flush: str) -> None:
+        cfg.write_text(yaml.safe_dump({"providers": providers(panel), "logging": {"level": "warning"},
+                                       "database": {"url": db, "spool_dir": str(spool), "flush_interval": flush,
+                                                    "auto_migrate": True}}))
+    write_cfg("60s")  # the members' records stay in the journal until the kill
+    panel.scripts.update(a=Script("x"), b=Script("x"), j=Script("late", delay=30))
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+    def serve(port: int) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONPATH=src)
+        env.pop("HELIXAGENT_API_KEY", None)
+        return subprocess.Popen([sys.executable, "-m", "helixagent", "serve", "-c", str(cfg), "--port", str(port)],
+                                env=env, stdout=open(tmp_path / "log", "ab"), stderr=subprocess.STDOUT)
+
+    port = free_port()
+    proc = serve(port)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", proc, tmp_path / "log")
+        body = {"model": "x", "messages": MSG,
+                "ensemble_config": {"strategy": "judge", "providers": ["a", "b"], "judge": {"provider": "j"}}}
+        with cf.ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(lambda: httpx.post(f"http://127.0.0.1:{port}/v1/ensemble/completions", json=body,
+                                               timeout=40))
+            assert wait_until(lambda: panel.count("j") == 1, 15)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            with pytest.raises(httpx.HTTPError):
+                fut.result(20)
+        write_cfg("100ms")
+        proc = serve(port)
+        _wait_healthy(f"http://127.0.0.1:{port}", proc, tmp_path / "log")
+        from helixagent.store.db import make_sync_engine
+        from helixagent.store.schema import completions as C
+        import sqlalchemy as sa
+
+        def rows():
+            eng = make_sync_engine(db)
+            try:
+                with eng.connect() as conn:
+                    return [dict(r) for r in conn.execute(sa.select(C).order_by(C.c.request_id)).mappings()]
+            finally:
+                eng.dispose()
+        assert wait_until(lambda: len(rows()) == 2, 20)
+        got = rows()
+        assert {r["provider"] for r in got} == {"a", "b"} and {r["endpoint"] for r in got} == {"ensemble_member"}
+        eid = got[0]["ensemble_id"]
+        assert eid and all(r["ensemble_id"] == eid and r["request_id"].startswith(eid + ".") for r in got)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
