@@ -278,6 +278,9 @@ def test_named_ensemble_via_chat_completions(make_gateway, panel, tmp_path):
     assert e["name"] == "capitals" and e["winner"]["provider"] == "a"
     assert raw.headers["x-helixagent-ensemble-winner"] == "a"
     assert raw.headers.get("x-helixagent-cache") in (None, "BYPASS")
+    # listed among the models
+    assert "ensemble/capitals" in [m.id for m in client(gw).models.list().data]
+    assert client(gw).models.retrieve("ensemble/capitals").owned_by == "helixagent"
     # and through /v1/ensemble/completions by name
     r2 = ensemble(gw, None, model="ensemble/capitals")
     assert r2.model_extra["ensemble"]["name"] == "capitals"
