@@ -192,3 +192,23 @@ def test_gateway_sigkilled_while_the_judge_works_keeps_the_member_records(panel,
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+
+
+def test_client_leaving_a_stream_mid_panel_cancels_the_members(make_gateway, panel, tmp_path):
+    panel.scripts.update(a=Script("x", delay=3), b=Script("x", delay=3))
+    gw = make_gateway(gateway_cfg(panel, tmp_path))
+    body = {"model": "x", "messages": MSG, "stream": True, "ensemble_config": {"providers": ["a", "b"]}}
+    with httpx.stream("POST", gw.url + "/v1/ensemble/completions", json=body, timeout=20) as r:
+        eid = r.headers["x-helixagent-ensemble-id"]
+        first = next(r.iter_lines())
+        assert '"role":"assistant"' in first
+        assert wait_until(lambda: panel.total() == 2, 5)
+    # the client is gone: the members are cancelled and every record says so
+
+    def parent_done() -> bool:
+        recs = records(gw, eid)
+        return len(recs) == 3
+    assert wait_until(parent_done, 10)
+    recs = records(gw, eid)
+    assert recs[0]["outcome"] == "client_gone"
+    assert all(m["error_type"] == "ensemble_left_out" for m in recs[1:])

@@ -29,6 +29,7 @@ MEMBER_ENDPOINT = "ensemble_member"
 LOGPROB_WIRES = ("openai",)  # the wire formats whose chat API returns token logprobs
 _CUT_REASONS = {"timeout": "panel_timeout_ms ran out before it answered",
                 "decided": "not needed: the panel had decided",
+                "hopeless": "not needed: too many members had failed to reach min_providers",
                 "aborted": "the ensemble request ended first (its client left, or the gateway shut down)"}
 
 
@@ -140,7 +141,7 @@ async def run_panel(calls: Calls, spec: Spec, members: list[Member], make_req: C
     deadline = loop.time() + spec.timeout
     results: list[Answer] = []
     pending: set[asyncio.Task[Answer]] = set(tasks)
-    aborted = False
+    aborted = hopeless = False
     try:
         while pending:
             left = deadline - loop.time()
@@ -151,7 +152,8 @@ async def run_panel(calls: Calls, spec: Spec, members: list[Member], make_req: C
                 results.append(t.result())
             ok = sum(1 for a in results if a.ok)
             if ok + len(pending) < spec.min_providers:
-                break  # min_providers can no longer be met
+                hopeless = True  # min_providers can no longer be met
+                break
             if settled is not None and pending and settled(results, len(pending)):
                 break
     except asyncio.CancelledError:
@@ -159,7 +161,8 @@ async def run_panel(calls: Calls, spec: Spec, members: list[Member], make_req: C
         raise
     finally:
         if pending:
-            why = "aborted" if aborted else "timeout" if loop.time() >= deadline else "decided"
+            why = ("aborted" if aborted else "hopeless" if hopeless else "timeout" if loop.time() >= deadline
+                   else "decided")
             for t in pending:
                 calls.cut[(tasks[t].index, rnd)] = why
                 t.cancel()

@@ -24,16 +24,10 @@ KEEPALIVE: dict[str, Any] = {"object": "helixagent.keepalive", "choices": []}
 KEEPALIVE_SECONDS = 5.0
 
 
-async def _await_with_keepalive(task: "asyncio.Future[Any]", keep: bool) -> AsyncIterator[dict[str, Any]]:
-    try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=KEEPALIVE_SECONDS if keep else None)
-            if not task.done():
-                yield KEEPALIVE
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+async def _cancel(task: "asyncio.Future[Any]") -> None:
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def combined_stream(svc: "EnsembleService", ctx: RequestContext, eng: Engine) -> AsyncIterator[dict[str, Any]]:
@@ -46,17 +40,28 @@ async def combined_stream(svc: "EnsembleService", ctx: RequestContext, eng: Engi
     err: GatewayError | None = None
     try:
         yield new_chunk(id_, model, created, {"role": "assistant", "content": ""})
+        wait = KEEPALIVE_SECONDS if keep else None
         task = asyncio.ensure_future(eng.panel())
-        async for ka in _await_with_keepalive(task, keep):
-            yield ka
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=wait)
+                if not task.done():
+                    yield KEEPALIVE
+        finally:
+            await _cancel(task)  # the client left (or the shutdown drain ended) while the panel worked
         answers = task.result()
         if eng.uses_judge() and spec.judge_mode == "synthesis":
             async for ch in _judge_stream(svc, ctx, eng, answers, id_, model, created):
                 yield ch
         else:
             task2 = asyncio.ensure_future(eng.decide(answers))
-            async for ka in _await_with_keepalive(task2, keep):
-                yield ka
+            try:
+                while not task2.done():
+                    await asyncio.wait({task2}, timeout=wait)
+                    if not task2.done():
+                        yield KEEPALIVE
+            finally:
+                await _cancel(task2)
             eng.decision = task2.result()
             for ch in _winner_chunks(eng, eng.decision, id_, model, created):
                 yield ch
