@@ -173,3 +173,41 @@ def test_redis_down_and_back_budgets_deny_before_any_member_call(make_gateway, p
     finally:
         rs.kill()
         rs.wait(10)
+
+
+def test_a_client_leaving_mid_panel_is_charged_what_the_members_spent(make_gateway, panel, tmp_path):
+    import socket
+
+    import orjson
+    import sqlalchemy as sa
+
+    from ensemble_support import flush
+    from helixagent.store.db import make_sync_engine
+    from helixagent.store.schema import completions as C
+    from support.servers import wait_until
+    panel.scripts.update(a=Script("x"), b=Script("x", delay=3))
+    gw = _gw(make_gateway, panel, tmp_path, {})
+    k = admin_create(gw, user_id="leaver", limits={"tokens_per_day": 10 ** 6})
+    body = orjson.dumps({"model": "x", "messages": MSG, "max_tokens": MT, "ensemble_config": {"providers": ["a", "b"]}})
+    s = socket.create_connection(("127.0.0.1", gw.port))
+    s.sendall(b"POST /v1/ensemble/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+              b"authorization: Bearer " + k["key"].encode() + b"\r\ncontent-length: " + str(len(body)).encode()
+              + b"\r\n\r\n" + body)
+    lim = gw.app.services["limits"]
+
+    def used() -> int:
+        return next((v[1] for key, v in lim.backend.state.items() if key.endswith(f"{k['id']}:tpd")), -1)
+    assert wait_until(lambda: panel.count("a") == 1 and panel.count("b") == 1, 5)
+    assert wait_until(lambda: used() == 2 * (PROMPT + MT), 5)  # the whole panel reserved
+
+    def a_answered() -> bool:  # a's member record is written when its answer is in (b takes 3 s)
+        flush(gw)
+        eng = make_sync_engine(gw.cfg.database.url)
+        try:
+            with eng.connect() as conn:
+                return conn.execute(sa.select(C.c.request_id).where(C.c.provider == "a")).first() is not None
+        finally:
+            eng.dispose()
+    assert wait_until(a_answered, 10)
+    s.close()
+    assert wait_until(lambda: used() == 11, 10), used()  # settled to a's real usage; b was cancelled

@@ -106,8 +106,8 @@ class EnsembleService:
         try:
             answers = await eng.panel()
             d = eng.decision = await eng.decide(answers)
-        except GatewayError as exc:
-            self.done(ctx, eng, None, exc)
+        except BaseException as exc:  # also a client that left: what the members spent still settles
+            self.done(ctx, eng, None, exc if isinstance(exc, GatewayError) else None)
             raise
         body = combined_body(eng, d, ctx.request_id, int(time.time()), "logprobs" in ctx.request.params)
         body["ensemble"] = describe(eng, ctx.request_id, d, ctx.state.get("ensemble_reserved"))
