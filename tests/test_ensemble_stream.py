@@ -164,3 +164,20 @@ def test_judge_failing_before_its_first_token_streams_the_vote(make_gateway, pan
     e = _check_order(chunks)
     assert e["decision"] == "judge_failed_vote" and e["winner"]["provider"] == "a"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Paris"
+
+
+def test_named_ensemble_through_the_gemini_api(make_gateway, panel, tmp_path):
+    panel.scripts.update(a=Script("Rome"), b=Script("rome"), c=Script("Paris"))
+    gw = make_gateway(gateway_cfg(panel, tmp_path, ensembles={"v": VOTE3}))
+    body = {"contents": [{"role": "user", "parts": [{"text": "capital of Italy?"}]}]}
+    r = httpx.post(gw.url + "/v1beta/models/ensemble/v:generateContent", json=body, timeout=20)
+    assert r.status_code == 200, r.text
+    assert r.json()["candidates"][0]["content"]["parts"][0]["text"] == "Rome"
+    texts = []
+    with httpx.stream("POST", gw.url + "/v1beta/models/ensemble/v:streamGenerateContent?alt=sse", json=body,
+                      timeout=20) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                for c in orjson.loads(line[6:]).get("candidates") or ():
+                    texts += [p.get("text", "") for p in c.get("content", {}).get("parts") or ()]
+    assert "".join(texts) == "Rome"
