@@ -19,7 +19,8 @@ need=""
 command -v promtool >/dev/null 2>&1 || need="$need prometheus"
 command -v chromium >/dev/null 2>&1 || need="$need chromium"
 command -v chromedriver >/dev/null 2>&1 || need="$need chromium-driver"
-# nginx checks the compose deployment's nginx.conf (tests/test_deploy_container.py)
+# nginx checks the compose deployment's nginx.conf (tests/test_deploy_container.py) and runs it in front of
+# three gateways (tests/test_scale_out.py)
 { command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } || need="$need nginx"
 # Without HELIX_TEST_*_URL the suite starts private PostgreSQL and Redis servers (tests/conftest.py):
 # it needs their binaries.

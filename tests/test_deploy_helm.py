@@ -168,13 +168,14 @@ def test_secrets_only_by_reference() -> None:
     required = {"HELIXAGENT_API_KEY", "HELIXAGENT_DATABASE_URL", "HELIXAGENT_REDIS_URL",
                 "HELIXAGENT_ENCRYPTION_KEYS"}
     providers = {"ANTHROPIC_API_KEY", "OPENAI_API_KEY", "DEEPSEEK_API_KEY", "GEMINI_API_KEY"}
+    optional = providers | {"HELIXAGENT_DATABASE_READ_URL"}  # the read replica is optional too
     for pod in (gateway_deployment(objs)["spec"]["template"]["spec"],
                 migration_job(objs)["spec"]["template"]["spec"]):
         refs = _secret_refs(pod)
-        assert set(refs) == required | providers
+        assert set(refs) == required | optional
         for name, ref in refs.items():
             assert ref["name"] == SECRET and ref["key"] == name
-            assert ref.get("optional", False) == (name in providers)
+            assert ref.get("optional", False) == (name in optional)
     # a database URL from another Secret (e.g. an operator's), under another key
     objs = render({"secrets": {"env": {"HELIXAGENT_DATABASE_URL": {"secret": "pg-app", "key": "uri"}}}})
     ref = _secret_refs(gateway_deployment(objs)["spec"]["template"]["spec"])["HELIXAGENT_DATABASE_URL"]

@@ -36,3 +36,18 @@ def test_bad_named_ensembles_fail_at_load_naming_the_key(ens, needle):
     with pytest.raises(ConfigError) as ei:
         _load(ens)
     assert needle in str(ei.value) and "ensembles" in str(ei.value), str(ei.value)
+
+
+def test_named_ensembles_are_applied_by_a_config_reload(make_gateway, tmp_path):
+    import httpx
+
+    from helixagent.config import load_config_dict as load
+    base = {"providers": PROVIDERS, "database": {"url": f"sqlite:///{tmp_path}/r.db", "spool_dir": str(tmp_path / "s")}}
+    gw = make_gateway(base)
+    body = {"model": "ensemble/late", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=10).status_code == 404
+    new = load({**base, "ensembles": {"late": {"providers": ["a", "b"]}}}, "<reload>")
+    report = gw.run(gw.app.services["reload"].apply(new))
+    assert "ensembles" in report["changed"]
+    r = httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=10)
+    assert r.status_code == 200 and r.json()["ensemble"]["name"] == "late", r.text

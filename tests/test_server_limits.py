@@ -1,7 +1,7 @@
 """The HTTP server itself under abuse, over real sockets: header size/count limits (431), head and body
 deadlines (slowloris), keep-alive idle timeout, the per-worker connection cap, bounded memory under
 unterminated headers (a `helixagent serve` subprocess, RSS from /proc), and the serve process: a port in
-use, SIGHUP, a worker that cannot start."""
+use, SIGHUP (an in-process config reload), a worker that cannot start."""
 from __future__ import annotations
 
 import os
@@ -394,13 +394,14 @@ def test_port_in_use_exits_non_zero_without_saying_listening(tmp_path):
         holder.close()
 
 
-def test_sighup_leaves_a_single_worker_running(tmp_path):
+def test_sighup_reloads_a_single_worker_in_process(tmp_path):
     port = free_port()
     proc, logpath = start_serve(tmp_path, write_config(tmp_path, port))
     try:
         wait_listening(proc, logpath, port)
-        proc.send_signal(signal.SIGHUP)
-        assert wait_until(lambda: b"SIGHUP" in logpath.read_bytes(), timeout=10), logpath.read_text()
+        proc.send_signal(signal.SIGHUP)  # the config is re-read in-process (tests/test_reload.py has more)
+        assert wait_until(lambda: b"config reload (SIGHUP)" in logpath.read_bytes(), timeout=10), \
+            logpath.read_text()
         assert proc.poll() is None, logpath.read_text()
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
     finally:

@@ -15,7 +15,8 @@ from .errors import GatewayError
 from .gateway_types import HttpDone, PrefixHandler, RouteHandler
 from .pipeline import Pipeline, Stage
 from .redaction import register_config
-from .providers import Provider, build_provider, is_configured
+from .providers import Provider
+from .providers.fleet import build_fleet
 from .routing.router import Router
 
 log = logging.getLogger("helixagent")
@@ -24,23 +25,15 @@ class Gateway:
     """Everything one server process needs.  Feature modules register routes, stages and
     start/stop hooks through :meth:`route`, :meth:`add_stage`, :meth:`on_startup`, :meth:`on_shutdown`."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, config_path: str | None = None):
         self.cfg = cfg
         self.secrets = register_config(cfg)  # every configured secret, scrubbed from errors, records and logs
-        self.providers: dict[str, Provider] = {}
-        self.mock_fallback = False
-        enabled = [pc for pc in cfg.providers if pc.enabled]
-        if not any(is_configured(pc) for pc in enabled):
-            self._add_mock_fallback(enabled)
-        else:
-            for pc in enabled:
-                if not is_configured(pc):
-                    log.warning("provider %s has no API key (set %s or providers[].api_key); it is disabled",
-                                pc.name, {"openai": "OPENAI_API_KEY", "deepseek": "DEEPSEEK_API_KEY",
-                                          "anthropic": "ANTHROPIC_API_KEY", "gemini": "GEMINI_API_KEY"}.get(
-                                              pc.type or "", "its key"))
-                    continue
-                self.providers[pc.name] = build_provider(pc, cfg.http)
+        self.fleet = build_fleet(cfg, cfg.http)  # the provider objects (rebuilt by a config reload)
+        self.providers: dict[str, Provider] = self.fleet.providers
+        self.mock_fallback = self.fleet.mock_fallback
+        # the config file this process was started with (`serve --config F` / $HELIXAGENT_CONFIG), re-read
+        # by a reload; None: built from a dict or the defaults (a reload then keeps what it has)
+        self.config_path: str | None = config_path
         self.router = Router(cfg, self.providers)
         self.forwarded = for_server(cfg.server)  # client address from X-Forwarded-For (None: the peer)
         self.routes: dict[tuple[str, str], RouteHandler] = {}
@@ -63,33 +56,6 @@ class Gateway:
         install_features(self)
         self.chat_pipeline.stages = list(self.stages)
         self.embed_pipeline.stages = list(self.stages)
-
-    def _add_mock_fallback(self, enabled: list[Any]) -> None:
-        """No provider has a key.  In development (``preflight.DEV_ENVIRONMENTS``) each configured provider
-        is served by a built-in mock stand-in (deterministic text), so a fresh install answers at once; it
-        is still routed to by the configured name, but its answers are labelled ``mock`` in headers,
-        metrics, logs and records, and ``/health`` says ``degraded``.  Any other environment refuses to
-        start: a production gateway must not answer with made-up text under a vendor's name unless the
-        config asks for the mock explicitly (a provider with ``type: mock``)."""
-        from .config import ConfigError, ProviderConfig
-        from .preflight import no_provider_problem
-        problem = no_provider_problem(self.cfg)
-        if problem:
-            raise ConfigError(problem)
-        for pc in enabled:
-            data = pc.model_dump()
-            data.update(type="mock", base_url=None, api_key=None)
-            p = self.providers[pc.name] = build_provider(ProviderConfig(**data), self.cfg.http)
-            p.stand_in_for = pc.type
-            p.name = "mock"  # the label wherever the answer is counted (ctx.provider comes from it)
-        if not self.providers:
-            self.providers["mock"] = build_provider(ProviderConfig(name="mock", type="mock"), self.cfg.http)
-        self.mock_fallback = True
-        log.warning(
-            "no upstream API key is configured: serving the built-in mock provider (deterministic text)%s. "
-            "Set OPENAI_API_KEY, ANTHROPIC_API_KEY, DEEPSEEK_API_KEY or GEMINI_API_KEY in the environment, "
-            "or api_key under providers: in the config file, to use real models.",
-            f" in place of {', '.join(pc.name for pc in enabled)}" if enabled else "")
 
     # -- registration -------------------------------------------------------------------------------
     def route(self, method: str, path: str, handler: RouteHandler, pipeline: bool = False) -> None:
@@ -131,6 +97,9 @@ class Gateway:
                 log.exception("shutdown hook failed")
         for p in self.providers.values():
             await p.close()
+        reloader = self.services.get("reload")
+        if reloader is not None:
+            await reloader.close_retired()
 
     # -- ASGI -----------------------------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -238,9 +207,10 @@ def tune_gc() -> None:
     gc.set_threshold(20000, 20, 50)
 
 
-def create_app(cfg: Config) -> Gateway:
+def create_app(cfg: Config, config_path: str | None = None) -> Gateway:
     """The gateway for ``cfg``; raises ConfigError when :func:`helixagent.preflight.check_runtime` finds a
-    problem (the same checks as ``helixagent config check``)."""
+    problem (the same checks as ``helixagent config check``).  ``config_path``: the file ``cfg`` came from,
+    re-read by a config reload (SIGHUP, ``POST /admin/reload``)."""
     from .preflight import require_runtime
     require_runtime(cfg)
-    return Gateway(cfg)
+    return Gateway(cfg, config_path)

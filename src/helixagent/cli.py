@@ -36,9 +36,10 @@ def setup_logging(cfg: Any) -> None:
 def app_factory() -> Any:
     """Build the ASGI app from $HELIXAGENT_CONFIG (used by each server worker)."""
     from .app import create_app
-    cfg = load_config(os.environ.get("HELIXAGENT_CONFIG") or None)
+    path = os.environ.get("HELIXAGENT_CONFIG") or None
+    cfg = load_config(path)
     setup_logging(cfg)
-    return create_app(cfg)
+    return create_app(cfg, path or "")  # "": the defaults, re-read (as defaults) by a config reload
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -263,6 +263,27 @@ class RouteConfig(Strict):
     drop_params: bool | None = None
 
 
+class SharedHealthConfig(Strict):
+    """Breaker state, Retry-After cooldowns and health scores shared by every instance through Redis
+    (docs/routing.md, "Several instances").  ``routing.shared_health: false`` is ``{enabled: false}``."""
+    # None: on whenever a Redis URL is known (redis_url here, else redis.url)
+    enabled: bool | None = None
+    redis_url: str | None = None
+    # keys are <key_prefix>:{health:<provider>}:... (one hash slot per provider); default auth.redis_prefix
+    key_prefix: str | None = Field(default=None, min_length=1)
+    # how often each instance publishes its EWMAs and re-reads the fleet's state (missed messages, merge)
+    sync_interval: float = Field(default=1.0, gt=0)
+    # a Redis command slower than this counts as an outage (local-only health until Redis answers again)
+    redis_timeout: float = Field(default=0.5, gt=0)
+
+    _d = field_validator("sync_interval", "redis_timeout", mode="before")(lambda v: parse_duration(v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bool(cls, v: Any) -> Any:
+        return {"enabled": v} if isinstance(v, bool) else v
+
+
 class RoutingConfig(Strict):
     strategy: Literal["priority", "cost", "latency", "weighted"] = "priority"
     aliases: dict[str, list[AliasTarget]] = Field(default_factory=dict)
@@ -285,6 +306,7 @@ class RoutingConfig(Strict):
     rate_limit_cooldown_max: float = Field(default=60.0, ge=0)
     rate_limit_cooldown_default: float = Field(default=1.0, ge=0)
     rate_limit_cooldown_after: int = Field(default=3, ge=1)
+    shared_health: SharedHealthConfig = Field(default_factory=SharedHealthConfig)
 
     _rl = field_validator("rate_limit_cooldown_max", "rate_limit_cooldown_default",
                           mode="before")(lambda v: parse_duration(v))
@@ -420,7 +442,17 @@ class AuthConfig(Strict):
 
 class DatabaseConfig(Strict):
     url: str = "sqlite:///./helixagent.db"
-    pool_size: int = Field(default=10, ge=1)
+    # Reads for reports (GET /v1/usage, `helixagent usage`) go here when set; writes never do.  See
+    # docs/records.md#connection-pool-and-read-replica.
+    read_url: str | None = None
+    # Connection pool, per pool and per worker process (store/db.py maps them onto SQLAlchemy's):
+    # max_open_conns is the hard cap, max_idle_conns the connections kept open when idle (pool_size is its
+    # older name), conn_max_lifetime recycles older connections, pool_timeout is the longest wait for one.
+    pool_size: int | None = Field(default=None, ge=1)
+    max_open_conns: int | None = Field(default=None, ge=1)
+    max_idle_conns: int | None = Field(default=None, ge=1)
+    conn_max_lifetime: float | None = None
+    pool_timeout: float = 10.0
     spool_dir: str = "./spool"
     batch_size: int = Field(default=500, ge=1)
     queue_size: int = Field(default=10000, ge=1)
@@ -432,8 +464,39 @@ class DatabaseConfig(Strict):
     retry_interval: float = 1.0
     spool_fsync_interval: float = 1.0
 
-    _d = field_validator("flush_interval", "retry_interval", "spool_fsync_interval",
+    _d = field_validator("flush_interval", "retry_interval", "spool_fsync_interval", "pool_timeout",
                          mode="before")(lambda v: parse_duration(v))
+    _lt = field_validator("conn_max_lifetime", mode="before")(
+        lambda v: None if v is None else parse_duration(v))
+
+    @model_validator(mode="after")
+    def _pool(self) -> "DatabaseConfig":
+        if self.pool_size is not None and self.max_idle_conns is not None and self.pool_size != self.max_idle_conns:
+            raise ValueError(f"database.pool_size ({self.pool_size}) and database.max_idle_conns "
+                             f"({self.max_idle_conns}) are the same setting (pool_size is its older name): "
+                             "give one of them")
+        idle = self.max_idle_conns if self.max_idle_conns is not None else self.pool_size
+        if idle is not None and self.max_open_conns is not None and idle > self.max_open_conns:
+            key = "max_idle_conns" if self.max_idle_conns is not None else "pool_size"
+            raise ValueError(f"database.{key} ({idle}) is more than database.max_open_conns "
+                             f"({self.max_open_conns}): no more connections can be kept idle than may be open")
+        if self.conn_max_lifetime is not None and self.conn_max_lifetime <= 0:
+            raise ValueError("database.conn_max_lifetime must be a positive duration (e.g. 30m); leave it out "
+                             "to keep connections without a limit")
+        if self.pool_timeout <= 0:
+            raise ValueError("database.pool_timeout must be a positive duration (e.g. 10s)")
+        if self.read_url is not None and not self.read_url.strip():
+            self.read_url = None   # `read_url: ${HELIXAGENT_DATABASE_READ_URL}` with the variable unset
+        return self
+
+    def pool_limits(self) -> tuple[int, int]:
+        """(max_open, max_idle).  Neither given: 20 open, 10 kept.  Only the idle count (max_idle_conns or
+        pool_size): twice as many open.  Only max_open_conns: all of them kept."""
+        idle = self.max_idle_conns if self.max_idle_conns is not None else self.pool_size
+        if self.max_open_conns is not None:
+            return self.max_open_conns, idle if idle is not None else self.max_open_conns
+        idle = idle if idle is not None else 10
+        return 2 * idle, idle
 
 
 class EncryptionConfig(Strict):
@@ -464,6 +527,21 @@ class TracingConfig(Strict):
 
 class RedisConfig(Strict):
     url: str | None = None
+
+
+class FeatureFlag(Strict):
+    """One feature flag (``features.<name>``; evaluated per request by flags.py, see docs/features.md)."""
+    enabled: bool = True  # the state for everyone not listed in keys/users
+    percentage: float | None = Field(default=None, ge=0, le=100)  # of key ids (stable hash), when enabled
+    keys: list[str] = Field(default_factory=list)  # key ids that always have it (in its environments)
+    users: list[str] = Field(default_factory=list)  # user ids that always have it (in its environments)
+    environments: list[str] = Field(default_factory=list)  # only in these environments (empty: all)
+
+
+class FeaturesConfig(Strict):
+    streaming: FeatureFlag = Field(default_factory=FeatureFlag)
+    caching: FeatureFlag = Field(default_factory=FeatureFlag)
+    multi_tenant: FeatureFlag = Field(default_factory=lambda: FeatureFlag(enabled=False))
 
 
 # -- ensembles (docs/ensembles.md) -------------------------------------------------------------------------
@@ -527,6 +605,7 @@ class Config(Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     ensembles: dict[str, EnsembleConfig] = Field(default_factory=dict)  # reachable as model ensemble/<name>
 
     @model_validator(mode="after")
@@ -571,6 +650,15 @@ class Config(Strict):
                 self.cache.redis_url = shared
             if self.rate_limits.backend == "redis" and not self.rate_limits.redis_url:
                 self.rate_limits.redis_url = shared
+        sh = self.routing.shared_health
+        if sh.redis_url is None and shared and sh.enabled is not False:
+            sh.redis_url = shared
+        if sh.key_prefix is None:
+            sh.key_prefix = self.auth.redis_prefix
+        if sh.enabled is None:
+            sh.enabled = bool(sh.redis_url)
+        elif sh.enabled and not sh.redis_url:
+            raise ValueError("routing.shared_health: enabled needs routing.shared_health.redis_url or redis.url")
         if self.cache.enabled and self.cache.type == "redis" and not self.cache.redis_url:
             raise ValueError("cache: type redis needs cache.redis_url or redis.url")
         if self.rate_limits.backend == "redis" and not self.rate_limits.redis_url:

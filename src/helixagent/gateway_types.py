@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .errors import GatewayError
     from .pipeline import Pipeline, Stage
     from .providers import Provider
+    from .providers.fleet import Fleet
     from .redaction import SecretRegistry
     from .routing.router import Router
 
@@ -29,6 +30,8 @@ HttpDone: TypeAlias = "Callable[[Any, int, float, GatewayError | None], None]"
 class GatewayLike(Protocol):
     cfg: Config
     providers: dict[str, Provider]
+    fleet: Fleet                      # the provider objects and the config entries they were built from
+    config_path: str | None           # the config file a reload re-reads (None: built in-process)
     router: Router
     services: dict[str, Any]          # shared services (store, limiter, cache, metrics, auth, health...)
     routes: dict[tuple[str, str], RouteHandler]

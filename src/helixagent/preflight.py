@@ -76,7 +76,7 @@ def _check_http_url(where: str, url: str | None, out: list[str]) -> None:
         out.append(f"{where}: {mask_url(url)!r} is not an http(s):// URL with a host")
 
 
-def _check_database_url(url: str, out: list[str]) -> bool:
+def _check_database_url(url: str, out: list[str], key: str = "database.url") -> bool:
     """True when the URL parses and names a supported database."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
@@ -85,13 +85,13 @@ def _check_database_url(url: str, out: list[str]) -> bool:
     try:
         make_url(url)
     except (ArgumentError, ValueError) as exc:
-        out.append(f"database.url: {mask_url(url)!r} does not parse ({type(exc).__name__}; write e.g. "
+        out.append(f"{key}: {mask_url(url)!r} does not parse ({type(exc).__name__}; write e.g. "
                    "sqlite:///./helixagent.db or postgresql://user:password@host:5432/db)")
         return False
     try:
         async_url(url)
     except ValueError as exc:  # unsupported backend: the message names database.url
-        out.append(f"{exc} (got {mask_url(url)!r})")
+        out.append(f"{str(exc).replace('database.url', key)} (got {mask_url(url)!r})")
         return False
     return True
 
@@ -154,6 +154,8 @@ def check_runtime(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
             out.append(f"encryption: {exc}")
     # URLs that must parse
     db_ok = _check_database_url(cfg.database.url, out)
+    if cfg.database.read_url:
+        _check_database_url(cfg.database.read_url, out, "database.read_url")
     _check_redis_url("redis.url", cfg.redis.url, out)
     if cfg.cache.enabled and cfg.cache.type == "redis":
         _check_redis_url("cache.redis_url", cfg.cache.redis_url, out)

@@ -48,8 +48,8 @@ def config_secrets(cfg: Any) -> list[str]:
         out.append(p.api_key)
         out.extend(str(v) for v in (p.headers or {}).values())
         out.append(url_password(p.base_url))
-    for url in (cfg.database.url, cfg.redis.url, cfg.cache.redis_url, cfg.rate_limits.redis_url,
-                cfg.auth.redis_url):
+    for url in (cfg.database.url, cfg.database.read_url, cfg.redis.url, cfg.cache.redis_url,
+                cfg.rate_limits.redis_url, cfg.auth.redis_url):
         out.append(url_password(url))
     out.extend(encryption_secrets(cfg))
     return [s for s in out if s]

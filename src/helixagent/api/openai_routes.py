@@ -294,9 +294,15 @@ async def health(gw: GatewayLike, req: Request) -> None:
             info.update(state.describe(name))
         providers[name] = info
     status = "ok" if any(p.cfg.enabled for p in gw.providers.values()) and not gw.mock_fallback else "degraded"
-    await send_json(req.send, 200, {"status": status, "version": gw.version, "environment": gw.cfg.environment,
-                                    "uptime_seconds": round(time.time() - gw.started_at, 3),
-                                    "mock_fallback": gw.mock_fallback, "providers": providers})
+    body: dict[str, Any] = {"status": status, "version": gw.version, "environment": gw.cfg.environment,
+                            "uptime_seconds": round(time.time() - gw.started_at, 3),
+                            "mock_fallback": gw.mock_fallback, "providers": providers}
+    reloader = gw.services.get("reload")
+    if reloader is not None:  # generation, loaded_at, source, last reload, restart_required (reload.py)
+        body["config"] = reloader.status()
+    shared = gw.services.get("shared_health")  # breakers and cooldowns shared through Redis (shared_health.py)
+    body["shared_health"] = shared.status() if shared is not None else {"enabled": False}
+    await send_json(req.send, 200, body)
 
 
 def install(gw: GatewayLike) -> None:

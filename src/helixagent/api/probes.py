@@ -8,7 +8,9 @@
     (``spooling`` is ready; a failing spool is not);
   - ``redis``: every Redis in use (``redis.url``, the Redis cache, the Redis rate limits) answers PING
     within its configured timeout (at most 1 s);
-  - ``draining``: false until SIGTERM (api/server.py calls :func:`start_draining`).
+  - ``draining``: false until SIGTERM (api/server.py calls :func:`start_draining`);
+  - ``database_replica`` (only with ``database.read_url``; never fails readiness): ``ok``, or
+    ``unavailable (...)`` while the reports read from the primary instead (store/replica.py).
 
 The result is cached for :data:`CACHE_SECONDS` and computed by one task at a time, so probes at any rate
 cost one PING per Redis per second at most, and a dead Redis delays an answer by its timeout at most.
@@ -87,6 +89,10 @@ class Readiness:
             else:
                 checks["database"] = "unreachable, and the spool is failing"
                 failing.append("database")
+            reads = getattr(records, "reads", None)
+            if reads is not None and reads.replica is not None:
+                # a detail, not a failure: the reports fall back to the primary meanwhile
+                checks["database_replica"] = await reads.probe(_REDIS_TIMEOUT_CAP)
         if self.redis_urls:
             results = await asyncio.gather(*(self._ping(i, url, t)
                                              for i, (url, t) in enumerate(self.redis_urls.items())))

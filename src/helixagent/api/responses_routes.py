@@ -138,7 +138,9 @@ class ResponsesStage(Stage):
         if not isinstance(final, dict) or store is None or not isinstance(final.get("id"), str):
             return
         rid = final["id"]
-        native = ctx.provider is not None and rfmt.is_native(self.gw.providers[ctx.provider])
+        # (a config reload may have removed the provider while this request ran: then not native)
+        prov = self.gw.providers.get(ctx.provider) if ctx.provider is not None else None
+        native = prov is not None and rfmt.is_native(prov)
         await store.save(rid=rid, tenant=ctx.state.get("responses_tenant", ""), request_id=ctx.request_id,
                          provider=ctx.provider, model=ctx.upstream_model, status=str(final.get("status") or ""),
                          native=native, previous=req.previous_response_id,

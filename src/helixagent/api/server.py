@@ -20,7 +20,8 @@ The deadlines share one timer per connection that is re-armed only when it fires
 moves the deadline, not the timer), so a keep-alive request costs no timer operations at all.
 
 :func:`serve` binds the socket itself (and logs "listening" only once it is bound and the workers are
-up), survives SIGHUP, applies ``drain_timeout`` to the shutdown, and stops the whole server with a
+up), reloads the config on SIGHUP (forwarded by the supervisor to every worker; see reload.py),
+applies ``drain_timeout`` to the shutdown, and stops the whole server with a
 non-zero status when a worker cannot start instead of respawning it forever.
 
 TLS: with ``server.tls.enabled`` the port speaks HTTPS only (uvicorn's ``ssl_certfile``/``ssl_keyfile``).
@@ -322,7 +323,7 @@ def uvicorn_config(app: Any, server_cfg: Any, **kwargs: Any) -> uvicorn.Config:
 
 # -- the serve process ---------------------------------------------------------------------------------------
 class HelixServer(uvicorn.Server):
-    """uvicorn's Server that survives SIGHUP and says "listening" only once it is."""
+    """uvicorn's Server that reloads its config on SIGHUP (reload.py) and says "listening" only once it is."""
 
     announce: str | None = None  # logged once start-up is complete (single worker)
     _exit_at: float | None = None  # SIGTERM received: the drain begins at this monotonic time
@@ -356,8 +357,8 @@ class HelixServer(uvicorn.Server):
             loop = asyncio.get_running_loop()
 
             def on_hup(signum: int, frame: Any) -> None:
-                loop.call_soon_threadsafe(log.warning, "received SIGHUP: ignored (this worker keeps serving; "
-                                          "restart the server to apply a changed configuration)")
+                from .. import reload
+                loop.call_soon_threadsafe(reload.on_sighup)  # re-read the config, in-process
             previous = signal.signal(signal.SIGHUP, on_hup)
             try:
                 await super().serve(sockets)
@@ -384,6 +385,7 @@ class _WorkerProcess(Process):
         return self._server
 
     def target(self, sockets: list[socket.socket] | None = None) -> None:  # pragma: no cover - child
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (inherited so from _Supervisor._new; kept until serve)
         threading.Thread(target=self.always_pong, daemon=True).start()
         try:
             self.server.run(sockets)
@@ -406,12 +408,20 @@ class _Supervisor(Multiprocess):
 
     def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], announce: str) -> None:
         super().__init__(config, sockets)
+        from ..reload import SUPERVISOR_ENV
+        os.environ[SUPERVISOR_ENV] = str(os.getpid())  # workers signal it: POST /admin/reload reaches all
         self.announce: str | None = announce
         self.failure: str | None = None
 
     def _new(self) -> _WorkerProcess:
         p = _WorkerProcess(self.config, self.sockets)
-        p.start()
+        # the worker inherits SIGHUP ignored until its server installs the reload handler: a SIGHUP
+        # forwarded while it boots must not kill it (it reads the config file as it starts anyway)
+        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            p.start()
+        finally:
+            signal.signal(signal.SIGHUP, previous)
         return p
 
     def init_processes(self) -> None:
@@ -462,23 +472,18 @@ class _Supervisor(Multiprocess):
             log.info("%s", self.announce)
             self.announce = None
 
-    def restart_all(self) -> None:
-        """SIGHUP: replace each worker (they re-read the configuration), the new one ready before the old
-        one goes; a replacement that does not become ready is dropped and the old worker kept."""
-        for idx, old in enumerate(self.processes):
-            if self.should_exit.is_set():
-                return
-            new = self._new()
-            if not new.wait_until_ready(self.config.timeout_worker_healthcheck, self.should_exit):
-                new.kill()
-                new.join()
-                if not self.should_exit.is_set():
-                    log.error("SIGHUP: a new worker was not ready in time; keeping worker [%s]", old.pid)
-                return
-            new.ready = True
-            old.terminate()
-            old.join()
-            self.processes[idx] = new
+    def handle_hup(self) -> None:
+        """SIGHUP: forwarded to every worker, which reloads its config in-process (reload.py); no worker
+        is replaced and no connection is dropped."""
+        pids = []
+        for p in self.processes:
+            if p.process.is_alive() and p.pid is not None:
+                try:
+                    os.kill(p.pid, signal.SIGHUP)
+                    pids.append(p.pid)
+                except ProcessLookupError:
+                    pass
+        log.info("SIGHUP: config reload forwarded to worker(s) %s", ", ".join(map(str, pids)) or "none")
 
     def handle_ttin(self) -> None:
         log.info("SIGTTIN ignored: the number of workers is fixed by server.workers / --workers")

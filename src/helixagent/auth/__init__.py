@@ -261,10 +261,10 @@ def auth_redis_url(cfg: Config) -> str | None:
 
 
 def install(gw: GatewayLike) -> None:
-    from ..store.db import make_engine
+    from ..store.db import engine_for
 
     cfg = gw.cfg
-    engine = make_engine(cfg.database.url, cfg.database.pool_size)
+    engine = engine_for(cfg.database, application_name="helixagent-keys")
     store = KeyStore(engine)
     auth = Authenticator(cfg.auth.master_key, store, ttl=cfg.auth.key_cache_ttl)
     gw.services["auth"] = auth

@@ -63,6 +63,20 @@ def scope_of(identity: Identity | None, mode: str) -> str:
     return ""
 
 
+def tenant_scope(identity: Identity | None) -> str:
+    """The tenant part of the key under the ``multi_tenant`` feature flag: application *and* user (each
+    user of an application has their own entries), else the key id; ``cache.scope: global`` does not
+    apply (docs/features.md)."""
+    if identity is None:
+        return ""
+    app, user = identity.application, identity.user_id
+    if app or user:
+        return "t:" + (app or "") + "\x00" + (user or "")
+    if identity.key_id:
+        return "k:" + identity.key_id
+    return ""
+
+
 def canonical_params(params: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in params.items() if k not in IGNORED_PARAMS}
     for k in _FLOAT_PARAMS:

@@ -31,7 +31,7 @@ from ..errors import GatewayError, bad_request
 from ..gateway_types import GatewayLike
 from ..pipeline import RequestContext, Stage
 from .backends import BackendUnavailable, CacheStats, MemoryBackend, RedisBackend, Sealer
-from .key import cache_key, scope_of
+from .key import cache_key, scope_of, tenant_scope
 
 log = logging.getLogger("helixagent.cache")
 
@@ -327,6 +327,8 @@ class CacheService:
         self.scope = cfg.scope
         self.nonzero = cfg.cache_nonzero_temperature
         self.dedupe = cfg.dedupe
+        self.enabled = True  # cache.enabled set to false by a reload: every request bypasses
+        self.flags: Any = None  # the feature flags (flags.py): ``caching`` off bypasses, ``multi_tenant`` scopes
         if cfg.type == "redis":
             self.backend: Any = RedisBackend(cfg.redis_url, cfg.key_prefix, cfg.redis_timeout, self.stats,
                                              pool_size=cfg.redis_pool_size, pool_timeout=cfg.redis_pool_timeout,
@@ -335,6 +337,17 @@ class CacheService:
             self.backend = MemoryBackend(cfg.max_size, cfg.max_bytes, self.stats)
         self.inflight: dict[str, Flight] = {}
         self.pumps: set[Broadcast] = set()
+
+    def reconfigure(self, cfg: Any) -> None:
+        """A config reload: ttl, enabled, scope, dedupe and the temperature policy apply at once; the
+        backend (type, size, Redis settings) and its entries are kept (reload.py reports those settings
+        as needing a restart)."""
+        self.ttl = float(cfg.ttl)
+        self.scope = cfg.scope
+        self.nonzero = cfg.cache_nonzero_temperature
+        self.dedupe = cfg.dedupe
+        self.enabled = cfg.enabled
+        self.cfg = cfg
 
     # counters (the observability module exports these)
     @property
@@ -531,6 +544,9 @@ class CacheStage(Stage):
         if type(req) is not ChatRequest:   # embeddings: not cached
             return False
         svc = self.svc
+        flags = svc.flags
+        if not svc.enabled or (flags is not None and not flags.caching.on(ctx.identity)):
+            return svc.bypass(ctx)  # cache.enabled: false (reloaded), or the caching flag is off
         helix = ctx.state.get("helix")
         flag = helix.get("cache") if helix else None
         if flag is not None and type(flag) is not bool:
@@ -545,7 +561,9 @@ class CacheStage(Stage):
         try:
             cand = svc.router.candidates(req.model, req.provider)[0]
             provider, model = cand.provider.name, cand.model
-            key = cache_key(req, scope_of(ctx.identity, svc.scope), provider, model)
+            mt = flags is not None and flags.multi_tenant.on(ctx.identity)
+            key = cache_key(req, tenant_scope(ctx.identity) if mt else scope_of(ctx.identity, svc.scope),
+                            provider, model)
         except (GatewayError, IndexError):
             return False  # the router answers with the proper error
         except (TypeError, ValueError):
@@ -621,6 +639,7 @@ def install(gw: GatewayLike) -> None:
     if not cfg.enabled:
         return
     svc = CacheService(cfg, gw.router, _keyring(gw.cfg))
+    svc.flags = gw.services.get("flags")
     gw.services["cache"] = svc
     gw.add_stage(CacheStage(svc))
     gw.chat_pipeline.handler = svc.wrap(gw.chat_pipeline.handler)

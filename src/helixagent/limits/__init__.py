@@ -94,25 +94,10 @@ class Limiter:
     """The configured limits and the backend, shared by the stage and by anyone who wants counters."""
 
     def __init__(self, cfg: Any, backend: Any, gw: GatewayLike | None = None):
-        self.cfg = cfg
-        rl = cfg.rate_limits
-        self.rl = rl
         self.backend = backend
         self.gw = gw
-        self.prefix = f"{rl.key_prefix}:rl"
-        self.default_completion = rl.default_completion_tokens
-        ip = rl.ip
-        self.ip_rpm = ip.requests_per_minute if ip is not None else None
-        self.ip_burst = 0
-        if self.ip_rpm is not None:
-            self.ip_burst = max(1, ip.burst_size if ip.burst_size is not None else self.ip_rpm)
-        self._plans: dict[str, Plan] = {}
-        self._prices: dict[tuple[str, str], tuple[float, float] | None] = {}
-        self._est_prices: dict[tuple[Any, str], tuple[float, float] | None] = {}
-        dp = rl.default_price_per_mtok
-        # the price of a model nobody priced, under rate_limits.unknown_price (None: reject)
-        self.unknown_price: tuple[float, float] | None = (
-            (dp.input / 1e6, dp.output / 1e6) if rl.unknown_price == "default" and dp is not None else None)
+        self.prefix = f"{cfg.rate_limits.key_prefix}:rl"  # fixed for the process (the counters' names)
+        self._configure(cfg)
         # counters (read by /metrics) and event listeners: fn(event, info) with event in
         # "rejected", "backend_error", "backend_recovered", "policy"
         self.backend_errors = 0      # requests (or settlements) decided without the backend
@@ -124,11 +109,39 @@ class Limiter:
         # store per request), then tracked by limit key for BUDGET_ACTIVE_SECONDS
         self.active: dict[Any, Plan] = {}
         self._tracked: dict[str, tuple[Limit, float]] = {}
-        self._configured = configured_budgets(rl)
-        self._remaining: dict[tuple[str, str], float] = dict.fromkeys(self._configured, 1.0)
         if isinstance(backend, RedisBackend):
             backend.on_error = self._backend_down
             backend.on_recover = self._backend_up
+
+    def _configure(self, cfg: Any) -> None:
+        rl = cfg.rate_limits
+        ip = rl.ip
+        ip_rpm = ip.requests_per_minute if ip is not None else None
+        ip_burst = 0
+        if ip_rpm is not None:
+            ip_burst = max(1, ip.burst_size if ip.burst_size is not None else ip_rpm)
+        dp = rl.default_price_per_mtok
+        configured = configured_budgets(rl)
+        self.cfg = cfg
+        self.rl = rl
+        self.default_completion = rl.default_completion_tokens
+        self.ip_rpm = ip_rpm
+        self.ip_burst = ip_burst
+        self._plans: dict[str, Plan] = {}
+        self._prices: dict[tuple[str, str], tuple[float, float] | None] = {}
+        self._est_prices: dict[tuple[Any, str], tuple[float, float] | None] = {}
+        # the price of a model nobody priced, under rate_limits.unknown_price (None: reject)
+        self.unknown_price: tuple[float, float] | None = (
+            (dp.input / 1e6, dp.output / 1e6) if rl.unknown_price == "default" and dp is not None else None)
+        self._configured = configured
+        self._remaining: dict[tuple[str, str], float] = {
+            k: getattr(self, "_remaining", {}).get(k, 1.0) for k in configured}
+
+    def reconfigure(self, cfg: Any) -> None:
+        """A config reload: new rules, budgets and prices.  The backend and its counters are kept (a
+        reload never resets a limit); the compiled per-key plans and price memos are rebuilt on use.
+        The backend settings and ``key_prefix`` need a restart (reload.py reports them)."""
+        self._configure(cfg)
 
     # -- events ------------------------------------------------------------------------------------
     def _emit(self, event: str, info: dict[str, Any]) -> None:

@@ -56,6 +56,15 @@ def configure_logging(cfg: Any) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
+def set_level(level: str) -> None:
+    """A config reload: the new ``logging.level`` (format, fields and file need a restart)."""
+    name = str(level).upper()
+    root = logging.getLogger()
+    root.setLevel("WARNING" if name == "WARN" else name)
+    for noisy in ("uvicorn.access", "aiosqlite", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
 def reset_logging() -> None:
     """Remove the handler installed by :func:`configure_logging` (tests, embedding)."""
     global SINK

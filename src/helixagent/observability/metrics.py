@@ -183,6 +183,24 @@ class Metrics:
         self.limits_up = Gauge("helixagent_rate_limit_backend_up",
                                "1 when the rate limit backend is reachable, 0 during an outage (lowest among "
                                "workers)", registry=reg, multiprocess_mode="livemin")
+        self.config_reloads = Counter("helixagent_config_reloads",
+                                      "Config reloads (SIGHUP, POST /admin/reload) by result: success (applied) "
+                                      "or failure (the file was invalid; the old config is kept)", ("result",),
+                                      registry=reg)
+        for r in ("success", "failure"):
+            self.config_reloads.labels(r)
+        self.config_generation = Gauge("helixagent_config_generation",
+                                       "Generation of the applied config: 1 at start, +1 per applied reload "
+                                       "(lowest among workers)", registry=reg, multiprocess_mode="livemin")
+        self.config_generation.set(1)
+        self.shared_health_up = Gauge("helixagent_shared_health_up",
+                                      "1 while breaker state and cooldowns are shared with the other instances "
+                                      "through Redis, 0 while degraded to local-only health (lowest among "
+                                      "workers; 1 when routing.shared_health is off)", registry=reg,
+                                      multiprocess_mode="livemin")
+        self.shared_health_outages = Counter("helixagent_shared_health_outages",
+                                             "Times shared health became degraded (Redis unreachable)",
+                                             registry=reg)
         self._pushed: dict[Any, float] = {}
         self._svc_lock = threading.Lock()
 
@@ -368,6 +386,22 @@ class Metrics:
             c = cache[key] = metric.labels(*key)
         return c
 
+    def reconfigure(self, gw: GatewayLike) -> None:
+        """A config reload: new provider names and models become label values (old ones stay valid)."""
+        for n, prov in gw.providers.items():
+            self.provider_names.setdefault(n, n)
+            self.provider_names.setdefault(prov.name, prov.name)
+        for p in gw.cfg.providers:
+            self.provider_names.setdefault(p.name, p.name)
+        if self.model_names is not None:
+            names = dict(self.model_names)
+            names.update((m, m) for m in known_models(gw))
+            self.model_names = names
+
+    def config_reloaded(self, ok: bool, generation: int) -> None:
+        self.config_reloads.labels("success" if ok else "failure").inc()
+        self.config_generation.set(generation)
+
     # -- gauges refreshed periodically and at scrape time --------------------------------------------------
     def refresh(self) -> None:
         gw = self.gw
@@ -452,6 +486,12 @@ class Metrics:
             self._push(self.limits_errors, limits.backend_errors)
             self._push(self.limits_outages, getattr(limits, "outages", 0))
             self.limits_up.set(1 if getattr(limits, "backend_up", True) else 0)
+        shared = self.gw.services.get("shared_health")
+        if shared is not None:
+            self.shared_health_up.set(1 if shared.ok else 0)
+            self._push(self.shared_health_outages, shared.outages)
+        else:
+            self.shared_health_up.set(1)
 
     def exposition(self) -> bytes:
         """The Prometheus text for a scrape (all workers' values in multi-process mode: this worker's are

@@ -39,9 +39,26 @@ class ObservabilityStage(Stage):
         secrets += gw.secrets.values()  # every configured secret (helixagent.redaction)
         self.access = AccessLog(gw.cfg, secrets)
         self.tracing = setup_tracing(gw.cfg)
+        self._traced: list[Any] = []  # the provider objects tracing wrapped
         if self.tracing is not None:
             for p in gw.providers.values():
                 self.tracing.instrument(p)
+                self._traced.append(p)
+
+    def reconfigure(self, gw: GatewayLike) -> None:
+        """A config reload: the access log learns the new secrets, tracing instruments new providers and
+        the metrics learn the new label values.  The access-log format, fields and file need a restart."""
+        self.access.secrets = sorted({*self.access.secrets, *(s for s in gw.secrets.values() if len(s) >= 6)},
+                                     key=len, reverse=True)
+        if self.tracing is not None:
+            for p in gw.providers.values():
+                if not any(p is t for t in self._traced):
+                    self.tracing.instrument(p)
+                    self._traced.append(p)
+            live = list(gw.providers.values())
+            self._traced = [t for t in self._traced if any(t is p for p in live)]
+        if self.metrics is not None:
+            self.metrics.reconfigure(gw)
 
     async def pre(self, ctx: RequestContext) -> bool:
         ctx.state["obs"] = True  # entered: post() takes it back off the in-flight gauge

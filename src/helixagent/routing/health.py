@@ -1,6 +1,10 @@
 """Per-provider health: a circuit breaker, latency statistics (EWMA + recent p95) and an error-rate EWMA.
 
-State lives in this process (each gateway instance learns its upstreams' health on its own).
+State lives in this process; with ``routing.shared_health`` on (the default whenever ``redis.url`` is set)
+``shared_health.SharedHealth`` is this module's ``listener``: it writes breaker transitions and Retry-After
+cooldowns to Redis, applies the other instances' (pub/sub and a periodic sync), coordinates the half-open
+probe (a breaker whose cooldown ended is ``held`` until this instance wins the fleet's probe slot) and
+merges the fleet's error-rate and latency EWMAs into ``fleet_*``.  The request path never waits on Redis.
 
 Breaker states::
 
@@ -26,7 +30,7 @@ answers fine is not shut out because its streams break).
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import BreakerConfig
 
@@ -72,10 +76,21 @@ class LatencyStats:
         return self._p95
 
 
+class Listener(Protocol):
+    """What the breakers and throttles report to (``shared_health.SharedHealth``); called on transitions
+    only, never on the happy path, and never waits (writes to Redis are background tasks)."""
+
+    def opened(self, b: "ProviderHealth") -> None: ...
+    def closed(self, b: "ProviderHealth") -> None: ...
+    def want_probe(self, b: "ProviderHealth") -> None: ...
+    def cooled(self, t: "Throttle", wait: float) -> None: ...
+
+
 class ProviderHealth:
     __slots__ = ("name", "cfg", "clock", "state", "consecutive", "opened_at", "probes", "probe_ok",
                  "width", "b_req", "b_fail", "b_stamp", "err_ewma", "full", "ttfb", "successes",
-                 "failures", "opens", "last_error", "rate_limited", "stream")
+                 "failures", "opens", "last_error", "rate_limited", "stream", "kind", "listener", "held",
+                 "remote_opens", "fleet_n", "fleet_err", "fleet_lat", "fleet_ttfb")
 
     def __init__(self, name: str, cfg: BreakerConfig, clock: Any = time.monotonic, _sub: bool = False):
         self.name = name
@@ -100,15 +115,40 @@ class ProviderHealth:
         self.rate_limited = 0
         # streams judged after their first chunk (None on the stream breaker itself)
         self.stream: ProviderHealth | None = None if _sub else ProviderHealth(name, cfg, clock, True)
+        self.kind = "stream" if _sub else "breaker"
+        # shared health (shared_health.py): the listener; ``held``: open and, once the cooldown is over,
+        # not probed from here until this instance holds the fleet's probe slot
+        self.listener: Listener | None = None
+        self.held = False
+        self.remote_opens = 0    # opens learnt from other instances
+        self.fleet_n = 0         # instances whose EWMAs were merged into fleet_* (0: local values only)
+        self.fleet_err: float | None = None
+        self.fleet_lat: float | None = None
+        self.fleet_ttfb: float | None = None
 
     # -- admission -----------------------------------------------------------------------------
+    def retune(self, cfg: BreakerConfig) -> None:
+        """New breaker settings (a config reload); the window's buckets restart when its width changes."""
+        width = max(cfg.window / _BUCKETS, 1e-3)
+        if width != self.width:
+            self.b_stamp = [-1] * _BUCKETS
+            self.b_req = [0] * _BUCKETS
+            self.b_fail = [0] * _BUCKETS
+            self.width = width
+        self.cfg = cfg
+
     def available(self, now: float) -> bool:
         """Whether a request could be sent now (no side effect)."""
         st = self.state
         if st is CLOSED:
             return True
         if st is OPEN:
-            return now - self.opened_at >= self.cfg.cooldown
+            if now - self.opened_at < self.cfg.cooldown:
+                return False
+            if self.held:
+                self.listener.want_probe(self)  # type: ignore[union-attr]  # asks for the slot, never waits
+                return False
+            return True
         return self.probes < self.cfg.half_open_probes
 
     def acquire(self, now: float) -> int:
@@ -118,6 +158,9 @@ class ProviderHealth:
             return NORMAL
         if st is OPEN:
             if now - self.opened_at < self.cfg.cooldown:
+                return DENIED
+            if self.held:
+                self.listener.want_probe(self)  # type: ignore[union-attr]
                 return DENIED
             self.state = HALF_OPEN
             self.probes = 0
@@ -198,18 +241,44 @@ class ProviderHealth:
             self.probes = max(0, self.probes - 1)
 
     def _trip(self, now: float) -> None:
-        self.state = OPEN
-        self.opened_at = now
+        self.set_open(now)
         self.opens += 1
-        self.probes = 0
-        self.probe_ok = 0
+        if self.listener is not None:
+            self.listener.opened(self)
 
     def _close(self) -> None:
+        self.set_closed()
+        if self.listener is not None:
+            self.listener.closed(self)
+
+    # -- state changes without a report (also applied from other instances) ---------------------
+    def set_open(self, opened_at: float, held: bool = False) -> None:
+        self.state = OPEN
+        self.opened_at = opened_at
+        self.probes = 0
+        self.probe_ok = 0
+        self.held = held
+
+    def set_closed(self) -> None:
         self.state = CLOSED
+        self.held = False
         self.consecutive = 0
         self.b_stamp = [-1] * _BUCKETS
         self.b_req = [0] * _BUCKETS
         self.b_fail = [0] * _BUCKETS
+
+    def latency(self, stream: bool) -> float:
+        """The latency the ``latency`` strategy sorts by: the fleet's EWMA when shared, else this
+        process's (time to the first chunk for streams, whole answers otherwise; 0 when unknown)."""
+        if stream:
+            v = self.fleet_ttfb if self.fleet_ttfb is not None else self.ttfb.ewma
+            if v:
+                return v
+        v = self.fleet_lat if self.fleet_lat is not None else self.full.ewma
+        return v or 0.0
+
+    def error_ewma(self) -> float:
+        return self.err_ewma if self.fleet_err is None else self.fleet_err
 
     # -- reporting -----------------------------------------------------------------------------
     def effective_state(self, now: float | None = None) -> str:
@@ -222,6 +291,14 @@ class ProviderHealth:
         return _AVAIL[self.effective_state()]
 
 
+def _score_latency(h: ProviderHealth) -> float | None:
+    """Whole-answer latency EWMA, else time to first chunk (the fleet's when shared)."""
+    full = h.fleet_lat if h.fleet_lat is not None else h.full.ewma
+    if full is not None:
+        return full
+    return h.fleet_ttfb if h.fleet_ttfb is not None else h.ttfb.ewma
+
+
 class Throttle:
     """Cross-request rate-limit cooldown of one (provider, upstream model).
 
@@ -229,9 +306,10 @@ class Throttle:
     behind every other candidate until then (one attribute read per candidate on the happy path).
     ``streak`` counts consecutive 429s without a Retry-After; reset by a success."""
 
-    __slots__ = ("provider", "model", "until", "status", "streak", "benched")
+    __slots__ = ("provider", "model", "until", "status", "streak", "benched", "listener")
 
-    def __init__(self, provider: str, model: str):
+    def __init__(self, provider: str, model: str, listener: Listener | None = None):
+        self.listener = listener  # shared health: told of every cooldown started here
         self.provider = provider
         self.model = model
         self.until = 0.0
@@ -259,6 +337,8 @@ class Throttle:
         self.until = now + wait  # the newest answer is the best information
         self.status = status
         self.benched += 1
+        if self.listener is not None:
+            self.listener.cooled(self, wait)
 
     def remaining(self, now: float) -> float:
         return self.until - now
@@ -272,6 +352,21 @@ class Health:
         self.clock = clock
         self.providers: dict[str, ProviderHealth] = {}
         self.throttles: dict[tuple[str, str], Throttle] = {}
+        self.shared: Any = None  # the SharedHealth when on (shared_health.py); /health describes it
+        self.listener: Listener | None = None
+        for n in names:
+            self.get(n)
+
+    def reconfigure(self, cfg: BreakerConfig, names: Any = ()) -> None:
+        """New breaker settings for every provider; states, counters and latencies are kept (a changed
+        ``window`` restarts the error-rate window).  Providers new in ``names`` get a fresh state."""
+        old = self.cfg
+        self.cfg = cfg
+        if cfg != old:
+            for h in self.providers.values():
+                for x in (h, h.stream):
+                    if x is not None:
+                        x.retune(cfg)
         for n in names:
             self.get(n)
 
@@ -279,14 +374,26 @@ class Health:
         h = self.providers.get(name)
         if h is None:
             h = self.providers[name] = ProviderHealth(name, self.cfg, self.clock)
+            if self.listener is not None:
+                self.attach(self.listener)
         return h
+
+    def attach(self, listener: Listener | None) -> None:
+        """Report every breaker's and throttle's transitions to ``listener`` (None: detach)."""
+        self.listener = listener
+        for h in self.providers.values():
+            h.listener = h.stream.listener = listener  # type: ignore[union-attr]
+            if listener is None:
+                h.held = h.stream.held = False  # type: ignore[union-attr]
+        for t in self.throttles.values():
+            t.listener = listener
 
     def throttle(self, name: str, model: str) -> Throttle:
         """The shared cooldown state of (provider, upstream model); candidates keep a reference."""
         key = (name, model)
         t = self.throttles.get(key)
         if t is None:
-            t = self.throttles[key] = Throttle(name, model)
+            t = self.throttles[key] = Throttle(name, model, self.listener)
         return t
 
     def cooling(self, name: str, now: float | None = None) -> dict[str, float]:
@@ -312,13 +419,12 @@ class Health:
         h = self.providers.get(name)
         if h is None:
             return 1.0
-        lat = h.full.ewma if h.full.ewma is not None else h.ttfb.ewma
+        lat = _score_latency(h)
         factor = 1.0
         if lat:
-            best = min((x.full.ewma if x.full.ewma is not None else x.ttfb.ewma) or lat
-                       for x in self.providers.values())
+            best = min(_score_latency(x) or lat for x in self.providers.values())
             factor = min(1.0, best / lat) if best > 0 else 1.0
-        return round(h.availability() * (1.0 - h.err_ewma) * factor, 4)
+        return round(h.availability() * (1.0 - h.error_ewma()) * factor, 4)
 
     def describe(self, name: str) -> dict[str, Any]:
         h = self.providers.get(name)
@@ -361,4 +467,7 @@ class Health:
             out["rate_limit_cooldown_s"] = cooling  # {upstream model: seconds left}
         if h.state is OPEN:
             out["cooldown_remaining_s"] = round(max(0.0, h.cfg.cooldown - (now - h.opened_at)), 3)
+        if self.shared is not None:
+            out["shared"] = self.shared.describe(h)
+            stream["shared"] = self.shared.describe(sh)
         return out

@@ -98,30 +98,44 @@ def _min_limit(*vals: float | None) -> float | None:
 
 class Router:
     def __init__(self, cfg: Config, providers: dict[str, Provider], clock: Any = _monotonic):
-        self.cfg = cfg
-        self.rcfg = cfg.routing
-        self.providers = providers
-        self.ordered = sorted((p for p in providers.values() if p.cfg.enabled), key=lambda p: p.cfg.priority)
         self.clock = clock
         self.health = Health(cfg.routing.circuit_breaker, providers, clock)
-        self._plans: dict[tuple[str | None, str], Plan] = {}
-        self._exact_routes: dict[str, RouteConfig] = {}
-        self._prefix_routes: list[tuple[str, RouteConfig]] = []
+        self._configure(cfg, providers)
+        # process-wide counters (the metrics exporter reads them)
+        self.counters = {"attempts": 0, "retries": 0, "fallbacks": 0, "hedges": 0}
+
+    def reconfigure(self, cfg: Config, providers: dict[str, Provider]) -> None:
+        """A config reload: new providers, aliases, routes, strategy, retries and breaker settings.  The
+        health/breaker state of every provider name is kept (``Health.reconfigure``); requests already
+        routed keep the plan and the provider objects they started with."""
+        self.health.reconfigure(cfg.routing.circuit_breaker, providers)
+        self._configure(cfg, providers)
+
+    def _configure(self, cfg: Config, providers: dict[str, Provider]) -> None:
+        # every attribute is built first and then assigned: a request between two reads sees one config
+        ordered = sorted((p for p in providers.values() if p.cfg.enabled), key=lambda p: p.cfg.priority)
+        exact: dict[str, RouteConfig] = {}
+        prefix: list[tuple[str, RouteConfig]] = []
         for rc in cfg.routing.routes:
             for m in rc.models:
                 if m.endswith("*"):
-                    self._prefix_routes.append((m[:-1], rc))
+                    prefix.append((m[:-1], rc))
                 else:
-                    self._exact_routes.setdefault(m, rc)
-        self.budget = cfg.routing.request_timeout_ms / 1000.0
+                    exact.setdefault(m, rc)
         r = cfg.routing.retries
+        g = cfg.routing
+        self.cfg = cfg
+        self.rcfg = cfg.routing
+        self.providers = providers
+        self.ordered = ordered
+        self._plans: dict[tuple[str | None, str], Plan] = {}
+        self._exact_routes = exact
+        self._prefix_routes = prefix
+        self.budget = cfg.routing.request_timeout_ms / 1000.0
         self._base = r.backoff_base_ms / 1000.0
         self._max_backoff = r.backoff_max_ms / 1000.0
         self._max_retry_after = r.max_retry_after_ms / 1000.0
-        g = cfg.routing
         self._rl = (g.rate_limit_cooldown_max, g.rate_limit_cooldown_default, g.rate_limit_cooldown_after)
-        # process-wide counters (the metrics exporter reads them)
-        self.counters = {"attempts": 0, "retries": 0, "fallbacks": 0, "hedges": 0}
 
     # -- candidate selection -----------------------------------------------------------------------
     def default_model(self, p: Provider) -> str:
@@ -245,10 +259,7 @@ class Router:
                 inf = float("inf")
                 prim = sorted(prim, key=lambda c: inf if c.price is None else c.price[0] * pt + c.price[1] * ct)
             elif strategy == "latency":
-                if stream:
-                    prim = sorted(prim, key=lambda c: c.health.ttfb.ewma or c.health.full.ewma or 0.0)  # type: ignore[union-attr]
-                else:
-                    prim = sorted(prim, key=lambda c: c.health.full.ewma or 0.0)  # type: ignore[union-attr]
+                prim = sorted(prim, key=lambda c: c.health.latency(stream))  # type: ignore[union-attr]  # fleet's when shared
             elif strategy == "weighted":
                 rnd = random.random
                 prim = sorted(prim, key=lambda c: -(rnd() ** (1.0 / c.weight)) if c.weight > 0 else 1.0)

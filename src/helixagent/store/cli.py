@@ -108,7 +108,7 @@ def parse_age(value: str, option: str = "--older-than") -> float:
 def cmd_purge(args: argparse.Namespace) -> int:
     from ..preflight import announce_database
     from . import queries
-    from .db import make_engine
+    from .db import engine_for
     cfg = _cfg(args)
     if args.older_than:
         seconds = parse_age(args.older_than)
@@ -123,7 +123,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     announce_database(url, getattr(args, "config", None))
 
     async def count() -> int:
-        eng = make_engine(url)
+        eng = engine_for(cfg.database, url)
         try:
             return await queries.count_older(eng, cutoff)
         finally:
@@ -144,7 +144,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
             return _err("not confirmed; nothing deleted")
 
     async def go() -> int:
-        eng = make_engine(url)
+        eng = engine_for(cfg.database, url)
         try:
             return await queries.purge(eng, cutoff, batch)
         finally:
@@ -176,7 +176,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def cmd_usage(args: argparse.Namespace) -> int:
     from . import queries
-    from .db import make_engine
+    from .db import engine_for
     cfg = _cfg(args)
     now = dt.datetime.now(dt.timezone.utc)
     end = queries.parse_time(args.to, "--to", end=True) if args.to else now
@@ -185,18 +185,29 @@ def cmd_usage(args: argparse.Namespace) -> int:
         raise ValueError("--from must be before --to")
 
     url = args.database_url or cfg.database.url
-    from ..preflight import announce_database
+    # the report reads from the replica: --read-url, else database.read_url unless --database-url points
+    # the command at another database (then that one is read)
+    read_url = args.read_url or (None if args.database_url else cfg.database.read_url)
+    from ..preflight import announce_database, mask_url
+    from .replica import FALLBACK, ReadRouter
     announce_database(url, getattr(args, "config", None))
+    db = cfg.database.model_copy(update={"url": url, "read_url": read_url})
 
-    async def go() -> dict[str, Any]:
-        eng = make_engine(url)
+    async def go() -> tuple[dict[str, Any], str]:
+        eng = engine_for(db, url)
+        reads = ReadRouter(eng, db)
         try:
-            return await queries.usage(eng, start, end, args.group_by, user_id=args.user,
-                                       application=args.application)
+            return await reads.read(lambda e: queries.usage(e, start, end, args.group_by, user_id=args.user,
+                                                            application=args.application))
         finally:
+            await reads.close()
             await eng.dispose()
 
-    result = asyncio.run(go())
+    result, source = asyncio.run(go())
+    if read_url:
+        note = (" (the read replica is unavailable; read from the primary)" if source == FALLBACK
+                else f" ({mask_url(read_url)})")
+        print(f"read from: {source}{note}", file=sys.stderr)
     if args.json:
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     else:
@@ -213,7 +224,7 @@ def cmd_generate_key(args: argparse.Namespace) -> int:
 
 def cmd_rotate(args: argparse.Namespace) -> int:
     from . import queries
-    from .db import make_engine
+    from .db import engine_for
     from .record import keyring_for
     cfg = _cfg(args)
     kr = keyring_for(cfg)
@@ -221,7 +232,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         raise ValueError("encryption.enabled is false: enable it and configure keys before rotating")
 
     async def go() -> dict[str, Any]:
-        eng = make_engine(args.database_url or cfg.database.url)
+        eng = engine_for(cfg.database, args.database_url or cfg.database.url)
         try:
             return await queries.rotate(eng, kr, args.batch_size,
                                         progress=lambda n: print(f"  re-encrypted {n} record(s)...",
@@ -242,7 +253,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 def cmd_enc_status(args: argparse.Namespace) -> int:
     from sqlalchemy import func, select
 
-    from .db import make_engine
+    from .db import engine_for
     from .record import keyring_for
     from .schema import completions as C
     cfg = _cfg(args)
@@ -256,7 +267,7 @@ def cmd_enc_status(args: argparse.Namespace) -> int:
         print("configured keys: " + ", ".join(kr.keys))
 
     async def go() -> Sequence[Any]:
-        eng = make_engine(args.database_url or cfg.database.url)
+        eng = engine_for(cfg.database, args.database_url or cfg.database.url)
         try:
             async with eng.connect() as conn:
                 return (await conn.execute(select(C.c.enc_key_id, func.count()).group_by(C.c.enc_key_id))).all()
@@ -271,13 +282,13 @@ def cmd_enc_status(args: argparse.Namespace) -> int:
 # -- records ---------------------------------------------------------------------------------------------
 def cmd_show(args: argparse.Namespace) -> int:
     from . import queries
-    from .db import make_engine
+    from .db import engine_for
     from .record import keyring_for
     cfg = _cfg(args)
     kr = keyring_for(cfg)
 
     async def go() -> Any:
-        eng = make_engine(args.database_url or cfg.database.url)
+        eng = engine_for(cfg.database, args.database_url or cfg.database.url)
         try:
             return await queries.get_record(eng, kr, args.request_id)
         finally:
@@ -336,6 +347,8 @@ def install_commands(sub: Any) -> None:
     us.add_argument("--application", help="only this application")
     us.add_argument("--json", action="store_true", help="print JSON (the /v1/usage shape)")
     _common(us)
+    us.add_argument("--read-url", help="read the report from this database (a replica); default database.read_url, "
+                                       "or --database-url when that is given")
     us.set_defaults(func=_run(cmd_usage))
 
     en = sub.add_parser("encryption", help="encryption keys")

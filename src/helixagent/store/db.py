@@ -7,6 +7,11 @@ PostgreSQL server settings may be given the libpq way, ``?options=-csearch_path%
 HelixAgent's tables in their own schema): psycopg2 understands that natively and for asyncpg it is turned
 into ``server_settings``.  SQLite files are opened in WAL mode with a busy timeout so the usage API can
 read while the writer writes, and several processes can share one file.
+
+Pools: :func:`engine_for` builds an engine from ``database:`` -- ``max_open_conns`` (hard cap),
+``max_idle_conns`` / ``pool_size`` (kept when idle), ``conn_max_lifetime`` (recycle), ``pool_timeout``
+(longest wait for a free connection) -- see :func:`pool_kwargs` and docs/records.md.  Each pool names
+itself in PostgreSQL's ``application_name`` (``helixagent``, ``helixagent-keys``, ``helixagent-read``).
 """
 from __future__ import annotations
 
@@ -19,12 +24,19 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from ..config import DatabaseConfig
+
 
 # What "the database is unavailable" looks like to a caller: a driver error (refused, reset, server
 # starting or gone, missing table), a socket error, a connect/pool timeout.  Anything else -- a TypeError,
 # a KeyError -- is a bug of ours and must propagate as a loud 500, never pass for an outage.
 DB_UNAVAILABLE: tuple[type[Exception], ...] = (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.TimeoutError,
                                                sqlalchemy.exc.DisconnectionError, OSError, asyncio.TimeoutError)
+
+
+def is_pool_timeout(exc: BaseException) -> bool:
+    """True for "every connection of the pool is busy and none came free within pool_timeout"."""
+    return isinstance(exc, sqlalchemy.exc.TimeoutError)
 
 
 def async_url(url: str) -> str:
@@ -97,8 +109,37 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur.close()
 
 
-def make_engine(url: str, pool_size: int = 10, **kw: Any) -> AsyncEngine:
+def pool_kwargs(max_open: int, max_idle: int, lifetime: float | None, timeout: float) -> dict[str, Any]:
+    """The seed's pool settings in SQLAlchemy's terms.  QueuePool keeps ``pool_size`` connections and
+    opens up to ``max_overflow`` more under load (closed again when returned), so ``pool_size`` is
+    max_idle and ``pool_size + max_overflow`` the hard cap max_open; ``pool_recycle`` replaces a
+    connection older than the lifetime when it is next checked out; a checkout that finds max_open busy
+    waits ``pool_timeout`` seconds, then raises sqlalchemy's TimeoutError (:func:`is_pool_timeout`)."""
+    if not 1 <= max_idle <= max_open:
+        raise ValueError(f"database pool: max_idle_conns ({max_idle}) must be 1..max_open_conns ({max_open})")
+    return {"pool_size": max_idle, "max_overflow": max_open - max_idle,
+            "pool_recycle": -1 if lifetime is None else lifetime, "pool_timeout": timeout}
+
+
+def engine_for(db: DatabaseConfig, url: str | None = None, application_name: str = "helixagent",
+               **kw: Any) -> AsyncEngine:
+    """An engine for ``url`` (default ``database.url``) with the pool settings of ``database:``."""
+    max_open, max_idle = db.pool_limits()
+    return make_engine(url or db.url, pool=pool_kwargs(max_open, max_idle, db.conn_max_lifetime,
+                                                       db.pool_timeout),
+                       application_name=application_name, **kw)
+
+
+def make_engine(url: str, pool_size: int = 10, *, pool: dict[str, Any] | None = None,
+                application_name: str = "helixagent", **kw: Any) -> AsyncEngine:
+    """``pool`` (from :func:`pool_kwargs`) overrides the default pool (``pool_size`` kept, as many again
+    under load).  An in-memory SQLite database has one connection (StaticPool) and takes no pool settings."""
+    if pool is None:
+        pool = {"pool_size": pool_size, "max_overflow": pool_size}
     if is_sqlite(url):
+        if sqlite_path(url):
+            for k, v in pool.items():
+                kw.setdefault(k, v)
         eng = create_async_engine(async_url(url), **kw)
         if sqlite_path(url):
             event.listen(eng.sync_engine, "connect", _sqlite_pragmas)
@@ -113,12 +154,14 @@ def make_engine(url: str, pool_size: int = 10, **kw: Any) -> AsyncEngine:
         ss = dict(ca.get("server_settings") or {})
         ss.update(pg_server_settings(opts))
         ca["server_settings"] = ss
+    # who we are in pg_stat_activity (an application_name in the URL's options wins)
+    ca["server_settings"] = {"application_name": application_name, **(ca.get("server_settings") or {})}
     # fail fast when the server is away (the writer spools meanwhile) instead of asyncpg's 60 s
     ca.setdefault("timeout", 10)
     ca.setdefault("command_timeout", 60)
     kw["connect_args"] = ca
-    kw.setdefault("pool_size", pool_size)
-    kw.setdefault("max_overflow", pool_size)
+    for k, v in pool.items():
+        kw.setdefault(k, v)
     kw.setdefault("pool_pre_ping", True)
     return create_async_engine(u, **kw)
 

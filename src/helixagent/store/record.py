@@ -10,7 +10,8 @@ from ..gateway_types import GatewayLike
 from ..pipeline import RequestContext, Stage
 from . import queries
 from .crypto import Keyring, KeyError_
-from .db import is_sqlite, make_engine
+from .db import engine_for, is_sqlite
+from .replica import ReadRouter
 from .writer import RecordWriter
 
 log = logging.getLogger("helixagent.store")
@@ -47,7 +48,9 @@ class RecordStore:
         self.cfg = cfg
         self.keyring = keyring
         db = cfg.database
-        self.engine = make_engine(db.url, db.pool_size)
+        self.engine = engine_for(db)
+        # reports (GET /v1/usage) read from database.read_url when set; writes use self.engine
+        self.reads = ReadRouter(self.engine, db)
         self.dialect = self.engine.dialect.name
         self.writer = RecordWriter(self.engine, db.spool_dir, keyring=keyring, batch_size=db.batch_size,
                                    queue_size=db.queue_size, flush_interval=db.flush_interval,
@@ -92,6 +95,7 @@ class RecordStore:
             except BaseException:  # noqa: BLE001 - shutdown: the cancelled purge task's end is not news
                 pass
         await self.writer.close()
+        await self.reads.close()
         await self.engine.dispose()
 
     async def _purge_loop(self) -> None:
