@@ -75,7 +75,7 @@ class Engine:
         self.decided_at = time.perf_counter()
         return d
 
-    def judge_call(self, answers: list[Answer], stream: bool) -> tuple[ChatRequest, Member]:
+    def judge_call(self, answers: list[Answer]) -> tuple[ChatRequest, Member]:
         j = self.spec.judge
         assert j is not None
         return judge_request(self.req, [a for a in answers if a.ok], self.spec.judge_mode, j.model, j.provider), j
@@ -85,7 +85,7 @@ class Engine:
         that names no candidate, falls back to the majority vote and says so)."""
         if not self.uses_judge():
             return self.vote(answers)
-        jreq, jm = self.judge_call(answers, False)
+        jreq, jm = self.judge_call(answers)
         ans = await self.calls.call(jreq, jm)
         self.judge = ans
         ok = [a for a in answers if a.ok]

@@ -18,7 +18,6 @@ from typing import Any, Callable
 from ..canonical import ChatRequest, ChatResponse, Usage
 from ..errors import GatewayError
 from ..pipeline import RequestContext, outcome_of
-from ..routing import costs
 from ..routing.router import Router
 from .answers import ANSWERED, Answer, logprob_confidence
 from .spec import Member, Spec
@@ -46,7 +45,6 @@ class Calls:
         self.n = 0
         self.usage = Usage()
         self.cost = 0.0
-        self.priced = True
         self.all: list[Answer] = []
         self.cut: dict[tuple[int, int], str] = {}   # (member index, round) -> "timeout" | "decided"
 
@@ -72,10 +70,6 @@ class Calls:
             self.usage.prompt_tokens += u.prompt_tokens
             self.usage.completion_tokens += u.completion_tokens
             self.usage.total_tokens += u.total_tokens or (u.prompt_tokens + u.completion_tokens)
-            p = self.router.providers.get(ans.member.provider)
-            price = costs.price(p.cfg, ans.member.model) if p is not None else None
-            if price is None and (u.prompt_tokens or u.completion_tokens):
-                self.priced = False
             if self.limiter is not None and self.limits_cost is not None:
                 lp = self.limiter.price(ans.member.provider, ans.member.model)
                 if lp is None:

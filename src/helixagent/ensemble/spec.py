@@ -5,7 +5,7 @@ Every problem is a 400 naming the parameter (``ensemble_config.providers[1]``; `
 ensemble, whose config was checked at start-up)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -46,7 +46,6 @@ class Spec:
     close: str                       # debate: "vote" or "judge"
     timeout: float                   # seconds (panel_timeout_ms)
     param: str = "ensemble_config"   # what errors name
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:

@@ -92,7 +92,7 @@ async def _judge_stream(svc: "EnsembleService", ctx: RequestContext, eng: Engine
     """Relay the judge's synthesis as it is written; a judge that fails before its first token is replaced by
     the majority vote (decision ``judge_failed_vote``), after it the stream ends with the error."""
     calls = eng.calls
-    jreq, jm = eng.judge_call(answers, True)
+    jreq, jm = eng.judge_call(answers)
     child = calls.child(jreq, jm, True)
     ans = Answer(jm, "failed")
     eng.judge = ans
