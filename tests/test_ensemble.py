@@ -261,6 +261,12 @@ def test_missing_ensemble_config_and_unknown_named_ensemble(make_gateway, panel,
     with pytest.raises(openai.NotFoundError) as ei2:
         client(gw).chat.completions.create(model="ensemble/nope", messages=MSG)
     assert ei2.value.body["param"] == "model" and ei2.value.body["code"] == "model_not_found"
+    # model is optional with an ensemble_config (each member answers with its provider's model)
+    import httpx
+    r = httpx.post(gw.url + "/v1/ensemble/completions", json={"messages": MSG, "ensemble_config": VOTE3}, timeout=10)
+    assert r.status_code == 200 and r.json()["model"] == "ensemble", r.text
+    assert {m["model"] for m in r.json()["ensemble"]["members"]} == {"a-model", "b-model", "c-model"}
+    panel.reset()
     with pytest.raises(openai.BadRequestError) as ei3:
         ensemble(gw, VOTE3, n=2)
     assert ei3.value.body["param"] == "n"

@@ -64,6 +64,8 @@ class EnsembleService:
         """An OpenAI chat body plus ``ensemble_config`` (or a model ``ensemble/<name>``)."""
         body = fmt.load_json_object(raw)
         ec = check_edge(body.pop("ensemble_config")) if "ensemble_config" in body else None
+        if ec is not None and "model" not in body and "provider" not in body:
+            body["model"] = "ensemble"  # optional with an ensemble_config: the members name their models
         req, helix = fmt.parse_chat(orjson.dumps(body), self.gw.providers)
         if ec is not None:
             spec = resolve(ec, self.router, req.model)
