@@ -49,6 +49,8 @@ def test_a_budget_that_fits_two_members_but_not_three_is_refused_up_front(make_g
     assert err["code"] == "budget_exceeded"
     assert f"reserves about {per_member * 3} tokens" in err["message"], err["message"]
     assert panel.total() == 0  # nothing was called
+    refused = records(gw, ei.value.response.headers["x-helixagent-request-id"])
+    assert len(refused) == 1 and refused[0]["status"] == 429 and refused[0]["endpoint"] == "ensemble"
     # two members fit, and the reservation settles to the real usage (each fake answer: 10 + 1 tokens)
     r = ensemble(gw, {"providers": ["a", "b"]}, key=k["key"], max_tokens=MT)
     assert r.usage.total_tokens == 22 and panel.total() == 2

@@ -218,6 +218,7 @@ class EnsembleStage(Stage):
             spec = self.svc.named(req.model)
             check_request(req)
             ctx.state["ensemble"] = spec
+        ctx.state["ensemble_id"] = ctx.request_id  # its record is the parent's, refused by a later stage too
         ctx.state["ensemble_reserved"] = worst_case(spec, req, self.svc.price, self.svc.default_completion, False)
         ctx.state["reserve"] = functools.partial(_reserve, ctx, spec, req)
         helix = dict(ctx.state.get("helix") or {})
