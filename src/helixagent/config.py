@@ -544,7 +544,7 @@ class FeaturesConfig(Strict):
     multi_tenant: FeatureFlag = Field(default_factory=lambda: FeatureFlag(enabled=False))
 
 
-# -- ensembles (docs/ensembles.md) -------------------------------------------------------------------------
+# -- ensembles (docs/ensemble.md) -------------------------------------------------------------------------
 EnsembleStrategy = Literal["majority", "confidence_weighted", "quality_weighted", "judge", "debate"]
 
 

@@ -254,7 +254,7 @@ async def list_models(gw: GatewayLike, req: Request) -> None:
         if alias not in seen:
             seen.add(alias)
             data.append({"id": alias, "object": "model", "created": created, "owned_by": "helixagent"})
-    for name in gw.cfg.ensembles:  # named ensembles (docs/ensembles.md)
+    for name in gw.cfg.ensembles:  # named ensembles (docs/ensemble.md)
         data.append({"id": f"ensemble/{name}", "object": "model", "created": created, "owned_by": "helixagent"})
     await send_json(req.send, 200, {"object": "list", "data": data})
 

@@ -1,4 +1,4 @@
-"""completions.ensemble_id: the ensemble request a record belongs to (docs/ensembles.md).  The parent record
+"""completions.ensemble_id: the ensemble request a record belongs to (docs/ensemble.md).  The parent record
 of an ensemble request has its own request id there; each member call (and judge call) is a record of its
 own with endpoint ``ensemble_member`` and the parent's id.  NULL for every other record.
 
