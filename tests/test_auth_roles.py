@@ -19,6 +19,7 @@ ACTIONS = {
     ("POST", "/v1/messages"): "completions",
     ("POST", "/v1/responses"): "completions", ("POST", "/responses"): "completions",
     ("POST", "/v1/responses/input_tokens"): "completions",
+    ("POST", "/v1/ensemble/completions"): "completions",
     ("POST", "/v1/embeddings"): "embeddings", ("POST", "/embeddings"): "embeddings",
     ("GET", "/v1/models"): "models", ("GET", "/models"): "models", ("GET", "/v1/models/"): "models",
     ("GET", "/health"): "health",
@@ -35,6 +36,9 @@ def _request(gw, method: str, path: str, key: str | None) -> httpx.Response:
     body = None
     if path.endswith("chat/completions"):
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    elif path == "/v1/ensemble/completions":
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                "ensemble_config": {"providers": ["mock"]}}
     elif path.endswith("/completions"):
         body = {"model": MODEL, "prompt": "hi"}
     elif path.endswith("embeddings"):

@@ -81,6 +81,11 @@ def _exported(make_gateway, fake_openai) -> set[str]:
     gw.app.chat_pipeline.stages.insert(1, OneRetry())
     c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "a"}],
                               extra_headers={"x-test-retry": "1"})
+    # an ensemble request with one member left out (its upstream refuses): the helixagent_ensemble_* series
+    fake_openai.push(Fault(status=400))
+    c.post("/ensemble/completions", cast_to=object, body={
+        "model": "gpt-4o", "messages": [{"role": "user", "content": "a"}],
+        "ensemble_config": {"providers": ["openai", "backup"], "strategy": "majority"}})
     text = httpx.get(gw.url + "/metrics").text
     names = set()
     for line in text.splitlines():

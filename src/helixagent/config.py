@@ -578,6 +578,51 @@ class FeaturesConfig(Strict):
     multi_tenant: FeatureFlag = Field(default_factory=lambda: FeatureFlag(enabled=False))
 
 
+# -- ensembles (docs/ensemble.md) -------------------------------------------------------------------------
+EnsembleStrategy = Literal["majority", "confidence_weighted", "quality_weighted", "judge", "debate"]
+
+
+class EnsembleMemberConfig(Strict):
+    """One panel member: a configured provider and a model (default: the request's model when the provider
+    serves it, else the provider's first model); ``weight`` is the member's configured confidence
+    (confidence_weighted without logprobs) and quality weight (quality_weighted)."""
+    provider: str = Field(min_length=1)
+    model: str | None = Field(default=None, min_length=1)
+    weight: float = Field(default=1.0, ge=0, le=1000)
+
+
+class EnsembleJudgeConfig(Strict):
+    provider: str = Field(min_length=1)
+    model: str | None = Field(default=None, min_length=1)
+
+
+class EnsembleConfig(Strict):
+    """A panel of providers and how their answers are combined: a named ``ensembles:`` entry, or a request's
+    ``ensemble_config`` (validated strictly there, then checked against the configured providers)."""
+    strategy: EnsembleStrategy = "majority"
+    members: list[EnsembleMemberConfig] = Field(default_factory=list, max_length=16)
+    providers: list[str] = Field(default_factory=list, max_length=16)   # shortcut for members
+    models: list[str] = Field(default_factory=list, max_length=16)      # with providers: one each; alone: routed
+    weights: dict[str, float] = Field(default_factory=dict)              # provider -> weight (the shortcut's)
+    min_providers: int = Field(default=1, ge=1, le=16)
+    confidence_threshold: float = Field(default=0.0, ge=0, le=1)
+    fallback_to_best: bool = True
+    preferred_providers: list[str] = Field(default_factory=list, max_length=16)
+    judge: EnsembleJudgeConfig | None = None
+    judge_mode: Literal["synthesis", "pick"] = "synthesis"
+    rounds: int = Field(default=2, ge=1, le=5)                          # debate rounds
+    debate_close: Literal["vote", "judge"] | None = None                # default: judge when one is set
+    panel_timeout_ms: int = Field(default=30000, gt=0, le=600000)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, w in v.items():
+            if not 0 <= w <= 1000:
+                raise ValueError(f"weights.{k}: must be between 0 and 1000")
+        return v
+
+
 class Config(Strict):
     environment: str = "development"
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -595,6 +640,7 @@ class Config(Strict):
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    ensembles: dict[str, EnsembleConfig] = Field(default_factory=dict)  # reachable as model ensemble/<name>
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -614,6 +660,22 @@ class Config(Strict):
             for t in targets:
                 if t.provider not in seen:
                     raise ValueError(f"routing.aliases.{alias}: provider {t.provider!r} is not configured")
+        for ename, ens in self.ensembles.items():
+            used = [m.provider for m in ens.members] + ens.providers + ens.preferred_providers + (
+                [ens.judge.provider] if ens.judge is not None else [])
+            for pname in used:
+                if pname not in seen:
+                    raise ValueError(f"ensembles.{ename}: provider {pname!r} is not configured")
+            size = len(ens.members) or len(ens.providers) or len(ens.models)
+            if not size:
+                raise ValueError(f"ensembles.{ename}: the panel is empty (set members, providers or models)")
+            if ens.providers and ens.models and len(ens.models) != len(ens.providers):
+                raise ValueError(f"ensembles.{ename}.models: one model per provider, or none")
+            if ens.min_providers > size:
+                raise ValueError(f"ensembles.{ename}.min_providers: {ens.min_providers} > the panel's {size} members")
+            if ens.judge is None and (ens.strategy == "judge" or (ens.strategy == "debate"
+                                                                  and ens.debate_close == "judge")):
+                raise ValueError(f"ensembles.{ename}.judge: strategy {ens.strategy!r} needs a judge")
         if self.auth.master_key is None:
             self.auth.master_key = os.environ.get("HELIXAGENT_API_KEY") or None
         shared = self.redis.url

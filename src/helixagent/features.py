@@ -1,8 +1,8 @@
 """Which feature modules make up the gateway, in pipeline order.
 
 Stages are entered in the order installed here (pre-hooks in order, post-hooks in reverse):
-observability -> record -> auth -> priority -> (Anthropic feature check) -> flags -> limits -> cache ->
-[route -> provider].  The config reload (reload.py) is installed last: it reconfigures what the others built."""
+observability -> record -> auth -> priority -> (Anthropic feature check) -> flags -> ensemble -> limits -> cache
+-> [route -> provider].  The config reload (reload.py) is installed last: it reconfigures what the others built."""
 from __future__ import annotations
 
 from typing import Any
@@ -13,6 +13,7 @@ from .gateway_types import GatewayLike
 def install_features(gw: GatewayLike) -> None:
     from . import auth, cache, flags, limits, reload, routing
     from .api import anthropic_routes, gemini_routes, openai_routes, probes, responses_routes
+    from .ensemble import service as ensemble
     from .observability import stage as observability
     from .store import record
 
@@ -26,6 +27,7 @@ def install_features(gw: GatewayLike) -> None:
     responses_routes.install(gw)  # after auth: /v1/responses, its store and its native/translated check
     gemini_routes.install(gw)  # after auth: /v1beta/models/{model}:generateContent ... and its provider fit
     flags.install(gw)  # feature flags: the streaming check; the cache and usage read the flags service
+    ensemble.install(gw)  # after auth, before limits: the panel's worst case is what limits reserve
     limits.install(gw)
     cache.install(gw)  # the last stage before the router; wraps the router's handler for de-duplication
     routing.install(gw)

@@ -60,7 +60,7 @@ RESTART_FIELDS: dict[str, tuple[str, ...]] = {
     "logging": ("format", "fields", "include_bodies", "file"),
     "routing": ("shared_health",),  # its Redis clients, key namespace and sync loop start with the process
 }
-LIVE_SECTIONS = ("providers", "routing", "rate_limits", "cache", "features", "logging")
+LIVE_SECTIONS = ("providers", "routing", "rate_limits", "cache", "features", "logging", "ensembles")
 RETIRE_GRACE = 60.0  # seconds past routing.request_timeout_ms before a replaced provider object is closed
 
 _RELOADERS: "weakref.WeakSet[Reloader]" = weakref.WeakSet()

@@ -258,6 +258,8 @@ async def list_models(gw: GatewayLike, req: Request) -> None:
         if alias not in seen:
             seen.add(alias)
             data.append({"id": alias, "object": "model", "created": created, "owned_by": "helixagent"})
+    for name in gw.cfg.ensembles:  # named ensembles (docs/ensemble.md)
+        data.append({"id": f"ensemble/{name}", "object": "model", "created": created, "owned_by": "helixagent"})
     await send_json(req.send, 200, {"object": "list", "data": data})
 
 
@@ -269,6 +271,10 @@ async def get_model(gw: GatewayLike, req: Request, model_id: str) -> None:
                 await send_json(req.send, 200, {"id": model_id, "object": "model", "created": int(gw.started_at),
                                                 "owned_by": p.name})
                 return
+    if model_id.startswith("ensemble/") and model_id[len("ensemble/"):] in gw.cfg.ensembles:
+        await send_json(req.send, 200, {"id": model_id, "object": "model", "created": int(gw.started_at),
+                                        "owned_by": "helixagent"})
+        return
     raise GatewayError(404, f"the model {model_id!r} does not exist", code="model_not_found", param="model")
 
 

@@ -373,7 +373,13 @@ class LimitsStage(Stage):
         if not limits:
             return False
         tok = usd = 0
-        if plan.tok or plan.usd:
+        reserve = ctx.state.get("reserve")
+        if reserve is not None and (plan.tok or plan.usd):
+            # a request of several upstream calls (an ensemble) reserves its own worst case: every call
+            # it may make, each priced at its provider (raises the unpriced 400 when a price is needed)
+            tok, dollars = reserve(lm, plan.usd)
+            usd = int(math.ceil(dollars * MICRO))
+        elif plan.tok or plan.usd:
             tok = lm.estimate_tokens(ctx)
             if plan.usd:
                 price = lm.estimate_price(ctx.request)
@@ -452,6 +458,9 @@ class LimitsStage(Stage):
             if lim.unit == TOK:
                 deltas.append(tokens - cost)
             elif lim.unit == USD:
+                real = ctx.state.get("real_cost")  # several upstream calls: their real total, priced each
+                if usd < 0 and real is not None:
+                    usd = int(math.ceil(real * MICRO))
                 if usd < 0:
                     price = lm.price(ctx.provider, ctx.upstream_model) if tokens else (0.0, 0.0)
                     # unknown here (a provider outside the candidates priced before): the reservation

@@ -163,6 +163,8 @@ class ObservabilityStage(Stage):
         snap["in_flight"] = self.metrics._inflight_n if self.metrics is not None else None
         queues = getattr(gw.router, "queues", None)
         snap["queues"] = queues.snapshot() if queues is not None else []  # this worker's (routing/queue.py)
+        ens = gw.services.get("ensemble")
+        snap["ensembles"] = ens.summary() if ens is not None else []
         return snap
 
 

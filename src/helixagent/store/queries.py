@@ -59,7 +59,9 @@ async def usage(engine: AsyncEngine, start: dt.datetime, end: dt.datetime, group
         raise ValueError(f"group_by: {group_by!r} is not one of {', '.join(GROUP_BY)}")
     dialect = engine.dialect.name
     g = _day_expr(dialect) if group_by == "day" else _GROUP_COLUMNS[group_by]
-    cond = [C.c.created_at >= _db_time(start, dialect), C.c.created_at < _db_time(end, dialect)]
+    cond = [C.c.created_at >= _db_time(start, dialect), C.c.created_at < _db_time(end, dialect),
+            # an ensemble's member calls are inside its parent record's totals (docs/ensemble.md)
+            C.c.endpoint != "ensemble_member"]
     if user_id is not None:
         cond.append(C.c.user_id == user_id)
     if key_id is not None:

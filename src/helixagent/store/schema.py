@@ -34,11 +34,15 @@ completions = sa.Table(
     # how the response ended (pipeline.OUTCOMES: completed, error, upstream_error, client_gone, shutdown,
     # response_failed); NULL in rows written before revision 0003
     sa.Column("outcome", sa.String(), nullable=True),
+    # the ensemble request this record belongs to (its parent's request id; the parent's own id on the
+    # parent); NULL for every other record (revision 0005_completions_ensemble)
+    sa.Column("ensemble_id", sa.String(), nullable=True),
     sa.Index("ix_completions_created_at", "created_at"),
     sa.Index("ix_completions_user_id", "user_id", "created_at"),
     sa.Index("ix_completions_application", "application", "created_at"),
     sa.Index("ix_completions_provider", "provider", "created_at"),
     sa.Index("ix_completions_key_id", "key_id", "created_at"),
+    sa.Index("ix_completions_ensemble_id", "ensemble_id"),
 )
 
 # Column order of a record as the request path journals it (bodies travel separately).  New columns are
@@ -46,7 +50,7 @@ completions = sa.Table(
 META_COLUMNS = (
     "request_id", "client_request_id", "created_at", "user_id", "application", "key_id", "provider", "model",
     "endpoint", "status", "error_type", "prompt_tokens", "completion_tokens", "total_tokens", "cost",
-    "latency_ms", "ttft_ms", "cache_hit", "streamed", "enc_key_id", "outcome",
+    "latency_ms", "ttft_ms", "cache_hit", "streamed", "enc_key_id", "outcome", "ensemble_id",
 )
 
 # Stored responses of the Responses API (/v1/responses with ``store`` not false); revision 0004_responses.

@@ -146,6 +146,7 @@ class RecordWriter:
                 bool(ctx.streamed or getattr(req, "stream", False)),
                 keyring.active_id if keyring is not None else None,
                 ctx.outcome,
+                ctx.state.get("ensemble_id"),
             ]
             rb = pb = None
             if self.record_bodies:
