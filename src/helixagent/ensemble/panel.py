@@ -54,6 +54,7 @@ class Calls:
         ctx = RequestContext(MEMBER_ENDPOINT, p.client_format, request_id=f"{p.request_id}.{self.n}")
         ctx.method, ctx.path, ctx.ip, ctx.user_agent = p.method, p.path, p.ip, p.user_agent
         ctx.identity = p.identity
+        ctx.priority = p.priority  # the members queue at the client's priority (routing/queue.py)
         ctx.state["ensemble_id"] = p.request_id
         ctx.request = ChatRequest(model=member.model, messages=req.messages, params=dict(req.params),
                                   stream=stream, include_usage=stream, provider=member.provider, endpoint="chat")
