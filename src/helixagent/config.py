@@ -507,6 +507,28 @@ class RedisConfig(Strict):
     url: str | None = None
 
 
+class BatchesConfig(Strict):
+    """The Files and Batches APIs (docs/batches.md)."""
+    enabled: bool = True
+    mode: Literal["local"] = "local"           # lines run by the gateway itself (native: not built yet)
+    local_concurrency: int = Field(default=4, ge=1)   # lines in flight per instance
+    max_file_bytes: int = Field(default=100 * 1024 * 1024, gt=0)   # an upload beyond: 413
+    max_lines: int = Field(default=50000, ge=1)
+    completion_windows: list[str] = Field(default_factory=lambda: ["24h"], min_length=1)
+    lease: float = Field(default=300.0, gt=0)  # a claimed line's lease; renewed while it runs
+    poll_interval: float = Field(default=1.0, gt=0)   # how often an idle runner looks for work
+
+    _d = field_validator("lease", "poll_interval", mode="before")(lambda v: parse_duration(v))
+
+    @field_validator("completion_windows")
+    @classmethod
+    def _windows(cls, v: list[str]) -> list[str]:
+        for w in v:
+            if parse_duration(w) <= 0:
+                raise ValueError(f"completion window {w!r} must be a positive duration")
+        return v
+
+
 class Config(Strict):
     environment: str = "development"
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -523,6 +545,7 @@ class Config(Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    batches: BatchesConfig = Field(default_factory=BatchesConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":

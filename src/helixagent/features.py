@@ -12,6 +12,7 @@ from .gateway_types import GatewayLike
 def install_features(gw: GatewayLike) -> None:
     from . import auth, cache, limits, routing
     from .api import anthropic_routes, gemini_routes, openai_routes, probes, responses_routes
+    from .batches import service as batches
     from .observability import stage as observability
     from .store import record
 
@@ -23,6 +24,7 @@ def install_features(gw: GatewayLike) -> None:
     anthropic_routes.install(gw)  # after auth: /v1/messages and its provider-feature check
     responses_routes.install(gw)  # after auth: /v1/responses, its store and its native/translated check
     gemini_routes.install(gw)  # after auth: /v1beta/models/{model}:generateContent ... and its provider fit
+    batches.install(gw)  # /v1/files, /v1/batches, /v1/messages/batches and the local batch runner
     limits.install(gw)
     cache.install(gw)  # the last stage before the router; wraps the router's handler for de-duplication
     routing.install(gw)
