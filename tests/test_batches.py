@@ -171,7 +171,8 @@ def test_malformed_jsonl_names_the_line(gateway_sqlite: Any, content: bytes, lin
 
 
 @pytest.fixture
-def gateway_sqlite(make_gateway: Any, tmp_path: Any) -> Any:
+def gateway_sqlite(make_gateway: Any, tmp_path: Any, monkeypatch: Any) -> Any:
+    monkeypatch.setenv("HELIXAGENT_ENCRYPTION_KEYS", K1)
     return make_gateway(cfg(f"sqlite:///{tmp_path}/m.db", tmp_path, [MOCK], max_file_bytes=4096))
 
 
