@@ -272,3 +272,25 @@ def test_anthropic_sdk_message_batches(db_url: str, tmp_path: Any, make_gateway:
     with pytest.raises(anthropic.BadRequestError) as ei:
         c.messages.batches.create(requests=[{"custom_id": "x!", "params": {"model": "mock-1"}}])  # type: ignore[typeddict-item]
     assert "requests.0.custom_id" in str(ei.value)
+
+
+def test_migration_0005_matches_the_schema_up_and_down(db_url: str) -> None:
+    from helixagent.store import migrate
+    from helixagent.store.db import make_sync_engine
+    from helixagent.store.schema import batch_files, batch_lines, batches
+    migrate.upgrade(db_url)
+    eng = make_sync_engine(db_url)
+    try:
+        insp = sa.inspect(eng)
+        for t in (batch_files, batches, batch_lines):
+            assert {c["name"] for c in insp.get_columns(t.name)} == {c.name for c in t.columns}, t.name
+            assert {i["name"] for i in insp.get_indexes(t.name)} == {i.name for i in t.indexes}, t.name
+        assert insp.get_pk_constraint("batch_lines")["constrained_columns"] == ["batch_id", "idx"]
+        migrate.downgrade(db_url, 1)
+        assert migrate.current(db_url) == "0004_responses"
+        names = set(sa.inspect(eng).get_table_names())
+        assert not names & {"batch_files", "batches", "batch_lines"} and "responses" in names
+        migrate.upgrade(db_url)
+        assert {"batch_files", "batches", "batch_lines"} <= set(sa.inspect(eng).get_table_names())
+    finally:
+        eng.dispose()
