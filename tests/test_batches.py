@@ -294,3 +294,57 @@ def test_migration_0005_matches_the_schema_up_and_down(db_url: str) -> None:
         assert {"batch_files", "batches", "batch_lines"} <= set(sa.inspect(eng).get_table_names())
     finally:
         eng.dispose()
+
+
+def test_rate_limited_lines_pace_the_batch_and_run_again(tmp_path: Any, make_gateway: Any, fake_openai: Any,
+                                                         monkeypatch: Any) -> None:
+    """A 429 (here the upstream's, retries off) is not a line's result: the line is given back, the batch
+    waits for the Retry-After, and the line runs again; its cut attempt keeps its own record."""
+    from fakes.openai_upstream import Fault
+    monkeypatch.setenv("HELIXAGENT_ENCRYPTION_KEYS", K1)
+    gw = make_gateway(cfg(f"sqlite:///{tmp_path}/r.db", tmp_path, [fake_openai.provider(max_retries=0)],
+                          local_concurrency=1))
+    fake_openai.push(Fault(status=429, headers={"retry-after": "1"}), Fault(status=429, headers={"retry-after": "1"}))
+    c = oai(gw, MASTER)
+    f = c.files.create(file=("r.jsonl", jsonl([chat_line(i) for i in range(3)])), purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    b = wait_status(c, b.id, ("completed",), timeout=60)
+    assert (b.request_counts.completed, b.request_counts.failed) == (3, 0)
+    assert sum(1 for call in fake_openai.calls if call["path"].endswith("/chat/completions")) == 5
+    assert gw.app.services["batches_runner"].rate_limited == 2
+    out = [orjson.loads(x) for x in c.files.content(b.output_file_id).content.splitlines()]
+    assert sorted(x["custom_id"] for x in out) == ["req-0", "req-1", "req-2"]
+    assert gw.run(gw.app.services["records"].writer.flush(30), timeout=40)
+    eng = sync_engine(f"sqlite:///{tmp_path}/r.db")
+    with eng.connect() as conn:
+        recs = {r[0]: r[1] for r in conn.execute(sa.text("select request_id, status from completions"))}
+    eng.dispose()
+    final = {x["response"]["request_id"] for x in out}
+    assert {recs[r] for r in final} == {200}
+    assert sorted(s for r, s in recs.items() if r not in final) == [429, 429]   # the attempts that were paced
+
+
+def test_revoked_owner_key_fails_the_remaining_lines(tmp_path: Any, make_gateway: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv("HELIXAGENT_ENCRYPTION_KEYS", K1)
+    gw = make_gateway(cfg(f"sqlite:///{tmp_path}/v.db", tmp_path, [dict(MOCK, latency_ms=100)], local_concurrency=1))
+    k = admin_create(gw, user_id="erin", role="user")
+    c = oai(gw, k["key"])
+    f = c.files.create(file=("v.jsonl", jsonl([chat_line(i, "mock-1") for i in range(30)])), purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert wait_until(lambda: c.batches.retrieve(b.id).request_counts.completed >= 1, timeout=30)
+    r = httpx.post(f"{gw.url}/admin/keys/{k['id']}/revoke", headers={"authorization": f"Bearer {MASTER}"})
+    assert r.status_code == 200, r.text
+    master = oai(gw, MASTER)
+    with pytest.raises(openai.NotFoundError):  # the master key is another tenant too
+        master.batches.retrieve(b.id)
+    eng = sync_engine(f"sqlite:///{tmp_path}/v.db")
+
+    def status() -> str:
+        with eng.connect() as conn:
+            return str(conn.execute(sa.text("select status from batches where id = :b"), {"b": b.id}).scalar_one())
+    assert wait_until(lambda: status() == "completed", timeout=30)
+    with eng.connect() as conn:
+        codes = [r[0] for r in conn.execute(sa.text("select status_code from batch_lines where batch_id = :b "
+                                                    "order by idx"), {"b": b.id})]
+    eng.dispose()
+    assert codes[0] == 200 and codes[-1] == 401 and set(codes) == {200, 401}

@@ -67,6 +67,8 @@ class Outcome:
     output_tokens: int
     shutdown: bool          # cut by the gateway's shutdown: not the line's result (it is run again)
     error_type: str | None = None
+    # a rate limit (ours or the upstream's, not a budget): the line is run again later, the batch paced
+    pace_for: float | None = None
 
 
 def request_id_of(batch_id: str, idx: int, gen: int) -> str:
@@ -126,4 +128,11 @@ async def run_line(gw: GatewayLike, url: str, identity: Identity | GatewayError,
     u = ctx.usage
     return Outcome(status, out if err is None else _error(t, err), request_id,
                    u.prompt_tokens if u is not None else 0, u.completion_tokens if u is not None else 0,
-                   err is not None and err.kind == "shutdown", None if err is None else err.openai_type())
+                   err is not None and err.kind == "shutdown", None if err is None else err.openai_type(),
+                   _pace(err))
+
+
+def _pace(err: GatewayError | None) -> float | None:
+    if err is None or err.status != 429 or err.code == "budget_exceeded":
+        return None
+    return min(60.0, max(0.2, float(err.retry_after or 1.0)))

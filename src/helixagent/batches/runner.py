@@ -49,6 +49,8 @@ class Runner:
         self._tasks: list[asyncio.Task[None]] = []
         self._outage = False
         self.lines_run = 0
+        self.rate_limited = 0
+        self.paced: dict[str, float] = {}   # batch id -> loop time before which it claims nothing
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -127,6 +129,8 @@ class Runner:
             free = self.cap - len(self.inflight)
             if free <= 0:
                 return True
+            if self.paced.get(b.id, 0.0) > asyncio.get_running_loop().time():
+                continue
             claimed = await self.store.claim(b.id, self.owner, free, self.lease)
             if claimed:
                 worked = True
@@ -169,6 +173,11 @@ class Runner:
             if out.shutdown:  # cut by our shutdown: not its result; run again (with a new request id)
                 await self._release(b.id, line.idx)
                 return
+            if out.pace_for is not None:  # rate-limited: not a result either; the batch waits, then reruns it
+                self.paced[b.id] = asyncio.get_running_loop().time() + out.pace_for
+                self.rate_limited += 1
+                await self._release(b.id, line.idx)
+                return
             self.lines_run += 1
             state = "succeeded" if out.status_code < 400 else "errored"
             for attempt in range(max(1, int(self.lease / self.poll))):
@@ -199,4 +208,5 @@ class Runner:
             log.error("batch %s line %d: could not give the line back (%s)", bid, idx, type(exc).__name__)
 
     def stats(self) -> dict[str, Any]:
-        return {"owner": self.owner, "in_flight": len(self.inflight), "lines_run": self.lines_run}
+        return {"owner": self.owner, "in_flight": len(self.inflight), "lines_run": self.lines_run,
+                "rate_limited": self.rate_limited}
