@@ -174,3 +174,55 @@ def _batch_record_count(db_url: str, prefix: str) -> int:
                                     {"p": prefix + "%"}).scalar_one())
     finally:
         eng.dispose()
+
+
+@pytest.fixture
+def private_pg() -> Any:
+    from support.pg import PrivatePostgres
+    if not any(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
+        pytest.fail("PostgreSQL server binaries are not installed (the database fault test needs its own server)")
+    pg = PrivatePostgres()
+    yield pg
+    pg.close()
+
+
+def test_database_goes_away_mid_batch_and_comes_back(private_pg: Any, tmp_path: Path) -> None:
+    """The runner pauses while PostgreSQL is down (results it could not write are retried or rerun) and
+    finishes once it is back: every line one result, one record."""
+    from support.servers import GatewayServer
+    from helixagent.config import load_config_dict
+    n = 200
+    gw = GatewayServer(cfg=load_config_dict({
+        "auth": {"master_key": MASTER},
+        "providers": [{"name": "mock", "type": "mock", "models": ["mock-1"], "latency_ms": 10}],
+        "database": {"url": private_pg.url, "spool_dir": str(tmp_path / "spool"), "auto_migrate": True,
+                     "flush_interval": "20ms", "retry_interval": "100ms", "pool_size": 4},
+        "batches": {"local_concurrency": 4, "lease": "2s", "poll_interval": "50ms"}}))
+    try:
+        lines = [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "mock-1", "messages": [{"role": "user", "content": f"n {i}"}]}} for i in range(n)]
+        r = httpx.post(gw.url + "/v1/files", headers=H, data={"purpose": "batch"},
+                       files={"file": ("in.jsonl", b"".join(orjson.dumps(x) + b"\n" for x in lines))})
+        assert r.status_code == 200, r.text
+        r = httpx.post(gw.url + "/v1/batches", headers=H, json={"input_file_id": r.json()["id"],
+                                                                 "endpoint": "/v1/chat/completions",
+                                                                 "completion_window": "24h"})
+        bid = r.json()["id"]
+        assert wait_until(lambda: _batch(gw.url, bid)["request_counts"]["completed"] >= 40, timeout=60, interval=0.02)
+        private_pg.stop("immediate")
+        time.sleep(1.5)
+        runner = gw.app.services["batches_runner"]
+        assert runner.outages >= 1, runner.stats()   # the outage hit the runner mid-batch
+        private_pg.start()
+        assert wait_until(lambda: _batch(gw.url, bid)["status"] == "completed", timeout=90, interval=0.2)
+        got = _batch(gw.url, bid)
+        assert got["request_counts"] == {"total": n, "completed": n, "failed": 0}
+        out = [orjson.loads(x) for x in httpx.get(f"{gw.url}/v1/files/{got['output_file_id']}/content",
+                                                  headers=H).content.splitlines()]
+        assert sorted(x["custom_id"] for x in out) == sorted(f"l{i}" for i in range(n))
+        assert gw.run(gw.app.services["records"].writer.flush(60), timeout=70)
+        rids = [x["response"]["request_id"] for x in out]
+        assert set(_records(private_pg.url, rids)) == set(rids)
+        assert _batch_record_count(private_pg.url, "b" + bid.split("_", 1)[1]) == n
+    finally:
+        gw.close()

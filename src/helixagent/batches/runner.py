@@ -50,6 +50,7 @@ class Runner:
         self._outage = False
         self.lines_run = 0
         self.rate_limited = 0
+        self.outages = 0
         self.paced: dict[str, float] = {}   # batch id -> loop time before which it claims nothing
 
     def start(self) -> None:
@@ -93,6 +94,7 @@ class Runner:
                     self._outage = False
             except DB_UNAVAILABLE as exc:
                 if not self._outage:
+                    self.outages += 1
                     log.error("batch runner paused: the database is unavailable (%s); retrying every %.1fs",
                               type(exc).__name__, self.poll)
                     self._outage = True
@@ -209,4 +211,4 @@ class Runner:
 
     def stats(self) -> dict[str, Any]:
         return {"owner": self.owner, "in_flight": len(self.inflight), "lines_run": self.lines_run,
-                "rate_limited": self.rate_limited}
+                "rate_limited": self.rate_limited, "outages": self.outages}
