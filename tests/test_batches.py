@@ -348,3 +348,31 @@ def test_revoked_owner_key_fails_the_remaining_lines(tmp_path: Any, make_gateway
                                                     "order by idx"), {"b": b.id})]
     eng.dispose()
     assert codes[0] == 200 and codes[-1] == 401 and set(codes) == {200, 401}
+
+
+def test_lists_page_newest_first(db_url: str, tmp_path: Any, make_gateway: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv("HELIXAGENT_ENCRYPTION_KEYS", K1)
+    gw = make_gateway(cfg(db_url, tmp_path, [MOCK]))
+    c = oai(gw, MASTER)
+    files = [c.files.create(file=(f"f{i}.jsonl", jsonl([chat_line(i, "mock-1")])), purpose="batch") for i in range(3)]
+    page = c.files.list(limit=2)
+    assert [x.id for x in page.data] == [files[2].id, files[1].id] and page.has_more
+    rest = c.files.list(limit=2, after=files[1].id)
+    assert [x.id for x in rest.data] == [files[0].id] and not rest.has_more
+    assert [x.id for x in c.files.list(order="asc").data] == [f.id for f in files]
+    bs = [c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+          for f in files]
+    p1 = c.batches.list(limit=2)
+    assert [x.id for x in p1.data] == [bs[2].id, bs[1].id] and p1.has_more
+    assert [x.id for x in c.batches.list(limit=2, after=bs[1].id).data] == [bs[0].id]
+    assert [x.id for x in c.batches.list()] == [b.id for b in reversed(bs)]   # the SDK's auto-paging
+    a = anthropic.Anthropic(base_url=gw.url, api_key=MASTER, max_retries=0, timeout=20)
+    ms = [a.messages.batches.create(requests=[{"custom_id": f"c{i}", "params": {
+        "model": "mock-1", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}}]) for i in range(3)]
+    first = a.messages.batches.list(limit=2)
+    assert [x.id for x in first.data] == [ms[2].id, ms[1].id] and first.has_more
+    assert [x.id for x in a.messages.batches.list(limit=2, after_id=ms[1].id).data] == [ms[0].id]
+    assert [x.id for x in a.messages.batches.list(limit=1, before_id=ms[0].id).data] == [ms[1].id]
+    assert [x.id for x in a.messages.batches.list(limit=1)] == [m.id for m in reversed(ms)]
+    with pytest.raises(openai.BadRequestError):
+        c.batches.list(limit=0)
