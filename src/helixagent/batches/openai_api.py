@@ -32,11 +32,10 @@ def batch_object(b: BatchRow, counts: dict[str, int]) -> dict[str, Any]:
     done = counts.get("succeeded", 0)
     failed = counts.get("errored", 0) + counts.get("expired", 0) + counts.get("cancelled", 0)
     i, o = counts.get("input_tokens", 0), counts.get("output_tokens", 0)
-    status = b.status if b.status != "finalizing" else "finalizing"
     return {
         "id": b.id, "object": "batch", "endpoint": b.endpoint,
         "errors": {"object": "list", "data": b.errors} if b.errors else None,
-        "input_file_id": b.input_file_id, "completion_window": b.completion_window, "status": status,
+        "input_file_id": b.input_file_id, "completion_window": b.completion_window, "status": b.status,
         "output_file_id": b.output_file_id, "error_file_id": b.error_file_id,
         "created_at": b.at("created_at"), "in_progress_at": b.at("in_progress_at"),
         "expires_at": b.at("expires_at"), "finalizing_at": b.at("finalizing_at"),

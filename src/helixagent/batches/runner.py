@@ -57,6 +57,14 @@ class Runner:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._loop(), name="helixagent-batch-runner"),
                        loop.create_task(self._renew_loop(), name="helixagent-batch-leases")]
+        for t in self._tasks:
+            t.add_done_callback(self._died)
+
+    def _died(self, task: asyncio.Task[None]) -> None:
+        """A runner loop that ended with an exception is a bug: said loudly (batches stop on this instance)."""
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("%s stopped: batches no longer run on this instance", task.get_name(),
+                         exc_info=task.exception())
 
     def kick(self) -> None:
         """A batch was created or cancelled here: look now rather than at the next poll."""
