@@ -13,6 +13,7 @@ import orjson
 from ..errors import GatewayError, bad_request, not_found
 from ..gateway_types import GatewayLike
 from ..api.http import Request, send_bytes, send_json
+from . import native
 from .openai_api import _limit, _tenant, kick, store_of
 from .store import BatchRow, Done, new_id, utcnow
 
@@ -100,6 +101,8 @@ async def create(gw: GatewayLike, req: Request) -> None:
         "key_id": getattr(ident, "key_id", None), "user_id": getattr(ident, "user_id", None),
         "application": getattr(ident, "application", None), "role": getattr(ident, "role", "user"),
         "total": len(lines), "in_progress_at": now}
+    values["provider"] = native.choose(gw, "anthropic", [orjson.loads(b) for _, b in lines])
+    values["mode"] = "native" if values["provider"] else "local"
     st = store_of(gw)
     await st.create_batch(values, lines)
     kick(gw)

@@ -14,6 +14,7 @@ from ..errors import GatewayError, bad_request, not_found
 from ..gateway_types import GatewayLike
 from ..api.http import Request, send_bytes, send_json
 from ..store.responses import tenant_of
+from . import native
 from .jsonl import ENDPOINTS, parse_input
 from .multipart import read_form
 from .store import BatchRow, BatchStore, Done, FileRow, new_id, unix, utcnow
@@ -211,6 +212,9 @@ async def create_batch(gw: GatewayLike, req: Request) -> None:
         "key_id": getattr(ident, "key_id", None), "user_id": getattr(ident, "user_id", None),
         "application": getattr(ident, "application", None), "role": getattr(ident, "role", "user"),
         "total": 0 if errors else len(lines), ("failed_at" if errors else "in_progress_at"): now}
+    if not errors:
+        values["provider"] = native.choose(gw, "openai", [o["body"] for _, o in lines])
+        values["mode"] = "native" if values["provider"] else "local"
     await st.create_batch(values, [] if errors else [(o["custom_id"], orjson.dumps(o["body"])) for _, o in lines])
     kick(gw)
     got = await st.get_batch(values["id"], tenant)

@@ -24,6 +24,7 @@ from ..errors import GatewayError
 from ..gateway_types import GatewayLike
 from ..pipeline import Identity
 from ..store.db import DB_UNAVAILABLE
+from . import native
 from .execute import run_line, request_id_of
 from .store import BatchRow, BatchStore, Claimed, Done, utcnow
 
@@ -129,6 +130,10 @@ class Runner:
         """One pass over the open batches; True when it claimed work (look again at once)."""
         worked = False
         for b in await self.store.active():
+            if b.mode == "native":  # at the vendor: one instance at a time takes its next step
+                if await self.store.lease_batch(b.id, self.owner, self.lease):
+                    await native.step(self, b)
+                continue
             if b.status == "cancelling":
                 await self._close_if_done(b, "cancelled")
                 continue
@@ -149,15 +154,15 @@ class Runner:
                     task = asyncio.get_running_loop().create_task(self._run(b, ident, line))
                     self.inflight[task] = (b.id, line.idx)
             elif not await self.store.unfinished(b.id):
-                await self._close(b, "completed")
+                await self.close(b, "completed")
         return worked
 
     async def _close_if_done(self, b: BatchRow, to: str) -> None:
         await self.store.close_unrun(b.id, to)
         if not await self.store.unfinished(b.id):
-            await self._close(b, to)
+            await self.close(b, to)
 
-    async def _close(self, b: BatchRow, to: str) -> None:
+    async def close(self, b: BatchRow, to: str) -> None:
         if await self.store.close_batch(b, to, self.builders.get(b.api)):
             log.info("batch %s %s", b.id, to)
 

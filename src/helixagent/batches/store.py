@@ -84,6 +84,11 @@ class BatchRow:
     output_file_id: str | None
     error_file_id: str | None
     times: dict[str, dt.datetime | None]
+    mode: str = "local"
+    provider: str | None = None
+    upstream_id: str | None = None
+    upstream_status: str | None = None
+    upstream_cancelled: bool = False
 
     @classmethod
     def from_row(cls, m: Any) -> "BatchRow":
@@ -91,7 +96,8 @@ class BatchRow:
                    m["status"], orjson.loads(m["metadata"]) if m["metadata"] else None,
                    orjson.loads(m["errors"]) if m["errors"] else None, m["key_id"], m["user_id"],
                    m["application"], m["role"], m["total"], m["output_file_id"], m["error_file_id"],
-                   {c: aware(m[c]) for c in _TS_COLS})
+                   {c: aware(m[c]) for c in _TS_COLS}, m["mode"], m["provider"], m["upstream_id"],
+                   m["upstream_status"], bool(m["upstream_cancelled"]))
 
     def at(self, name: str) -> int | None:
         return unix(self.times.get(name))
@@ -352,12 +358,51 @@ class BatchStore:
                 L.c.batch_id == bid, L.c.state.in_(("pending", "running"))))).scalar_one()
         return int(n)
 
+    # -- native batches (batches/native.py) --------------------------------------------------------------
+    async def lease_batch(self, bid: str, owner: str, lease: float) -> bool:
+        """The right to take the next step of a native batch (submit, poll, map back): one instance at a time."""
+        now = utcnow()
+        async with self.engine.begin() as conn:
+            res = await conn.execute(sa.update(B).where(B.c.id == bid, sa.or_(B.c.lease_until.is_(None),
+                                                                              B.c.lease_until < now))
+                                     .values(lease_owner=owner, lease_until=now + dt.timedelta(seconds=lease)))
+        return bool(res.rowcount)
+
+    async def update_native(self, bid: str, owner: str, **values: Any) -> bool:
+        async with self.engine.begin() as conn:
+            res = await conn.execute(sa.update(B).where(B.c.id == bid, B.c.lease_owner == owner).values(**values))
+        return bool(res.rowcount)
+
+    async def pending_lines(self, bid: str) -> list[Claimed]:
+        async with self.engine.connect() as conn:
+            rows = list(await conn.execute(sa.select(L.c.idx, L.c.custom_id, L.c.body, L.c.enc_key_id, L.c.attempts,
+                                                     L.c.gen).where(L.c.batch_id == bid, L.c.state == "pending")
+                                           .order_by(L.c.idx)))
+        return [Claimed(i, c, self.open(f"{bid}:{i}", "body", b, k) or b"", a, g) for i, c, b, k, a, g in rows]
+
+    async def settle_lines(self, bid: str, rows: list[dict[str, Any]]) -> int:
+        """Results mapped back from a vendor batch: each pending line gets its one result (a line already
+        settled -- a step retried after a crash -- is left as it is)."""
+        n = 0
+        async with self.engine.begin() as conn:
+            for r in rows:
+                blob = None if r["result"] is None else self.seal(f"{bid}:{r['idx']}", "result",
+                                                                 orjson.dumps(r["result"]))
+                res = await conn.execute(
+                    sa.update(L).where(L.c.batch_id == bid, L.c.idx == r["idx"], L.c.state == "pending")
+                    .values(state=r["state"], status_code=r["status_code"], request_id=r["request_id"], result=blob,
+                            enc_key_id=self.key_id, input_tokens=r["input_tokens"],
+                            output_tokens=r["output_tokens"]))
+                n += int(res.rowcount or 0)
+        return n
+
     async def close_batch(self, b: BatchRow, to: str,
                           build: Callable[[BatchRow, list[Done]], tuple[bytes, bytes]] | None) -> bool:
         """Close ``b`` (in_progress/cancelling -> completed/cancelled/expired) once: the status moves in the
         same transaction that writes its output and error files (``build``: their contents)."""
         now = utcnow()
-        stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[to]
+        stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at",
+                 "failed": "failed_at"}[to]
         async with self.engine.begin() as conn:
             res = await conn.execute(sa.update(B).where(B.c.id == b.id, B.c.status == b.status)
                                      .values(status="finalizing", finalizing_at=now))

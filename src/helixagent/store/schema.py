@@ -118,6 +118,14 @@ batches = sa.Table(
     sa.Column("cancelling_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("cancelled_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("archived_at", sa.DateTime(timezone=True), nullable=True),  # Anthropic: deleted by its owner
+    # native mode: the batch runs at the vendor (batches/native.py); the lease makes one instance poll at a time
+    sa.Column("mode", sa.String(), nullable=False, server_default="local"),
+    sa.Column("provider", sa.String(), nullable=True),
+    sa.Column("upstream_id", sa.String(), nullable=True),
+    sa.Column("upstream_status", sa.String(), nullable=True),
+    sa.Column("upstream_cancelled", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("lease_owner", sa.String(), nullable=True),
+    sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
     sa.Index("ix_batches_tenant", "tenant", "created_at"),
     sa.Index("ix_batches_status", "status"),
 )

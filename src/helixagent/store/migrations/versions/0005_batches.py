@@ -54,6 +54,13 @@ def upgrade() -> None:
         *(sa.Column(c, _TS, nullable=True) for c in (
             "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
             "cancelled_at", "archived_at")),
+        sa.Column("mode", sa.String(), nullable=False, server_default="local"),
+        sa.Column("provider", sa.String(), nullable=True),
+        sa.Column("upstream_id", sa.String(), nullable=True),
+        sa.Column("upstream_status", sa.String(), nullable=True),
+        sa.Column("upstream_cancelled", sa.Boolean(), nullable=False, server_default=sa.false()),
+        sa.Column("lease_owner", sa.String(), nullable=True),
+        sa.Column("lease_until", _TS, nullable=True),
     )
     op.create_index("ix_batches_tenant", "batches", ["tenant", "created_at"])
     op.create_index("ix_batches_status", "batches", ["status"])
