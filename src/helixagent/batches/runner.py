@@ -1,4 +1,5 @@
-"""The local batch runner: a background task on every instance that claims lines in the database, runs
+"""The batch runner: a background task on every instance.  A native batch (batches/native.py) gets its next
+step (submit, poll, map back) from one instance at a time.  A local batch: the runner claims lines in the database, runs
 each through the gateway's pipeline with the owner's identity (batches/execute.py), and writes exactly
 one result per line; then closes the batch once (completed, cancelled or expired) with its output files.
 
