@@ -377,3 +377,21 @@ def test_lists_page_newest_first(db_url: str, tmp_path: Any, make_gateway: Any, 
     assert [x.id for x in a.messages.batches.list(limit=1)] == [m.id for m in reversed(ms)]
     with pytest.raises(openai.BadRequestError):
         c.batches.list(limit=0)
+
+
+def test_ip_limits_pace_the_lines_of_the_address_that_created_the_batch(tmp_path: Any, make_gateway: Any,
+                                                                        monkeypatch: Any) -> None:
+    monkeypatch.setenv("HELIXAGENT_ENCRYPTION_KEYS", K1)
+    c_ = cfg(f"sqlite:///{tmp_path}/ip.db", tmp_path, [MOCK])
+    c_["rate_limits"] = {"ip": {"requests_per_minute": 240, "burst_size": 2}}
+    gw = make_gateway(c_)
+    c = oai(gw, MASTER)
+    f = c.files.create(file=("ip.jsonl", jsonl([chat_line(i, "mock-1") for i in range(6)])), purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    b = wait_status(c, b.id, ("completed",), timeout=60)
+    assert (b.request_counts.completed, b.request_counts.failed) == (6, 0)   # paced, never failed
+    assert gw.app.services["batches_runner"].rate_limited >= 1
+    eng = sync_engine(f"sqlite:///{tmp_path}/ip.db")
+    with eng.connect() as conn:
+        assert {r[0] for r in conn.execute(sa.text("select ip from batches"))} == {"127.0.0.1"}
+    eng.dispose()

@@ -99,7 +99,7 @@ async def create(gw: GatewayLike, req: Request) -> None:
         "endpoint": "/v1/messages", "input_file_id": None, "completion_window": WINDOW,
         "expires_at": now + dt.timedelta(hours=24), "status": "in_progress", "metadata": None, "errors": None,
         "key_id": getattr(ident, "key_id", None), "user_id": getattr(ident, "user_id", None),
-        "application": getattr(ident, "application", None), "role": getattr(ident, "role", "user"),
+        "application": getattr(ident, "application", None), "role": getattr(ident, "role", "user"), "ip": req.ip,
         "total": len(lines), "in_progress_at": now}
     values["provider"] = native.choose(gw, "anthropic", [orjson.loads(b) for _, b in lines])
     values["mode"] = "native" if values["provider"] else "local"

@@ -81,11 +81,12 @@ def _error(t: Target, err: GatewayError) -> Any:
 
 
 async def run_line(gw: GatewayLike, url: str, identity: Identity | GatewayError, body: bytes,
-                   request_id: str) -> Outcome:
+                   request_id: str, ip: str = "") -> Outcome:
     t = TARGETS[url]
     pipeline = gw.embed_pipeline if t.embed else gw.chat_pipeline
     ctx = RequestContext(t.endpoint, t.client_format, request_id=request_id)
     ctx.path = url
+    ctx.ip = ip  # the address that created the batch: per-IP limits count its lines against it
     ctx.user_agent = "helixagent-batch"
     ctx.raw_body = body
     ctx.state["priority"] = "low"  # batch lines are the lowest priority (issue 18)

@@ -210,7 +210,7 @@ async def create_batch(gw: GatewayLike, req: Request) -> None:
         "status": "failed" if errors else "in_progress", "metadata": orjson.dumps(meta).decode() if meta else None,
         "errors": orjson.dumps(errors).decode() if errors else None,
         "key_id": getattr(ident, "key_id", None), "user_id": getattr(ident, "user_id", None),
-        "application": getattr(ident, "application", None), "role": getattr(ident, "role", "user"),
+        "application": getattr(ident, "application", None), "role": getattr(ident, "role", "user"), "ip": req.ip,
         "total": 0 if errors else len(lines), ("failed_at" if errors else "in_progress_at"): now}
     if not errors:
         values["provider"] = native.choose(gw, "openai", [o["body"] for _, o in lines])

@@ -185,7 +185,7 @@ class Runner:
     async def _run(self, b: BatchRow, ident: Identity | GatewayError, line: Claimed) -> None:
         rid = request_id_of(b.id, line.idx, line.gen)
         try:
-            out = await run_line(self.gw, b.endpoint, ident, line.body, rid)
+            out = await run_line(self.gw, b.endpoint, ident, line.body, rid, b.ip)
             if out.shutdown:  # cut by our shutdown: not its result; run again (with a new request id)
                 await self._release(b.id, line.idx)
                 return

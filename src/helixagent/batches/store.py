@@ -89,6 +89,7 @@ class BatchRow:
     upstream_id: str | None = None
     upstream_status: str | None = None
     upstream_cancelled: bool = False
+    ip: str = ""
 
     @classmethod
     def from_row(cls, m: Any) -> "BatchRow":
@@ -97,7 +98,7 @@ class BatchRow:
                    orjson.loads(m["errors"]) if m["errors"] else None, m["key_id"], m["user_id"],
                    m["application"], m["role"], m["total"], m["output_file_id"], m["error_file_id"],
                    {c: aware(m[c]) for c in _TS_COLS}, m["mode"], m["provider"], m["upstream_id"],
-                   m["upstream_status"], bool(m["upstream_cancelled"]))
+                   m["upstream_status"], bool(m["upstream_cancelled"]), m["ip"] or "")
 
     def at(self, name: str) -> int | None:
         return unix(self.times.get(name))

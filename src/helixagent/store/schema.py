@@ -107,6 +107,7 @@ batches = sa.Table(
     sa.Column("user_id", sa.String(), nullable=True),
     sa.Column("application", sa.String(), nullable=True),
     sa.Column("role", sa.String(), nullable=False),
+    sa.Column("ip", sa.String(), nullable=True),                  # the creator's address: its lines' IP limits
     sa.Column("total", sa.Integer(), nullable=False),
     sa.Column("output_file_id", sa.String(), nullable=True),
     sa.Column("error_file_id", sa.String(), nullable=True),
