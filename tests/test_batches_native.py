@@ -166,3 +166,31 @@ def test_anthropic_native_message_batch(tmp_path: Any, make_gateway: Any, vendor
     recs = records(tmp_path)
     assert len(recs) == 4 and {r["provider"] for r in recs} == {"claude"}
     assert sorted(r["status"] for r in recs) == [200, 200, 200, 400]
+
+
+def test_interrupted_openai_submission_is_not_submitted_twice(tmp_path: Any, make_gateway: Any,
+                                                              vendor: FakeVendorBatches, monkeypatch: Any) -> None:
+    """A crash between the vendor's create call and our write of its id (simulated: the id is wiped and the
+    batch left 'submitting'): the retried step finds the vendor batch by its metadata, creates no second."""
+    monkeypatch.setenv("HELIXAGENT_ENCRYPTION_KEYS", K1)
+    vendor.polls = 8
+    try:
+        gw = make_gateway(cfg(tmp_path, [vendor.openai_provider()], mode="native", native_poll_interval="300ms"))
+        c = openai.OpenAI(base_url=gw.url + "/v1", api_key=MASTER, max_retries=0, timeout=20)
+        f = c.files.create(file=("n.jsonl", jsonl([line(i) for i in range(3)])), purpose="batch")
+        b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        eng = sa.create_engine(f"sqlite:///{tmp_path}/n.db")
+
+        def upstream() -> Any:
+            with eng.connect() as conn:
+                return conn.execute(sa.text("select upstream_id from batches where id = :b"), {"b": b.id}).scalar_one()
+        assert wait_until(lambda: upstream() is not None, timeout=20)
+        with eng.begin() as conn:
+            conn.execute(sa.text("update batches set upstream_id = null, upstream_status = 'submitting', "
+                                 "lease_until = null where id = :b"), {"b": b.id})
+        assert wait_until(lambda: c.batches.retrieve(b.id).status == "completed", timeout=30)
+        eng.dispose()
+        assert len(vendor.batches) == 1 and ("GET", "/v1/batches") in vendor.calls
+        assert c.batches.retrieve(b.id).request_counts.completed == 3
+    finally:
+        vendor.polls = 2
