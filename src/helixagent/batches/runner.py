@@ -53,6 +53,7 @@ class Runner:
         self.lines_run = 0
         self.rate_limited = 0
         self.outages = 0
+        self.write_retries = 0
         self.paced: dict[str, float] = {}   # batch id -> loop time before which it claims nothing
 
     def start(self) -> None:
@@ -206,6 +207,7 @@ class Runner:
                                     "the instance that holds it writes the result", b.id, line.idx, self.lease)
                     break
                 except DB_UNAVAILABLE as exc:
+                    self.write_retries += 1
                     if attempt == 0:
                         log.error("batch %s line %d: cannot write its result (%s); retrying", b.id, line.idx,
                                   type(exc).__name__)
@@ -225,4 +227,5 @@ class Runner:
 
     def stats(self) -> dict[str, Any]:
         return {"owner": self.owner, "in_flight": len(self.inflight), "lines_run": self.lines_run,
-                "rate_limited": self.rate_limited, "outages": self.outages}
+                "rate_limited": self.rate_limited, "outages": self.outages,
+                "write_retries": self.write_retries}
