@@ -27,6 +27,8 @@ ACTIONS = {
     ("GET", "/admin/keys"): "admin", ("POST", "/admin/keys"): "admin", ("POST", "/admin/keys/"): "admin",
     ("POST", "/v1beta/models/"): "completions", ("POST", "/v1/models/"): "completions",
     ("GET", "/v1beta/models"): "models", ("GET", "/v1beta/models/"): "models",
+    ("GET", "/v1/files"): "completions", ("GET", "/v1/batches"): "completions",
+    ("GET", "/v1/messages/batches"): "completions",
 }
 GEMINI = {("POST", "/v1beta/models/"), ("POST", "/v1/models/"), ("GET", "/v1beta/models"), ("GET", "/v1beta/models/")}
 
@@ -60,6 +62,8 @@ def _request(gw, method: str, path: str, key: str | None) -> httpx.Response:
         path = "/v1/models/" + MODEL
     elif path == "/v1/responses/":
         path = "/v1/responses/resp_matrix"
+    elif path in ("/v1/files/", "/v1/batches/", "/v1/messages/batches/"):
+        path += "matrix_id"
     elif path == "/admin/keys/":
         victim = admin_create(gw, role="readonly", user_id="victim")  # a fresh key to revoke each time
         path = f"/admin/keys/{victim['id']}/revoke"

@@ -623,6 +623,31 @@ class EnsembleConfig(Strict):
         return v
 
 
+class BatchesConfig(Strict):
+    """The Files and Batches APIs (docs/batches.md)."""
+    enabled: bool = True
+    mode: Literal["auto", "local", "native"] = "auto"   # native: at the vendor's batch API (docs/batches.md)
+    native_discount: float = Field(default=0.5, ge=0, le=1)  # native cost = list price x this
+    native_poll_interval: float = Field(default=30.0, gt=0)  # how often a native batch is polled
+    local_concurrency: int = Field(default=4, ge=1)   # lines in flight per instance
+    max_file_bytes: int = Field(default=100 * 1024 * 1024, gt=0)   # an upload beyond: 413
+    max_lines: int = Field(default=50000, ge=1)
+    completion_windows: list[str] = Field(default_factory=lambda: ["24h"], min_length=1)
+    lease: float = Field(default=300.0, gt=0)  # a claimed line's lease; renewed while it runs
+    poll_interval: float = Field(default=1.0, gt=0)   # how often an idle runner looks for work
+
+    _d = field_validator("lease", "poll_interval", "native_poll_interval",
+                         mode="before")(lambda v: parse_duration(v))
+
+    @field_validator("completion_windows")
+    @classmethod
+    def _windows(cls, v: list[str]) -> list[str]:
+        for w in v:
+            if parse_duration(w) <= 0:
+                raise ValueError(f"completion window {w!r} must be a positive duration")
+        return v
+
+
 class Config(Strict):
     environment: str = "development"
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -641,6 +666,7 @@ class Config(Strict):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     ensembles: dict[str, EnsembleConfig] = Field(default_factory=dict)  # reachable as model ensemble/<name>
+    batches: BatchesConfig = Field(default_factory=BatchesConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":

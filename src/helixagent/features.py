@@ -13,6 +13,7 @@ from .gateway_types import GatewayLike
 def install_features(gw: GatewayLike) -> None:
     from . import auth, cache, flags, limits, reload, routing
     from .api import anthropic_routes, gemini_routes, openai_routes, probes, responses_routes
+    from .batches import service as batches
     from .ensemble import service as ensemble
     from .observability import stage as observability
     from .store import record
@@ -26,6 +27,7 @@ def install_features(gw: GatewayLike) -> None:
     anthropic_routes.install(gw)  # after auth: /v1/messages and its provider-feature check
     responses_routes.install(gw)  # after auth: /v1/responses, its store and its native/translated check
     gemini_routes.install(gw)  # after auth: /v1beta/models/{model}:generateContent ... and its provider fit
+    batches.install(gw)  # /v1/files, /v1/batches, /v1/messages/batches and the local batch runner
     flags.install(gw)  # feature flags: the streaming check; the cache and usage read the flags service
     ensemble.install(gw)  # after auth, before limits: the panel's worst case is what limits reserve
     limits.install(gw)

@@ -74,3 +74,86 @@ responses = sa.Table(
     sa.Column("enc_key_id", sa.String(), nullable=True),
     sa.Index("ix_responses_tenant", "tenant", "created_at"),
 )
+
+# Files and batches of the OpenAI Files/Batches and Anthropic Message Batches APIs; revision 0006_batches.
+# Tenant-scoped like ``responses`` (a key sees only its own); every body blob is encrypted with the record
+# keyring when encryption is on (associated data: the row's id -- ``<batch id>:<line>`` for a line -- and
+# the column), ``enc_key_id`` naming the key.
+batch_files = sa.Table(
+    "batch_files", metadata,
+    sa.Column("id", sa.String(), primary_key=True),
+    sa.Column("tenant", sa.String(), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("purpose", sa.String(), nullable=False),            # batch | batch_output
+    sa.Column("filename", sa.String(), nullable=False),
+    sa.Column("bytes", sa.Integer(), nullable=False),
+    sa.Column("batch_id", sa.String(), nullable=True),            # the batch an output/error file belongs to
+    sa.Column("content", sa.LargeBinary(), nullable=False),
+    sa.Column("enc_key_id", sa.String(), nullable=True),
+    sa.Index("ix_batch_files_tenant", "tenant", "created_at"),
+)
+
+batches = sa.Table(
+    "batches", metadata,
+    sa.Column("id", sa.String(), primary_key=True),
+    sa.Column("tenant", sa.String(), nullable=False),
+    sa.Column("api", sa.String(), nullable=False),                # openai | anthropic
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("endpoint", sa.String(), nullable=False),
+    sa.Column("input_file_id", sa.String(), nullable=True),
+    sa.Column("completion_window", sa.String(), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("status", sa.String(), nullable=False),
+    sa.Column("metadata", sa.Text(), nullable=True),              # JSON
+    sa.Column("errors", sa.Text(), nullable=True),                # JSON list (validation failures)
+    # the owner whose identity every line runs with (re-checked against the key store at run time)
+    sa.Column("key_id", sa.String(), nullable=True),
+    sa.Column("user_id", sa.String(), nullable=True),
+    sa.Column("application", sa.String(), nullable=True),
+    sa.Column("role", sa.String(), nullable=False),
+    sa.Column("ip", sa.String(), nullable=True),                  # the creator's address: its lines' IP limits
+    sa.Column("total", sa.Integer(), nullable=False),
+    sa.Column("output_file_id", sa.String(), nullable=True),
+    sa.Column("error_file_id", sa.String(), nullable=True),
+    sa.Column("in_progress_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("finalizing_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("failed_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("expired_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("cancelling_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("cancelled_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("archived_at", sa.DateTime(timezone=True), nullable=True),  # Anthropic: deleted by its owner
+    # native mode: the batch runs at the vendor (batches/native.py); the lease makes one instance poll at a time
+    sa.Column("mode", sa.String(), nullable=False, server_default="local"),
+    sa.Column("provider", sa.String(), nullable=True),
+    sa.Column("upstream_id", sa.String(), nullable=True),
+    sa.Column("upstream_status", sa.String(), nullable=True),
+    sa.Column("upstream_cancelled", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("lease_owner", sa.String(), nullable=True),
+    sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
+    sa.Index("ix_batches_tenant", "tenant", "created_at"),
+    sa.Index("ix_batches_status", "status"),
+)
+
+# One row per input line.  state: pending -> running (claimed: lease_owner, lease_until) -> succeeded |
+# errored; or cancelled / expired.  A running line whose lease has run out is claimed again (its instance
+# died); the result is written only by the lease's holder (fenced), so every line has exactly one result.
+batch_lines = sa.Table(
+    "batch_lines", metadata,
+    sa.Column("batch_id", sa.String(), primary_key=True),
+    sa.Column("idx", sa.Integer(), primary_key=True),
+    sa.Column("custom_id", sa.String(), nullable=False),
+    sa.Column("state", sa.String(), nullable=False),
+    sa.Column("lease_owner", sa.String(), nullable=True),
+    sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("gen", sa.Integer(), nullable=False, server_default="0"),  # +1 per release: a new request id
+    sa.Column("body", sa.LargeBinary(), nullable=False),
+    sa.Column("result", sa.LargeBinary(), nullable=True),
+    sa.Column("status_code", sa.Integer(), nullable=True),
+    sa.Column("request_id", sa.String(), nullable=True),
+    sa.Column("input_tokens", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("output_tokens", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("enc_key_id", sa.String(), nullable=True),
+    sa.Index("ix_batch_lines_claim", "batch_id", "state"),
+)
