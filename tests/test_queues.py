@@ -549,3 +549,29 @@ def test_a_config_reload_changes_the_caps_in_place(make_gateway, fake_openai):
 
     gw.run(uncap())
     assert gw.app.router.queues.get("openai") is None and chat(gw, "free").status_code == 200
+
+
+def test_batch_lines_queue_at_the_lowest_priority(make_gateway, fake_openai):
+    import openai
+    import orjson
+    gw = make_gateway({"auth": {"master_key": MASTER}, "batches": {"mode": "local", "poll_interval": "50ms"},
+                       "database": {"auto_migrate": True, "flush_interval": "20ms"},
+                       "providers": [fake_openai.provider(max_concurrency=1, max_retries=0)]})
+    q = queue_of(gw)
+    key = admin_create(gw, user_id="etl")["key"]
+    c = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=20)
+    lines = b"".join(orjson.dumps({"custom_id": f"l{i}", "method": "POST", "url": "/v1/chat/completions",
+                                   "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": f"line{i}"}]}})
+                     + b"\n" for i in range(3))
+    with ThreadPoolExecutor(4) as ex:
+        gate, blockers = blocked(gw, fake_openai, ex, 1, MASTER)
+        f = c.files.create(file=("lines.jsonl", lines), purpose="batch")
+        b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert wait_until(lambda: q.depth[2] >= 1, timeout=20), q.snapshot()  # the batch's lines wait at low
+        interactive = ex.submit(chat, gw, "interactive", key)
+        assert wait_until(lambda: q.depth[1] == 1), q.snapshot()
+        gate.set()
+        assert interactive.result().status_code == 200 and blockers[0].result().status_code == 200
+    assert wait_until(lambda: c.batches.retrieve(b.id).status == "completed", timeout=30)
+    order = arrivals(fake_openai)
+    assert order[1] == "interactive" and sorted(order[2:]) == ["line0", "line1", "line2"], order

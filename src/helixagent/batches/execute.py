@@ -89,7 +89,7 @@ async def run_line(gw: GatewayLike, url: str, identity: Identity | GatewayError,
     ctx.ip = ip  # the address that created the batch: per-IP limits count its lines against it
     ctx.user_agent = "helixagent-batch"
     ctx.raw_body = body
-    ctx.state["priority"] = "low"  # batch lines are the lowest priority (issue 18)
+    ctx.priority = "low"  # batch lines queue at the lowest priority (routing/queue.py; issue 18)
     if isinstance(identity, GatewayError):
         ctx.error = identity
         entered = await pipeline.run_rejected(ctx)
