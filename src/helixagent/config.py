@@ -29,38 +29,13 @@ from .settings.batches import BatchesConfig
 from .settings.cache import CacheConfig
 from .settings.ensembles import EnsembleConfig, EnsembleJudgeConfig, EnsembleMemberConfig, EnsembleStrategy
 from .settings.features import FeatureFlag, FeaturesConfig
-from .settings.limits import (
-    AppLimit,
-    BackendErrorPolicy,
-    CostBudget,
-    CostBudgets,
-    DefaultPrice,
-    IPLimit,
-    KeyLimit,
-    RateLimitsConfig,
-    UserLimit,
-)
+from .settings.limits import (AppLimit, BackendErrorPolicy, CostBudget, CostBudgets, DefaultPrice, IPLimit, KeyLimit,
+                              RateLimitsConfig, UserLimit)
 from .settings.observability import ACCESS_LOG_FIELDS, LoggingConfig, MetricsConfig, TracingConfig
-from .settings.providers import (
-    NAME_TO_TYPE,
-    PROVIDER_DEFAULTS,
-    TYPE_TO_WIRE,
-    HTTPConfig,
-    ModelPrice,
-    ProviderConfig,
-    ProviderType,
-)
-from .settings.routing import (
-    AliasTarget,
-    BreakerConfig,
-    EmbeddingCoalesceConfig,
-    HedgingConfig,
-    QueueConfig,
-    RetryConfig,
-    RouteConfig,
-    RoutingConfig,
-    SharedHealthConfig,
-)
+from .settings.providers import (NAME_TO_TYPE, PROVIDER_DEFAULTS, TYPE_TO_WIRE, HTTPConfig, ModelPrice, ProviderConfig,
+                                 ProviderType)
+from .settings.routing import (AliasTarget, BreakerConfig, EmbeddingCoalesceConfig, HedgingConfig, QueueConfig,
+                               RetryConfig, RouteConfig, RoutingConfig, SharedHealthConfig)
 from .settings.serving import DEFAULT_PORT, ServerConfig, TLSConfig
 from .settings.store import DatabaseConfig, EncryptionConfig, RetentionConfig
 

@@ -1,0 +1,519 @@
+"""The Anthropic Messages request: a ``POST /v1/messages`` (or ``/v1/messages/count_tokens``) body ->
+the canonical request, with the Anthropic-only meaning carried as the canonical extensions described in
+``api/anthropic_format.py``.
+
+Every type is fixed first by the edge schema (``api/schemas/anthropic.py``); the checks here are the
+ones the schema cannot express (non-empty strings and arrays, value ranges across fields, the order of
+tool results, unique tool names, ...) and the translation itself."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from ..canonical import ChatRequest
+from ..errors import GatewayError, bad_request
+from .openai_format import HELIX_FIELDS, load_json_object, split_model
+from .schemas.anthropic import check_messages
+
+IMAGE_TYPES = frozenset(("image/jpeg", "image/png", "image/gif", "image/webp"))
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_KNOWN_FIELDS = frozenset(("model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream",
+                           "temperature", "top_p", "top_k", "tools", "tool_choice", "thinking", "cache_control",
+                           "output_config"))
+
+
+def _err(path: str, message: str, code: str = "invalid_value") -> GatewayError:
+    return bad_request(f"{path}: {message}", param=path, code=code)
+
+
+class _Flags:
+    __slots__ = ("cache_control", "is_error", "features", "native", "dropped", "media")
+
+    def __init__(self) -> None:
+        self.cache_control = False
+        self.is_error = False
+        self.features: list[str] = []
+        self.native: list[tuple[str, str]] = []  # (what, path): blocks / tools only an Anthropic provider runs
+        self.dropped: set[str] = set()            # Anthropic-only fields kept on parts / tools ("anthropic")
+        self.media = False                        # images / documents inside a tool_result
+
+
+def _raw(b: dict[str, Any], path: str, what: str, flags: _Flags) -> dict[str, Any]:
+    """A block HelixAgent does not translate, kept whole for an Anthropic provider (canonical part
+    ``{"type": "anthropic_block", "block": ...}``); other providers answer a 400 naming it."""
+    flags.native.append((what, path))
+    return {"type": "anthropic_block", "block": b}
+
+
+def _keep_extras(b: dict[str, Any], known: tuple[str, ...], part: dict[str, Any], flags: _Flags,
+                 prefix: str = "") -> dict[str, Any]:
+    """Fields of a block / tool HelixAgent does not translate ride on the canonical part as
+    ``part["anthropic"]`` (merged back by the Anthropic mapping, dropped and named for other providers)."""
+    extras = {k: v for k, v in b.items() if k not in known}
+    if extras:
+        part["anthropic"] = extras
+        flags.dropped.update(prefix + k for k in extras)
+    return part
+
+
+def _cc(block: dict[str, Any], part: dict[str, Any], flags: _Flags) -> dict[str, Any]:
+    cc = block.get("cache_control")
+    if cc is not None:
+        if not isinstance(cc, dict) or cc.get("type") != "ephemeral":
+            raise bad_request("cache_control: must be an object with type 'ephemeral'", param="cache_control")
+        part["cache_control"] = cc
+        flags.cache_control = True
+        flags.dropped.add("cache_control")
+    return part
+
+
+def _text_part(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any]:
+    t = b.get("text")
+    if not isinstance(t, str):
+        raise _err(path + ".text", "must be a string", "invalid_type")
+    if not t:
+        raise _err(path + ".text", "text content blocks must be non-empty")
+    part = _cc(b, {"type": "text", "text": t}, flags)
+    if len(b) > 2 + ("cache_control" in b):
+        _keep_extras(b, ("type", "text", "cache_control"), part, flags)
+    return part
+
+
+def _image_part(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any]:
+    src = b.get("source")
+    if not isinstance(src, dict):
+        raise _err(path + ".source", "is required and must be an object", "invalid_type")
+    st = src.get("type")
+    if st == "base64":
+        mt, data = src.get("media_type"), src.get("data")
+        if mt not in IMAGE_TYPES:
+            raise _err(path + ".source.media_type", f"must be one of {', '.join(sorted(IMAGE_TYPES))}; got {mt!r}")
+        if not isinstance(data, str) or not data:
+            raise _err(path + ".source.data", "must be a non-empty base64 string", "invalid_type")
+        url = f"data:{mt};base64,{data}"
+    elif st == "url":
+        given = src.get("url")
+        if not isinstance(given, str) or not given.startswith(("http://", "https://")):
+            raise _err(path + ".source.url", "must be an http(s) URL", "invalid_type")
+        url = given
+    else:  # a Files API image (``file``) and sources yet to come: an Anthropic provider takes them as sent
+        return _raw(b, path, f"an image with a {st!r} source", flags)
+    if set(b) - {"type", "source", "cache_control"} or set(src) - {"type", "media_type", "data", "url"}:
+        return _raw(b, path, "an image block with fields HelixAgent does not translate", flags)
+    return _cc(b, {"type": "image_url", "image_url": {"url": url}}, flags)
+
+
+def _document_part(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any]:
+    src = b.get("source")
+    if not isinstance(src, dict):
+        raise _err(path + ".source", "is required and must be an object", "invalid_type")
+    st = src.get("type")
+    if set(b) - {"type", "source", "title", "context", "cache_control"} or b.get("citations") is not None:
+        return _raw(b, path, "a document with citations", flags)
+    if st == "base64" and src.get("media_type") == "application/pdf" and isinstance(src.get("data"), str) \
+            and not b.get("context"):
+        f: dict[str, Any] = {"file_data": "data:application/pdf;base64," + src["data"]}
+        if isinstance(b.get("title"), str):
+            f["filename"] = b["title"]
+        return _cc(b, {"type": "file", "file": f}, flags)
+    if st == "text" and isinstance(src.get("data"), str):
+        if not b.get("title") and not b.get("context"):
+            return _cc(b, {"type": "text", "text": src["data"]}, flags)
+        return _raw(b, path, "a text document with 'title' or 'context'", flags)
+    return _raw(b, path, f"a document with a {st!r} source", flags)
+
+
+def _tool_result(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any]:
+    tid = b.get("tool_use_id")
+    if not isinstance(tid, str) or not tid:
+        raise _err(path + ".tool_use_id", "is required and must be a string", "missing_required_parameter")
+    c = b.get("content")
+    content: Any
+    if c is None:
+        content = ""
+    elif isinstance(c, str):
+        content = c
+    elif isinstance(c, list):
+        parts = []
+        for j, sb in enumerate(c):
+            sp = f"{path}.content.{j}"
+            if not isinstance(sb, dict):
+                raise _err(sp, "must be an object", "invalid_type")
+            st = sb.get("type")
+            if st == "text":
+                parts.append(_text_part(sb, sp, flags))
+            elif st == "image":
+                parts.append(_image_part(sb, sp, flags))
+                flags.media = True
+            elif st == "document":
+                parts.append(_document_part(sb, sp, flags))
+                flags.media = True
+            elif isinstance(st, str):  # search_result, tool_reference, ...
+                parts.append(_raw(sb, sp, f"a {st!r} block", flags))
+            else:
+                raise _err(sp + ".type", "must be a string", "invalid_type")
+        content = parts
+    else:
+        raise _err(path + ".content", "must be a string or an array of content blocks", "invalid_type")
+    msg: dict[str, Any] = {"role": "tool", "tool_call_id": tid, "content": content}
+    _cc(b, msg, flags)  # a breakpoint on the whole result rides on the tool message
+    ie = b.get("is_error")
+    if ie is not None and not isinstance(ie, bool):
+        raise _err(path + ".is_error", "must be a boolean", "invalid_type")
+    if ie:
+        msg["is_error"] = True
+        flags.is_error = True
+    return msg
+
+
+def _tool_use(b: dict[str, Any], path: str, flags: _Flags) -> dict[str, Any]:
+    tid, name, inp = b.get("id"), b.get("name"), b.get("input")
+    if not isinstance(tid, str) or not tid:
+        raise _err(path + ".id", "is required and must be a string", "missing_required_parameter")
+    if not isinstance(name, str) or not name:
+        raise _err(path + ".name", "is required and must be a string", "missing_required_parameter")
+    if not isinstance(inp, dict):
+        raise _err(path + ".input", "must be an object", "invalid_type")
+    return _cc(b, {"id": tid, "type": "function",
+                   "function": {"name": name, "arguments": orjson.dumps(inp).decode()}}, flags)
+
+
+def _user_message(content: list[Any], path: str, flags: _Flags, out: list[dict[str, Any]]) -> None:
+    parts: list[dict[str, Any]] = []
+    for j, b in enumerate(content):
+        bp = f"{path}.content.{j}"
+        if not isinstance(b, dict):
+            raise _err(bp, "must be an object", "invalid_type")
+        t = b.get("type")
+        if t == "text":
+            parts.append(_text_part(b, bp, flags))
+        elif t == "image":
+            parts.append(_image_part(b, bp, flags))
+        elif t == "document":
+            parts.append(_document_part(b, bp, flags))
+        elif t == "tool_result":
+            if parts:  # Anthropic requires tool results first; a tool message cannot follow user text
+                raise _err(bp, "tool_result blocks must come before any other content in a user message")
+            out.append(_tool_result(b, bp, flags))
+        elif t in ("tool_use", "thinking", "redacted_thinking"):
+            raise _err(bp + ".type", f"{t!r} blocks are only allowed in assistant messages")
+        elif isinstance(t, str):  # search_result, container_upload, blocks yet to come
+            parts.append(_raw(b, bp, f"a {t!r} block", flags))
+        else:
+            raise _err(bp + ".type", "must be a string", "invalid_type")
+    if parts:
+        if len(parts) == 1 and parts[0]["type"] == "text" and len(parts[0]) == 2:
+            out.append({"role": "user", "content": parts[0]["text"]})
+        else:
+            out.append({"role": "user", "content": parts})
+    elif not content:
+        raise _err(path + ".content", "must not be empty")
+
+
+def _assistant_message(content: list[Any], path: str, flags: _Flags) -> dict[str, Any]:
+    texts: list[dict[str, Any]] = []
+    calls: list[dict[str, Any]] = []
+    thinking: list[dict[str, Any]] = []
+    for j, b in enumerate(content):
+        bp = f"{path}.content.{j}"
+        if not isinstance(b, dict):
+            raise _err(bp, "must be an object", "invalid_type")
+        t = b.get("type")
+        if t == "text":  # text after a tool_use moves before the tool calls (the canonical order)
+            texts.append(_text_part(b, bp, flags))
+        elif t == "tool_use":
+            calls.append(_tool_use(b, bp, flags))
+        elif t == "redacted_thinking" or t == "thinking" and b.get("signature"):
+            thinking.append(b)
+        elif t == "thinking":
+            # unsigned: reasoning HelixAgent relayed from a non-Anthropic upstream (DeepSeek's
+            # reasoning_content).  Those upstreams do not take earlier reasoning back and Anthropic rejects an
+            # unsigned block, so it is dropped, and the conversation can continue with any provider.
+            continue
+        elif t == "tool_result":
+            raise _err(bp + ".type", "'tool_result' blocks are only allowed in user messages")
+        elif isinstance(t, str):  # server_tool_use, web_search_tool_result, mcp_tool_use, ... in their place
+            texts.append(_raw(b, bp, f"a {t!r} block", flags))
+        else:
+            raise _err(bp + ".type", "must be a string", "invalid_type")
+    msg: dict[str, Any] = {"role": "assistant"}
+    if not texts:
+        msg["content"] = None if calls or thinking else ""
+    elif len(texts) == 1 and texts[0]["type"] == "text" and len(texts[0]) == 2:
+        msg["content"] = texts[0]["text"]
+    else:
+        msg["content"] = texts
+    if calls:
+        msg["tool_calls"] = calls
+    if thinking:
+        msg["thinking_blocks"] = thinking
+        flags.features.append("thinking_blocks")
+    return msg
+
+
+def _system(system: Any, flags: _Flags, path: str = "system") -> dict[str, Any] | None:
+    if system is None:
+        return None
+    if isinstance(system, str):
+        return {"role": "system", "content": system} if system else None
+    if not isinstance(system, list):
+        raise _err(path, "must be a string or an array of text blocks", "invalid_type")
+    parts = []
+    for j, b in enumerate(system):
+        if not isinstance(b, dict) or b.get("type") != "text":
+            raise _err(f"{path}.{j}", "system blocks must be text blocks", "invalid_type")
+        parts.append(_text_part(b, f"{path}.{j}", flags))
+    if not parts:
+        return None
+    if len(parts) == 1 and len(parts[0]) == 2:
+        return {"role": "system", "content": parts[0]["text"]}
+    return {"role": "system", "content": parts}
+
+
+def _tools(tools: Any, flags: _Flags) -> list[dict[str, Any]]:
+    if not isinstance(tools, list):
+        raise _err("tools", "must be an array", "invalid_type")
+    out = []
+    seen: set[str] = set()
+    for i, t in enumerate(tools):
+        p = f"tools.{i}"
+        if not isinstance(t, dict):
+            raise _err(p, "must be an object", "invalid_type")
+        typ = t.get("type")
+        name = t.get("name")
+        if typ not in (None, "custom"):
+            # server tools (web_search_20250305, code_execution_...) and Anthropic-defined client tools
+            # (bash_..., text_editor_..., computer_..., memory_...), MCP toolsets: sent as they are to an
+            # Anthropic provider; another provider cannot run them (a 400 naming the tool)
+            if not isinstance(typ, str):
+                raise _err(p + ".type", "must be a string", "invalid_type")
+            if isinstance(name, str):
+                if name in seen:
+                    raise _err(p + ".name", f"tool names must be unique; {name!r} is repeated")
+                seen.add(name)
+            flags.native.append((f"the Anthropic tool type {typ!r}", p))
+            out.append(t)
+            continue
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise _err(p + ".name", "is required and must match ^[a-zA-Z0-9_-]{1,128}$")
+        if name in seen:
+            raise _err(p + ".name", f"tool names must be unique; {name!r} is repeated")
+        seen.add(name)
+        schema = t.get("input_schema")
+        if not isinstance(schema, dict):
+            raise _err(p + ".input_schema", "is required and must be a JSON schema object", "invalid_type")
+        if schema.get("type") != "object":
+            raise _err(p + ".input_schema.type", "must be 'object'")
+        fn: dict[str, Any] = {"name": name}
+        desc = t.get("description")
+        if desc is not None:
+            if not isinstance(desc, str):
+                raise _err(p + ".description", "must be a string", "invalid_type")
+            fn["description"] = desc
+        fn["parameters"] = schema
+        tool = _cc(t, {"type": "function", "function": fn}, flags)
+        if len(t) > 2 + ("description" in t) + ("cache_control" in t) + ("type" in t):
+            # strict, defer_loading, input_examples, eager_input_streaming, ...
+            _keep_extras(t, ("type", "name", "description", "input_schema", "cache_control"), tool, flags, "tools.")
+        out.append(tool)
+    return out
+
+
+def _tool_choice(tc: Any, has_tools: bool, params: dict[str, Any]) -> None:
+    if not isinstance(tc, dict):
+        raise _err("tool_choice", "must be an object", "invalid_type")
+    t = tc.get("type")
+    if t != "none" and not has_tools:
+        raise _err("tool_choice", "tool_choice may only be specified while providing tools")
+    if t == "auto":
+        params["tool_choice"] = "auto"
+    elif t == "any":
+        params["tool_choice"] = "required"
+    elif t == "none":
+        params["tool_choice"] = "none"
+    elif t == "tool":
+        name = tc.get("name")
+        if not isinstance(name, str) or not name:
+            raise _err("tool_choice.name", "is required for type 'tool'", "missing_required_parameter")
+        params["tool_choice"] = {"type": "function", "function": {"name": name}}
+    else:
+        raise _err("tool_choice.type", f"must be one of auto, any, tool, none; got {t!r}")
+    dp = tc.get("disable_parallel_tool_use")
+    if dp is not None:
+        if not isinstance(dp, bool):
+            raise _err("tool_choice.disable_parallel_tool_use", "must be a boolean", "invalid_type")
+        if t == "none":
+            raise _err("tool_choice.disable_parallel_tool_use", "is not allowed with type 'none'")
+        if has_tools:
+            params["parallel_tool_calls"] = not dp
+
+
+def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> Any:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _err(name, "must be a number", "invalid_type")
+    if not lo <= v <= hi:
+        raise _err(name, f"must be between {lo:g} and {hi:g}; got {v}")
+    return v
+
+
+def parse_messages(raw: bytes, known_providers: Any, count_only: bool = False) -> tuple[ChatRequest, dict[str, Any]]:
+    """Parse a /v1/messages body (``count_only``: a /v1/messages/count_tokens body, max_tokens optional).
+
+    Returns the canonical request and the HelixAgent fields; ``helix["anthropic"]`` holds what the route
+    needs to know: ``features`` (Anthropic-only features used) and ``lower`` (extensions to remove for a
+    non-Anthropic provider)."""
+    body = load_json_object(raw)
+    unknown = sorted(set(body) - _KNOWN_FIELDS - set(HELIX_FIELDS))
+    for k in unknown:  # named in a response header when dropped: an API field name, nothing else
+        if not _FIELD_NAME.match(k):
+            raise bad_request(f"{k[:64]!r}: not a valid field name", param="body", code="invalid_value")
+    body = check_messages(body)  # every type from here on is the schema's (schemas/anthropic.py)
+    helix = {k: body.pop(k) for k in HELIX_FIELDS if k in body}
+    # fields with no canonical meaning (context_management, mcp_servers, container, service_tier, what the
+    # API adds next): sent untouched to an Anthropic provider, dropped and named (or refused) for others
+    extra: dict[str, Any] = {k: body[k] for k in unknown}
+    if "model" not in body and "provider" not in helix:
+        raise _err("model", "Field required", "missing_required_parameter")
+    model, provider = split_model(body.get("model"), helix.get("provider"), known_providers)
+    params: dict[str, Any] = {}
+    mt = body.get("max_tokens")
+    if mt is None:
+        if not count_only:
+            raise _err("max_tokens", "Field required", "missing_required_parameter")
+    elif isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
+        raise _err("max_tokens", "must be a positive integer", "invalid_value")
+    else:
+        params["max_tokens"] = mt
+    flags = _Flags()
+    messages_in = body.get("messages")
+    if messages_in is None:
+        raise _err("messages", "Field required", "missing_required_parameter")
+    if not isinstance(messages_in, list) or not messages_in:
+        raise _err("messages", "must be a non-empty array")
+    messages: list[dict[str, Any]] = []
+    sysmsg = _system(body.get("system"), flags)
+    if sysmsg is not None:
+        messages.append(sysmsg)
+    for i, m in enumerate(messages_in):
+        p = f"messages.{i}"
+        if not isinstance(m, dict):
+            raise _err(p, "must be an object", "invalid_type")
+        role, c = m.get("role"), m.get("content")
+        if role not in ("user", "assistant", "system"):
+            raise _err(p + ".role", f"must be 'user', 'assistant' or 'system'; got {role!r}")
+        fields = set(m) - {"role", "content"}
+        if fields:
+            if role != "system":
+                raise _err(p, f"unsupported message fields: {', '.join(sorted(fields))}", "unsupported_feature")
+            # Claude Code puts per-message settings (``output_config``) on the system messages it sends inside
+            # ``messages``: the text joins the system prompt, where such settings have no place -- dropped, and
+            # named (x-helixagent-dropped-params) for a provider that is not Anthropic's
+            flags.dropped.update(f"{p}.{f}" for f in fields)
+        if role == "system":  # Claude Code sends its system prompt this way in some modes: kept in its place
+            sm = _system(c, flags, p + ".content")
+            if sm is not None:
+                messages.append(sm)
+            continue
+        if isinstance(c, str):
+            if role == "assistant":
+                messages.append({"role": "assistant", "content": c})
+            else:
+                messages.append({"role": "user", "content": c})
+        elif isinstance(c, list):
+            if role == "user":
+                _user_message(c, p, flags, messages)
+            else:
+                messages.append(_assistant_message(c, p, flags))
+        else:
+            raise _err(p + ".content", "must be a string or an array of content blocks", "invalid_type")
+    if messages_in[-1].get("role") == "assistant":
+        flags.features.append("prefill")
+    if not any(m["role"] != "system" for m in messages):
+        raise _err("messages", "at least one user or assistant message is required")
+    stop = body.get("stop_sequences")
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise _err("stop_sequences", "must be an array of non-empty strings", "invalid_type")
+        if stop:
+            params["stop"] = list(stop)
+    for name, hi in (("temperature", 1.0), ("top_p", 1.0)):
+        v = _number(body, name, 0.0, hi)
+        if v is not None:
+            params[name] = v
+    tk = body.get("top_k")
+    if tk is not None:
+        if isinstance(tk, bool) or not isinstance(tk, int) or tk < 0:
+            raise _err("top_k", "must be a non-negative integer", "invalid_value")
+        params["top_k"] = tk
+        flags.features.append("top_k")
+    md = body.get("metadata")
+    if md is not None:
+        if not isinstance(md, dict):
+            raise _err("metadata", "must be an object", "invalid_type")
+        md_more = set(md) - {"user_id"}
+        if md_more:
+            raise _err("metadata", f"unsupported fields: {', '.join(sorted(md_more))}", "unsupported_feature")
+        uid = md.get("user_id")
+        if uid is not None:
+            if not isinstance(uid, str) or len(uid) > 256:
+                raise _err("metadata.user_id", "must be a string of at most 256 characters", "invalid_type")
+            params["user"] = uid
+    tools = body.get("tools")
+    if tools is not None:
+        ct = _tools(tools, flags)
+        if ct:
+            params["tools"] = ct
+    if body.get("tool_choice") is not None:
+        _tool_choice(body["tool_choice"], bool(params.get("tools")), params)
+    th = body.get("thinking")
+    if th is not None:
+        if not isinstance(th, dict) or th.get("type") not in ("enabled", "disabled", "adaptive"):
+            raise _err("thinking", "must be an object with type 'enabled', 'adaptive' or 'disabled'")
+        if th.get("type") == "enabled":
+            bt = th.get("budget_tokens")
+            if isinstance(bt, bool) or not isinstance(bt, int) or bt < 1024:
+                raise _err("thinking.budget_tokens", "must be an integer >= 1024")
+            if mt is not None and bt >= mt:
+                raise _err("thinking.budget_tokens", "must be less than max_tokens")
+        if th.get("type") != "disabled":
+            params["thinking"] = th
+            flags.features.append("thinking")
+    cc = body.get("cache_control")
+    if cc is not None:  # automatic prompt caching for the whole request
+        params["cache_control"] = _cc(body, {}, flags)["cache_control"]
+    oc = body.get("output_config")
+    if oc is not None:
+        if not isinstance(oc, dict):
+            raise _err("output_config", "must be an object", "invalid_type")
+        more = {k: v for k, v in oc.items() if k not in ("effort", "format")}
+        if more:  # output_config fields HelixAgent does not translate: like unknown top-level fields
+            extra["output_config"] = more
+        fmt = oc.get("format")
+        if fmt is not None:
+            if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+                raise _err("output_config.format", "must be {type: 'json_schema', schema: {...}}")
+            params["response_format"] = {"type": "json_schema",
+                                         "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True}}
+        eff = oc.get("effort")
+        if eff is not None:
+            if eff not in ("low", "medium", "high", "xhigh", "max"):
+                raise _err("output_config.effort", "must be one of low, medium, high, xhigh, max")
+            params["reasoning_effort"] = eff
+            flags.features.append("effort")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _err("stream", "must be a boolean", "invalid_type")
+    helix["anthropic"] = {"features": flags.features,
+                          "lower": flags.cache_control or flags.is_error or flags.media or bool(flags.dropped),
+                          "native": flags.native, "dropped": sorted(flags.dropped)}
+    req = ChatRequest(model=model, messages=messages, params=params, stream=stream, include_usage=stream,
+                      provider=provider, endpoint="chat")
+    if extra:
+        req.extra = {"anthropic": extra}
+    return req, helix
