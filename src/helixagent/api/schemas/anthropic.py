@@ -1,9 +1,9 @@
 """The Anthropic Messages request schema (``POST /v1/messages`` and ``/v1/messages/count_tokens``), after
 the official SDK's param types (``anthropic/types/message_create_params.py`` and the block params).
 
-The schema fixes every type; the translation in ``api/anthropic_format.py`` then checks meaning (order
-of tool results, features a provider lacks) and answers what cannot be translated with
-``unsupported_feature``.  Block and source types the translation does not know are admitted here as
+The schema fixes every type; the translation in ``api/anthropic_request.py`` relies on it and checks only
+meaning (non-empty values, order of tool results, features a provider lacks), answering what cannot be
+translated with ``unsupported_feature``.  Block and source types the translation does not know are admitted here as
 ``{"type": str}`` objects, so that answer names them.  Paths use Anthropic's own style
 (``messages.0.content.1.text``)."""
 from __future__ import annotations
