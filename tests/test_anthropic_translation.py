@@ -7,12 +7,14 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 from anthropic.types import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helixagent.api import anthropic_format as afmt
 from helixagent.canonical import StreamAccumulator, Usage, new_chunk, replay_chunks, usage_chunk
+from helixagent.errors import GatewayError
 from helixagent.providers.anthropic_mapping import canonical_to_anthropic_request
 from support.anthropic_events import EVENT, check_order, fold
 
@@ -246,3 +248,109 @@ def test_error_mid_stream_translation():
     events = _parse_frames(data)
     assert [e["type"] for e in events] == ["message_start", "content_block_start", "content_block_delta", "error"]
     assert events[-1] == {"type": "error", "error": {"type": "api_error", "message": "upstream broke"}}
+
+
+# -- the type checks the translation leaves to the edge schema (schemas/anthropic.py) ------------------------
+# anthropic_request.py reads types as the schema guarantees them; each of these used to have a hand-written
+# twin there.  Each is a 400 naming the parameter, before any translation runs.
+
+def _body(**kw: Any) -> dict[str, Any]:
+    return {"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+def _blocks(*blocks: Any, role: str = "user") -> dict[str, Any]:
+    return _body(messages=[{"role": role, "content": list(blocks)}])
+
+
+_TOOL = {"name": "f", "input_schema": {"type": "object"}}
+SCHEMA_ONLY = [
+    (_blocks({"type": "text", "text": "x", "cache_control": {"type": "persistent"}}),
+     "messages.0.content.0.cache_control.type", "invalid_type"),
+    (_body(cache_control={"type": "forever"}), "cache_control.type", "invalid_type"),
+    (_blocks({"type": "text", "text": 5}), "messages.0.content.0.text", "invalid_type"),
+    (_blocks({"type": "image", "source": []}), "messages.0.content.0.source", "invalid_type"),
+    (_blocks({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": 1}}),
+     "messages.0.content.0.source.data", "invalid_type"),
+    (_blocks({"type": "image", "source": {"type": "url", "url": None}}), "messages.0.content.0.source.url", "invalid_type"),
+    (_blocks({"type": "document", "source": "x"}), "messages.0.content.0.source", "invalid_type"),
+    (_blocks({"type": "tool_result", "tool_use_id": 7}), "messages.0.content.0.tool_use_id", "invalid_type"),
+    (_blocks({"type": "tool_result", "tool_use_id": "t", "content": 3}), "messages.0.content.0.content", "invalid_type"),
+    (_blocks({"type": "tool_result", "tool_use_id": "t", "content": ["x"]}), "messages.0.content.0.content.0",
+     "invalid_type"),
+    (_blocks({"type": "tool_result", "tool_use_id": "t", "is_error": "yes"}), "messages.0.content.0.is_error",
+     "invalid_type"),
+    (_blocks({"type": "tool_use", "id": "t", "name": "f", "input": []}, role="assistant"), "messages.0.content.0.input",
+     "invalid_type"),
+    (_blocks("x"), "messages.0.content.0", "invalid_type"),
+    (_blocks({"type": 3}), "messages.0.content.0.type", "invalid_type"),
+    (_body(system=5), "system", "invalid_type"),
+    (_body(system=[{"type": "image"}]), "system.0.type", "invalid_type"),
+    (_body(tools={}), "tools", "invalid_type"),
+    (_body(tools=[1]), "tools.0", "invalid_type"),
+    (_body(tools=[{"type": 5}]), "tools.0.type", "invalid_type"),
+    (_body(tools=[{"name": 5, "input_schema": {"type": "object"}}]), "tools.0.name", "invalid_type"),
+    (_body(tools=[{"name": "f", "input_schema": "x"}]), "tools.0.input_schema", "invalid_type"),
+    (_body(tools=[{**_TOOL, "description": 1}]), "tools.0.description", "invalid_type"),
+    (_body(tool_choice="auto"), "tool_choice", "invalid_type"),
+    (_body(tool_choice={"type": "bogus"}), "tool_choice.type", "invalid_value"),
+    (_body(tools=[_TOOL], tool_choice={"type": "auto", "disable_parallel_tool_use": 1}),
+     "tool_choice.disable_parallel_tool_use", "invalid_type"),
+    (_body(max_tokens=True), "max_tokens", "invalid_type"),
+    (_body(max_tokens=0), "max_tokens", "invalid_value"),
+    (_body(messages=[]), "messages", "invalid_value"),
+    ({"model": "m", "max_tokens": 1}, "messages", "missing_required_parameter"),
+    (_body(messages=["x"]), "messages.0", "invalid_type"),
+    (_body(messages=[{"role": "tool", "content": "x"}]), "messages.0.role", "invalid_type"),
+    (_body(messages=[{"role": "user", "content": 1}]), "messages.0.content", "invalid_type"),
+    (_body(stop_sequences=[1]), "stop_sequences.0", "invalid_type"),
+    (_body(temperature=1.5), "temperature", "invalid_type"),
+    (_body(top_p=True), "top_p", "invalid_type"),
+    (_body(top_k=-1), "top_k", "invalid_value"),
+    (_body(metadata=[]), "metadata", "invalid_type"),
+    (_body(metadata={"user_id": 5}), "metadata.user_id", "invalid_type"),
+    (_body(thinking={"type": "on"}), "thinking.type", "invalid_type"),
+    (_body(thinking={"type": "enabled", "budget_tokens": True}), "thinking.budget_tokens", "invalid_type"),
+    (_body(output_config=1), "output_config", "invalid_type"),
+    (_body(output_config={"format": {"type": "text"}}), "output_config.format.type", "invalid_type"),
+    (_body(stream="yes"), "stream", "invalid_type"),
+]
+
+
+@pytest.mark.parametrize("body,param,code", SCHEMA_ONLY, ids=[p for _, p, _ in SCHEMA_ONLY])
+def test_schema_alone_rejects_wrong_types(body: dict[str, Any], param: str, code: str) -> None:
+    with pytest.raises(GatewayError) as ei:
+        afmt.parse_messages(orjson.dumps(body), ())
+    e = ei.value
+    assert (e.status, e.param, e.code) == (400, param, code)
+    assert str(e).startswith(param + ": ")
+
+
+# the checks the schema cannot express stay in the translation, with their own messages
+@pytest.mark.parametrize("body,param,message", [
+    (_blocks({"type": "text", "text": ""}), "messages.0.content.0.text", "text content blocks must be non-empty"),
+    (_blocks({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}),
+     "messages.0.content.0.source.data", "must be a non-empty base64 string"),
+    (_blocks({"type": "image", "source": {"type": "url", "url": "ftp://x"}}), "messages.0.content.0.source.url",
+     "must be an http(s) URL"),
+    (_blocks({"type": "tool_result", "tool_use_id": ""}), "messages.0.content.0.tool_use_id",
+     "is required and must be a string"),
+    (_blocks({"type": "tool_use", "id": "t", "name": "", "input": {}}, role="assistant"), "messages.0.content.0.name",
+     "is required and must be a string"),
+    (_body(messages=[{"role": "user", "content": []}]), "messages.0.content", "must not be empty"),
+    (_body(tools=[{"name": "bad name!", "input_schema": {"type": "object"}}]), "tools.0.name",
+     "is required and must match ^[a-zA-Z0-9_-]{1,128}$"),
+    (_body(tools=[_TOOL, _TOOL]), "tools.1.name", "tool names must be unique; 'f' is repeated"),
+    (_body(tools=[{"name": "f", "input_schema": {"type": "array"}}]), "tools.0.input_schema.type", "must be 'object'"),
+    (_body(tools=[_TOOL], tool_choice={"type": "tool", "name": ""}), "tool_choice.name", "is required for type 'tool'"),
+    (_body(stop_sequences=["a", ""]), "stop_sequences", "must be an array of non-empty strings"),
+    (_body(metadata={"user_id": "u" * 257}), "metadata.user_id", "must be a string of at most 256 characters"),
+    (_body(thinking={"type": "enabled", "budget_tokens": 1000}), "thinking.budget_tokens", "must be an integer >= 1024"),
+    (_body(max_tokens=2000, thinking={"type": "enabled", "budget_tokens": 2000}), "thinking.budget_tokens",
+     "must be less than max_tokens"),
+    (_body(output_config={"effort": "huge"}), "output_config.effort", "must be one of low, medium, high, xhigh, max"),
+])
+def test_translation_checks_meaning(body: dict[str, Any], param: str, message: str) -> None:
+    with pytest.raises(GatewayError) as ei:
+        afmt.parse_messages(orjson.dumps(body), ())
+    assert ei.value.status == 400 and ei.value.param == param
+    assert str(ei.value) == f"{param}: {message}"
