@@ -45,6 +45,15 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
+def _redis_url_ok(value: str | None) -> str | None:
+    """A Redis URL of a supported kind (redis, rediss, redis+sentinel, redis+cluster; see
+    helixagent.redis_client); the error never quotes the password."""
+    if value:
+        from .redis_client import parse_url
+        parse_url(value)
+    return value
+
+
 def parse_duration(value: Any) -> float:
     """'90s' -> 90.0, '5m' -> 300.0, 1500 -> 1500.0 (seconds)."""
     if isinstance(value, bool):
@@ -300,6 +309,11 @@ class CacheConfig(Strict):
     cache_nonzero_temperature: bool = False
     scope: Literal["application", "global"] = "application"
     dedupe: bool = True
+    # With a Redis (type redis, or redis.url set): identical concurrent requests on different instances
+    # share one upstream call too (a lease per flight, renewed every flight_lease/3; a leader that dies is
+    # replaced within flight_lease).  See docs/cache.md "Several instances".
+    dedupe_across_instances: bool = True
+    flight_lease: float = Field(default=5.0, gt=0)
     # Redis: every key is prefixed (several gateways or environments can share one Redis)
     key_prefix: str = "helixagent:cache:"
     # Redis: connect / command timeout; a slower Redis counts as unreachable for that request
@@ -309,7 +323,9 @@ class CacheConfig(Strict):
     redis_pool_size: int = Field(default=100, ge=1)
     redis_pool_timeout: float = Field(default=2.0, gt=0)
 
-    _d = field_validator("ttl", "redis_timeout", "redis_pool_timeout", mode="before")(lambda v: parse_duration(v))
+    _d = field_validator("ttl", "redis_timeout", "redis_pool_timeout", "flight_lease",
+                         mode="before")(lambda v: parse_duration(v))
+    _u = field_validator("redis_url")(lambda v: _redis_url_ok(v))
 
     @field_validator("ttl")
     @classmethod
@@ -388,6 +404,7 @@ class RateLimitsConfig(Strict):
     default_price_per_mtok: DefaultPrice | None = None
 
     _rlp = field_validator("redis_pool_timeout", mode="before")(lambda v: parse_duration(v))
+    _u = field_validator("redis_url")(lambda v: _redis_url_ok(v))
 
     @field_validator("on_backend_error", mode="before")
     @classmethod
@@ -398,7 +415,8 @@ class RateLimitsConfig(Strict):
 
     @model_validator(mode="after")
     def _redis_url(self) -> "RateLimitsConfig":
-        if self.backend == "memory" and self.redis_url and self.redis_url.startswith(("redis://", "rediss://")):
+        if self.backend == "memory" and self.redis_url and self.redis_url.startswith(("redis://", "rediss://",
+                                                                                     "redis+", "rediss+")):
             self.backend = "redis"
         if self.unknown_price == "default" and self.default_price_per_mtok is None:
             raise ValueError("rate_limits.unknown_price: default needs rate_limits.default_price_per_mtok "
@@ -416,6 +434,7 @@ class AuthConfig(Strict):
     redis_prefix: str = Field(default="helixagent", min_length=1)
 
     _d = field_validator("key_cache_ttl", mode="before")(lambda v: parse_duration(v))
+    _u = field_validator("redis_url")(lambda v: _redis_url_ok(v))
 
 
 class DatabaseConfig(Strict):
@@ -463,7 +482,10 @@ class TracingConfig(Strict):
 
 
 class RedisConfig(Strict):
+    # redis://, rediss:// (TLS), redis+sentinel://h:26379[,h2]/<service>/<db>, redis+cluster://h:p[,h:p]
     url: str | None = None
+
+    _u = field_validator("url")(lambda v: _redis_url_ok(v))
 
 
 class Config(Strict):

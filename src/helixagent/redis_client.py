@@ -33,8 +33,8 @@ No password reaches a log line or an error message: :func:`redact` is what calle
 from __future__ import annotations
 
 import asyncio
-from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any, Callable
+from urllib.parse import parse_qs, unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -179,7 +179,7 @@ def parse_url(url: str) -> RedisURL:
     return RedisURL("cluster", tls, hosts, None, 0, username, password, options, url)
 
 
-_TLS_OPTS = {"ssl_cert_reqs": str, "ssl_ca_certs": str, "ssl_certfile": str, "ssl_keyfile": str,
+_TLS_OPTS: dict[str, Callable[[str], Any]] = {"ssl_cert_reqs": str, "ssl_ca_certs": str, "ssl_certfile": str, "ssl_keyfile": str,
              "ssl_check_hostname": lambda v: str(v).lower() in ("1", "true", "yes", "on"),
              "ssl_ca_path": str, "ssl_password": str}
 
@@ -258,7 +258,7 @@ class BoundedSentinelPool(_Bounded, SentinelConnectionPool):
     """:class:`BoundedPool` for the master behind Redis Sentinel."""
 
     def __init__(self, service_name: str, sentinel_manager: Any, *, pool_timeout: float, **kwargs: Any):
-        SentinelConnectionPool.__init__(self, service_name, sentinel_manager, **kwargs)
+        SentinelConnectionPool.__init__(self, service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
         self._bound(pool_timeout)
 
 
@@ -341,7 +341,7 @@ def make_client(url: str, *, pool_size: int, pool_timeout: float, timeout: float
             skw["password"] = u.options["sentinel_password"]
         if "sentinel_username" in u.options:
             skw["username"] = u.options["sentinel_username"]
-        sentinel = Sentinel(u.hosts, sentinel_kwargs=skw)
+        sentinel = Sentinel(u.hosts, sentinel_kwargs=skw)  # type: ignore[no-untyped-call]
         conn_kw = dict(common, db=u.db, retry=retry, retry_on_timeout=False, **auth, **tls)
         if u.tls:
             conn_kw["ssl"] = True

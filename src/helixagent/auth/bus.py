@@ -3,7 +3,9 @@
 Every instance caches verified keys in process memory.  When a key is revoked, rotated or created, the
 instance (or CLI) that made the change publishes the key ids on ``<prefix>:auth:keys``.  Each subscribed
 instance drops those entries and acknowledges by pushing onto a per-message list; the publisher waits
-until as many acknowledgements arrived as ``PUBLISH`` reported receivers (bounded by a timeout).  So
+until as many acknowledgements arrived as ``PUBLISH`` reported receivers (bounded by a timeout).  The
+acknowledgement list is ``<prefix>:{auth:ack:<nonce>}`` (its own hash tag: one key, any Cluster slot); the
+channel is a pub/sub channel, not a key (Cluster broadcasts classic PUBLISH to every node).  So
 when ``POST /admin/keys/{id}/revoke`` or ``helixagent keys revoke`` returns, no instance still accepts
 the key.  An instance whose subscription is down cannot hear changes: it then caches keys for at most
 ``fallback_ttl`` (1 s), and it empties its cache when the subscription comes back.
@@ -18,7 +20,7 @@ from typing import Any, Callable
 
 import orjson
 
-from ..redis_client import make_client
+from ..redis_client import make_client, tagged
 
 log = logging.getLogger("helixagent.auth")
 
@@ -41,7 +43,7 @@ def _client(url: str, blocking: bool = False) -> Any:
 async def publish(redis: Any, prefix: str, ids: list[str], wait: float = 2.0) -> tuple[int, int]:
     """Publish a change of ``ids``; wait for every receiver to acknowledge.  Returns (receivers, acks)."""
     nonce = secrets.token_hex(8)
-    ack_key = f"{prefix}:auth:ack:{nonce}"
+    ack_key = tagged(prefix, "auth:ack:" + nonce)  # <prefix>:{auth:ack:<nonce>}: Cluster-safe
     receivers = int(await redis.publish(channel_of(prefix), orjson.dumps({"ids": ids, "ack": ack_key})))
     acks = 0
     deadline = time.monotonic() + wait

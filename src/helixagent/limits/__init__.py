@@ -99,7 +99,8 @@ class Limiter:
         self.rl = rl
         self.backend = backend
         self.gw = gw
-        self.prefix = f"{rl.key_prefix}:rl"
+        kp = getattr(backend, "key_prefix", None)  # the backend decides the key layout (Cluster: hash tag)
+        self.prefix = kp(rl.key_prefix) if kp is not None else f"{rl.key_prefix}:rl"
         self.default_completion = rl.default_completion_tokens
         ip = rl.ip
         self.ip_rpm = ip.requests_per_minute if ip is not None else None
