@@ -179,9 +179,9 @@ def parse_url(url: str) -> RedisURL:
     return RedisURL("cluster", tls, hosts, None, 0, username, password, options, url)
 
 
-_TLS_OPTS: dict[str, Callable[[str], Any]] = {"ssl_cert_reqs": str, "ssl_ca_certs": str, "ssl_certfile": str, "ssl_keyfile": str,
-             "ssl_check_hostname": lambda v: str(v).lower() in ("1", "true", "yes", "on"),
-             "ssl_ca_path": str, "ssl_password": str}
+_TLS_OPTS: dict[str, Callable[[str], Any]] = {
+    "ssl_cert_reqs": str, "ssl_ca_certs": str, "ssl_certfile": str, "ssl_keyfile": str, "ssl_ca_path": str,
+    "ssl_password": str, "ssl_check_hostname": lambda v: str(v).lower() in ("1", "true", "yes", "on")}
 
 
 def _tls_kwargs(u: RedisURL) -> dict[str, Any]:
