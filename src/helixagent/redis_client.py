@@ -289,6 +289,7 @@ class BoundedCluster(RedisCluster):
         self.pool_size = pool_size
         self.pool_timeout = pool_timeout
         self._slots = asyncio.Semaphore(pool_size)
+        self._init_lock = asyncio.Lock()
         self.waits = 0
         self.exhausted = 0
 
@@ -305,6 +306,12 @@ class BoundedCluster(RedisCluster):
         else:
             await slots.acquire()
         try:
+            if self._initialize:
+                # one bootstrap of the slot map before any command: commands racing redis-py's own lazy
+                # initialisation saw their connections closed under them ("Connection closed by server")
+                async with self._init_lock:
+                    if self._initialize:
+                        await self.initialize()
             return await super().execute_command(*args, **kwargs)
         except RedisClusterException as exc:
             cause = exc.__cause__ or exc.__context__

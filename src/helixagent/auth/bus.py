@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import orjson
 
-from ..redis_client import make_client, tagged
+from ..redis_client import is_cluster, make_client, tagged
 
 log = logging.getLogger("helixagent.auth")
 
@@ -109,8 +109,11 @@ class InvalidationBus:
     async def _run(self) -> None:
         backoff = 0.1
         while not self._stopping:
-            ps = self.redis.pubsub(ignore_subscribe_messages=True)
+            ps = None
             try:
+                if is_cluster(self.redis):
+                    await self.redis.initialize()  # the slot map picks the node the subscription uses
+                ps = self.redis.pubsub(ignore_subscribe_messages=True)
                 await ps.subscribe(channel_of(self.prefix))
                 self.on_change(None)  # messages may have been missed while we were not subscribed
                 self.healthy = True
@@ -138,7 +141,8 @@ class InvalidationBus:
                 backoff = min(backoff * 2, 2.0)
             finally:
                 try:
-                    await ps.aclose()
+                    if ps is not None:
+                        await ps.aclose()
                 except Exception:  # noqa: BLE001 - closing a pubsub connection that may already be broken
                     pass
 

@@ -400,7 +400,7 @@ class RedisBackend:
         self.redis = make_client(url, pool_size=pool_size, pool_timeout=pool_timeout, timeout=timeout,
                                  connect_timeout=timeout)
         self.cluster = is_cluster(self.redis)
-        self.pool = self.redis.connection_pool
+        self.pool = getattr(self.redis, "connection_pool", self.redis)  # Cluster: the client holds the bound
         self._reserve = self.redis.register_script(RESERVE_LUA)
         self._settle = self.redis.register_script(SETTLE_LUA)
         self.retry_interval = retry_interval
