@@ -180,3 +180,39 @@ def test_leader_sigkilled_before_answering_is_replaced_by_one_follower(three: li
             assert len(bodies) == 1
     else:
         assert {r.json()["choices"][0]["message"]["content"] for r in rs} == {"echo:leader echo:dies echo:" + str(stream)}
+
+
+def test_leader_sigkilled_mid_stream_ends_the_followers_streams_with_an_error(three: list[Instance],
+                                                                              upstream: FakeOpenAI) -> None:
+    """Chunks already relayed cannot be continued by another upstream call: the followers' streams end
+    with an error event (no [DONE]) within about one lease -- never a hang."""
+    upstream.sticky = Fault(chunk_delay=0.5)
+    data = body("cut me off in the middle please", stream=True)
+
+    async def read(c: httpx.AsyncClient, base: str, got: list[str]) -> None:
+        async with c.stream("POST", base + URL, json=data) as r:
+            assert r.status_code == 200
+            async for ln in r.aiter_lines():
+                if ln.startswith("data: "):
+                    got.append(ln)
+
+    async def run() -> tuple[list[list[str]], float]:
+        async with httpx.AsyncClient(timeout=30) as c:
+            lead_lines: list[str] = []
+            lead = asyncio.ensure_future(read(c, three[0].url, lead_lines))
+            while len(lead_lines) < 1:
+                await asyncio.sleep(0.02)
+            outs: list[list[str]] = [[] for _ in range(4)]
+            fs = [asyncio.ensure_future(read(c, three[1 + i % 2].url, outs[i])) for i in range(4)]
+            while min(len(o) for o in outs) < 2:
+                await asyncio.sleep(0.02)
+            t0 = time.monotonic()
+            three[0].kill()
+            await asyncio.wait_for(asyncio.gather(*fs, return_exceptions=True), 15)
+            lead.cancel()
+            return outs, time.monotonic() - t0
+    outs, took = asyncio.run(run())
+    assert len(upstream.calls) == 1   # nobody re-asked the upstream mid-stream
+    assert took < 8
+    for o in outs:
+        assert o[-1] != "data: [DONE]" and "error" in o[-1], o[-3:]

@@ -259,7 +259,7 @@ class RemoteFlights:
 
     async def _join(self, key: str, streamed: bool, follow: bool) -> Outcome:
         deadline = time.monotonic() + self.budget + self.lease_s
-        changes = 0
+        changes = spins = 0
         token: str | None = None
         while True:
             lease = await self.try_lead(key)
@@ -276,7 +276,10 @@ class RemoteFlights:
                 return Outcome("alone")
             new = await self._token(key)
             if new is None:
-                continue  # released just now: race for it again (counted below only on a change)
+                spins += 1
+                if spins > MAX_TAKEOVERS * 3:
+                    return Outcome("alone")
+                continue  # released just now: race for it again
             if token is not None and new != token:
                 changes += 1
                 self.takeovers += 1
@@ -409,11 +412,10 @@ class Relay:
         self.ended = True
 
 
-async def publish_stream(bc: Any, lease: Lease) -> None:
-    """The leader's side of a streamed flight: a reader of the :class:`~.service.Broadcast` that appends
+async def publish_stream(bc: Any, lease: Lease, reader: Any) -> None:
+    """The leader's side of a streamed flight: ``reader`` (of the :class:`~.service.Broadcast`) appends
     its chunks to the flight stream in batches (whatever arrived since the last append), then the
     outcome; the lease is given up once the answer is stored."""
-    reader = bc.reader()
     head = False
     ok = True
     try:

@@ -467,7 +467,8 @@ class CacheService:
                 bc.start()
                 lease, p.lease = p.lease, None
                 if lease is not None and self.remote is not None:
-                    self.remote.spawn(publish_stream(bc, lease))  # a reader: followers elsewhere
+                    # a reader of its own, taken now (before any client can leave): followers elsewhere
+                    self.remote.spawn(publish_stream(bc, lease, bc.reader()))
                 return
             resp = ctx.response
             if resp is None:

@@ -1,0 +1,140 @@
+"""Cross-instance de-duplication, the edges: two gateways in this process (separate apps, separate cache
+services; they share nothing but Redis) -- the leader's error reaches the followers on the other instance
+and nothing is stored; a memory cache with the shared redis.url still de-duplicates across instances; the
+values in a flight stream are encrypted with encryption.enabled; Redis dying under a waiting follower
+sends it upstream alone (never a hang)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import pytest
+import redis
+
+from conftest import need_redis
+from fakes.openai_upstream import Fault, FakeOpenAI
+from support.keys import redis_cleanup, unique_prefix
+from support.redis_server import PrivateRedis
+
+pytestmark = pytest.mark.redis
+URL = "/v1/chat/completions"
+
+
+def _cache(url: str, prefix: str, **kw: Any) -> dict[str, Any]:
+    return {"enabled": True, "type": "redis", "redis_url": url, "key_prefix": f"{prefix}:cache:",
+            "redis_timeout": "3s", "flight_lease": "1s", **kw}
+
+
+def _burst(gws: list[Any], n: int, data: dict[str, Any], stagger: float = 0.0) -> list[httpx.Response]:
+    async def one(c: httpx.AsyncClient, i: int) -> httpx.Response:
+        await asyncio.sleep(stagger * i)
+        return await c.post(gws[i % len(gws)].url + URL, json=data)
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(n)))
+    return asyncio.run(run())
+
+
+def body(text: str, **kw: Any) -> dict[str, Any]:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], "temperature": 0, **kw}
+
+
+def test_leader_error_reaches_followers_on_the_other_instance_and_is_not_stored(
+        make_gateway: Callable[..., Any], fake_openai: FakeOpenAI) -> None:
+    url, prefix = need_redis(), unique_prefix()
+    try:
+        cfg = {"providers": [fake_openai.provider(max_retries=0)], "cache": _cache(url, prefix)}
+        gws = [make_gateway(cfg), make_gateway(cfg)]
+        fake_openai.push(Fault(delay=1.0, status=500, message="upstream exploded"))
+        rs = _burst(gws, 8, body("this one fails"), stagger=0.02)
+        assert len(fake_openai.calls) == 1
+        assert len({r.status_code for r in rs}) == 1 and rs[0].status_code >= 500
+        assert len({r.json()["error"]["message"] for r in rs}) == 1
+        assert {r.headers["x-helixagent-cache"] for r in rs} == {"MISS"}
+        # nothing stored: the next request goes upstream (and succeeds)
+        r = httpx.post(gws[1].url + URL, json=body("this one fails"), timeout=10)
+        assert r.status_code == 200 and r.headers["x-helixagent-cache"] == "MISS" and len(fake_openai.calls) == 2
+        snaps = [g.app.services["cache"].snapshot() for g in gws]
+        assert sum(s["flights_led"] for s in snaps) >= 1 and sum(s["flights_followed"] for s in snaps) >= 1
+    finally:
+        redis_cleanup(url, prefix)
+
+
+def test_memory_cache_with_the_shared_redis_url_dedupes_across_instances(
+        make_gateway: Callable[..., Any], fake_openai: FakeOpenAI) -> None:
+    url, prefix = need_redis(), unique_prefix()
+    try:
+        cfg = {"providers": [fake_openai.provider(max_retries=0)], "redis": {"url": url},
+               "cache": {"enabled": True, "type": "memory", "key_prefix": f"{prefix}:cache:", "flight_lease": "1s"}}
+        gws = [make_gateway(cfg), make_gateway(cfg)]
+        fake_openai.sticky = Fault(delay=1.0)
+        for stream in (False, True):
+            before = len(fake_openai.calls)
+            rs = _burst(gws, 10, body(f"memory cache {stream}", stream=stream), stagger=0.02)
+            assert [r.status_code for r in rs] == [200] * 10
+            assert len(fake_openai.calls) == before + 1
+            assert len({r.text for r in rs}) == 1
+    finally:
+        redis_cleanup(url, prefix)
+
+
+def test_flight_stream_values_are_encrypted(make_gateway: Callable[..., Any], fake_openai: FakeOpenAI,
+                                            tmp_path: Path) -> None:
+    url, prefix = need_redis(), unique_prefix()
+    keyfile = tmp_path / "k.keys"
+    keyfile.write_text("k2026-01-01:" + base64.b64encode(os.urandom(32)).decode() + "\n")
+    try:
+        cfg = {"providers": [fake_openai.provider(max_retries=0)], "cache": _cache(url, prefix),
+               "encryption": {"enabled": True, "key_file": str(keyfile)}}
+        gws = [make_gateway(cfg), make_gateway(cfg)]
+        fake_openai.sticky = Fault(chunk_delay=0.15)
+        rs = _burst(gws, 6, body("zebracornflakes secret words", stream=True), stagger=0.05)
+        assert [r.status_code for r in rs] == [200] * 6 and len(fake_openai.calls) == 1
+        assert len({r.text for r in rs}) == 1 and "echo:zebracornflakes" in rs[0].text
+        r = redis.Redis.from_url(url)
+        try:
+            streams = [k for k in r.scan_iter(match=f"{prefix}:cache:*:fl:*", count=1000)]
+            assert streams, "the flight stream is gone too early"
+            values = [v for k in streams for _, f in r.xrange(k) for v in f.values()]
+            assert values and not any(b"zebracornflakes" in v or b"echo:" in v for v in values)
+        finally:
+            r.close()
+    finally:
+        redis_cleanup(url, prefix)
+
+
+def test_redis_dying_under_a_waiting_follower_sends_it_upstream_alone(make_gateway: Callable[..., Any],
+                                                                      fake_openai: FakeOpenAI) -> None:
+    srv = PrivateRedis()
+    try:
+        cfg = {"providers": [fake_openai.provider(max_retries=0)],
+               "cache": _cache(srv.url, unique_prefix(), redis_timeout="500ms")}
+        a, b = make_gateway(cfg), make_gateway(cfg)
+        fake_openai.push(Fault(delay=3.0))   # the leader's call
+
+        async def run() -> tuple[httpx.Response, httpx.Response, float]:
+            async with httpx.AsyncClient(timeout=30) as c:
+                lead = asyncio.ensure_future(c.post(a.url + URL, json=body("redis dies")))
+                while not fake_openai.calls:
+                    await asyncio.sleep(0.02)
+                follow = asyncio.ensure_future(c.post(b.url + URL, json=body("redis dies")))
+                await asyncio.sleep(0.5)
+                assert len(fake_openai.calls) == 1   # b follows, it did not call the upstream
+                t0 = time.monotonic()
+                await asyncio.to_thread(srv.close)
+                rf = await follow
+                took = time.monotonic() - t0
+                return await lead, rf, took
+        rl, rf, took = asyncio.run(run())
+        assert rl.status_code == 200 and rf.status_code == 200
+        assert len(fake_openai.calls) == 2    # the follower went upstream alone
+        assert took < 10
+        assert rf.json()["choices"][0]["message"]["content"] == rl.json()["choices"][0]["message"]["content"]
+    finally:
+        srv.close()
