@@ -184,8 +184,9 @@ def test_leader_sigkilled_before_answering_is_replaced_by_one_follower(three: li
 
 def test_leader_sigkilled_mid_stream_ends_the_followers_streams_with_an_error(three: list[Instance],
                                                                               upstream: FakeOpenAI) -> None:
-    """Chunks already relayed cannot be continued by another upstream call: the followers' streams end
-    with an error event (no [DONE]) within about one lease -- never a hang."""
+    """Chunks already relayed cannot be continued by another upstream call: the streamed followers' streams
+    end with an error event (no [DONE]) within about one lease -- never a hang; non-streamed followers,
+    who have received nothing yet, start over and get the answer from one takeover."""
     upstream.sticky = Fault(chunk_delay=0.5)
     data = body("cut me off in the middle please", stream=True)
 
@@ -206,13 +207,21 @@ def test_leader_sigkilled_mid_stream_ends_the_followers_streams_with_an_error(th
             fs = [asyncio.ensure_future(read(c, three[1 + i % 2].url, outs[i])) for i in range(4)]
             while min(len(o) for o in outs) < 2:
                 await asyncio.sleep(0.02)
+            # non-streamed followers (they have received nothing yet): they may start over
+            plain = [asyncio.ensure_future(c.post(three[1 + i % 2].url + URL, json=dict(data, stream=False)))
+                     for i in range(2)]
+            await asyncio.sleep(0.3)
             t0 = time.monotonic()
             three[0].kill()
             await asyncio.wait_for(asyncio.gather(*fs, return_exceptions=True), 15)
+            rs = await asyncio.wait_for(asyncio.gather(*plain), 15)
             lead.cancel()
-            return outs, time.monotonic() - t0
-    outs, took = asyncio.run(run())
-    assert len(upstream.calls) == 1   # nobody re-asked the upstream mid-stream
+            return outs, rs, time.monotonic() - t0
+    outs, rs, took = asyncio.run(run())
     assert took < 8
-    for o in outs:
+    for o in outs:   # the streams already under way end with an error event, not a splice
         assert o[-1] != "data: [DONE]" and "error" in o[-1], o[-3:]
+    assert [r.status_code for r in rs] == [200, 200]
+    assert {r.json()["choices"][0]["message"]["content"] for r in rs} == {
+        "echo:cut echo:me echo:off echo:in echo:the"}
+    assert len(upstream.calls) == 2   # one takeover, for the non-streamed followers only

@@ -95,6 +95,13 @@ def _stream_error(msg: str, provider: str | None = None) -> GatewayError:
     return GatewayError(502, msg, provider=provider, kind="stream_error")
 
 
+class LeaderGone(GatewayError):
+    """The leader of a streamed flight went away mid-stream (its lease lapsed, or it gave up)."""
+
+    def __init__(self, msg: str):
+        super().__init__(502, msg, kind="stream_error")
+
+
 class Lease:
     """A won ``SET NX``: this process leads the flight of ``key`` on every instance."""
 
@@ -337,14 +344,17 @@ class RemoteFlights:
                 relay = self._relay(key, token, sk, eid, entries[1:])
                 if streamed:
                     return Outcome("stream", chunks=relay, provider=head.get("p"), model=head.get("m"))
-                return await self._drain(relay)
+                return await self._drain(relay)   # None: the leader went away (nothing sent yet: start over)
             last = eid  # an entry kind we do not know (a newer version): skip it
 
-    async def _drain(self, relay: AsyncIterator[dict[str, Any]]) -> Outcome:
-        """A non-streamed follower of a streamed leader: wait for the assembled answer."""
+    async def _drain(self, relay: AsyncIterator[dict[str, Any]]) -> Outcome | None:
+        """A non-streamed follower of a streamed leader: wait for the assembled answer.  None: the leader
+        went away mid-stream -- this client has received nothing yet, so it may start over."""
         try:
             async for _ in relay:
                 pass
+        except LeaderGone:
+            return None
         except GatewayError as exc:
             return Outcome("error", error=exc)
         payload = getattr(relay, "payload", None)
@@ -387,7 +397,7 @@ class Relay:
                 try:
                     self.pending = await r._read(self.sk, self.last, r.slice)
                     if not self.pending and await r._token(self.key) != self.token:
-                        raise _stream_error("the instance serving this stream went away mid-stream")
+                        raise LeaderGone("the instance serving this stream went away mid-stream")
                 except BackendUnavailable:
                     raise _stream_error("Redis failed while relaying a stream shared with another "
                                         "instance") from None
@@ -406,7 +416,7 @@ class Relay:
                 raise error_from_bytes(data)
             elif kind == b"x":
                 self.ended = True
-                raise _stream_error("the instance serving this stream gave it up mid-stream")
+                raise LeaderGone("the instance serving this stream gave it up mid-stream")
 
     async def aclose(self) -> None:
         self.ended = True

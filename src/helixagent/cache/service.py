@@ -28,7 +28,7 @@ from ..errors import GatewayError, bad_request
 from ..gateway_types import GatewayLike
 from ..pipeline import RequestContext, Stage
 from .backends import BackendUnavailable, CacheStats, MemoryBackend, RedisBackend, Sealer
-from .flights import Lease, Outcome, RemoteFlights, publish_stream
+from .flights import Lease, LeaderGone, Outcome, RemoteFlights, publish_stream
 from .key import cache_key, scope_of
 from .values import _aiter, clone_error, complete, decode, encode, parse_cache_control, replay  # noqa: F401
 
@@ -384,8 +384,8 @@ class CacheService:
             await bc.wait_done()
         finally:
             bc.release()
-        if bc.abandoned:
-            return False
+        if bc.abandoned or isinstance(bc.error, LeaderGone):
+            return False  # nothing was sent to this client yet: start over
         if bc.error is not None or bc.payload is None:
             self._follower_failed(ctx)
             raise clone_error(bc.error or GatewayError(502, "the upstream stream ended without an answer",
