@@ -78,7 +78,10 @@ def test_limits_cache_flights_and_key_bus_on_each_url_kind(deployment: Any, make
     codes = [r.status_code for r in rs]
     assert codes.count(200) == 4 and codes.count(429) == 8, codes
 
-    # key bus: gws[1] has k cached; a revocation on gws[0] reaches it before the call returns
+    # key bus: gws[1] has k cached (just used); a revocation on gws[0] reaches it before the call returns
+    assert all(g.app.services["auth"].bus.healthy for g in gws)   # subscribed on this kind
+    r = _chat(gws[1], k, messages=msgs, temperature=0)
+    assert r.status_code == 200
     kid = next(x["id"] for x in http.get(gws[0].url + "/admin/keys", headers={"authorization": f"Bearer {MASTER}"})
                .json()["data"] if x["user_id"] == "kinds")
     assert admin_post(gws[0], f"/admin/keys/{kid}/revoke").status_code == 200

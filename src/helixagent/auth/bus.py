@@ -40,11 +40,37 @@ def _client(url: str, blocking: bool = False) -> Any:
                        timeout=None if blocking else 1.0, connect_timeout=0.5, health_check_interval=5, retries=3)
 
 
+async def _cluster_subscribers(redis: Any, channel: str) -> int | None:
+    """On Redis Cluster, ``PUBLISH`` reaches the subscribers on every node but counts only those of the
+    node it ran on: count them on every node first (``PUBSUB NUMSUB``), so the publisher waits for every
+    instance's acknowledgement.  None: not a cluster (PUBLISH's count is exact)."""
+    if not is_cluster(redis):
+        return None
+    await redis.initialize()
+    total = 0
+    for node in redis.get_nodes():
+        got = await redis.execute_command("PUBSUB NUMSUB", channel, target_nodes=node)
+        total += sum(int(n) for _, n in _pairs(got))
+    return total
+
+
+def _pairs(got: Any) -> list[tuple[Any, Any]]:
+    if isinstance(got, dict):
+        return list(got.items())
+    if got and isinstance(got[0], (list, tuple)):
+        return [(a, b) for a, b in got]
+    return list(zip(got[::2], got[1::2], strict=False))
+
+
 async def publish(redis: Any, prefix: str, ids: list[str], wait: float = 2.0) -> tuple[int, int]:
     """Publish a change of ``ids``; wait for every receiver to acknowledge.  Returns (receivers, acks)."""
     nonce = secrets.token_hex(8)
     ack_key = tagged(prefix, "auth:ack:" + nonce)  # <prefix>:{auth:ack:<nonce>}: Cluster-safe
-    receivers = int(await redis.publish(channel_of(prefix), orjson.dumps({"ids": ids, "ack": ack_key})))
+    channel = channel_of(prefix)
+    cluster_subs = await _cluster_subscribers(redis, channel)
+    receivers = int(await redis.publish(channel, orjson.dumps({"ids": ids, "ack": ack_key})))
+    if cluster_subs is not None:
+        receivers = max(receivers, cluster_subs)
     acks = 0
     deadline = time.monotonic() + wait
     while acks < receivers:
