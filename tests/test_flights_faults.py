@@ -2,12 +2,14 @@
 services; they share nothing but Redis) -- the leader's error reaches the followers on the other instance
 and nothing is stored; a memory cache with the shared redis.url still de-duplicates across instances; the
 values in a flight stream are encrypted with encryption.enabled; Redis dying under a waiting follower
-sends it upstream alone (never a hang)."""
+sends it upstream alone (never a hang), and once Redis is back the instances share flights again; bad
+flight settings are rejected naming the parameter."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +22,7 @@ from conftest import need_redis
 from fakes.openai_upstream import Fault, FakeOpenAI
 from support.keys import redis_cleanup, unique_prefix
 from support.redis_server import PrivateRedis
+from support.servers import wait_until
 
 pytestmark = pytest.mark.redis
 URL = "/v1/chat/completions"
@@ -110,7 +113,7 @@ def test_flight_stream_values_are_encrypted(make_gateway: Callable[..., Any], fa
 
 
 def test_redis_dying_under_a_waiting_follower_sends_it_upstream_alone(make_gateway: Callable[..., Any],
-                                                                      fake_openai: FakeOpenAI) -> None:
+                                                                      fake_openai: FakeOpenAI, tmp_path: Path) -> None:
     srv = PrivateRedis()
     try:
         cfg = {"providers": [fake_openai.provider(max_retries=0)],
@@ -136,5 +139,36 @@ def test_redis_dying_under_a_waiting_follower_sends_it_upstream_alone(make_gatew
         assert len(fake_openai.calls) == 2    # the follower went upstream alone
         assert took < 10
         assert rf.json()["choices"][0]["message"]["content"] == rl.json()["choices"][0]["message"]["content"]
+
+        # Redis comes back on the same port: the instances share flights again
+        proc = subprocess.Popen(["redis-server", "--port", str(srv.port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", str(tmp_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            def back(gw: Any) -> bool:
+                r = httpx.post(gw.url + URL, json=body("is redis back"), timeout=10)
+                return r.headers["x-helixagent-cache"] == "HIT"
+            assert wait_until(lambda: back(a) and back(b), 15, 0.3)
+            fake_openai.sticky = Fault(delay=1.0)
+            before = len(fake_openai.calls)
+            rs = _burst([a, b], 6, body("shared again after the outage"), stagger=0.02)
+            assert [r.status_code for r in rs] == [200] * 6 and len(fake_openai.calls) == before + 1
+        finally:
+            proc.terminate()
+            proc.wait(10)
     finally:
         srv.close()
+
+
+def test_bad_flight_settings_are_rejected_naming_the_parameter() -> None:
+    from helixagent.config import ConfigError, load_config_dict
+    for bad, word in (({"flight_lease": 0}, "flight_lease"), ({"flight_lease": "soon"}, "flight_lease"),
+                      ({"dedupe_across_instances": "yes please"}, "dedupe_across_instances"),
+                      ({"key_prefix": "a{b}:"}, "key_prefix")):
+        with pytest.raises(ConfigError) as ei:
+            load_config_dict({"cache": {"enabled": True, "type": "redis", "redis_url": "redis://127.0.0.1:1/0", **bad}})
+        assert f"cache.{word}" in str(ei.value)
+    for section, key in (("rate_limits", "key_prefix"), ("auth", "redis_prefix")):
+        with pytest.raises(ConfigError) as ei:
+            load_config_dict({section: {key: "x{y}"}})
+        assert f"{section}.{key}" in str(ei.value)

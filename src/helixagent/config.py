@@ -54,6 +54,13 @@ def _redis_url_ok(value: str | None) -> str | None:
     return value
 
 
+def _no_braces(value: str) -> str:
+    """Key prefixes hold no '{' or '}': the gateway puts the Redis Cluster hash tag after them."""
+    if "{" in value or "}" in value:
+        raise ValueError("must hold no '{' or '}' (the gateway adds the Redis Cluster hash tags itself)")
+    return value
+
+
 def parse_duration(value: Any) -> float:
     """'90s' -> 90.0, '5m' -> 300.0, 1500 -> 1500.0 (seconds)."""
     if isinstance(value, bool):
@@ -326,6 +333,7 @@ class CacheConfig(Strict):
     _d = field_validator("ttl", "redis_timeout", "redis_pool_timeout", "flight_lease",
                          mode="before")(lambda v: parse_duration(v))
     _u = field_validator("redis_url")(lambda v: _redis_url_ok(v))
+    _p = field_validator("key_prefix")(lambda v: _no_braces(v))
 
     @field_validator("ttl")
     @classmethod
@@ -405,6 +413,7 @@ class RateLimitsConfig(Strict):
 
     _rlp = field_validator("redis_pool_timeout", mode="before")(lambda v: parse_duration(v))
     _u = field_validator("redis_url")(lambda v: _redis_url_ok(v))
+    _p = field_validator("key_prefix")(lambda v: _no_braces(v))
 
     @field_validator("on_backend_error", mode="before")
     @classmethod
@@ -435,6 +444,7 @@ class AuthConfig(Strict):
 
     _d = field_validator("key_cache_ttl", mode="before")(lambda v: parse_duration(v))
     _u = field_validator("redis_url")(lambda v: _redis_url_ok(v))
+    _p = field_validator("redis_prefix")(lambda v: _no_braces(v))
 
 
 class DatabaseConfig(Strict):
