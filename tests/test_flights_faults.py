@@ -172,3 +172,48 @@ def test_bad_flight_settings_are_rejected_naming_the_parameter() -> None:
         with pytest.raises(ConfigError) as ei:
             load_config_dict({section: {key: "x{y}"}})
         assert f"{section}.{key}" in str(ei.value)
+
+
+def test_the_local_rules_hold_across_instances(make_gateway: Callable[..., Any], fake_openai: FakeOpenAI,
+                                               tmp_path: Path) -> None:
+    """Per-tenant scope, "cache": false, a sampled temperature and Cache-Control: no-cache decide what is
+    shared across instances exactly as within one: only identical cacheable requests of one tenant."""
+    from support.keys import MASTER, admin_create
+    url, prefix = need_redis(), unique_prefix()
+    try:
+        cfg = {"auth": {"master_key": MASTER, "redis_prefix": prefix}, "database": {"url": f"sqlite:///{tmp_path}/k.db"},
+               "providers": [fake_openai.provider(max_retries=0)], "cache": _cache(url, prefix)}
+        a, b = make_gateway(cfg), make_gateway(cfg)
+        ka = admin_create(a, user_id="ua", application="app-a")["key"]
+        kb = admin_create(a, user_id="ub", application="app-b")["key"]
+        fake_openai.sticky = Fault(delay=1.0)
+
+        async def pair(first: tuple[Any, str, dict[str, Any], dict[str, str]],
+                       second: tuple[Any, str, dict[str, Any], dict[str, str]]) -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30) as c:
+                def go(gw: Any, key: str, data: dict[str, Any], h: dict[str, str]) -> Any:
+                    return c.post(gw.url + URL, json=data, headers={"authorization": f"Bearer {key}", **h})
+                t1 = asyncio.ensure_future(go(*first))
+                await asyncio.sleep(0.3)   # the first is in flight on its instance
+                return [await t1, await go(*second)]
+
+        def calls_for(first: Any, second: Any) -> int:
+            before = len(fake_openai.calls)
+            rs = asyncio.run(pair(first, second))
+            assert [r.status_code for r in rs] == [200, 200], [r.text for r in rs]
+            return len(fake_openai.calls) - before
+
+        q = body("scoped question")
+        assert calls_for((a, ka, q, {}), (b, ka, q, {})) == 1                          # same tenant: shared
+        q = body("another scoped question")
+        assert calls_for((a, ka, q, {}), (b, kb, q, {})) == 2                          # another application
+        q = body("not cached")
+        assert calls_for((a, ka, q, {}), (b, ka, dict(q, cache=False), {})) == 2       # "cache": false
+        q = {k: v for k, v in body("sampled").items() if k != "temperature"}
+        assert calls_for((a, ka, q, {}), (b, ka, q, {})) == 2                          # sampled answers differ
+        q = body("fresh please")
+        assert calls_for((a, ka, q, {}), (b, ka, q, {"cache-control": "no-cache"})) == 2   # never joins
+        q = body("others may join a no-cache leader")
+        assert calls_for((a, ka, q, {"cache-control": "no-cache"}), (b, ka, q, {})) == 1
+    finally:
+        redis_cleanup(url, prefix)
