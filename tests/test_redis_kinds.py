@@ -149,3 +149,10 @@ def test_no_password_in_errors_or_config_messages() -> None:
         assert secret not in str(ei.value) and "redis.url" in str(ei.value)
     with pytest.raises(ValueError):
         tagged("p", "a{b")
+    # `config check` shows the effective config: Redis URLs without a user and query passwords masked too
+    from helixagent.config import masked_dict
+    from helixagent.preflight import mask_url
+    url = f"redis+sentinel://:{secret}@h1:26379,h2:26379/svc/0?sentinel_password={secret}"
+    shown = masked_dict(load_config_dict({"redis": {"url": url}, "cache": {"enabled": True, "type": "redis"}}))
+    assert secret not in str(shown) and shown["redis"]["url"].startswith("redis+sentinel://:****@h1")
+    assert secret not in mask_url(url) and secret not in mask_url(f"rediss://:{secret}@h:6380/0")

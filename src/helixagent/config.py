@@ -633,7 +633,9 @@ def masked_dict(cfg: Config) -> dict[str, Any]:
         if key and (key in SECRET_KEYS or key.endswith("_key")) and obj:
             return mask_secret(str(obj))
         if key and key.endswith("url") and isinstance(obj, str):
-            return re.sub(r"://([^:/@]+):([^@]+)@", r"://\1:****@", obj)
+            # the userinfo password (redis://:pw@host has no user), and *password= query values
+            obj = re.sub(r"://([^:/@]*):([^@]+)@", r"://\1:****@", obj)
+            return re.sub(r"([?&][A-Za-z_]*password=)[^&]*", r"\1****", obj)
         return obj
 
     masked: dict[str, Any] = mask(data)

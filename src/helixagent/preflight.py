@@ -226,7 +226,7 @@ _PW_RE = re.compile(r"://([^:/@]*):([^@]*)@")
 
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ****."""
-    return _PW_RE.sub(r"://\1:****@", url)
+    return re.sub(r"([?&][A-Za-z_]*password=)[^&]*", r"\1****", _PW_RE.sub(r"://\1:****@", url))
 
 
 def describe_database(url: str, config_source: str | None) -> str:

@@ -271,6 +271,8 @@ class RemoteFlights:
         while True:
             lease = await self.try_lead(key)
             if lease is not None:
+                if token is not None:
+                    self.takeovers += 1   # we followed a leader that went away, and now lead
                 if follow and not self.entry_backend.sync:
                     # a leader that stored its answer and released the lease between our lookup and our
                     # SET NX: serve its entry rather than call the upstream again
@@ -289,7 +291,6 @@ class RemoteFlights:
                 continue  # released just now: race for it again
             if token is not None and new != token:
                 changes += 1
-                self.takeovers += 1
             if changes >= MAX_TAKEOVERS:
                 return Outcome("alone")
             token = new
