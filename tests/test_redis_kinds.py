@@ -156,3 +156,28 @@ def test_no_password_in_errors_or_config_messages() -> None:
     shown = masked_dict(load_config_dict({"redis": {"url": url}, "cache": {"enabled": True, "type": "redis"}}))
     assert secret not in str(shown) and shown["redis"]["url"].startswith("redis+sentinel://:****@h1")
     assert secret not in mask_url(url) and secret not in mask_url(f"rediss://:{secret}@h:6380/0")
+
+
+def test_rediss_refuses_a_server_its_ca_does_not_trust(tmp_path: Path) -> None:
+    """TLS verification is real: the same server with a CA that did not sign its certificate is an
+    outage (refused), never a silent plaintext or unverified connection."""
+    from support.redis_kinds import make_ca
+    srv = TLSRedis()
+    try:
+        other_ca = make_ca(tmp_path)[0]
+        bad = srv.url.replace(str(srv.ca), str(other_ca))
+
+        async def ping(url: str) -> str:
+            c = make_client(url, pool_size=2, pool_timeout=2, timeout=3, connect_timeout=3)
+            try:
+                return str(await c.ping())
+            except OUTAGE as exc:
+                return type(exc).__name__
+            finally:
+                await c.aclose()
+        assert asyncio.run(ping(srv.url)) == "True"
+        assert asyncio.run(ping(bad)) == "ConnectionError"
+        plain = f"redis://:{srv.password}@127.0.0.1:{srv.port}/0"   # no TLS to a TLS-only port
+        assert asyncio.run(ping(plain)) in ("ConnectionError", "TimeoutError")
+    finally:
+        srv.close()
