@@ -233,13 +233,16 @@ class RedisBackend:
         Cluster slot and entries spread over the cluster."""
         return self.prefix + "{" + key + "}" + "".join(":" + s for s in suffix)
 
-    async def get(self, key: str, quiet: bool = False) -> bytes | None:
-        """``quiet``: a second look-up of the same entry (an undecryptable value is counted once)."""
-        k = self.rkey(key)
-        raw: bytes | None = await self._call(self.client_get, k)
+    async def get(self, key: str) -> bytes | None:
+        raw: bytes | None = await self._call(self.client_get, self.rkey(key))
+        return self.opened(key, raw)
+
+    def opened(self, key: str, raw: bytes | None, quiet: bool = False) -> bytes | None:
+        """A stored value as read from Redis, decrypted.  ``quiet``: a second look-up of the same entry
+        (an undecryptable value is counted once)."""
         if raw is None or self.sealer is None:
             return raw
-        out = self.sealer.unseal(k, raw)
+        out = self.sealer.unseal(self.rkey(key), raw)
         if out is None and not quiet:
             self.stats.errors += 1  # a rotated-out key, a tampered or plaintext value: a miss
         return out

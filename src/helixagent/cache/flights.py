@@ -9,7 +9,8 @@ identical requests.
 Keys, all under the entry's own hash tag (one Cluster slot per entry; see ``RedisBackend.rkey``):
 
 * ``<key_prefix>{<hash>}:lead`` -- the lease: ``SET NX PX <flight_lease>`` holding the leader's random
-  token, renewed every third of the lease while the leader works (a Lua compare-and-renew);
+  token (one script call that also reads the entry, or the holder's token), renewed every third of the
+  lease while the leader works (a Lua compare-and-renew), deleted with the last entry (one script);
 * ``<key_prefix>{<hash>}:fl:<token>`` -- the leader's Redis Stream.  Entries (``k`` kind, ``d`` data):
   ``h`` the stream began (provider, model), ``c`` a batch of chunks, ``d`` the stream is complete (the
   assembled answer, or empty when it is not a storable answer), ``r`` a non-streamed answer, ``e`` an
@@ -63,10 +64,22 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-# KEYS[1] lease; ARGV token.  Deletes the lease only if it is still ours.
-RELEASE_LUA = r"""
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+# KEYS[1] lease, KEYS[2] entry; ARGV token, lease ms.  One round trip: {1, entry or false} when the lease
+# is ours (the entry: stored by a leader that let go between our look-up and this call), else
+# {0, the holder's token or false}.
+CLAIM_LUA = r"""
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', tonumber(ARGV[2])) then
+  return {1, redis.call('GET', KEYS[2])}
+end
+return {0, redis.call('GET', KEYS[1])}
+"""
+# KEYS[1] stream, KEYS[2] lease; ARGV ttl ms, token, kind, data.  The last entry, then the lease deleted
+# if it is still ours -- one round trip.
+FINISH_LUA = r"""
+redis.call('XADD', KEYS[1], '*', 'k', ARGV[3], 'd', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]))
+if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+return 1
 """
 # KEYS[1] stream; ARGV ttl ms, then (kind, data) pairs appended in order.
 APPEND_LUA = r"""
@@ -149,15 +162,16 @@ class Lease:
             return False
 
     async def finish(self, kind: bytes, data: bytes = b"") -> None:
-        """The last entry, then give the lease up (only if it is still ours)."""
+        """The last entry, then give the lease up (only if it is still ours): one script call."""
         self.done = True
         if self.task is not None:
             self.task.cancel()
-        await self.append([(kind, data)])
+        r = self.remote
         try:
-            await self.remote.rb._call(self.remote.release, [self.lead_key], [self.token])
+            await r.rb._call(r.finish_script, [self.stream_key, self.lead_key],
+                             [STREAM_TTL, self.token, kind, r.seal(self.stream_key, data)])
         except BackendUnavailable:
-            pass  # the lease expires on its own
+            pass  # the lease expires on its own; the followers notice within a lease
 
 
 class Outcome:
@@ -193,7 +207,8 @@ class RemoteFlights:
         self.slice = min(SLICE, lease / 2)
         self.blocking: Any = None
         self.renew: Any = None
-        self.release: Any = None
+        self.claim_script: Any = None
+        self.finish_script: Any = None
         self.append_script: Any = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.led = 0          # flights this process led across instances
@@ -205,7 +220,8 @@ class RemoteFlights:
             await self.rb.start()
         c = self.rb.client
         self.renew = c.register_script(RENEW_LUA)
-        self.release = c.register_script(RELEASE_LUA)
+        self.claim_script = c.register_script(CLAIM_LUA)
+        self.finish_script = c.register_script(FINISH_LUA)
         self.append_script = c.register_script(APPEND_LUA)
         # XREAD BLOCK holds its connection for up to one slice: a client whose socket timeout covers it
         self.blocking = make_client(self.rb.url, pool_size=self.rb.pool_size, pool_timeout=self.rb.pool_timeout,
@@ -240,17 +256,18 @@ class RemoteFlights:
         return out
 
     # -- claiming ------------------------------------------------------------------------------------
-    async def try_lead(self, key: str) -> Lease | None:
-        """``SET NX`` the lease; None when another instance holds it.  Raises BackendUnavailable."""
+    async def claim(self, key: str) -> tuple[Lease | None, bytes | None]:
+        """``SET NX`` the lease.  -> (our lease, the entry's raw value if one is stored) or (None, the
+        holder's token).  Raises BackendUnavailable."""
         token = secrets.token_hex(8)
         lease = Lease(self, key, token)
         rb = self.rb
-        won = await rb._call(rb.client.set, lease.lead_key, token, None, self.lease_ms, True)
+        won, val = await rb._call(self.claim_script, [lease.lead_key, rb.rkey(key)], [token, self.lease_ms])
         if not won:
-            return None
+            return None, val
         lease.start()
         self.led += 1
-        return lease
+        return lease, val
 
     async def _token(self, key: str) -> str | None:
         raw = await self.rb._call(self.rb.client.get, self.rb.rkey(key, "lead"))
@@ -269,21 +286,21 @@ class RemoteFlights:
         changes = spins = 0
         token: str | None = None
         while True:
-            lease = await self.try_lead(key)
+            lease, val = await self.claim(key)
             if lease is not None:
                 if token is not None:
                     self.takeovers += 1   # we followed a leader that went away, and now lead
-                if follow and not self.entry_backend.sync:
-                    # a leader that stored its answer and released the lease between our lookup and our
+                if follow and val is not None and not self.entry_backend.sync:
+                    # a leader that stored its answer and released the lease between our look-up and our
                     # SET NX: serve its entry rather than call the upstream again
-                    raw = await self.entry_backend.get(key, quiet=True)
+                    raw = self.entry_backend.opened(key, val, quiet=True)
                     if raw is not None:
                         self.spawn(lease.finish(b"x"))
                         return Outcome("hit", raw=raw)
                 return Outcome("lead", lease=lease)
             if not follow:
                 return Outcome("alone")
-            new = await self._token(key)
+            new = val.decode() if val is not None else None
             if new is None:
                 spins += 1
                 if spins > MAX_TAKEOVERS * 3:
