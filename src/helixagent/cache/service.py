@@ -11,6 +11,9 @@ Flow of a chat request through :class:`CacheStage` (after auth and limits, just 
    answer is handed to the followers and stored; a streamed answer is pumped by a :class:`Broadcast`
    task into a buffer that the leader and every follower read (late joiners replay the buffer, then
    follow live), and is stored once it completed with a finish_reason.
+3. with a Redis (``cache.dedupe_across_instances``), the process's leader of a flight also takes the
+   flight's lease in Redis or follows the leader of another instance (:mod:`.flights`): the answer, or
+   the stream's chunks as they come, reach every instance from one upstream call.
 
 The contract with the other stages: ``ctx.cache_status == "HIT"`` means the answer cost no upstream
 tokens (``ctx.usage`` then holds the original answer's usage, for reporting only; limits must not
