@@ -49,6 +49,8 @@ def test_limits_cache_flights_and_key_bus_on_each_url_kind(deployment: Any, make
     cfg = _cfg(deployment.url, prefix, tmp_path / "keys.db", fake_openai)
     gws = [make_gateway(cfg), make_gateway(cfg)]
     assert gws[0].app.services["cache"].backend.client is not None
+    r = http.get(gws[0].url + "/readyz", timeout=10)   # readiness pings every Redis in use, of this kind
+    assert r.status_code == 200, r.text
     k = admin_create(gws[0], user_id="kinds")["key"]
     msgs = [{"role": "user", "content": "cached on every kind"}]
 
