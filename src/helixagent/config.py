@@ -45,6 +45,22 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
+def _redis_url_ok(value: str | None) -> str | None:
+    """A Redis URL of a supported kind (redis, rediss, redis+sentinel, redis+cluster; see
+    helixagent.redis_client); the error never quotes the password."""
+    if value:
+        from .redis_client import parse_url
+        parse_url(value)
+    return value
+
+
+def _no_braces(value: str) -> str:
+    """Key prefixes hold no '{' or '}': the gateway puts the Redis Cluster hash tag after them."""
+    if "{" in value or "}" in value:
+        raise ValueError("must hold no '{' or '}' (the gateway adds the Redis Cluster hash tags itself)")
+    return value
+
+
 def parse_duration(value: Any) -> float:
     """'90s' -> 90.0, '5m' -> 300.0, 1500 -> 1500.0 (seconds)."""
     if isinstance(value, bool):
@@ -356,6 +372,11 @@ class CacheConfig(Strict):
     cache_nonzero_temperature: bool = False
     scope: Literal["application", "global"] = "application"
     dedupe: bool = True
+    # With a Redis (type redis, or redis.url set): identical concurrent requests on different instances
+    # share one upstream call too (a lease per flight, renewed every flight_lease/3; a leader that dies is
+    # replaced within flight_lease).  See docs/cache.md "Several instances".
+    dedupe_across_instances: bool = True
+    flight_lease: float = Field(default=5.0, gt=0)
     # Redis: every key is prefixed (several gateways or environments can share one Redis)
     key_prefix: str = "helixagent:cache:"
     # Redis: connect / command timeout; a slower Redis counts as unreachable for that request
@@ -365,7 +386,10 @@ class CacheConfig(Strict):
     redis_pool_size: int = Field(default=100, ge=1)
     redis_pool_timeout: float = Field(default=2.0, gt=0)
 
-    _d = field_validator("ttl", "redis_timeout", "redis_pool_timeout", mode="before")(lambda v: parse_duration(v))
+    _d = field_validator("ttl", "redis_timeout", "redis_pool_timeout", "flight_lease",
+                         mode="before")(lambda v: parse_duration(v))
+    _u = field_validator("redis_url")(lambda v: _redis_url_ok(v))
+    _p = field_validator("key_prefix")(lambda v: _no_braces(v))
 
     @field_validator("ttl")
     @classmethod
@@ -444,6 +468,8 @@ class RateLimitsConfig(Strict):
     default_price_per_mtok: DefaultPrice | None = None
 
     _rlp = field_validator("redis_pool_timeout", mode="before")(lambda v: parse_duration(v))
+    _u = field_validator("redis_url")(lambda v: _redis_url_ok(v))
+    _p = field_validator("key_prefix")(lambda v: _no_braces(v))
 
     @field_validator("on_backend_error", mode="before")
     @classmethod
@@ -454,7 +480,8 @@ class RateLimitsConfig(Strict):
 
     @model_validator(mode="after")
     def _redis_url(self) -> "RateLimitsConfig":
-        if self.backend == "memory" and self.redis_url and self.redis_url.startswith(("redis://", "rediss://")):
+        if self.backend == "memory" and self.redis_url and self.redis_url.startswith(("redis://", "rediss://",
+                                                                                     "redis+", "rediss+")):
             self.backend = "redis"
         if self.unknown_price == "default" and self.default_price_per_mtok is None:
             raise ValueError("rate_limits.unknown_price: default needs rate_limits.default_price_per_mtok "
@@ -472,6 +499,8 @@ class AuthConfig(Strict):
     redis_prefix: str = Field(default="helixagent", min_length=1)
 
     _d = field_validator("key_cache_ttl", mode="before")(lambda v: parse_duration(v))
+    _u = field_validator("redis_url")(lambda v: _redis_url_ok(v))
+    _p = field_validator("redis_prefix")(lambda v: _no_braces(v))
 
 
 class DatabaseConfig(Strict):
@@ -560,7 +589,10 @@ class TracingConfig(Strict):
 
 
 class RedisConfig(Strict):
+    # redis://, rediss:// (TLS), redis+sentinel://h:26379[,h2]/<service>/<db>, redis+cluster://h:p[,h:p]
     url: str | None = None
+
+    _u = field_validator("url")(lambda v: _redis_url_ok(v))
 
 
 class FeatureFlag(Strict):
@@ -811,7 +843,9 @@ def masked_dict(cfg: Config) -> dict[str, Any]:
         if key and (key in SECRET_KEYS or key.endswith("_key")) and obj:
             return mask_secret(str(obj))
         if key and key.endswith("url") and isinstance(obj, str):
-            return re.sub(r"://([^:/@]+):([^@]+)@", r"://\1:****@", obj)
+            # the userinfo password (redis://:pw@host has no user), and *password= query values
+            obj = re.sub(r"://([^:/@]*):([^@]+)@", r"://\1:****@", obj)
+            return re.sub(r"([?&][A-Za-z_]*password=)[^&]*", r"\1****", obj)
         return obj
 
     masked: dict[str, Any] = mask(data)
