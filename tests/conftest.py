@@ -14,9 +14,6 @@ POSTGRES_URL = os.environ.get("HELIX_TEST_POSTGRES_URL")
 REDIS_URL = os.environ.get("HELIX_TEST_REDIS_URL")
 IN_CI = bool(os.environ.get("CI"))
 
-# The cross-instance de-duplication test needs the cache/ branch's feature; until it is merged the file
-# is left out of collection (its test fails without it).  Remove this entry when it lands.
-collect_ignore = ["test_scale_out_dedup.py"]
 
 
 # Outside CI, a test session that was given no URL starts its own private server the first time a test

@@ -50,7 +50,7 @@ def _ask(gw, text: str = f"tell me about {SECRET_WORD}"):
 def _raw_values(url: str, prefix: str) -> list[bytes]:
     r = redis.Redis.from_url(url)
     try:
-        return [r.get(k) for k in r.scan_iter(match=f"{prefix}:cache:*", count=1000)]
+        return [r.get(k) for k in r.scan_iter(match=f"{prefix}:cache:*}}", count=1000)]
     finally:
         r.close()
 
@@ -78,7 +78,7 @@ def test_redis_cache_values_are_encrypted_and_hits_still_serve(make_gateway, fak
     try:
         other = _ask(gw, "another question")
         assert other.headers["x-helixagent-cache"] == "MISS"
-        keys = list(r.scan_iter(match=f"{prefix}:cache:*"))
+        keys = list(r.scan_iter(match=f"{prefix}:cache:*}}"))  # the entries (<prefix>{hash}), not flight keys
         assert len(keys) == 2
         ka, kb = keys
         va, vb = r.get(ka), r.get(kb)

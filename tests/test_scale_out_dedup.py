@@ -6,25 +6,18 @@ Harness and fixtures: tests/support/cluster.py, tests/test_scale_out.py, tests/t
 from __future__ import annotations
 
 import asyncio
-from typing import Iterator
 
 import httpx
 import pytest
 
-from fakes.openai_upstream import Fault, FakeOpenAI
+from fakes.openai_upstream import Fault
 from test_scale_out import MODEL
 
-pytest_plugins = ("support.cluster",)   # the fixtures pg_schema, make_cluster
+pytest_plugins = ("support.cluster",)   # the fixtures pg_schema, make_cluster, two_upstreams
 
 pytestmark = [pytest.mark.scale_out, pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 
-@pytest.fixture
-def two_upstreams() -> Iterator[tuple[FakeOpenAI, FakeOpenAI]]:
-    a, b = FakeOpenAI(), FakeOpenAI()
-    yield a, b
-    a.close()
-    b.close()
 
 
 def test_identical_concurrent_requests_on_three_instances_reach_the_upstream_once(make_cluster, two_upstreams):

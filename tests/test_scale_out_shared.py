@@ -6,16 +6,16 @@ Harness and fixtures: tests/support/cluster.py and tests/test_scale_out.py.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
 
-from fakes.openai_upstream import Fault, FakeOpenAI
+from fakes.openai_upstream import Fault
 from support.servers import wait_until
 from test_scale_out import MODEL
 
-pytest_plugins = ("support.cluster",)   # the fixtures pg_schema, make_cluster
+pytest_plugins = ("support.cluster",)   # the fixtures pg_schema, make_cluster, two_upstreams
 
 pytestmark = [pytest.mark.scale_out, pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
@@ -26,12 +26,6 @@ COOLDOWN = "30s"      # long enough that no half-open probe happens during a tes
 PROPAGATION = 1.0
 
 
-@pytest.fixture
-def two_upstreams() -> Iterator[tuple[FakeOpenAI, FakeOpenAI]]:
-    a, b = FakeOpenAI(), FakeOpenAI()
-    yield a, b
-    a.close()
-    b.close()
 
 
 def chat(url: str, key: str, text: str = "which provider answers", **params: Any) -> httpx.Response:

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .settings.auth import AuthConfig
-from .settings.base import Strict, parse_duration
+from .settings.base import Strict, parse_duration, redis_url_ok
 from .settings.batches import BatchesConfig
 from .settings.cache import CacheConfig
 from .settings.ensembles import EnsembleConfig, EnsembleJudgeConfig, EnsembleMemberConfig, EnsembleStrategy
@@ -73,10 +73,12 @@ __all__ = [
 ]
 
 
+# ``redis:`` -- the Redis every Redis-backed section uses unless it names its own (Config._cross_checks)
 class RedisConfig(Strict):
-    """``redis:`` -- the Redis every Redis-backed section uses unless it names its own (see
-    :meth:`Config._cross_checks`)."""
+    # redis://, rediss:// (TLS), redis+sentinel://h:26379[,h2]/<service>/<db>, redis+cluster://h:p[,h:p]
     url: str | None = None
+
+    _u = field_validator("url")(lambda v: redis_url_ok(v))
 
 
 class Config(Strict):
@@ -242,7 +244,9 @@ def masked_dict(cfg: Config) -> dict[str, Any]:
         if key and (key in SECRET_KEYS or key.endswith("_key")) and obj:
             return mask_secret(str(obj))
         if key and key.endswith("url") and isinstance(obj, str):
-            return re.sub(r"://([^:/@]+):([^@]+)@", r"://\1:****@", obj)
+            # the userinfo password (redis://:pw@host has no user), and *password= query values
+            obj = re.sub(r"://([^:/@]*):([^@]+)@", r"://\1:****@", obj)
+            return re.sub(r"([?&][A-Za-z_]*password=)[^&]*", r"\1****", obj)
         return obj
 
     masked: dict[str, Any] = mask(data)

@@ -57,8 +57,8 @@ def _check_redis_url(where: str, url: str | None, out: list[str]) -> None:
     if not url:
         return
     try:
-        from redis.connection import parse_url
-        parse_url(url)  # type: ignore[no-untyped-call]
+        from .redis_client import parse_url  # every kind: redis, rediss, redis+sentinel, redis+cluster
+        parse_url(url)
     except (ValueError, TypeError) as exc:
         out.append(f"{where}: {mask_url(url)!r} is not a Redis URL ({exc})")
 
@@ -228,7 +228,7 @@ _PW_RE = re.compile(r"://([^:/@]*):([^@]*)@")
 
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ****."""
-    return _PW_RE.sub(r"://\1:****@", url)
+    return re.sub(r"([?&][A-Za-z_]*password=)[^&]*", r"\1****", _PW_RE.sub(r"://\1:****@", url))
 
 
 def describe_database(url: str, config_source: str | None) -> str:

@@ -54,7 +54,7 @@ RESTART_SECTIONS = ("environment", "server", "http", "auth", "database", "encryp
 # fields of live sections that need a restart (a new backend, connection pool, file or key namespace)
 RESTART_FIELDS: dict[str, tuple[str, ...]] = {
     "cache": ("type", "max_size", "max_bytes", "redis_url", "key_prefix", "redis_timeout", "redis_pool_size",
-              "redis_pool_timeout"),
+              "redis_pool_timeout", "dedupe_across_instances", "flight_lease"),  # flights start with the process
     "rate_limits": ("backend", "redis_url", "redis_timeout", "redis_pool_size", "redis_pool_timeout",
                     "key_prefix"),
     "logging": ("format", "fields", "include_bodies", "file"),

@@ -441,6 +441,15 @@ def upstream() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture
+def two_upstreams() -> Iterator[tuple[FakeOpenAI, FakeOpenAI]]:
+    """Two fake OpenAI upstreams (a primary and its fallback, or two providers)."""
+    a, b = FakeOpenAI(), FakeOpenAI()
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest.fixture
 def make_cluster(tmp_path: Path, pg_schema: str) -> Iterator[Any]:
     """``make_cluster(providers, config=...)`` -> a started :class:`Cluster`; always closed after the test."""
     started: list[Cluster] = []

@@ -3,7 +3,9 @@
 Every instance caches verified keys in process memory.  When a key is revoked, rotated or created, the
 instance (or CLI) that made the change publishes the key ids on ``<prefix>:auth:keys``.  Each subscribed
 instance drops those entries and acknowledges by pushing onto a per-message list; the publisher waits
-until as many acknowledgements arrived as ``PUBLISH`` reported receivers (bounded by a timeout).  So
+until as many acknowledgements arrived as ``PUBLISH`` reported receivers (bounded by a timeout).  The
+acknowledgement list is ``<prefix>:{auth:ack:<nonce>}`` (its own hash tag: one key, any Cluster slot); the
+channel is a pub/sub channel, not a key (Cluster broadcasts classic PUBLISH to every node).  So
 when ``POST /admin/keys/{id}/revoke`` or ``helixagent keys revoke`` returns, no instance still accepts
 the key.  An instance whose subscription is down cannot hear changes: it then caches keys for at most
 ``fallback_ttl`` (1 s), and it empties its cache when the subscription comes back.
@@ -18,7 +20,7 @@ from typing import Any, Callable
 
 import orjson
 
-from ..redis_client import make_client
+from ..redis_client import is_cluster, make_client, tagged
 
 log = logging.getLogger("helixagent.auth")
 
@@ -38,11 +40,37 @@ def _client(url: str, blocking: bool = False) -> Any:
                        timeout=None if blocking else 1.0, connect_timeout=0.5, health_check_interval=5, retries=3)
 
 
+async def _cluster_subscribers(redis: Any, channel: str) -> int | None:
+    """On Redis Cluster, ``PUBLISH`` reaches the subscribers on every node but counts only those of the
+    node it ran on: count them on every node first (``PUBSUB NUMSUB``), so the publisher waits for every
+    instance's acknowledgement.  None: not a cluster (PUBLISH's count is exact)."""
+    if not is_cluster(redis):
+        return None
+    await redis.initialize()
+    total = 0
+    for node in redis.get_nodes():
+        got = await redis.execute_command("PUBSUB NUMSUB", channel, target_nodes=node)
+        total += sum(int(n) for _, n in _pairs(got))
+    return total
+
+
+def _pairs(got: Any) -> list[tuple[Any, Any]]:
+    if isinstance(got, dict):
+        return list(got.items())
+    if got and isinstance(got[0], (list, tuple)):
+        return [(a, b) for a, b in got]
+    return list(zip(got[::2], got[1::2], strict=False))
+
+
 async def publish(redis: Any, prefix: str, ids: list[str], wait: float = 2.0) -> tuple[int, int]:
     """Publish a change of ``ids``; wait for every receiver to acknowledge.  Returns (receivers, acks)."""
     nonce = secrets.token_hex(8)
-    ack_key = f"{prefix}:auth:ack:{nonce}"
-    receivers = int(await redis.publish(channel_of(prefix), orjson.dumps({"ids": ids, "ack": ack_key})))
+    ack_key = tagged(prefix, "auth:ack:" + nonce)  # <prefix>:{auth:ack:<nonce>}: Cluster-safe
+    channel = channel_of(prefix)
+    cluster_subs = await _cluster_subscribers(redis, channel)
+    receivers = int(await redis.publish(channel, orjson.dumps({"ids": ids, "ack": ack_key})))
+    if cluster_subs is not None:
+        receivers = max(receivers, cluster_subs)
     acks = 0
     deadline = time.monotonic() + wait
     while acks < receivers:
@@ -107,8 +135,11 @@ class InvalidationBus:
     async def _run(self) -> None:
         backoff = 0.1
         while not self._stopping:
-            ps = self.redis.pubsub(ignore_subscribe_messages=True)
+            ps = None
             try:
+                if is_cluster(self.redis):
+                    await self.redis.initialize()  # the slot map picks the node the subscription uses
+                ps = self.redis.pubsub(ignore_subscribe_messages=True)
                 await ps.subscribe(channel_of(self.prefix))
                 self.on_change(None)  # messages may have been missed while we were not subscribed
                 self.healthy = True
@@ -136,7 +167,8 @@ class InvalidationBus:
                 backoff = min(backoff * 2, 2.0)
             finally:
                 try:
-                    await ps.aclose()
+                    if ps is not None:
+                        await ps.aclose()
                 except Exception:  # noqa: BLE001 - closing a pubsub connection that may already be broken
                     pass
 

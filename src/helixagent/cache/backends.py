@@ -160,6 +160,8 @@ class RedisBackend:
 
     def __init__(self, url: str, prefix: str, timeout: float, stats: CacheStats, probe_interval: float = 1.0,
                  pool_size: int = 100, pool_timeout: float = 2.0, sealer: Sealer | None = None):
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"cache.key_prefix must hold no braces: {prefix!r}")
         self.url = url
         self.sealer = sealer  # encryption.enabled: values are stored encrypted
         self.pool_size = pool_size
@@ -225,25 +227,35 @@ class RedisBackend:
         self._ok()
         return out
 
+    def rkey(self, key: str, *suffix: str) -> str:
+        """The Redis key of an entry, ``<key_prefix>{<hash>}``, and of its flight state
+        (``<key_prefix>{<hash>}:lead`` ...): one hash tag per entry, so everything of one entry is in one
+        Cluster slot and entries spread over the cluster."""
+        return self.prefix + "{" + key + "}" + "".join(":" + s for s in suffix)
+
     async def get(self, key: str) -> bytes | None:
-        k = self.prefix + key
-        raw: bytes | None = await self._call(self.client_get, k)
+        raw: bytes | None = await self._call(self.client_get, self.rkey(key))
+        return self.opened(key, raw)
+
+    def opened(self, key: str, raw: bytes | None, quiet: bool = False) -> bytes | None:
+        """A stored value as read from Redis, decrypted.  ``quiet``: a second look-up of the same entry
+        (an undecryptable value is counted once)."""
         if raw is None or self.sealer is None:
             return raw
-        out = self.sealer.unseal(k, raw)
-        if out is None:
+        out = self.sealer.unseal(self.rkey(key), raw)
+        if out is None and not quiet:
             self.stats.errors += 1  # a rotated-out key, a tampered or plaintext value: a miss
         return out
 
     async def set(self, key: str, value: bytes, ttl: float) -> bool:
-        k = self.prefix + key
+        k = self.rkey(key)
         if self.sealer is not None:
             value = self.sealer.seal(k, value)
         await self._call(self.client_set, k, value, max(1, math.ceil(ttl * 1000)))
         return True
 
     async def delete(self, key: str) -> None:
-        await self._call(self.client_delete, self.prefix + key)
+        await self._call(self.client_delete, self.rkey(key))
 
     def client_get(self, k: str) -> Any:
         return self.client.get(k)

@@ -11,6 +11,9 @@ Flow of a chat request through :class:`CacheStage` (after auth and limits, just 
    answer is handed to the followers and stored; a streamed answer is pumped by a :class:`Broadcast`
    task into a buffer that the leader and every follower read (late joiners replay the buffer, then
    follow live), and is stored once it completed with a finish_reason.
+3. with a Redis (``cache.dedupe_across_instances``), the process's leader of a flight also takes the
+   flight's lease in Redis or follows the leader of another instance (:mod:`.flights`): the answer, or
+   the stream's chunks as they come, reach every instance from one upstream call.
 
 The contract with the other stages: ``ctx.cache_status == "HIT"`` means the answer cost no upstream
 tokens (``ctx.usage`` then holds the original answer's usage, for reporting only; limits must not
@@ -21,17 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
-import orjson
-
-from ..canonical import ChatRequest, ChatResponse, StreamAccumulator, Usage, new_chunk, usage_chunk
+from ..canonical import ChatRequest, ChatResponse
 from ..errors import GatewayError, bad_request
 from ..gateway_types import GatewayLike
 from ..pipeline import RequestContext, Stage
 from .backends import BackendUnavailable, CacheStats, MemoryBackend, RedisBackend, Sealer
+from .broadcast import Broadcast, BroadcastReader, Flight, Pending  # noqa: F401
+from .flights import LeaderGone, Outcome, RemoteFlights, publish_stream
 from .key import cache_key, scope_of, tenant_scope
+from .values import _aiter, clone_error, complete, decode, encode, parse_cache_control, replay  # noqa: F401
 
 log = logging.getLogger("helixagent.cache")
 
@@ -39,279 +42,6 @@ HIT, MISS, BYPASS = "HIT", "MISS", "BYPASS"
 HEADER = "x-helixagent-cache"
 _STATE = "_cache"          # ctx.state key of a leader's pending entry
 _MAX_FOLLOW = 3            # a follower whose leader vanished retries this often, then goes alone
-_dumps = orjson.dumps
-_loads = orjson.loads
-
-
-# -- stored values ------------------------------------------------------------------------------------
-
-def encode(resp: ChatResponse, provider: str | None, model: str | None) -> bytes:
-    """Compact value: the canonical chat.completion body, its usage, who served it."""
-    body = resp.body
-    if "provider" in body:  # added by the OpenAI renderer; not part of the answer
-        body = {k: v for k, v in body.items() if k != "provider"}
-    u = resp.usage or Usage()
-    return _dumps({"p": provider or resp.provider, "m": model or resp.model,
-                   "u": [u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cache_read_tokens,
-                         u.cache_creation_tokens], "b": body})
-
-
-def decode(raw: bytes) -> tuple[ChatResponse, str]:
-    """-> (response, upstream model).  A private copy every time: renderers may mutate it."""
-    d = _loads(raw)
-    b = d["b"]
-    if not isinstance(b, dict) or not isinstance(b.get("choices"), list):
-        raise ValueError("not a cached chat.completion")
-    return ChatResponse(b, Usage(*d["u"]), d["p"], b.get("model") or d["m"]), d["m"]
-
-
-def complete(resp: ChatResponse | None) -> bool:
-    """Every choice ended with a finish_reason (a cut stream or an empty answer is never stored)."""
-    if resp is None:
-        return False
-    choices = resp.body.get("choices")
-    if not choices:
-        return False
-    return all(c.get("finish_reason") for c in choices)
-
-
-def replay(resp: ChatResponse, include_usage: bool) -> list[dict[str, Any]]:
-    """A complete answer as OpenAI ``chat.completion.chunk`` dicts (role, content with its logprobs,
-    refusal, tool calls, finish), then a usage chunk when the client asked for one."""
-    b = resp.body
-    id_ = b.get("id") or ""
-    model = b.get("model") or resp.model
-    created = b.get("created") or int(time.time())
-    out: list[dict[str, Any]] = []
-    for ch in b.get("choices") or ():
-        idx = ch.get("index", 0)
-        msg = ch.get("message") or {}
-        out.append(new_chunk(id_, model, created, {"role": msg.get("role") or "assistant", "content": ""},
-                             index=idx))
-        content = msg.get("content")
-        if content:
-            c = new_chunk(id_, model, created, {"content": content}, index=idx)
-            if ch.get("logprobs"):
-                c["choices"][0]["logprobs"] = ch["logprobs"]
-            out.append(c)
-        if msg.get("refusal"):
-            out.append(new_chunk(id_, model, created, {"refusal": msg["refusal"]}, index=idx))
-        calls = msg.get("tool_calls")
-        if calls:
-            out.append(new_chunk(id_, model, created, {"tool_calls": [
-                {"index": i, "id": tc.get("id"), "type": tc.get("type") or "function",
-                 "function": {"name": (tc.get("function") or {}).get("name") or "",
-                              "arguments": (tc.get("function") or {}).get("arguments") or ""}}
-                for i, tc in enumerate(calls)]}, index=idx))
-        out.append(new_chunk(id_, model, created, {}, ch.get("finish_reason") or "stop", index=idx))
-    fp = b.get("system_fingerprint")
-    if fp:
-        for c in out:
-            c["system_fingerprint"] = fp
-    if include_usage:
-        out.append(usage_chunk(id_, model, created, resp.usage))
-    return out
-
-
-async def _aiter(chunks: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-    for c in chunks:
-        yield c
-
-
-def clone_error(exc: GatewayError) -> GatewayError:
-    """A private copy of a shared error (each follower raises its own; tracebacks are per raise)."""
-    c = type(exc).__new__(type(exc))
-    c.__dict__.update(exc.__dict__)
-    c.args = exc.args
-    c.headers = dict(exc.headers)
-    return c
-
-
-def parse_cache_control(value: str) -> tuple[bool, bool]:
-    """-> (no_cache, no_store).  ``max-age=0`` is read as no-cache."""
-    no_cache = no_store = False
-    for part in value.lower().split(","):
-        d = part.strip()
-        if d == "no-cache" or d == "max-age=0":
-            no_cache = True
-        elif d == "no-store":
-            no_store = True
-    return no_cache, no_store
-
-
-# -- in-flight de-duplication ----------------------------------------------------------------------
-
-class Flight:
-    """An upstream call in progress for one key.  ``future`` resolves to ``(kind, value)``:
-    ``("resp", payload bytes)``, ``("stream", Broadcast)``, ``("error", GatewayError)`` or
-    ``("retry", None)`` (the leader went away before an answer: followers start over)."""
-
-    __slots__ = ("key", "future")
-
-    def __init__(self, key: str, loop: asyncio.AbstractEventLoop):
-        self.key = key
-        self.future: asyncio.Future[tuple[str, Any]] = loop.create_future()
-
-    def resolve(self, kind: str, value: Any) -> None:
-        if not self.future.done():
-            self.future.set_result((kind, value))
-
-
-class Pending:
-    """A leader's cache state between ``pre`` and the end of its upstream call."""
-
-    __slots__ = ("key", "store", "flight", "provider", "model")
-
-    def __init__(self, key: str, store: bool, flight: Flight | None, provider: str, model: str):
-        self.key = key
-        self.store = store
-        self.flight = flight
-        self.provider = provider
-        self.model = model
-
-
-class Broadcast:
-    """Pumps one upstream stream into a buffer read by any number of readers (the leader and the
-    followers).  The upstream is consumed independently of any one client: a follower keeps receiving
-    when the leader's client disconnects; the upstream is closed only when no reader is left."""
-
-    __slots__ = ("svc", "pending", "source", "provider", "model", "chunks", "done", "error", "abandoned",
-                 "readers", "event", "task", "payload")
-
-    def __init__(self, svc: "CacheService", pending: Pending, source: AsyncIterator[dict[str, Any]],
-                 provider: str | None, model: str | None):
-        self.svc = svc
-        self.pending = pending
-        self.source = source
-        self.provider = provider
-        self.model = model
-        self.chunks: list[dict[str, Any]] = []
-        self.done = False
-        self.error: GatewayError | None = None
-        self.abandoned = False
-        self.readers = 0
-        self.event = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-        self.payload: bytes | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._pump())
-        self.task.add_done_callback(self._task_done)
-        self.svc.pumps.add(self)
-
-    def reader(self) -> "BroadcastReader":
-        return BroadcastReader(self)
-
-    def hold(self) -> None:
-        self.readers += 1
-
-    def release(self) -> None:
-        self.readers -= 1
-        if self.readers <= 0 and not self.done and self.task is not None:
-            self.abandoned = True
-            self.task.cancel()
-
-    async def wait_done(self) -> None:
-        while not self.done:
-            self.event.clear()
-            await self.event.wait()
-
-    async def _pump(self) -> None:
-        acc = StreamAccumulator()
-        src = self.source
-        try:
-            try:
-                async for chunk in src:
-                    acc.add(chunk)
-                    self.chunks.append(chunk)
-                    self.event.set()
-            finally:
-                closer = getattr(src, "aclose", None)
-                if closer is not None:
-                    try:
-                        await closer()
-                    except Exception:  # noqa: BLE001
-                        pass
-        except GatewayError as exc:
-            self.error = exc
-        except asyncio.CancelledError:
-            self.abandoned = True
-        except Exception as exc:  # noqa: BLE001
-            log.exception("cache: stream pump failed")
-            self.error = GatewayError(502, f"stream failed: {type(exc).__name__}", provider=self.provider,
-                                      kind="stream_error")
-        resp = acc.response(self.provider or "") if acc.chunks and self.error is None and not self.abandoned \
-            else None
-        if resp is not None:
-            self.payload = encode(resp, self.provider, self.model)
-        self._conclude()
-        p = self.pending
-        if (resp is not None and p.store and self.provider == p.provider and self.model == p.model
-                and complete(resp)):
-            await self.svc.store(p.key, self.payload)  # type: ignore[arg-type]
-        self.svc.land(p)
-
-    def _conclude(self) -> None:
-        if self.done:
-            return
-        if self.abandoned and self.error is None:
-            self.error = GatewayError(502, "the upstream stream was abandoned", provider=self.provider,
-                                      kind="stream_error")
-        self.done = True
-        self.event.set()
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        # normally a no-op; covers a pump cancelled before it ever ran (its body never executed)
-        self.svc.pumps.discard(self)
-        if not self.done:
-            self.abandoned = True
-            self._conclude()
-            self.svc.land(self.pending)
-            closer = getattr(self.source, "aclose", None)
-            if closer is not None:
-                try:
-                    asyncio.get_running_loop().create_task(closer())
-                except RuntimeError:
-                    pass
-
-
-class BroadcastReader:
-    """One reader of a :class:`Broadcast`: the buffered chunks first, then live ones."""
-
-    __slots__ = ("bc", "i", "open")
-
-    def __init__(self, bc: Broadcast):
-        self.bc = bc
-        self.i = 0
-        self.open = True
-        bc.readers += 1
-
-    def __aiter__(self) -> "BroadcastReader":
-        return self
-
-    async def __anext__(self) -> dict[str, Any]:
-        bc = self.bc
-        while True:
-            chunks = bc.chunks
-            if self.i < len(chunks):
-                c = chunks[self.i]
-                self.i += 1
-                return c
-            if bc.done:
-                self._close()
-                if bc.error is not None:
-                    raise clone_error(bc.error)
-                raise StopAsyncIteration
-            bc.event.clear()
-            await bc.event.wait()
-
-    async def aclose(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self.open:
-            self.open = False
-            self.bc.release()
 
 
 # -- the service ----------------------------------------------------------------------------------------
@@ -319,7 +49,7 @@ class BroadcastReader:
 class CacheService:
     """``gw.services["cache"]``: the backend, the in-flight table and the counters."""
 
-    def __init__(self, cfg: Any, router: Any, keyring: Any = None):
+    def __init__(self, cfg: Any, router: Any, keyring: Any = None, shared_redis_url: str | None = None):
         self.cfg = cfg
         self.router = router
         self.stats = CacheStats()
@@ -337,6 +67,16 @@ class CacheService:
             self.backend = MemoryBackend(cfg.max_size, cfg.max_bytes, self.stats)
         self.inflight: dict[str, Flight] = {}
         self.pumps: set[Broadcast] = set()
+        # across instances (cache/flights.py): with a Redis (the cache's, else redis.url) and dedupe
+        self.remote: RemoteFlights | None = None
+        url = cfg.redis_url if cfg.type == "redis" else shared_redis_url
+        if self.dedupe and cfg.dedupe_across_instances and url:
+            # the Redis cache's own backend (one client, one outage state); a memory cache: redis.url
+            own = cfg.type != "redis"
+            rb = RedisBackend(url, cfg.key_prefix, cfg.redis_timeout, self.stats, pool_size=cfg.redis_pool_size,
+                              pool_timeout=cfg.redis_pool_timeout) if own else self.backend
+            self.remote = RemoteFlights(rb, float(cfg.flight_lease), float(getattr(router, "budget", 120.0)),
+                                        self.backend, owns_backend=own)
 
     def reconfigure(self, cfg: Any) -> None:
         """A config reload: ttl, enabled, scope, dedupe and the temperature policy apply at once; the
@@ -369,16 +109,30 @@ class CacheService:
     def snapshot(self) -> dict[str, int]:
         d = self.stats.as_dict()
         d["inflight"] = len(self.inflight)
+        r = self.remote
+        if r is not None:
+            d["flights_led"], d["flights_followed"], d["flights_taken_over"] = r.led, r.followed, r.takeovers
         return d
 
     async def start(self) -> None:
         await self.backend.start()
+        if self.remote is not None:
+            await self.remote.start()
 
     async def close(self) -> None:
         for bc in list(self.pumps):
             if bc.task is not None:
                 bc.task.cancel()
+        if self.remote is not None:
+            await self.remote.close()
         await self.backend.close()
+
+    def finish_lease(self, p: Pending, kind: bytes, data: bytes = b"") -> None:
+        """Publish the leader's outcome to the followers on other instances and give the lease up."""
+        lease = p.lease
+        if lease is not None and self.remote is not None:
+            p.lease = None
+            self.remote.spawn(lease.finish(kind, data))
 
     # -- backend access (never raises) ---------------------------------------------------------------
     async def store(self, key: str, payload: bytes) -> None:
@@ -392,6 +146,8 @@ class CacheService:
 
     # -- flights ---------------------------------------------------------------------------------
     def land(self, p: Pending) -> None:
+        if p.lease is not None:
+            self.finish_lease(p, b"x")  # no answer was published: the followers start over
         fl = p.flight
         if fl is not None:
             fl.resolve("retry", None)  # no-op when already resolved
@@ -400,6 +156,9 @@ class CacheService:
             p.flight = None
 
     def settle(self, p: Pending, kind: str, value: Any) -> None:
+        if kind == "error" and p.lease is not None:
+            from .flights import error_to_bytes
+            self.finish_lease(p, b"e", error_to_bytes(value))
         if p.flight is not None:
             p.flight.resolve(kind, value)
         self.land(p)
@@ -465,14 +224,46 @@ class CacheService:
             await bc.wait_done()
         finally:
             bc.release()
-        if bc.abandoned:
-            return False
+        if bc.abandoned or isinstance(bc.error, LeaderGone):
+            return False  # nothing was sent to this client yet: start over
         if bc.error is not None or bc.payload is None:
             self._follower_failed(ctx)
             raise clone_error(bc.error or GatewayError(502, "the upstream stream ended without an answer",
                                                      provider=bc.provider, kind="stream_error"))
         resp, model = decode(bc.payload)
         self.serve(ctx, resp, model)
+        self.stats.coalesced += 1
+        return True
+
+    def answer_remote(self, ctx: RequestContext, got: Outcome, p: Pending) -> bool:
+        """Answer ``ctx`` (and this process's followers of ``p.flight``) with what a leader on another
+        instance produced (cache/flights.py).  Raises the leader's error."""
+        if got.kind == "hit" or got.kind == "resp":
+            assert got.raw is not None
+            if self.serve_raw(ctx, got.raw, p.flight):
+                if got.kind == "resp":
+                    self.stats.coalesced += 1
+                return True
+            self.settle(p, "retry", None)
+            raise GatewayError(502, "an answer shared by another instance could not be decoded",
+                               kind="stream_error")
+        if got.kind == "error":
+            assert got.error is not None
+            self.settle(p, "error", got.error)
+            self._follower_failed(ctx)
+            raise clone_error(got.error)
+        assert got.chunks is not None
+        bc = Broadcast(self, p, got.chunks, got.provider, got.model)  # p.store False: the leader stores
+        if p.flight is not None:
+            p.flight.resolve("stream", bc)
+        bc.start()
+        ctx.stream = bc.reader()
+        ctx.streamed = True
+        ctx.provider = got.provider
+        ctx.upstream_model = got.model
+        ctx.cache_status = HIT
+        ctx.response_headers[HEADER] = HIT
+        self.stats.hits += 1
         self.stats.coalesced += 1
         return True
 
@@ -514,6 +305,10 @@ class CacheService:
                 if p.flight is not None:
                     p.flight.resolve("stream", bc)  # stays in flight (late joiners) until the pump lands
                 bc.start()
+                lease, p.lease = p.lease, None
+                if lease is not None and self.remote is not None:
+                    # a reader of its own, taken now (before any client can leave): followers elsewhere
+                    self.remote.spawn(publish_stream(bc, lease, bc.reader()))
                 return
             resp = ctx.response
             if resp is None:
@@ -528,6 +323,7 @@ class CacheService:
                 p.flight.resolve("resp", payload)
             if want_store:
                 await self.store(p.key, payload)
+            self.finish_lease(p, b"r", payload)  # after the store: a late request finds the entry
             self.land(p)
 
         return handle
@@ -605,7 +401,18 @@ class CacheStage(Stage):
                 raise
             if raw is not None and svc.serve_raw(ctx, raw, flight):
                 return True
-        ctx.state[_STATE] = Pending(key, store, flight, provider, model)
+        lease = None
+        if svc.remote is not None and flight is not None and (status == MISS or no_cache):
+            try:
+                got = await svc.remote.join(key, req.stream, not no_cache)
+            except BaseException:  # cancelled while waiting: release this process's followers
+                svc.settle(Pending(key, False, flight, provider, model), "retry", None)
+                raise
+            if got.kind == "lead":
+                lease = got.lease
+            elif got.kind != "alone":
+                return svc.answer_remote(ctx, got, Pending(key, False, flight, provider, model))
+        ctx.state[_STATE] = Pending(key, store, flight, provider, model, lease)
         ctx.cache_status = status
         ctx.response_headers[HEADER] = status
         if status == MISS:
@@ -638,7 +445,7 @@ def install(gw: GatewayLike) -> None:
     cfg = gw.cfg.cache
     if not cfg.enabled:
         return
-    svc = CacheService(cfg, gw.router, _keyring(gw.cfg))
+    svc = CacheService(cfg, gw.router, _keyring(gw.cfg), shared_redis_url=gw.cfg.redis.url)
     svc.flags = gw.services.get("flags")
     gw.services["cache"] = svc
     gw.add_stage(CacheStage(svc))

@@ -96,7 +96,9 @@ class Limiter:
     def __init__(self, cfg: Any, backend: Any, gw: GatewayLike | None = None):
         self.backend = backend
         self.gw = gw
-        self.prefix = f"{cfg.rate_limits.key_prefix}:rl"  # fixed for the process (the counters' names)
+        kp = getattr(backend, "key_prefix", None)  # the backend decides the key layout (Cluster: hash tag)
+        rlp = cfg.rate_limits.key_prefix
+        self.prefix = kp(rlp) if kp is not None else f"{rlp}:rl"  # fixed for the process (the counters' names)
         self._configure(cfg)
         # counters (read by /metrics) and event listeners: fn(event, info) with event in
         # "rejected", "backend_error", "backend_recovered", "policy"

@@ -21,7 +21,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from ..redis_client import OUTAGE, make_client
+from ..redis_client import OUTAGE, is_cluster, make_client
 
 log = logging.getLogger("helixagent.limits")
 
@@ -64,6 +64,7 @@ class MemoryBackend:
 
     def __init__(self, clock: Callable[[], float] = time.time):
         self.clock = clock
+        self.cluster = False
         self.state: dict[Any, list[float]] = {}
         self._ops = 0
         self._month_cache: tuple[float, float, int] = (0.0, -1.0, 0)  # (start, end, month id)
@@ -211,6 +212,9 @@ class MemoryBackend:
                 dead.append(k)
         for k in dead:
             del self.state[k]
+
+    def key_prefix(self, prefix: str) -> str:
+        return f"{prefix}:rl"
 
     async def close(self) -> None:
         pass
@@ -395,7 +399,8 @@ class RedisBackend:
                  pool_timeout: float = 5.0):
         self.redis = make_client(url, pool_size=pool_size, pool_timeout=pool_timeout, timeout=timeout,
                                  connect_timeout=timeout)
-        self.pool = self.redis.connection_pool
+        self.cluster = is_cluster(self.redis)
+        self.pool = getattr(self.redis, "connection_pool", self.redis)  # Cluster: the client holds the bound
         self._reserve = self.redis.register_script(RESERVE_LUA)
         self._settle = self.redis.register_script(SETTLE_LUA)
         self.retry_interval = retry_interval
@@ -403,6 +408,19 @@ class RedisBackend:
         self.in_outage = False
         self.on_error: Callable[[Exception | None], None] = lambda exc: None
         self.on_recover: Callable[[], None] = lambda: None
+
+    def key_prefix(self, prefix: str) -> str:
+        """Where this backend's limit keys live (:class:`~helixagent.limits.Limiter` builds every key of
+        a request under it, and the reserve script touches all of them at once).
+
+        Standalone Redis and Sentinel: ``<prefix>:rl`` -- the names of earlier releases, so counters
+        and day/month budgets survive an upgrade.  Cluster: ``{<prefix>:rl}`` -- one hash tag for every
+        limit key of a prefix, so the all-or-nothing reserve script (IP, key, user and application
+        limits of one request) and its settle touch one slot.  The price: one prefix's limiter runs on one
+        cluster node (measured in docs/keys-and-limits.md); another prefix lands on another slot."""
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"rate_limits.key_prefix must hold no braces: {prefix!r}")
+        return f"{{{prefix}:rl}}" if self.cluster else f"{prefix}:rl"
 
     def _failed(self, exc: Exception) -> BackendUnavailable:
         self.down_until = time.monotonic() + self.retry_interval

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from .base import Strict, parse_duration
+from .base import Strict, no_braces, parse_duration, redis_url_ok
 
 
 class AuthConfig(Strict):
@@ -16,3 +16,5 @@ class AuthConfig(Strict):
     redis_prefix: str = Field(default="helixagent", min_length=1)
 
     _d = field_validator("key_cache_ttl", mode="before")(lambda v: parse_duration(v))
+    _u = field_validator("redis_url")(lambda v: redis_url_ok(v))
+    _p = field_validator("redis_prefix")(lambda v: no_braces(v))

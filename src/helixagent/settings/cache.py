@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from .base import Strict, parse_duration
+from .base import Strict, no_braces, parse_duration, redis_url_ok
 
 
 class CacheConfig(Strict):
@@ -18,6 +18,11 @@ class CacheConfig(Strict):
     cache_nonzero_temperature: bool = False
     scope: Literal["application", "global"] = "application"
     dedupe: bool = True
+    # With a Redis (type redis, or redis.url set): identical concurrent requests on different instances
+    # share one upstream call too (a lease per flight, renewed every flight_lease/3; a leader that dies is
+    # replaced within flight_lease).  See docs/cache.md "Several instances".
+    dedupe_across_instances: bool = True
+    flight_lease: float = Field(default=5.0, gt=0)
     # Redis: every key is prefixed (several gateways or environments can share one Redis)
     key_prefix: str = "helixagent:cache:"
     # Redis: connect / command timeout; a slower Redis counts as unreachable for that request
@@ -27,7 +32,10 @@ class CacheConfig(Strict):
     redis_pool_size: int = Field(default=100, ge=1)
     redis_pool_timeout: float = Field(default=2.0, gt=0)
 
-    _d = field_validator("ttl", "redis_timeout", "redis_pool_timeout", mode="before")(lambda v: parse_duration(v))
+    _d = field_validator("ttl", "redis_timeout", "redis_pool_timeout", "flight_lease",
+                         mode="before")(lambda v: parse_duration(v))
+    _u = field_validator("redis_url")(lambda v: redis_url_ok(v))
+    _p = field_validator("key_prefix")(lambda v: no_braces(v))
 
     @field_validator("ttl")
     @classmethod

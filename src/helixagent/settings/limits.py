@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import Strict, parse_duration
+from .base import Strict, no_braces, parse_duration, redis_url_ok
 
 
 class IPLimit(Strict):
@@ -78,6 +78,8 @@ class RateLimitsConfig(Strict):
     default_price_per_mtok: DefaultPrice | None = None
 
     _rlp = field_validator("redis_pool_timeout", mode="before")(lambda v: parse_duration(v))
+    _u = field_validator("redis_url")(lambda v: redis_url_ok(v))
+    _p = field_validator("key_prefix")(lambda v: no_braces(v))
 
     @field_validator("on_backend_error", mode="before")
     @classmethod
@@ -88,7 +90,8 @@ class RateLimitsConfig(Strict):
 
     @model_validator(mode="after")
     def _redis_url(self) -> "RateLimitsConfig":
-        if self.backend == "memory" and self.redis_url and self.redis_url.startswith(("redis://", "rediss://")):
+        if self.backend == "memory" and self.redis_url and self.redis_url.startswith(("redis://", "rediss://",
+                                                                                     "redis+", "rediss+")):
             self.backend = "redis"
         if self.unknown_price == "default" and self.default_price_per_mtok is None:
             raise ValueError("rate_limits.unknown_price: default needs rate_limits.default_price_per_mtok "
