@@ -1,4 +1,5 @@
-"""What every settings module shares: the strict base model and duration parsing."""
+"""What every settings module shares: the strict base model, duration parsing and the Redis URL / key-prefix
+checks."""
 from __future__ import annotations
 
 import re
