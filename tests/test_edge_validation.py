@@ -130,6 +130,30 @@ def test_anthropic_image_media_type_object_is_a_400(edge: Any) -> None:
     _anthropic_400(r, "messages.0.content.0.text")
 
 
+@pytest.mark.parametrize("extra,param,says", [
+    ({"temperature": 2.5}, "temperature", "less than or equal to 2"),
+    ({"temperature": -0.5}, "temperature", "greater than or equal to 0"),
+    ({"top_p": 1.5}, "top_p", "less than or equal to 1"),
+    ({"top_p": 2}, "top_p", "less than or equal to 1"),
+    ({"temperature": "hot"}, "temperature", "must be a number"),
+    ({"max_tokens": 1.5}, "max_tokens", "must be an integer"),
+])
+def test_a_number_out_of_range_says_so_not_that_it_must_be_an_integer(
+        edge: Any, extra: dict[str, Any], param: str, says: str) -> None:
+    """An int-or-float parameter out of range: the 400 names the bound, not the int member's type error."""
+    _, c = edge
+    r = _chat(c, [{"role": "user", "content": "x"}], **extra)
+    _openai_400(r, param)
+    assert says in r.json()["error"]["message"], r.json()
+    if param != "max_tokens":
+        anth = {"temperature": 1.5} if param == "temperature" and "less" in says else extra
+        r = c.post("/v1/messages", json={"model": MODEL, "max_tokens": 10, **anth,
+                                         "messages": [{"role": "user", "content": "x"}]})
+        _anthropic_400(r, param)
+        want = "less than or equal to 1" if "less" in says else says
+        assert want in r.json()["error"]["message"], r.json()
+
+
 @pytest.mark.parametrize("expires_in", [1e308, "99999999999d", -1, True, {}])
 def test_admin_expires_in_out_of_range_is_a_400(edge: Any, expires_in: Any) -> None:
     gw, _ = edge

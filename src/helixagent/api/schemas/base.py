@@ -74,6 +74,13 @@ def _pick(errors: list[Any], data: Any, style: Literal["brackets", "dots"]
         rank = (depth + (1 if p else 0), -i)
         if rank > best:
             best, chosen, path = rank, e, p
+    if any(s in chosen["type"] for s in _TYPE_ERRORS):
+        # a union member that took the value's type but not its value says more ("temperature": 1.5 with
+        # le=1: "less than or equal to 1", not the int member's "must be an integer")
+        for e, p in zip(errors, paths, strict=True):
+            if p == path and e["type"] != "missing" and not any(s in e["type"] for s in _TYPE_ERRORS) \
+                    and e["type"] != "int_from_float":
+                return e, path, []
     wanted: list[str] = []
     for e, p in zip(errors, paths, strict=True):
         w = _PLAIN.get(e["type"])
