@@ -26,7 +26,7 @@ from ..pipeline import RequestContext, Stage
 from ..routing import costs
 from . import stream as estream
 from .budget import worst_case
-from .engine import Engine, combined_body, describe, format_cost, response_of
+from .engine import Engine, combined_body, describe, response_of
 from .metrics import EnsembleMetrics
 from .panel import Calls
 from .spec import PREFIX, Spec, check_edge, resolve
@@ -130,7 +130,7 @@ class EnsembleService:
         answered = sum(1 for a in eng.final if a.ok)
         h["x-helixagent-ensemble-members"] = f"{answered}/{len(eng.spec.members)}"
         if calls.cost:
-            h["x-helixagent-cost"] = format_cost(calls.cost)
+            h["x-helixagent-cost"] = costs.format_cost(calls.cost)
         if d is not None:
             w = d.winner.member
             ctx.provider = w.provider
