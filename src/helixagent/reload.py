@@ -50,7 +50,8 @@ log = logging.getLogger("helixagent")
 SUPERVISOR_ENV = "HELIXAGENT_SUPERVISOR_PID"  # set by api/server.py's supervisor for its workers
 # top-level sections a running process cannot change
 RESTART_SECTIONS = ("environment", "server", "http", "auth", "database", "encryption", "retention", "metrics",
-                    "tracing", "redis")
+                    "tracing", "redis",
+                    "batches")  # the runner's concurrency, lease and poll interval, the routes: start-up only
 # fields of live sections that need a restart (a new backend, connection pool, file or key namespace)
 RESTART_FIELDS: dict[str, tuple[str, ...]] = {
     "cache": ("type", "max_size", "max_bytes", "redis_url", "key_prefix", "redis_timeout", "redis_pool_size",
