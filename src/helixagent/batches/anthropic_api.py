@@ -74,6 +74,7 @@ async def create(gw: GatewayLike, req: Request) -> None:
         raise bad_request(f"requests: at most {min(MAX_REQUESTS, gw.cfg.batches.max_lines)} requests per batch",
                           param="requests")
     lines: list[tuple[str, bytes]] = []
+    bodies: list[dict[str, Any]] = []
     seen: set[str] = set()
     for i, r in enumerate(reqs):
         where = f"requests.{i}"
@@ -93,6 +94,7 @@ async def create(gw: GatewayLike, req: Request) -> None:
             raise bad_request(f"{where}.params.stream: streaming is not supported in a batch",
                               param=f"{where}.params.stream")
         lines.append((cid, orjson.dumps(params)))
+        bodies.append(params)
     now = utcnow()
     values: dict[str, Any] = {
         "id": new_id("msgbatch_"), "tenant": tenant, "api": "anthropic", "created_at": now,
@@ -101,7 +103,7 @@ async def create(gw: GatewayLike, req: Request) -> None:
         "key_id": getattr(ident, "key_id", None), "user_id": getattr(ident, "user_id", None),
         "application": getattr(ident, "application", None), "role": getattr(ident, "role", "user"), "ip": req.ip,
         "total": len(lines), "in_progress_at": now}
-    values["provider"] = native.choose(gw, "anthropic", [orjson.loads(b) for _, b in lines])
+    values["provider"] = native.choose(gw, "anthropic", bodies)
     values["mode"] = "native" if values["provider"] else "local"
     st = store_of(gw)
     await st.create_batch(values, lines)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import orjson
 
@@ -243,44 +243,42 @@ async def _poll(runner: "Runner", b: BatchRow, p: Any) -> bool:
     return True
 
 
-def _openai_results(data: bytes) -> dict[int, tuple[str, int | None, Any]]:
-    out: dict[int, tuple[str, int | None, Any]] = {}
+def _result_rows(data: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line index, row) of a vendor's JSONL results: our custom ids are ``l<index>``; other rows are skipped."""
     for raw in data.splitlines():
         if not raw.strip():
             continue
         x = orjson.loads(raw)
         cid = str(x.get("custom_id") or "")
-        if not cid.startswith("l") or not cid[1:].isdigit():
-            continue
+        if cid.startswith("l") and cid[1:].isdigit():
+            yield int(cid[1:]), x
+
+
+def _openai_results(data: bytes) -> dict[int, tuple[str, int | None, Any]]:
+    out: dict[int, tuple[str, int | None, Any]] = {}
+    for idx, x in _result_rows(data):
         resp, err = x.get("response"), x.get("error")
         if resp:
             code = int(resp.get("status_code") or 500)
-            out[int(cid[1:])] = ("succeeded" if code < 400 else "errored", code, resp.get("body"))
+            out[idx] = ("succeeded" if code < 400 else "errored", code, resp.get("body"))
         elif err:
             c = err.get("code")
             state = "expired" if c == "batch_expired" else "cancelled" if c == "batch_cancelled" else "errored"
-            out[int(cid[1:])] = (state, None if state != "errored" else 500,
-                                 None if state != "errored" else {"error": err})
+            out[idx] = (state, None if state != "errored" else 500, None if state != "errored" else {"error": err})
     return out
 
 
 def _anthropic_results(data: bytes) -> dict[int, tuple[str, int | None, Any]]:
     out: dict[int, tuple[str, int | None, Any]] = {}
-    for raw in data.splitlines():
-        if not raw.strip():
-            continue
-        x = orjson.loads(raw)
-        cid = str(x.get("custom_id") or "")
-        if not cid.startswith("l") or not cid[1:].isdigit():
-            continue
+    for idx, x in _result_rows(data):
         r = x.get("result") or {}
         t = r.get("type")
         if t == "succeeded":
-            out[int(cid[1:])] = ("succeeded", 200, r.get("message"))
+            out[idx] = ("succeeded", 200, r.get("message"))
         elif t == "errored":
-            out[int(cid[1:])] = ("errored", 400, r.get("error"))
+            out[idx] = ("errored", 400, r.get("error"))
         else:
-            out[int(cid[1:])] = ("expired" if t == "expired" else "cancelled", None, None)
+            out[idx] = ("expired" if t == "expired" else "cancelled", None, None)
     return out
 
 

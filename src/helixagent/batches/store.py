@@ -278,11 +278,15 @@ class BatchStore:
                                                         B.c.archived_at.is_(None)).values(archived_at=utcnow()))
         return bool(res.rowcount)
 
+    @staticmethod
+    def _lines_query(bid: str) -> Any:
+        """Every line of ``bid`` as :meth:`_done` reads it, in order."""
+        return (sa.select(L.c.idx, L.c.custom_id, L.c.state, L.c.status_code, L.c.request_id, L.c.result,
+                          L.c.enc_key_id).where(L.c.batch_id == bid).order_by(L.c.idx))
+
     async def lines(self, bid: str) -> list[Done]:
         async with self.engine.connect() as conn:
-            rows = list(await conn.execute(
-                sa.select(L.c.idx, L.c.custom_id, L.c.state, L.c.status_code, L.c.request_id, L.c.result,
-                          L.c.enc_key_id).where(L.c.batch_id == bid).order_by(L.c.idx)))
+            rows = list(await conn.execute(self._lines_query(bid)))
         return [self._done(bid, r) for r in rows]
 
     def _done(self, bid: str, r: Any) -> Done:
@@ -411,9 +415,7 @@ class BatchStore:
                 return False  # another instance closed it (or its owner cancelled it meanwhile)
             values: dict[str, Any] = {"status": to, stamp: now}
             if build is not None:
-                rows = list(await conn.execute(
-                    sa.select(L.c.idx, L.c.custom_id, L.c.state, L.c.status_code, L.c.request_id, L.c.result,
-                              L.c.enc_key_id).where(L.c.batch_id == b.id).order_by(L.c.idx)))
+                rows = list(await conn.execute(self._lines_query(b.id)))
                 out, err = build(b, [self._done(b.id, r) for r in rows])
                 for kind, content in (("output", out), ("error", err)):
                     if not content:
