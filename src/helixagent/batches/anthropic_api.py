@@ -118,7 +118,8 @@ async def list_batches(gw: GatewayLike, req: Request) -> None:
     st = store_of(gw)
     rows, more = await st.list_batches(tenant, "anthropic", _limit(req, 20, 1000), req.q("after_id"),
                                        req.q("before_id"))
-    data = [batch_object(b, await st.counts(b.id)) for b in rows]
+    counts = await st.counts_many([b.id for b in rows])
+    data = [batch_object(b, counts[b.id]) for b in rows]
     await send_json(req.send, 200, {"data": data, "has_more": more, "first_id": data[0]["id"] if data else None,
                                     "last_id": data[-1]["id"] if data else None})
 

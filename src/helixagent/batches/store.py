@@ -255,14 +255,22 @@ class BatchStore:
 
     async def counts(self, bid: str) -> dict[str, int]:
         """Lines per state, and the token sums as ``input_tokens`` / ``output_tokens``."""
-        q = (sa.select(L.c.state, sa.func.count(), sa.func.sum(L.c.input_tokens), sa.func.sum(L.c.output_tokens))
-             .where(L.c.batch_id == bid).group_by(L.c.state))
-        out: dict[str, int] = {"input_tokens": 0, "output_tokens": 0}
+        return (await self.counts_many([bid]))[bid]
+
+    async def counts_many(self, bids: list[str]) -> dict[str, dict[str, int]]:
+        """:meth:`counts` of every batch in ``bids`` (a list page) in one grouped query per 500 ids, not one
+        query per batch."""
+        out: dict[str, dict[str, int]] = {b: {"input_tokens": 0, "output_tokens": 0} for b in bids}
         async with self.engine.connect() as conn:
-            for state, n, i, o in await conn.execute(q):
-                out[state] = int(n)
-                out["input_tokens"] += int(i or 0)
-                out["output_tokens"] += int(o or 0)
+            for k in range(0, len(bids), 500):
+                q = (sa.select(L.c.batch_id, L.c.state, sa.func.count(), sa.func.sum(L.c.input_tokens),
+                               sa.func.sum(L.c.output_tokens))
+                     .where(L.c.batch_id.in_(bids[k:k + 500])).group_by(L.c.batch_id, L.c.state))
+                for bid, state, n, i, o in await conn.execute(q):
+                    c = out[bid]
+                    c[state] = int(n)
+                    c["input_tokens"] += int(i or 0)
+                    c["output_tokens"] += int(o or 0)
         return out
 
     async def set_status(self, bid: str, tenant: str, frm: tuple[str, ...], to: str, stamp: str) -> bool:
