@@ -326,9 +326,15 @@ class BatchStore:
             out.append(Claimed(idx, cid, self.open(f"{bid}:{idx}", "body", body, kid) or b"", att, gen))
         return out
 
-    async def renew(self, owner: str, lease: float) -> int:
+    async def renew(self, owner: str, lease: float, lines: list[tuple[str, int]]) -> int:
+        """Extend the leases of ``lines`` ((batch id, idx): the ones this runner has in flight).  Only those:
+        a line this runner gave up on (its result or its release could not be written, its task failed) is
+        left to run out its lease and be claimed again, as the module docstring promises."""
+        if not lines:
+            return 0
         async with self.engine.begin() as conn:
-            res = await conn.execute(sa.update(L).where(L.c.lease_owner == owner, L.c.state == "running")
+            res = await conn.execute(sa.update(L).where(L.c.lease_owner == owner, L.c.state == "running",
+                                                        sa.tuple_(L.c.batch_id, L.c.idx).in_(lines))
                                      .values(lease_until=utcnow() + dt.timedelta(seconds=lease)))
         return int(res.rowcount or 0)
 
