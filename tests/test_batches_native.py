@@ -194,3 +194,23 @@ def test_interrupted_openai_submission_is_not_submitted_twice(tmp_path: Any, mak
         assert c.batches.retrieve(b.id).request_counts.completed == 3
     finally:
         vendor.polls = 2
+
+
+def test_a_vendor_error_quoting_the_key_is_scrubbed_before_it_is_logged_or_stored() -> None:
+    """A vendor error is quoted into the GatewayError that is logged and, for a failed native batch, stored
+    in the batch's ``errors`` (returned to the client): the provider's key never goes along."""
+    from helixagent.batches.native import _json
+    from helixagent.config import load_config_dict
+    from helixagent.errors import GatewayError
+    from helixagent.providers import build_provider
+    key = "sk-native-secret-" + "9" * 24
+    cfg = load_config_dict({"providers": [{"name": "openai", "type": "openai", "api_key": key}]})
+    p = build_provider(cfg.providers[0], cfg.http)
+    body = orjson.dumps({"error": {"message": f"Incorrect API key provided: {key}", "code": "invalid_api_key"}})
+    with pytest.raises(GatewayError) as exc:
+        _json(401, body, "create batch", p)
+    assert key not in exc.value.message and "Incorrect API key provided" in exc.value.message
+    assert exc.value.status == 401 and exc.value.provider == "openai" and not exc.value.retryable
+    assert _json(200, b'{"id": "batch_1"}', "create batch", p) == {"id": "batch_1"}
+    import asyncio
+    asyncio.run(p.close())
