@@ -214,3 +214,27 @@ def test_a_vendor_error_quoting_the_key_is_scrubbed_before_it_is_logged_or_store
     assert _json(200, b'{"id": "batch_1"}', "create batch", p) == {"id": "batch_1"}
     import asyncio
     asyncio.run(p.close())
+
+
+def test_a_results_url_off_the_providers_api_is_not_followed(tmp_path: Any, make_gateway: Any,
+                                                             vendor: FakeVendorBatches, monkeypatch: Any) -> None:
+    """docs/batches.md: the results URL is followed only when it is on the provider's own API -- the
+    vendor key is never sent anywhere else; the results come from the provider's own results endpoint."""
+    monkeypatch.setenv("HELIXAGENT_ENCRYPTION_KEYS", K1)
+    foreign = FakeVendorBatches()  # another host (it would even accept the key): it must see no request
+    try:
+        vendor.results_base = foreign.url
+        gw = make_gateway(cfg(tmp_path, [vendor.anthropic_provider()], mode="native"))
+        c = anthropic.Anthropic(base_url=gw.url, api_key=MASTER, max_retries=0, timeout=20)
+        b = c.messages.batches.create(requests=[{"custom_id": "a0", "params": {
+            "model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hello 0"}]}}])
+        assert wait_until(lambda: c.messages.batches.retrieve(b.id).processing_status == "ended", timeout=30)
+        (vb,) = vendor.msg_batches.values()
+        assert vb["results_url"].startswith(foreign.url)
+        res = {r.custom_id: r.result for r in c.messages.batches.results(b.id)}
+        assert res["a0"].type == "succeeded"
+        assert foreign.calls == []
+        assert ("GET", f"/v1/messages/batches/{vb['id']}/results") in vendor.calls
+    finally:
+        vendor.results_base = None
+        foreign.close()
