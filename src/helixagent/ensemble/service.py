@@ -40,10 +40,15 @@ class EnsembleService:
     def __init__(self, gw: GatewayLike):
         self.gw = gw
         self.router = gw.router
-        self.default_completion = gw.cfg.rate_limits.default_completion_tokens
         m = gw.services.get("metrics")
         self.metrics = EnsembleMetrics(m.registry) if m is not None else None
         self.stats: dict[str, dict[str, float]] = {}  # strategy -> totals since start (this worker; /dashboard)
+
+    @property
+    def default_completion(self) -> int:
+        """``rate_limits.default_completion_tokens`` of the running config (a reload may change it, as it
+        changes the limiter's, which prices the reservation itself)."""
+        return self.gw.cfg.rate_limits.default_completion_tokens
 
     def price(self, provider: str, model: str) -> tuple[float, float] | None:
         p = self.router.providers.get(provider)
