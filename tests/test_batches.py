@@ -355,7 +355,8 @@ def test_lists_page_newest_first(db_url: str, tmp_path: Any, make_gateway: Any, 
     monkeypatch.setenv("HELIXAGENT_ENCRYPTION_KEYS", K1)
     gw = make_gateway(cfg(db_url, tmp_path, [MOCK]))
     c = oai(gw, MASTER)
-    files = [c.files.create(file=(f"f{i}.jsonl", jsonl([chat_line(i, "mock-1")])), purpose="batch") for i in range(3)]
+    files = [c.files.create(file=(f"f{i}.jsonl", jsonl([chat_line(j, "mock-1") for j in range(i + 1)])),
+                            purpose="batch") for i in range(3)]
     page = c.files.list(limit=2)
     assert [x.id for x in page.data] == [files[2].id, files[1].id] and page.has_more
     rest = c.files.list(limit=2, after=files[1].id)
@@ -367,6 +368,10 @@ def test_lists_page_newest_first(db_url: str, tmp_path: Any, make_gateway: Any, 
     assert [x.id for x in p1.data] == [bs[2].id, bs[1].id] and p1.has_more
     assert [x.id for x in c.batches.list(limit=2, after=bs[1].id).data] == [bs[0].id]
     assert [x.id for x in c.batches.list()] == [b.id for b in reversed(bs)]   # the SDK's auto-paging
+    for b in bs:  # each listed batch carries its own counts (one grouped query for the page)
+        wait_status(c, b.id, ("completed",))
+    assert {x.id: (x.request_counts.total, x.request_counts.completed) for x in c.batches.list().data} == {
+        b.id: (i + 1, i + 1) for i, b in enumerate(bs)}
     a = anthropic.Anthropic(base_url=gw.url, api_key=MASTER, max_retries=0, timeout=20)
     ms = [a.messages.batches.create(requests=[{"custom_id": f"c{i}", "params": {
         "model": "mock-1", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}}]) for i in range(3)]

@@ -194,3 +194,47 @@ def test_interrupted_openai_submission_is_not_submitted_twice(tmp_path: Any, mak
         assert c.batches.retrieve(b.id).request_counts.completed == 3
     finally:
         vendor.polls = 2
+
+
+def test_a_vendor_error_quoting_the_key_is_scrubbed_before_it_is_logged_or_stored() -> None:
+    """A vendor error is quoted into the GatewayError that is logged and, for a failed native batch, stored
+    in the batch's ``errors`` (returned to the client): the provider's key never goes along."""
+    from helixagent.batches.native import _json
+    from helixagent.config import load_config_dict
+    from helixagent.errors import GatewayError
+    from helixagent.providers import build_provider
+    key = "sk-native-secret-" + "9" * 24
+    cfg = load_config_dict({"providers": [{"name": "openai", "type": "openai", "api_key": key}]})
+    p = build_provider(cfg.providers[0], cfg.http)
+    body = orjson.dumps({"error": {"message": f"Incorrect API key provided: {key}", "code": "invalid_api_key"}})
+    with pytest.raises(GatewayError) as exc:
+        _json(401, body, "create batch", p)
+    assert key not in exc.value.message and "Incorrect API key provided" in exc.value.message
+    assert exc.value.status == 401 and exc.value.provider == "openai" and not exc.value.retryable
+    assert _json(200, b'{"id": "batch_1"}', "create batch", p) == {"id": "batch_1"}
+    import asyncio
+    asyncio.run(p.close())
+
+
+def test_a_results_url_off_the_providers_api_is_not_followed(tmp_path: Any, make_gateway: Any,
+                                                             vendor: FakeVendorBatches, monkeypatch: Any) -> None:
+    """docs/batches.md: the results URL is followed only when it is on the provider's own API -- the
+    vendor key is never sent anywhere else; the results come from the provider's own results endpoint."""
+    monkeypatch.setenv("HELIXAGENT_ENCRYPTION_KEYS", K1)
+    foreign = FakeVendorBatches()  # another host (it would even accept the key): it must see no request
+    try:
+        vendor.results_base = foreign.url
+        gw = make_gateway(cfg(tmp_path, [vendor.anthropic_provider()], mode="native"))
+        c = anthropic.Anthropic(base_url=gw.url, api_key=MASTER, max_retries=0, timeout=20)
+        b = c.messages.batches.create(requests=[{"custom_id": "a0", "params": {
+            "model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hello 0"}]}}])
+        assert wait_until(lambda: c.messages.batches.retrieve(b.id).processing_status == "ended", timeout=30)
+        (vb,) = vendor.msg_batches.values()
+        assert vb["results_url"].startswith(foreign.url)
+        res = {r.custom_id: r.result for r in c.messages.batches.results(b.id)}
+        assert res["a0"].type == "succeeded"
+        assert foreign.calls == []
+        assert ("GET", f"/v1/messages/batches/{vb['id']}/results") in vendor.calls
+    finally:
+        vendor.results_base = None
+        foreign.close()

@@ -213,3 +213,17 @@ def test_a_client_leaving_mid_panel_is_charged_what_the_members_spent(make_gatew
     assert wait_until(a_answered, 10)
     s.close()
     assert wait_until(lambda: used() == 11, 10), used()  # settled to a's real usage; b was cancelled
+
+
+def test_the_reported_worst_case_follows_a_reloaded_default_completion(make_gateway, panel, tmp_path):
+    """No token budget on the caller (so the limits stage reserves nothing): the ``reserved`` the answer reports
+    is the ensemble stage's own estimate -- with the running config's default_completion_tokens after a reload."""
+    from helixagent.config import load_config_dict
+    cfg = gateway_cfg(panel, tmp_path, rate_limits={"default_completion_tokens": 50})
+    gw = make_gateway(cfg)
+    assert ensemble(gw, {"providers": ["a", "b"]}).model_extra["ensemble"]["reserved"]["tokens"] == 2 * (PROMPT + 50)
+    new = load_config_dict(dict(cfg, database=gw.app.cfg.database.model_dump(),
+                                rate_limits={"default_completion_tokens": 70}), "reloaded")
+    report = gw.run(gw.app.services["reload"].apply(new), timeout=20)
+    assert "rate_limits" in report["changed"], report
+    assert ensemble(gw, {"providers": ["a", "b"]}).model_extra["ensemble"]["reserved"]["tokens"] == 2 * (PROMPT + 70)

@@ -50,7 +50,8 @@ log = logging.getLogger("helixagent")
 SUPERVISOR_ENV = "HELIXAGENT_SUPERVISOR_PID"  # set by api/server.py's supervisor for its workers
 # top-level sections a running process cannot change
 RESTART_SECTIONS = ("environment", "server", "http", "auth", "database", "encryption", "retention", "metrics",
-                    "tracing", "redis")
+                    "tracing", "redis",
+                    "batches")  # the runner's concurrency, lease and poll interval, the routes: start-up only
 # fields of live sections that need a restart (a new backend, connection pool, file or key namespace)
 RESTART_FIELDS: dict[str, tuple[str, ...]] = {
     "cache": ("type", "max_size", "max_bytes", "redis_url", "key_prefix", "redis_timeout", "redis_pool_size",
@@ -64,6 +65,19 @@ LIVE_SECTIONS = ("providers", "routing", "rate_limits", "cache", "features", "lo
 RETIRE_GRACE = 60.0  # seconds past routing.request_timeout_ms before a replaced provider object is closed
 
 _RELOADERS: "weakref.WeakSet[Reloader]" = weakref.WeakSet()
+_TASKS: "set[asyncio.Task[None]]" = set()  # background reloads and closes: referenced until done
+
+
+def _spawn(coro: Any, what: str) -> None:
+    """Run ``coro`` in the background, held until it ends; a failure is logged (a bug), never lost."""
+    t: asyncio.Task[None] = asyncio.ensure_future(coro)
+    _TASKS.add(t)
+
+    def done(t: asyncio.Task[None]) -> None:
+        _TASKS.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            log.error("%s failed", what, exc_info=t.exception())
+    t.add_done_callback(done)
 
 
 def _iso(t: float) -> str:
@@ -268,7 +282,7 @@ class Reloader:
         due = [p for at, p in self._retired if at <= now]
         self._retired = [(at, p) for at, p in self._retired if at > now]
         for p in due:
-            asyncio.ensure_future(p.close())
+            _spawn(p.close(), f"closing the replaced provider object {getattr(p, 'name', '?')}")
         if self._retired:
             nxt = min(at for at, _ in self._retired)
             self._closer = asyncio.get_running_loop().call_later(max(0.0, nxt - now), self._close_due)
@@ -293,7 +307,7 @@ def _provider_diff(old: Fleet, new: Fleet) -> dict[str, list[str]]:
 def on_sighup() -> None:
     """SIGHUP in a serving process (api/server.py calls this on the event loop): reload every gateway."""
     for r in list(_RELOADERS):
-        asyncio.ensure_future(_reload_quietly(r, "SIGHUP"))
+        _spawn(_reload_quietly(r, "SIGHUP"), "config reload (SIGHUP)")
 
 
 async def _reload_quietly(r: Reloader, trigger: str) -> None:

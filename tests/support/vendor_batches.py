@@ -48,6 +48,7 @@ class FakeVendorBatches:
         self.files: dict[str, dict[str, Any]] = {}
         self.batches: dict[str, dict[str, Any]] = {}
         self.msg_batches: dict[str, dict[str, Any]] = {}
+        self.results_base: str | None = None  # where an ended Message Batch's results_url points (None: here)
         app = web.Application(client_max_size=256 * 1024 * 1024)
         r = app.router
         r.add_post("/v1/files", self.upload)
@@ -79,6 +80,7 @@ class FakeVendorBatches:
         self.files.clear()
         self.batches.clear()
         self.msg_batches.clear()
+        self.results_base = None
 
     def close(self) -> None:
         self.server.close()
@@ -265,7 +267,7 @@ class FakeVendorBatches:
                     rc["succeeded"] += 1
                 b["_results"].append({"custom_id": r["custom_id"], "result": res})
             b.update(processing_status="ended", request_counts=rc, ended_at=_iso(time.time()),
-                     results_url=f"{self.url}/v1/messages/batches/{b['id']}/results")
+                     results_url=f"{self.results_base or self.url}/v1/messages/batches/{b['id']}/results")
         return web.json_response(self._a_public(b))
 
     async def a_cancel(self, request: web.Request) -> web.Response:

@@ -74,6 +74,7 @@ async def create(gw: GatewayLike, req: Request) -> None:
         raise bad_request(f"requests: at most {min(MAX_REQUESTS, gw.cfg.batches.max_lines)} requests per batch",
                           param="requests")
     lines: list[tuple[str, bytes]] = []
+    bodies: list[dict[str, Any]] = []
     seen: set[str] = set()
     for i, r in enumerate(reqs):
         where = f"requests.{i}"
@@ -93,6 +94,7 @@ async def create(gw: GatewayLike, req: Request) -> None:
             raise bad_request(f"{where}.params.stream: streaming is not supported in a batch",
                               param=f"{where}.params.stream")
         lines.append((cid, orjson.dumps(params)))
+        bodies.append(params)
     now = utcnow()
     values: dict[str, Any] = {
         "id": new_id("msgbatch_"), "tenant": tenant, "api": "anthropic", "created_at": now,
@@ -101,7 +103,7 @@ async def create(gw: GatewayLike, req: Request) -> None:
         "key_id": getattr(ident, "key_id", None), "user_id": getattr(ident, "user_id", None),
         "application": getattr(ident, "application", None), "role": getattr(ident, "role", "user"), "ip": req.ip,
         "total": len(lines), "in_progress_at": now}
-    values["provider"] = native.choose(gw, "anthropic", [orjson.loads(b) for _, b in lines])
+    values["provider"] = native.choose(gw, "anthropic", bodies)
     values["mode"] = "native" if values["provider"] else "local"
     st = store_of(gw)
     await st.create_batch(values, lines)
@@ -116,7 +118,8 @@ async def list_batches(gw: GatewayLike, req: Request) -> None:
     st = store_of(gw)
     rows, more = await st.list_batches(tenant, "anthropic", _limit(req, 20, 1000), req.q("after_id"),
                                        req.q("before_id"))
-    data = [batch_object(b, await st.counts(b.id)) for b in rows]
+    counts = await st.counts_many([b.id for b in rows])
+    data = [batch_object(b, counts[b.id]) for b in rows]
     await send_json(req.send, 200, {"data": data, "has_more": more, "first_id": data[0]["id"] if data else None,
                                     "last_id": data[-1]["id"] if data else None})
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import orjson
 
@@ -104,11 +104,14 @@ async def _call(p: Any, method: str, url: str, body: Any = None, raw: bytes | No
     return int(status), bytes(data)
 
 
-def _json(status: int, data: bytes, what: str, provider: str) -> Any:
+def _json(status: int, data: bytes, what: str, p: Any) -> Any:
+    """The vendor's JSON answer; an error status is a GatewayError quoting the vendor's answer -- scrubbed
+    of secrets (``Provider.scrub``), as every upstream message is: it is logged, and a failed batch's
+    ``errors`` reach the client."""
     if status >= 300:
         raise GatewayError(502 if status >= 500 else status, f"{what}: the vendor answered {status}: "
-                           f"{data[:300].decode('utf-8', 'replace')}", provider=provider, retryable=status >= 500,
-                           kind="native_batch")
+                           f"{p.scrub(data[:300].decode('utf-8', 'replace'))}", provider=p.name,
+                           retryable=status >= 500, kind="native_batch")
     return orjson.loads(data)
 
 
@@ -166,13 +169,13 @@ async def _submit(runner: "Runner", b: BatchRow, p: Any) -> None:
                         "that Message Batch is an orphan", b.id, p.name)
         await st.update_native(b.id, owner, upstream_status="submitting")
         reqs = [{"custom_id": f"l{ln.idx}", "params": _upstream_body(gw, orjson.loads(ln.body))} for ln in lines]
-        got = _json(*await _call(p, "POST", p.url + "/batches", {"requests": reqs}), "create message batch", p.name)
+        got = _json(*await _call(p, "POST", p.url + "/batches", {"requests": reqs}), "create message batch", p)
         await st.update_native(b.id, owner, upstream_id=got["id"], upstream_status=got.get("processing_status"))
         log.info("batch %s submitted to %s as %s (%d lines)", b.id, p.name, got["id"], len(lines))
         return
     base = p.cfg.base_url
     if b.upstream_status == "submitting":  # an interrupted submission: find its vendor batch, if it got there
-        found = _json(*await _call(p, "GET", f"{base}/batches?limit=100"), "list batches", p.name)
+        found = _json(*await _call(p, "GET", f"{base}/batches?limit=100"), "list batches", p)
         for vb in found.get("data") or ():
             if (vb.get("metadata") or {}).get("helixagent_batch") == b.id:
                 await st.update_native(b.id, owner, upstream_id=vb["id"], upstream_status=vb.get("status"))
@@ -185,10 +188,10 @@ async def _submit(runner: "Runner", b: BatchRow, p: Any) -> None:
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{b.id}.jsonl\"\r\n"
             "Content-Type: application/jsonl\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
     f = _json(*await _call(p, "POST", f"{base}/files", raw=form, ctype=f"multipart/form-data; boundary={boundary}"),
-              "upload batch input", p.name)
+              "upload batch input", p)
     got = _json(*await _call(p, "POST", f"{base}/batches", {
         "input_file_id": f["id"], "endpoint": b.endpoint, "completion_window": "24h",
-        "metadata": {"helixagent_batch": b.id}}), "create batch", p.name)
+        "metadata": {"helixagent_batch": b.id}}), "create batch", p)
     await st.update_native(b.id, owner, upstream_id=got["id"], upstream_status=got.get("status"))
     log.info("batch %s submitted to %s as %s (%d lines)", b.id, p.name, got["id"], len(lines))
 
@@ -196,7 +199,7 @@ async def _submit(runner: "Runner", b: BatchRow, p: Any) -> None:
 async def _cancel(b: BatchRow, p: Any) -> None:
     url = (f"{p.url}/batches/{b.upstream_id}/cancel" if b.api == "anthropic"
            else f"{p.cfg.base_url}/batches/{b.upstream_id}/cancel")
-    _json(*await _call(p, "POST", url, {}), "cancel batch", p.name)
+    _json(*await _call(p, "POST", url, {}), "cancel batch", p)
 
 
 async def _poll(runner: "Runner", b: BatchRow, p: Any) -> bool:
@@ -204,7 +207,7 @@ async def _poll(runner: "Runner", b: BatchRow, p: Any) -> bool:
     st, owner = runner.store, runner.owner
     missing: tuple[str, int | None, Any]
     if b.api == "anthropic":
-        vb = _json(*await _call(p, "GET", f"{p.url}/batches/{b.upstream_id}"), "retrieve message batch", p.name)
+        vb = _json(*await _call(p, "GET", f"{p.url}/batches/{b.upstream_id}"), "retrieve message batch", p)
         await st.update_native(b.id, owner, upstream_status=vb.get("processing_status"))
         if vb.get("processing_status") != "ended":
             return False
@@ -212,13 +215,13 @@ async def _poll(runner: "Runner", b: BatchRow, p: Any) -> bool:
         if not url.startswith(p.url + "/"):  # never send our vendor key anywhere but the vendor's API
             url = f"{p.url}/batches/{b.upstream_id}/results"
         status, data = await _call(p, "GET", url)
-        _json(status, b"{}" if status < 300 else data, "message batch results", p.name)
+        _json(status, b"{}" if status < 300 else data, "message batch results", p)
         mapped = _anthropic_results(data)
         to = "cancelled" if vb.get("cancel_initiated_at") or b.status == "cancelling" else "completed"
         missing = ("cancelled", None, None)
     else:
         base = p.cfg.base_url
-        vb = _json(*await _call(p, "GET", f"{base}/batches/{b.upstream_id}"), "retrieve batch", p.name)
+        vb = _json(*await _call(p, "GET", f"{base}/batches/{b.upstream_id}"), "retrieve batch", p)
         vstatus = vb.get("status")
         await st.update_native(b.id, owner, upstream_status=vstatus)
         if vstatus not in OPENAI_DONE:
@@ -227,7 +230,7 @@ async def _poll(runner: "Runner", b: BatchRow, p: Any) -> bool:
         for key in ("output_file_id", "error_file_id"):
             if vb.get(key):
                 status, data = await _call(p, "GET", f"{base}/files/{vb[key]}/content")
-                _json(status, b"{}" if status < 300 else data, "download batch results", p.name)
+                _json(status, b"{}" if status < 300 else data, "download batch results", p)
                 mapped.update(_openai_results(data))
         to = {"completed": "completed", "expired": "expired", "cancelled": "cancelled"}.get(vstatus, "failed")
         if to == "failed":
@@ -243,44 +246,42 @@ async def _poll(runner: "Runner", b: BatchRow, p: Any) -> bool:
     return True
 
 
-def _openai_results(data: bytes) -> dict[int, tuple[str, int | None, Any]]:
-    out: dict[int, tuple[str, int | None, Any]] = {}
+def _result_rows(data: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line index, row) of a vendor's JSONL results: our custom ids are ``l<index>``; other rows are skipped."""
     for raw in data.splitlines():
         if not raw.strip():
             continue
         x = orjson.loads(raw)
         cid = str(x.get("custom_id") or "")
-        if not cid.startswith("l") or not cid[1:].isdigit():
-            continue
+        if cid.startswith("l") and cid[1:].isdigit():
+            yield int(cid[1:]), x
+
+
+def _openai_results(data: bytes) -> dict[int, tuple[str, int | None, Any]]:
+    out: dict[int, tuple[str, int | None, Any]] = {}
+    for idx, x in _result_rows(data):
         resp, err = x.get("response"), x.get("error")
         if resp:
             code = int(resp.get("status_code") or 500)
-            out[int(cid[1:])] = ("succeeded" if code < 400 else "errored", code, resp.get("body"))
+            out[idx] = ("succeeded" if code < 400 else "errored", code, resp.get("body"))
         elif err:
             c = err.get("code")
             state = "expired" if c == "batch_expired" else "cancelled" if c == "batch_cancelled" else "errored"
-            out[int(cid[1:])] = (state, None if state != "errored" else 500,
-                                 None if state != "errored" else {"error": err})
+            out[idx] = (state, None if state != "errored" else 500, None if state != "errored" else {"error": err})
     return out
 
 
 def _anthropic_results(data: bytes) -> dict[int, tuple[str, int | None, Any]]:
     out: dict[int, tuple[str, int | None, Any]] = {}
-    for raw in data.splitlines():
-        if not raw.strip():
-            continue
-        x = orjson.loads(raw)
-        cid = str(x.get("custom_id") or "")
-        if not cid.startswith("l") or not cid[1:].isdigit():
-            continue
+    for idx, x in _result_rows(data):
         r = x.get("result") or {}
         t = r.get("type")
         if t == "succeeded":
-            out[int(cid[1:])] = ("succeeded", 200, r.get("message"))
+            out[idx] = ("succeeded", 200, r.get("message"))
         elif t == "errored":
-            out[int(cid[1:])] = ("errored", 400, r.get("error"))
+            out[idx] = ("errored", 400, r.get("error"))
         else:
-            out[int(cid[1:])] = ("expired" if t == "expired" else "cancelled", None, None)
+            out[idx] = ("expired" if t == "expired" else "cancelled", None, None)
     return out
 
 

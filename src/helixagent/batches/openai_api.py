@@ -236,7 +236,8 @@ async def list_batches(gw: GatewayLike, req: Request) -> None:
     tenant, _ = await _tenant(gw, req)
     st = store_of(gw)
     rows, more = await st.list_batches(tenant, "openai", _limit(req), req.q("after"))
-    data = [batch_object(b, await st.counts(b.id)) for b in rows]
+    counts = await st.counts_many([b.id for b in rows])
+    data = [batch_object(b, counts[b.id]) for b in rows]
     await send_json(req.send, 200, {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                                     "last_id": data[-1]["id"] if data else None, "has_more": more})
 

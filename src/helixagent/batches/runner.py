@@ -69,6 +69,13 @@ class Runner:
             log.critical("%s stopped: batches no longer run on this instance", task.get_name(),
                          exc_info=task.exception())
 
+    def _line_died(self, task: asyncio.Task[None]) -> None:
+        """A line's task that ended with an exception is a bug: said at once (not when the task is garbage);
+        the line's lease is no longer renewed, so it is claimed and run again once the lease has run out."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed (a gateway bug); it runs again once its lease (%.0fs) has run out", task.get_name(),
+                      self.lease, exc_info=task.exception())
+
     def kick(self) -> None:
         """A batch was created or cancelled here: look now rather than at the next poll."""
         self.wake.set()
@@ -123,7 +130,7 @@ class Runner:
             if not self.inflight:
                 continue
             try:
-                await self.store.renew(self.owner, self.lease)
+                await self.store.renew(self.owner, self.lease, list(self.inflight.values()))
             except DB_UNAVAILABLE as exc:
                 log.error("batch runner: could not renew the leases of %d line(s) (%s)", len(self.inflight),
                           type(exc).__name__)
@@ -153,8 +160,10 @@ class Runner:
                 worked = True
                 ident = await self.identity(b)
                 for line in claimed:
-                    task = asyncio.get_running_loop().create_task(self._run(b, ident, line))
+                    task = asyncio.get_running_loop().create_task(self._run(b, ident, line),
+                                                                  name=f"batch {b.id} line {line.idx}")
                     self.inflight[task] = (b.id, line.idx)
+                    task.add_done_callback(self._line_died)
             elif not await self.store.unfinished(b.id):
                 await self.close(b, "completed")
         return worked

@@ -110,8 +110,8 @@ class Broadcast:
                 if closer is not None:
                     try:
                         await closer()
-                    except Exception:  # noqa: BLE001
-                        pass
+                    except Exception:  # noqa: BLE001 - closing the upstream after its end: said, the answer stands
+                        log.warning("cache: closing an upstream stream failed", exc_info=True)
         except GatewayError as exc:
             self.error = exc
         except asyncio.CancelledError:

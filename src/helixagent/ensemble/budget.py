@@ -25,8 +25,8 @@ def planned_calls(spec: Spec, req: ChatRequest, default_completion: int) -> list
     out: list[tuple[Member, int, int]] = [(m, prompt, comp) for m in spec.members]
     for _ in range(2, spec.rounds + 1):
         out.extend((m, prompt + n * comp + OVERHEAD, comp) for m in spec.members)
-    uses_judge = spec.strategy == "judge" or (spec.strategy == "debate" and spec.close == "judge")
-    if uses_judge and spec.judge is not None:
+    if spec.uses_judge:
+        assert spec.judge is not None
         out.append((spec.judge, prompt + n * comp + OVERHEAD, comp))
     return out
 

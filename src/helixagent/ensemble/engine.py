@@ -7,7 +7,6 @@ from typing import Any
 
 from ..canonical import ChatRequest, ChatResponse
 from ..errors import GatewayError
-from ..routing import costs
 from ..routing.health import Health
 from . import strategies
 from .answers import ANSWERED, Answer
@@ -65,10 +64,6 @@ class Engine:
                            type="server_error", code="ensemble_min_providers", kind="ensemble_min_providers")
 
     # -- the decision --------------------------------------------------------------------------------
-    def uses_judge(self) -> bool:
-        s = self.spec
-        return s.judge is not None and (s.strategy == "judge" or (s.strategy == "debate" and s.close == "judge"))
-
     def vote(self, answers: list[Answer]) -> Decision:
         strategy = self.spec.strategy if self.spec.strategy in VOTES else "majority"
         d = strategies.decide(answers, self.spec, self.health, strategy)
@@ -83,7 +78,7 @@ class Engine:
     async def decide(self, answers: list[Answer]) -> Decision:
         """The decision without streaming: a vote, or the judge's synthesis / pick (a failed judge, or a pick
         that names no candidate, falls back to the majority vote and says so)."""
-        if not self.uses_judge():
+        if not self.spec.uses_judge:
             return self.vote(answers)
         jreq, jm = self.judge_call(answers)
         ans = await self.calls.call(jreq, jm)
@@ -104,21 +99,13 @@ class Engine:
             idx, reason = got
             self.judge_reason = reason
             self.decided_at = time.perf_counter()
-            _agreement(ok)  # normalises every answer
+            grouped = strategies.groups(ok)  # (sets every answer's key)
             w = ok[idx]
-            agree = sum(1 for a in ok if a.key == w.key) / len(ok)
+            assert w.key is not None
+            agree = len(grouped[w.key]) / len(ok)
             return Decision(w, "judge_pick", agree, {}, reason=reason)
         self.decided_at = time.perf_counter()
-        return Decision(ans, "judge_synthesis", _agreement(ok), {}, message=ans.message)
-
-
-def _agreement(ok: list[Answer]) -> float:
-    from .answers import normalise
-    counts: dict[str, int] = {}
-    for a in ok:
-        a.key = a.key or normalise(a.message)
-        counts[a.key] = counts.get(a.key, 0) + 1
-    return max(counts.values()) / len(ok) if ok else 0.0
+        return Decision(ans, "judge_synthesis", strategies.agreement(ok), {}, message=ans.message)
 
 
 def _usage(a: Answer) -> dict[str, Any] | None:
@@ -172,7 +159,7 @@ def describe(eng: Engine, ctx_id: str, d: Decision | None, reserved: tuple[int, 
         if d.confidence is not None:
             out["confidence"] = round(d.confidence, 6)
             out["confidence_threshold"] = spec.threshold
-    if spec.judge is not None and eng.uses_judge():
+    if spec.judge is not None and spec.uses_judge:
         j: dict[str, Any] = {"provider": spec.judge.provider, "model": spec.judge.model, "mode": spec.judge_mode}
         if eng.judge is not None:
             j.update(status=eng.judge.status, request_id=eng.judge.request_id,
@@ -215,7 +202,3 @@ def combined_body(eng: Engine, d: Decision, ctx_id: str, created: int, keep_logp
 def response_of(body: dict[str, Any], eng: Engine, d: Decision) -> ChatResponse:
     w = d.winner
     return ChatResponse(body, eng.calls.usage, w.member.provider, w.member.model)
-
-
-def format_cost(x: float) -> str:
-    return costs.format_cost(x)

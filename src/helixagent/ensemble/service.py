@@ -26,7 +26,7 @@ from ..pipeline import RequestContext, Stage
 from ..routing import costs
 from . import stream as estream
 from .budget import worst_case
-from .engine import Engine, combined_body, describe, format_cost, response_of
+from .engine import Engine, combined_body, describe, response_of
 from .metrics import EnsembleMetrics
 from .panel import Calls
 from .spec import PREFIX, Spec, check_edge, resolve
@@ -40,10 +40,15 @@ class EnsembleService:
     def __init__(self, gw: GatewayLike):
         self.gw = gw
         self.router = gw.router
-        self.default_completion = gw.cfg.rate_limits.default_completion_tokens
         m = gw.services.get("metrics")
         self.metrics = EnsembleMetrics(m.registry) if m is not None else None
         self.stats: dict[str, dict[str, float]] = {}  # strategy -> totals since start (this worker; /dashboard)
+
+    @property
+    def default_completion(self) -> int:
+        """``rate_limits.default_completion_tokens`` of the running config (a reload may change it, as it
+        changes the limiter's, which prices the reservation itself)."""
+        return self.gw.cfg.rate_limits.default_completion_tokens
 
     def price(self, provider: str, model: str) -> tuple[float, float] | None:
         p = self.router.providers.get(provider)
@@ -130,7 +135,7 @@ class EnsembleService:
         answered = sum(1 for a in eng.final if a.ok)
         h["x-helixagent-ensemble-members"] = f"{answered}/{len(eng.spec.members)}"
         if calls.cost:
-            h["x-helixagent-cost"] = format_cost(calls.cost)
+            h["x-helixagent-cost"] = costs.format_cost(calls.cost)
         if d is not None:
             w = d.winner.member
             ctx.provider = w.provider

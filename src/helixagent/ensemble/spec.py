@@ -51,6 +51,12 @@ class Spec:
     def label(self) -> str:
         return PREFIX + self.name if self.name else "ensemble"
 
+    @property
+    def uses_judge(self) -> bool:
+        """Whether the decision is the judge's: strategy ``judge``, or a debate closed by the judge."""
+        return self.judge is not None and (self.strategy == "judge"
+                                           or (self.strategy == "debate" and self.close == "judge"))
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")

@@ -34,17 +34,25 @@ class Decision:
 
 
 def health_score(health: Health, provider: str) -> float:
+    """Breaker availability x (1 - error rate); the error rate is the fleet's when routing.shared_health is
+    on (``ProviderHealth.error_ewma``, as ``Health.score`` and the router read it)."""
     h = health.get(provider)
-    return h.availability() * (1.0 - min(1.0, max(0.0, h.err_ewma)))
+    return h.availability() * (1.0 - min(1.0, max(0.0, h.error_ewma())))
 
 
-def _groups(answers: list[Answer]) -> dict[str, list[Answer]]:
+def groups(answers: list[Answer]) -> dict[str, list[Answer]]:
+    """The answers by their normalised form (each answer's ``key`` is set on the way)."""
     out: dict[str, list[Answer]] = {}
     for a in answers:
         if a.key is None:
             a.key = normalise(a.message)
         out.setdefault(a.key, []).append(a)
     return out
+
+
+def agreement(ok: list[Answer]) -> float:
+    """The share of the answers ``ok`` that agree with the largest group (0 for none)."""
+    return max(len(g) for g in groups(ok).values()) / len(ok) if ok else 0.0
 
 
 def _pick_group(groups: dict[str, list[Answer]], scores: dict[str, float], spec: Spec,
@@ -78,7 +86,7 @@ def decide(answers: list[Answer], spec: Spec, health: Health, strategy: str | No
     strategy = strategy or spec.strategy
     ok = [a for a in answers if a.ok]
     assert ok, "a decision needs an answer"
-    groups = _groups(ok)
+    grouped = groups(ok)
     if strategy == "confidence_weighted":
         for a in ok:
             a.score = a.confidence if a.confidence is not None else min(1.0, a.member.weight)
@@ -90,9 +98,9 @@ def decide(answers: list[Answer], spec: Spec, health: Health, strategy: str | No
     else:  # majority (and the vote that closes a debate or replaces a failed judge)
         for a in ok:
             a.score = 1.0
-    scores = {k: sum(a.score or 0.0 for a in g) for k, g in groups.items()}
-    key, how = _pick_group(groups, scores, spec, health)
-    group = groups[key]
+    scores = {k: sum(a.score or 0.0 for a in g) for k, g in grouped.items()}
+    key, how = _pick_group(grouped, scores, spec, health)
+    group = grouped[key]
     votes = {a.member.label: round(scores[a.key], 6) for a in ok if a.key is not None}
     agreement = len(group) / len(ok)
     if strategy == "confidence_weighted":
@@ -107,7 +115,7 @@ def decide(answers: list[Answer], spec: Spec, health: Health, strategy: str | No
                                    kind="ensemble_low_confidence")
             best = max(ok, key=lambda a: (a.score or 0.0, -a.member.index))
             assert best.key is not None
-            return Decision(best, "fallback_to_best", len(groups[best.key]) / len(ok), votes, best.score)
+            return Decision(best, "fallback_to_best", len(grouped[best.key]) / len(ok), votes, best.score)
         return Decision(winner, "confidence" if how == "vote" else how, agreement, votes, round(conf, 6))
     winner = _best_in(group) if strategy == "quality_weighted" else min(group, key=lambda a: a.member.index)
     if how == "vote":
@@ -123,11 +131,6 @@ def settled(answers: list[Answer], pending: int, spec: Spec) -> bool:
     ok = [a for a in answers if a.ok]
     if len(ok) < spec.min_providers:
         return False
-    counts: dict[str, int] = {}
-    for a in ok:
-        if a.key is None:
-            a.key = normalise(a.message)
-        counts[a.key] = counts.get(a.key, 0) + 1
-    top = sorted(counts.values(), reverse=True)
+    top = sorted((len(g) for g in groups(ok).values()), reverse=True)
     second = top[1] if len(top) > 1 else 0
     return top[0] > second + pending

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator
 
 from ..canonical import StreamAccumulator, new_chunk, replay_chunks, usage_chunk
 from ..errors import GatewayError
 from ..pipeline import RequestContext
 from .answers import ANSWERED, Answer
-from .engine import Engine, _agreement, combined_body, describe, response_of
-from .strategies import Decision
+from .engine import Engine, combined_body, describe, response_of
+from .strategies import Decision, agreement
 
 if TYPE_CHECKING:
     from .service import EnsembleService
@@ -30,6 +31,18 @@ async def _cancel(task: "asyncio.Future[Any]") -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def _keepalive(task: "asyncio.Future[Any]", every: float | None) -> AsyncGenerator[dict[str, Any], None]:
+    """KEEPALIVE every ``every`` seconds (None: none) until ``task`` is done; ``task`` is cancelled if the
+    stream ends first (the client left, or the shutdown drain ended, while the panel worked)."""
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=every)
+            if not task.done():
+                yield KEEPALIVE
+    finally:
+        await _cancel(task)
+
+
 async def combined_stream(svc: "EnsembleService", ctx: RequestContext, eng: Engine) -> AsyncIterator[dict[str, Any]]:
     spec = eng.spec
     rid = ctx.request_id
@@ -42,26 +55,20 @@ async def combined_stream(svc: "EnsembleService", ctx: RequestContext, eng: Engi
         yield new_chunk(id_, model, created, {"role": "assistant", "content": ""})
         wait = KEEPALIVE_SECONDS if keep else None
         task = asyncio.ensure_future(eng.panel())
-        try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=wait)
-                if not task.done():
-                    yield KEEPALIVE
-        finally:
-            await _cancel(task)  # the client left (or the shutdown drain ended) while the panel worked
-        answers = task.result()
-        if eng.uses_judge() and spec.judge_mode == "synthesis":
-            async for ch in _judge_stream(svc, ctx, eng, answers, id_, model, created):
+        async with aclosing(_keepalive(task, wait)) as ka:  # closed (the panel cancelled) before done() runs
+            async for ch in ka:
                 yield ch
+        answers = task.result()
+        if spec.uses_judge and spec.judge_mode == "synthesis":
+            # closed here, not by the garbage collector: the judge's call settles before done() runs
+            async with aclosing(_judge_stream(svc, ctx, eng, answers, id_, model, created)) as js:
+                async for ch in js:
+                    yield ch
         else:
             task2 = asyncio.ensure_future(eng.decide(answers))
-            try:
-                while not task2.done():
-                    await asyncio.wait({task2}, timeout=wait)
-                    if not task2.done():
-                        yield KEEPALIVE
-            finally:
-                await _cancel(task2)
+            async with aclosing(_keepalive(task2, wait)) as ka:
+                async for ch in ka:
+                    yield ch
             eng.decision = task2.result()
             for ch in _winner_chunks(eng, eng.decision, id_, model, created):
                 yield ch
@@ -88,7 +95,7 @@ def _winner_chunks(eng: Engine, d: Decision, id_: str, model: str, created: int)
 
 
 async def _judge_stream(svc: "EnsembleService", ctx: RequestContext, eng: Engine, answers: list[Answer], id_: str,
-                        model: str, created: int) -> AsyncIterator[dict[str, Any]]:
+                        model: str, created: int) -> AsyncGenerator[dict[str, Any], None]:
     """Relay the judge's synthesis as it is written; a judge that fails before its first token is replaced by
     the majority vote (decision ``judge_failed_vote``), after it the stream ends with the error."""
     calls = eng.calls
@@ -145,4 +152,4 @@ async def _judge_stream(svc: "EnsembleService", ctx: RequestContext, eng: Engine
         for ch in _winner_chunks(eng, d, id_, model, created):
             yield ch
         return
-    eng.decision = Decision(ans, "judge_synthesis", _agreement(ok), {}, message=ans.message)
+    eng.decision = Decision(ans, "judge_synthesis", agreement(ok), {}, message=ans.message)

@@ -8,13 +8,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from ..config import Config, ConfigError, HTTPConfig, ProviderConfig
+from ..config import PROVIDER_DEFAULTS, Config, ConfigError, HTTPConfig, ProviderConfig
 from .base import Provider
 
 log = logging.getLogger("helixagent")
-
-_KEY_ENV = {"openai": "OPENAI_API_KEY", "deepseek": "DEEPSEEK_API_KEY", "anthropic": "ANTHROPIC_API_KEY",
-            "gemini": "GEMINI_API_KEY"}
 
 
 @dataclass
@@ -27,8 +24,8 @@ class Fleet:
 
     def retired_by(self, new: "Fleet") -> list[Provider]:
         """The objects of this fleet that ``new`` does not use (to close once their requests are done)."""
-        kept = [p for p in new.providers.values()]
-        return [p for p in self.providers.values() if not any(p is k for k in kept)]
+        kept = {id(p) for p in new.providers.values()}
+        return [p for p in self.providers.values() if id(p) not in kept]
 
 
 def build_fleet(cfg: Config, http: HTTPConfig, previous: Fleet | None = None) -> Fleet:
@@ -76,8 +73,9 @@ def build_fleet(cfg: Config, http: HTTPConfig, previous: Fleet | None = None) ->
         return out
     for pc in enabled:
         if not is_configured(pc):
+            env = PROVIDER_DEFAULTS.get(pc.type or "", {}).get("api_key_env")  # where config.py looks for it
             log.warning("provider %s has no API key (set %s or providers[].api_key); it is disabled",
-                        pc.name, _KEY_ENV.get(pc.type or "", "its key"))
+                        pc.name, env or "its key")
             continue
         out.providers[pc.name] = build(pc.name, pc, pc)
     return out

@@ -183,8 +183,9 @@ class Coalescer:
             raise c.provider.bad_body("an embeddings answer with a different number of vectors than inputs")
         if any(d.get("index") != i for i, d in enumerate(data)):
             data = sorted(data, key=lambda d: d.get("index") if isinstance(d.get("index"), int) else 0)
-        shares = split_tokens(res.usage.prompt_tokens, [_weight(m.req) for m in members])
-        totals = split_tokens(res.usage.total_tokens or res.usage.prompt_tokens, [_weight(m.req) for m in members])
+        weights = [_weight(m.req) for m in members]  # (an estimate per text input: computed once)
+        shares = split_tokens(res.usage.prompt_tokens, weights)
+        totals = split_tokens(res.usage.total_tokens or res.usage.prompt_tokens, weights)
         out: list[tuple[EmbeddingResponse, Any]] = []
         off = 0
         head = {k: v for k, v in body.items() if k not in ("data", "usage")}

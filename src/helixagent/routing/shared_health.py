@@ -435,10 +435,10 @@ class SharedHealth:
             self._apply_sync(n, res)
 
     def _stats(self, h: ProviderHealth) -> bytes:
-        req, _ = h.window_counts()
-        sreq, _ = h.stream.window_counts()  # type: ignore[union-attr]
         sh = h.stream
         assert sh is not None
+        req, _ = h.window_counts()
+        sreq, _ = sh.window_counts()
         return orjson.dumps({"n": req, "e": h.err_ewma, "l": h.full.ewma, "t": h.ttfb.ewma,
                              "sn": sreq, "se": sh.err_ewma})
 
