@@ -15,7 +15,8 @@ import pytest
 
 from fakes.openai_upstream import Fault, FakeOpenAI
 from helixagent.config import ConfigError, load_config_dict
-from helixagent.redis_client import OUTAGE, PoolExhausted, is_cluster, make_client, parse_url, redact, tagged
+from helixagent.redaction import mask_url as redact
+from helixagent.redis_client import OUTAGE, PoolExhausted, is_cluster, make_client, parse_url, tagged
 from support.keys import MASTER, admin_create, admin_post, http
 from support.redis_kinds import ClusterRedis, SentinelRedis, TLSRedis
 

@@ -229,6 +229,22 @@ def test_the_registry_knows_every_kind_of_secret(monkeypatch):
     assert url_password("postgresql://u:p%40ss@h/db") == "p%40ss" and url_password("sqlite:///x.db") is None
 
 
+def test_redis_urls_of_every_kind_give_up_their_secrets_and_are_shown_masked():
+    from helixagent.redaction import mask_url
+    cfg = load_config_dict({
+        "redis": {"url": "redis+sentinel://:sentinel-node-pw@s1:26379,s2:26379/mymaster/0"
+                         "?sentinel_password=sent%2Fpw-9&ssl_password=tls-key-pw"},
+        "routing": {"shared_health": {"redis_url": "rediss://health:health-pw-77@r:6380/0"}},
+    })
+    found = set(config_secrets(cfg))
+    assert {"sentinel-node-pw", "sent%2Fpw-9", "sent/pw-9", "health-pw-77"} <= found
+    shown = mask_url(cfg.redis.url or "")
+    assert not any(s in shown for s in ("sentinel-node-pw", "sent%2Fpw-9", "tls-key-pw")), shown
+    assert shown.startswith("redis+sentinel://:****@s1:26379") and "sentinel_password=****" in shown
+    assert mask_url("rediss://health:health-pw-77@r:6380/0") == "rediss://health:****@r:6380/0"
+    assert mask_url("user:pw@host") == "****@host"   # no scheme: only what follows the @
+
+
 def test_log_records_are_scrubbed_as_they_are_made(tmp_path):
     from helixagent.redaction import REGISTRY, install_log_filter
     secret = "log-only-secret-0f0f0f0f"

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from .redaction import mask_url
 from .settings.auth import AuthConfig
 from .settings.base import Strict, parse_duration, redis_url_ok
 from .settings.batches import BatchesConfig
@@ -244,9 +245,7 @@ def masked_dict(cfg: Config) -> dict[str, Any]:
         if key and (key in SECRET_KEYS or key.endswith("_key")) and obj:
             return mask_secret(str(obj))
         if key and key.endswith("url") and isinstance(obj, str):
-            # the userinfo password (redis://:pw@host has no user), and *password= query values
-            obj = re.sub(r"://([^:/@]*):([^@]+)@", r"://\1:****@", obj)
-            return re.sub(r"([?&][A-Za-z_]*password=)[^&]*", r"\1****", obj)
+            return mask_url(obj)  # the userinfo password and *password= query values
         return obj
 
     masked: dict[str, Any] = mask(data)

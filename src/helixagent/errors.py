@@ -44,6 +44,15 @@ class GatewayError(Exception):
         # short machine name for records/metrics: timeout, rate_limited, upstream_5xx, connection, ...
         self.kind = kind or (code or self.openai_type())
 
+    def clone(self) -> "GatewayError":
+        """A private copy of a shared error, of the same class (each task that raises it gets its own: one
+        instance raised in many tasks would chain their tracebacks)."""
+        c = type(self).__new__(type(self))
+        c.__dict__.update(self.__dict__)
+        c.args = self.args
+        c.headers = dict(self.headers)
+        return c
+
     def openai_type(self) -> str:
         return self.type or _OPENAI_TYPES.get(self.status,
                                               "server_error" if self.status >= 500 else "invalid_request_error")

@@ -13,11 +13,11 @@ sees which database it acts on.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from urllib.parse import urlsplit
 
 from .config import Config, ConfigError
+from .redaction import mask_url
 
 # Environments in which a config with no usable provider is served by mock stand-ins (deterministic
 # text, labelled `mock`).  Any other environment refuses to start without a provider that can answer.
@@ -162,6 +162,7 @@ def check_runtime(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
     if cfg.rate_limits.backend == "redis":
         _check_redis_url("rate_limits.redis_url", cfg.rate_limits.redis_url, out)
     _check_redis_url("auth.redis_url", cfg.auth.redis_url, out)
+    _check_redis_url("routing.shared_health.redis_url", cfg.routing.shared_health.redis_url, out)
     # files and directories
     _check_dir_creatable("database.spool_dir", cfg.database.spool_dir, out)
     if db_ok:
@@ -223,12 +224,6 @@ def refuse(cfg: Config, source: str) -> int:
 
 
 # -- which database a CLI command acts on -------------------------------------------------------------
-_PW_RE = re.compile(r"://([^:/@]*):([^@]*)@")
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ****."""
-    return re.sub(r"([?&][A-Za-z_]*password=)[^&]*", r"\1****", _PW_RE.sub(r"://\1:****@", url))
 
 
 def describe_database(url: str, config_source: str | None) -> str:

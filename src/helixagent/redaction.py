@@ -30,6 +30,21 @@ KEYLIKE = (r"sk-[A-Za-z0-9_\-]{6,}|sk-ant-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{
            r"hx-[A-Za-z0-9_\-]{6,}|(?i:bearer)\s+[A-Za-z0-9_\-\.=+/]{6,}")
 
 
+_QUERY_PASSWORD = re.compile(r"[?&][A-Za-z_]*password=([^&#]+)")
+_USERINFO_PASSWORD = re.compile(r"://([^:/@]*):([^@]*)@")
+_QUERY_PASSWORD_SUB = re.compile(r"([?&][A-Za-z_]*password=)[^&#]*")
+
+
+def mask_url(url: str) -> str:
+    """The URL as it may be shown (logs, errors, ``config check``): the userinfo password and every
+    ``*password=`` query value replaced by ``****``; a string with an ``@`` but no ``scheme://`` keeps only
+    what follows the ``@``."""
+    shown = _QUERY_PASSWORD_SUB.sub(r"\1****", _USERINFO_PASSWORD.sub(r"://\1:****@", url))
+    if "://" not in shown and "@" in shown:
+        return "****@" + shown.rpartition("@")[2]
+    return shown
+
+
 def url_password(url: str | None) -> str | None:
     """The password in ``scheme://user:password@host/...`` (None when there is none)."""
     if not url or "@" not in url:
@@ -41,6 +56,17 @@ def url_password(url: str | None) -> str | None:
     return pw or None
 
 
+def url_secrets(url: str | None) -> list[str]:
+    """Every secret a URL carries: the userinfo password and ``*password=`` query values (Redis
+    ``?sentinel_password=``, ``ssl_password=``), URL-decoded as the client will send them."""
+    if not url:
+        return []
+    out = [url_password(url)]
+    for m in _QUERY_PASSWORD.finditer(url):
+        out.extend((m.group(1), unquote(m.group(1))))
+    return [s for s in dict.fromkeys(out) if s]
+
+
 def config_secrets(cfg: Any) -> list[str]:
     """The secret values in a :class:`~helixagent.config.Config`."""
     out: list[str | None] = [cfg.auth.master_key]
@@ -49,8 +75,8 @@ def config_secrets(cfg: Any) -> list[str]:
         out.extend(str(v) for v in (p.headers or {}).values())
         out.append(url_password(p.base_url))
     for url in (cfg.database.url, cfg.database.read_url, cfg.redis.url, cfg.cache.redis_url,
-                cfg.rate_limits.redis_url, cfg.auth.redis_url):
-        out.append(url_password(url))
+                cfg.rate_limits.redis_url, cfg.auth.redis_url, cfg.routing.shared_health.redis_url):
+        out.extend(url_secrets(url))
     out.extend(encryption_secrets(cfg))
     return [s for s in out if s]
 

@@ -28,7 +28,8 @@ their feature off exactly when the traffic is highest.  Here pool exhaustion is 
   sentinels, a cluster that is down or has no reachable node).  Anything else -- a Lua error, a wrong
   argument -- is a bug of ours and propagates.
 
-No password reaches a log line or an error message: :func:`redact` is what callers may show of a URL.
+No password reaches a log line or an error message: :func:`helixagent.redaction.mask_url` is what callers
+may show of a URL.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .redaction import mask_url
 
 # What a failed (unreachable, slow, restarting) Redis raises.  OSError covers a socket error that
 # redis-py did not wrap.  MasterNotFoundError (Sentinel) is a ConnectionError.
@@ -94,25 +97,6 @@ class RedisURL:
         self.raw = raw
 
 
-def redact(url: str) -> str:
-    """The URL without its password (and without any ``*password=`` query value): safe to log."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return "<not a URL>"
-    netloc, slash, tail = rest.partition("/")
-    if "@" in netloc:
-        user = netloc.rpartition("@")[0].partition(":")[0]
-        netloc = (user + ":***@" if user else "***@") + netloc.rpartition("@")[2]
-    path, q, query = tail.partition("?")
-    if q:
-        parts = []
-        for kv in query.split("&"):
-            k, eq, _ = kv.partition("=")
-            parts.append(k + "=***" if eq and "password" in k.lower() else kv)
-        query = "&".join(parts)
-    return f"{scheme}://{netloc}{slash}{path}{q}{query}"
-
-
 def _hosts(netloc: str, default_port: int, scheme: str) -> list[tuple[str, int]]:
     out: list[tuple[str, int]] = []
     for part in netloc.split(","):
@@ -141,13 +125,13 @@ def parse_url(url: str) -> RedisURL:
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in SCHEMES and scheme != "unix":
-        raise ValueError(f"unsupported Redis URL {redact(url)!r}: the scheme must be one of "
+        raise ValueError(f"unsupported Redis URL {mask_url(url)!r}: the scheme must be one of "
                          f"{', '.join(s + '://' for s in SCHEMES)} or unix://")
     if scheme in ("redis", "rediss", "unix"):
         try:
             kw = _redis_parse_url(url)
         except ValueError as exc:
-            raise ValueError(f"bad Redis URL {redact(url)!r}: {str(exc).split(':')[0]}") from None
+            raise ValueError(f"bad Redis URL {mask_url(url)!r}: {str(exc).split(':')[0]}") from None
         return RedisURL("single", scheme == "rediss", [(str(kw.get("host", "")), int(kw.get("port", 6379)))],
                         None, int(kw.get("db", 0) or 0), kw.get("username"), kw.get("password"), {}, url)
     tls = scheme.startswith("rediss")
@@ -166,16 +150,16 @@ def parse_url(url: str) -> RedisURL:
         hosts = _hosts(netloc, 26379, scheme)
         segs = [s for s in tail.split("/") if s]
         if not segs:
-            raise ValueError(f"{scheme}:// URL {redact(url)!r} names no service: "
+            raise ValueError(f"{scheme}:// URL {mask_url(url)!r} names no service: "
                              f"{scheme}://host:26379[,host2:26379]/<service>[/<db>]")
         try:
             db = int(segs[1]) if len(segs) > 1 else 0
         except ValueError:
-            raise ValueError(f"{scheme}:// URL {redact(url)!r}: the database must be a number") from None
+            raise ValueError(f"{scheme}:// URL {mask_url(url)!r}: the database must be a number") from None
         return RedisURL("sentinel", tls, hosts, unquote(segs[0]), db, username, password, options, url)
     hosts = _hosts(netloc, 6379, scheme)
     if tail.strip("/") not in ("", "0"):
-        raise ValueError(f"{scheme}:// URL {redact(url)!r}: Redis Cluster has only database 0")
+        raise ValueError(f"{scheme}:// URL {mask_url(url)!r}: Redis Cluster has only database 0")
     return RedisURL("cluster", tls, hosts, None, 0, username, password, options, url)
 
 
@@ -191,10 +175,10 @@ def _tls_kwargs(u: RedisURL) -> dict[str, Any]:
         if conv is not None:
             out[k] = conv(v)
         elif k not in ("sentinel_password", "sentinel_username"):
-            raise ValueError(f"Redis URL {redact(u.raw)!r}: unknown option {k!r} (known: "
+            raise ValueError(f"Redis URL {mask_url(u.raw)!r}: unknown option {k!r} (known: "
                              f"{', '.join(sorted([*_TLS_OPTS, 'sentinel_password', 'sentinel_username']))})")
     if out and not u.tls:
-        raise ValueError(f"Redis URL {redact(u.raw)!r}: ssl_* options need a rediss scheme")
+        raise ValueError(f"Redis URL {mask_url(u.raw)!r}: ssl_* options need a rediss scheme")
     return out
 
 

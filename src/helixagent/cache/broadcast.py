@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from ..canonical import StreamAccumulator
 from ..errors import GatewayError
-from .values import clone_error, complete, encode
+from .values import complete, encode
 
 if TYPE_CHECKING:
     from .flights import Lease
@@ -180,7 +180,7 @@ class BroadcastReader:
             if bc.done:
                 self._close()
                 if bc.error is not None:
-                    raise clone_error(bc.error)
+                    raise bc.error.clone()
                 raise StopAsyncIteration
             bc.event.clear()
             await bc.event.wait()

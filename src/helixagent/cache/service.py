@@ -34,7 +34,7 @@ from .backends import BackendUnavailable, CacheStats, MemoryBackend, RedisBacken
 from .broadcast import Broadcast, BroadcastReader, Flight, Pending  # noqa: F401
 from .flights import LeaderGone, Outcome, RemoteFlights, publish_stream
 from .key import cache_key, scope_of, tenant_scope
-from .values import _aiter, clone_error, complete, decode, encode, parse_cache_control, replay  # noqa: F401
+from .values import _aiter, complete, decode, encode, parse_cache_control, replay  # noqa: F401
 
 log = logging.getLogger("helixagent.cache")
 
@@ -88,6 +88,8 @@ class CacheService:
         self.dedupe = cfg.dedupe
         self.enabled = cfg.enabled
         self.cfg = cfg
+        if self.remote is not None:  # the router was reconfigured first (reload.py): its time budget is new
+            self.remote.budget = float(getattr(self.router, "budget", self.remote.budget))
 
     # counters (the observability module exports these)
     @property
@@ -199,7 +201,7 @@ class CacheService:
             return False
         if kind == "error":
             self._follower_failed(ctx)
-            raise clone_error(val)
+            raise val.clone()
         if kind == "resp":
             resp, model = decode(val)
             self.serve(ctx, resp, model)
@@ -228,8 +230,8 @@ class CacheService:
             return False  # nothing was sent to this client yet: start over
         if bc.error is not None or bc.payload is None:
             self._follower_failed(ctx)
-            raise clone_error(bc.error or GatewayError(502, "the upstream stream ended without an answer",
-                                                     provider=bc.provider, kind="stream_error"))
+            raise (bc.error or GatewayError(502, "the upstream stream ended without an answer",
+                                            provider=bc.provider, kind="stream_error")).clone()
         resp, model = decode(bc.payload)
         self.serve(ctx, resp, model)
         self.stats.coalesced += 1
@@ -251,7 +253,7 @@ class CacheService:
             assert got.error is not None
             self.settle(p, "error", got.error)
             self._follower_failed(ctx)
-            raise clone_error(got.error)
+            raise got.error.clone()
         assert got.chunks is not None
         bc = Broadcast(self, p, got.chunks, got.provider, got.model)  # p.store False: the leader stores
         if p.flight is not None:

@@ -7,7 +7,6 @@ from typing import Any, AsyncIterator
 import orjson
 
 from ..canonical import ChatResponse, Usage, new_chunk, usage_chunk
-from ..errors import GatewayError
 
 _dumps = orjson.dumps
 _loads = orjson.loads
@@ -84,15 +83,6 @@ def replay(resp: ChatResponse, include_usage: bool) -> list[dict[str, Any]]:
 async def _aiter(chunks: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
     for c in chunks:
         yield c
-
-
-def clone_error(exc: GatewayError) -> GatewayError:
-    """A private copy of a shared error (each follower raises its own; tracebacks are per raise)."""
-    c = type(exc).__new__(type(exc))
-    c.__dict__.update(exc.__dict__)
-    c.args = exc.args
-    c.headers = dict(exc.headers)
-    return c
 
 
 def parse_cache_control(value: str) -> tuple[bool, bool]:

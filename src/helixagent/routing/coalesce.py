@@ -166,7 +166,7 @@ class Coalescer:
             alone = not exc.retryable and 400 <= exc.status < 500
             for m in members:
                 if not m.gone and not m.fut.done():
-                    m.fut.set_result(ALONE) if alone else m.fut.set_exception(_clone(exc))
+                    m.fut.set_result(ALONE) if alone else m.fut.set_exception(exc.clone())
         except Exception:  # noqa: BLE001 - a gateway bug: logged, and every member answers a 500 (below)
             log.exception("combining %d embedding requests failed (a gateway bug)", len(members))
         finally:
@@ -221,7 +221,3 @@ def split_tokens(total: int, weights: list[int]) -> list[int]:
     return out
 
 
-def _clone(exc: GatewayError) -> GatewayError:
-    """A fresh copy for each member (one instance raised in many tasks chains their tracebacks)."""
-    return GatewayError(exc.status, exc.message, type=exc.type, code=exc.code, param=exc.param, provider=exc.provider,
-                        retryable=exc.retryable, retry_after=exc.retry_after, headers=dict(exc.headers), kind=exc.kind)

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import Strict, parse_duration
+from .base import Strict, no_braces, parse_duration, redis_url_ok
 
 
 class AliasTarget(Strict):
@@ -79,6 +79,8 @@ class SharedHealthConfig(Strict):
     redis_timeout: float = Field(default=0.5, gt=0)
 
     _d = field_validator("sync_interval", "redis_timeout", mode="before")(lambda v: parse_duration(v))
+    _u = field_validator("redis_url")(lambda v: redis_url_ok(v))
+    _p = field_validator("key_prefix")(lambda v: v if v is None else no_braces(v))
 
     @model_validator(mode="before")
     @classmethod
