@@ -147,17 +147,50 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def with_bearer(t: Target | None, fn):  # noqa: ANN001, ANN201 - tiny helper around hs.WRK_LUA
+# A cache miss every time: each request's body differs (a counter in the user message), temperature 0 so the
+# cache looks it up and stores the answer (temperature 0.2 would bypass the cache: no key, no lookup).
+MISS_TEMPLATE = hs.orjson.dumps({**hs.REQUEST_OBJ, "temperature": 0}).decode().replace(
+    "use case for each protocol.", "use case for each protocol. (%%d)")
+MISS_LUA = """
+local tmpl = [[%s]]
+local seq = SEQ_START
+function request()
+  seq = seq + 1
+  return wrk.format(nil, nil, nil, string.format(tmpl, seq))
+end
+""" % MISS_TEMPLATE
+MISS = b"<unique cache miss>"  # marker body: measure() switches the wrk script to MISS_LUA
+_SEQ = [0]
+
+
+def _miss_lua() -> str:  # every wrk run numbers its bodies from a fresh start: never a body seen before
+    _SEQ[0] += 1
+    return MISS_LUA.replace("SEQ_START", str(_SEQ[0] * 100_000_000))
+
+
+def with_bearer(t: Target | None, fn, unique: bool = False):  # noqa: ANN001, ANN201 - helper around hs.WRK_LUA
     plain = hs.WRK_LUA
     if t is not None:
         hs.WRK_LUA = plain.replace("sk-client-test", t.bearer)
+    keyed = hs.WRK_LUA
+    real_run = hs.run_wrk
+    if unique:
+        def run_unique(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+            hs.WRK_LUA = keyed + _miss_lua()
+            return real_run(*args, **kw)
+        hs.run_wrk = run_unique
     try:
         return fn()
     finally:
         hs.WRK_LUA = plain
+        hs.run_wrk = real_run
 
 
 def measure(t: Target, body: bytes, n: int, warm: int, conns: int, tmp: str, servers: list[int]) -> dict:
+    unique = body is MISS
+    if unique:
+        body = BODY  # wrk's default body, replaced per request by MISS_LUA's request()
+
     def run() -> dict:
         hs.run_wrk(t.url, body, warm, conns, tmp)
         time.sleep(0.2)
@@ -169,7 +202,7 @@ def measure(t: Target, body: bytes, n: int, warm: int, conns: int, tmp: str, ser
         r["cpu"] = (g1 - g0) / r["requests"] * 1e6
         r["srv_cpu"] = sum(b - a for a, b in zip(s0, s1, strict=True)) / r["requests"] * 1e6
         return r
-    return with_bearer(t, run)
+    return with_bearer(t, run, unique)
 
 
 def ttfb(t: Target, body: bytes, n: int) -> list[float]:
@@ -319,10 +352,10 @@ def main() -> int:  # noqa: C901 - one linear orchestration
         log("all up:", ", ".join(t))
 
         # --- CPU per request at 16 connections, alternating rounds ---
-        plan = [("bare", "bare", BODY), ("default", "default", BODY), ("full", "full", BODY), ("hit", "full", HIT_BODY),
+        plan = [("bare", "bare", BODY), ("default", "default", BODY), ("full", "full", MISS), ("hit", "full", HIT_BODY),
                 ("bare_s20", "bare", S20), ("s20", "default", S20), ("bare_s200", "bare", S200), ("s200", "default", S200)]
         if not a.no_prod:
-            plan += [("pg_default", "pg_default", BODY), ("pg_full", "pg_full", BODY), ("pg_hit", "pg_full", HIT_BODY)]
+            plan += [("pg_default", "pg_default", BODY), ("pg_full", "pg_full", MISS), ("pg_hit", "pg_full", HIT_BODY)]
         res: dict[str, list[dict]] = {k: [] for k, _, _ in plan}
         res["direct"] = []
         for rnd in range(a.rounds):

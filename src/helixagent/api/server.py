@@ -50,7 +50,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from . import probes
-from .head_cork import HeadCork
 
 log = logging.getLogger("helixagent")
 
@@ -277,9 +276,6 @@ class HelixHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._set_deadline(_BODY, self._lim.body_timeout)
         super().on_headers_complete()
-        cycle = self.cycle
-        if cycle is not None:  # the head of a whole answer goes out with its body (api/head_cork.py)
-            cycle.transport = HeadCork(self.transport, cycle)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         self._msgs_done += 1
