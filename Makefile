@@ -38,7 +38,7 @@ lint: $(TEST_STAMP)
 	VENV=$(VENV) ./scripts/lint.sh
 
 bench: $(TEST_STAMP)
-	$(PY) bench/gateway_bench.py
+	$(PY) bench/perf_bench.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

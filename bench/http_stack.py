@@ -93,15 +93,19 @@ RESPONSE_OBJ = {
 RESPONSE_BODY = orjson.dumps(RESPONSE_OBJ)
 
 N_SSE_CHUNKS = 20  # content chunks; a final "data: [DONE]" event follows
+# A streamed request whose max_tokens is exactly LONG_STREAM_MAX_TOKENS gets LONG_STREAM_CHUNKS chunks instead
+# (bench/perf_bench.py measures the per-chunk cost from the difference of 20 and 200 chunks).
+LONG_STREAM_MAX_TOKENS = 200
+LONG_STREAM_CHUNKS = 200
 
 
-def sse_events() -> list[bytes]:
+def sse_events(n: int = N_SSE_CHUNKS) -> list[bytes]:
     out = []
-    for i in range(N_SSE_CHUNKS):
+    for i in range(n):
         ev = {"id": "chatcmpl-stream-1", "object": "chat.completion.chunk", "created": 1741570283,
               "model": "gpt-4o-mini-2024-07-18", "system_fingerprint": "fp_06737a9306",
               "choices": [{"index": 0, "delta": {"content": f" token{i}"}, "logprobs": None,
-                           "finish_reason": "stop" if i == N_SSE_CHUNKS - 1 else None}]}
+                           "finish_reason": "stop" if i == n - 1 else None}]}
         out.append(b"data: " + orjson.dumps(ev) + b"\n\n")
     out.append(b"data: [DONE]\n\n")
     return out
@@ -122,6 +126,11 @@ def run_upstream(port: int) -> None:
     sse_head = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
                 b"transfer-encoding: chunked\r\n\r\n")
     sse_chunks = [b"%x\r\n" % len(e) + e + b"\r\n" for e in sse_events()]
+    long_chunks = [b"%x\r\n" % len(e) + e + b"\r\n" for e in sse_events(LONG_STREAM_CHUNKS)]
+    long_marker = b'"max_tokens":%d' % LONG_STREAM_MAX_TOKENS
+    fail_body = b'{"error":{"message":"upstream failure","type":"server_error"}}'
+    fail_resp = (b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+                 b"content-length: %d\r\nconnection: keep-alive\r\n\r\n" % len(fail_body)) + fail_body
 
     class Proto(asyncio.Protocol):
         def connection_made(self, transport):
@@ -162,14 +171,18 @@ def run_upstream(port: int) -> None:
                              b"content-length: 1000\r\n\r\n{\"partial\":")
                 self.t.close()
                 return
+            if url.startswith(b"/fail/"):
+                self.t.write(fail_resp)
+                return
             if b'"stream":true' in body:
-                asyncio.get_running_loop().create_task(self.stream())
+                chunks = long_chunks if long_marker in body else sse_chunks
+                asyncio.get_running_loop().create_task(self.stream(chunks))
             else:
                 self.t.write(json_resp)
 
-        async def stream(self):
+        async def stream(self, chunks):
             self.t.write(sse_head)
-            for c in sse_chunks:
+            for c in chunks:
                 if stream_delay:
                     await asyncio.sleep(stream_delay)
                 if self.t.is_closing():

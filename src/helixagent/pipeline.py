@@ -197,6 +197,8 @@ class Stage:
         """Runs after the outcome is final (stream ended), in reverse order of entry."""
 
 
+_NO_POST = Stage.post
+
 Handler = Callable[[RequestContext], Awaitable[None]]
 
 
@@ -258,6 +260,8 @@ class Pipeline:
         if ctx.outcome is None:
             ctx.outcome = outcome_of(ctx)
         for st in reversed(entered):
+            if type(st).post is _NO_POST:
+                continue  # a stage without a post-hook: no coroutine to create and await
             try:
                 await st.post(ctx)
             except Exception:

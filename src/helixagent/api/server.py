@@ -50,6 +50,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from . import probes
+from .stream_writes import StreamWrites
 
 log = logging.getLogger("helixagent")
 
@@ -276,6 +277,9 @@ class HelixHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._set_deadline(_BODY, self._lim.body_timeout)
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None:  # a stream's chunks of one loop iteration leave together (api/stream_writes.py)
+            cycle.transport = StreamWrites(self.transport, cycle, self.loop)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         self._msgs_done += 1
