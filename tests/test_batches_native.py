@@ -170,12 +170,15 @@ def test_anthropic_native_message_batch(tmp_path: Any, make_gateway: Any, vendor
 
 def test_interrupted_openai_submission_is_not_submitted_twice(tmp_path: Any, make_gateway: Any,
                                                               vendor: FakeVendorBatches, monkeypatch: Any) -> None:
-    """A crash between the vendor's create call and our write of its id (simulated: the id is wiped and the
-    batch left 'submitting'): the retried step finds the vendor batch by its metadata, creates no second."""
+    """A crash between the vendor's create call and our write of its id (simulated: the gateway stops, the
+    id is wiped and the batch left 'submitting', a new gateway takes over): the retried step finds the vendor
+    batch by its metadata and creates no second.  The wipe happens with no gateway running: a live runner's
+    poll step in flight would write the vendor's status back over 'submitting' (a race a real crash has not)."""
     monkeypatch.setenv("HELIXAGENT_ENCRYPTION_KEYS", K1)
     vendor.polls = 8
     try:
-        gw = make_gateway(cfg(tmp_path, [vendor.openai_provider()], mode="native", native_poll_interval="300ms"))
+        conf = cfg(tmp_path, [vendor.openai_provider()], mode="native", native_poll_interval="300ms")
+        gw = make_gateway(conf)
         c = openai.OpenAI(base_url=gw.url + "/v1", api_key=MASTER, max_retries=0, timeout=20)
         f = c.files.create(file=("n.jsonl", jsonl([line(i) for i in range(3)])), purpose="batch")
         b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
@@ -185,9 +188,12 @@ def test_interrupted_openai_submission_is_not_submitted_twice(tmp_path: Any, mak
             with eng.connect() as conn:
                 return conn.execute(sa.text("select upstream_id from batches where id = :b"), {"b": b.id}).scalar_one()
         assert wait_until(lambda: upstream() is not None, timeout=20)
+        gw.close()
         with eng.begin() as conn:
             conn.execute(sa.text("update batches set upstream_id = null, upstream_status = 'submitting', "
                                  "lease_until = null where id = :b"), {"b": b.id})
+        gw = make_gateway(conf)
+        c = openai.OpenAI(base_url=gw.url + "/v1", api_key=MASTER, max_retries=0, timeout=20)
         assert wait_until(lambda: c.batches.retrieve(b.id).status == "completed", timeout=30)
         eng.dispose()
         assert len(vendor.batches) == 1 and ("GET", "/v1/batches") in vendor.calls
