@@ -184,6 +184,21 @@ def _tls_kwargs(u: RedisURL) -> dict[str, Any]:
 
 # -- pools ----------------------------------------------------------------------------------------------
 
+async def take_slot(owner: Any, slots: asyncio.Semaphore, what: str, size: int) -> None:
+    """One of ``size`` slots: at once when one is free, else waiting at most ``owner.pool_timeout`` (counted
+    in ``owner.waits``; a wait that runs out is counted in ``owner.exhausted`` and raises PoolExhausted)."""
+    if not slots.locked():
+        await slots.acquire()
+        return
+    owner.waits += 1
+    try:
+        await asyncio.wait_for(slots.acquire(), owner.pool_timeout)
+    except asyncio.TimeoutError:
+        owner.exhausted += 1
+        raise PoolExhausted(f"no {what} connection became free within {owner.pool_timeout:g}s "
+                            f"(all {size} in use)") from None
+
+
 class _Bounded:
     """The bounded, fair wait for a connection (mixed into a redis-py ``ConnectionPool``).
 
@@ -202,16 +217,7 @@ class _Bounded:
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         slots = self._slots
-        if slots.locked():
-            self.waits += 1
-            try:
-                await asyncio.wait_for(slots.acquire(), self.pool_timeout)
-            except asyncio.TimeoutError:
-                self.exhausted += 1
-                raise PoolExhausted(f"no Redis connection became free within {self.pool_timeout:g}s "
-                                    f"(all {self.max_connections} in use)") from None
-        else:
-            await slots.acquire()
+        await take_slot(self, slots, "Redis", self.max_connections)
         try:
             conn = await super().get_connection()  # type: ignore[misc]
         except BaseException:
@@ -279,16 +285,7 @@ class BoundedCluster(RedisCluster):
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         slots = self._slots
-        if slots.locked():
-            self.waits += 1
-            try:
-                await asyncio.wait_for(slots.acquire(), self.pool_timeout)
-            except asyncio.TimeoutError:
-                self.exhausted += 1
-                raise PoolExhausted(f"no Redis Cluster connection became free within {self.pool_timeout:g}s "
-                                    f"(all {self.pool_size} in use)") from None
-        else:
-            await slots.acquire()
+        await take_slot(self, slots, "Redis Cluster", self.pool_size)
         try:
             if self._initialize:
                 # one bootstrap of the slot map before any command: commands racing redis-py's own lazy
