@@ -43,8 +43,8 @@ def app_factory() -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import ctypes
-    ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)
+    from .memory import disable_huge_pages
+    disable_huge_pages()  # before the HTTP client allocates: 8 MB less RSS (memory.py)
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:

@@ -38,7 +38,8 @@ BUS_POOL_TIMEOUT = 5.0
 
 def _client(url: str, blocking: bool = False) -> Any:
     return redis_client.make_client(url, pool_size=BUS_POOL_SIZE, pool_timeout=BUS_POOL_TIMEOUT,
-                       timeout=None if blocking else 1.0, connect_timeout=0.5, health_check_interval=5, retries=3)
+                                    timeout=None if blocking else 1.0, connect_timeout=0.5, health_check_interval=5,
+                                    retries=3)
 
 
 async def _cluster_subscribers(redis: Any, channel: str) -> int | None:

@@ -398,7 +398,7 @@ class RedisBackend:
     def __init__(self, url: str, timeout: float = 0.25, retry_interval: float = 1.0, pool_size: int = 100,
                  pool_timeout: float = 5.0):
         self.redis = redis_client.make_client(url, pool_size=pool_size, pool_timeout=pool_timeout, timeout=timeout,
-                                 connect_timeout=timeout)
+                                              connect_timeout=timeout)
         self.cluster = redis_client.is_cluster(self.redis)
         self.pool = getattr(self.redis, "connection_pool", self.redis)  # Cluster: the client holds the bound
         self._reserve = self.redis.register_script(RESERVE_LUA)

@@ -167,10 +167,10 @@ class SharedHealth:
     async def start(self, wait: float = 2.0) -> None:
         """Connect, subscribe and load the fleet's state (waits at most ``wait`` s: a Redis that is
         down at start-up leaves this instance on local health until it answers)."""
-        self.redis = redis_client.make_client(self.url, pool_size=_POOL_SIZE, pool_timeout=self.timeout, timeout=self.timeout,
-                                 connect_timeout=self.timeout)
+        self.redis = redis_client.make_client(self.url, pool_size=_POOL_SIZE, pool_timeout=self.timeout,
+                                              timeout=self.timeout, connect_timeout=self.timeout)
         self.sub = redis_client.make_client(self.url, pool_size=2, pool_timeout=self.timeout, timeout=None,
-                               connect_timeout=self.timeout, health_check_interval=5)
+                                            connect_timeout=self.timeout, health_check_interval=5)
         for name, src in (("open", _OPEN), ("close", _CLOSE), ("probe", _PROBE), ("cool", _COOL), ("sync", _SYNC)):
             self._scripts[name] = self.redis.register_script(src)
         self.health.shared = self
