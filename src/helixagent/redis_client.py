@@ -33,7 +33,6 @@ may show of a URL.
 """
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs, unquote
 
@@ -54,7 +53,8 @@ _LAZY = ("OUTAGE", "make_client", "is_cluster")
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(".redis_pools", __name__), name)
+        from . import redis_pools
+        return getattr(redis_pools, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
