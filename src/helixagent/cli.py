@@ -43,6 +43,8 @@ def app_factory() -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .memory import disable_huge_pages
+    disable_huge_pages()  # before the HTTP client allocates: 8 MB less RSS (memory.py)
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:

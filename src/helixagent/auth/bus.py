@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import orjson
 
-from ..redis_client import is_cluster, make_client, tagged
+from .. import redis_client
+from ..redis_client import tagged
 
 log = logging.getLogger("helixagent.auth")
 
@@ -36,15 +37,16 @@ BUS_POOL_TIMEOUT = 5.0
 
 
 def _client(url: str, blocking: bool = False) -> Any:
-    return make_client(url, pool_size=BUS_POOL_SIZE, pool_timeout=BUS_POOL_TIMEOUT,
-                       timeout=None if blocking else 1.0, connect_timeout=0.5, health_check_interval=5, retries=3)
+    return redis_client.make_client(url, pool_size=BUS_POOL_SIZE, pool_timeout=BUS_POOL_TIMEOUT,
+                                    timeout=None if blocking else 1.0, connect_timeout=0.5, health_check_interval=5,
+                                    retries=3)
 
 
 async def _cluster_subscribers(redis: Any, channel: str) -> int | None:
     """On Redis Cluster, ``PUBLISH`` reaches the subscribers on every node but counts only those of the
     node it ran on: count them on every node first (``PUBSUB NUMSUB``), so the publisher waits for every
     instance's acknowledgement.  None: not a cluster (PUBLISH's count is exact)."""
-    if not is_cluster(redis):
+    if not redis_client.is_cluster(redis):
         return None
     await redis.initialize()
     total = 0
@@ -137,7 +139,7 @@ class InvalidationBus:
         while not self._stopping:
             ps = None
             try:
-                if is_cluster(self.redis):
+                if redis_client.is_cluster(self.redis):
                     await self.redis.initialize()  # the slot map picks the node the subscription uses
                 ps = self.redis.pubsub(ignore_subscribe_messages=True)
                 await ps.subscribe(channel_of(self.prefix))

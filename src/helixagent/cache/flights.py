@@ -46,7 +46,7 @@ from typing import Any, AsyncIterator
 import orjson
 
 from ..errors import GatewayError
-from ..redis_client import make_client
+from .. import redis_client
 from .backends import BackendUnavailable, RedisBackend
 
 log = logging.getLogger("helixagent.cache")
@@ -224,8 +224,9 @@ class RemoteFlights:
         self.finish_script = c.register_script(FINISH_LUA)
         self.append_script = c.register_script(APPEND_LUA)
         # XREAD BLOCK holds its connection for up to one slice: a client whose socket timeout covers it
-        self.blocking = make_client(self.rb.url, pool_size=self.rb.pool_size, pool_timeout=self.rb.pool_timeout,
-                                    timeout=self.slice + self.rb.timeout, connect_timeout=self.rb.timeout)
+        self.blocking = redis_client.make_client(self.rb.url, pool_size=self.rb.pool_size,
+                                                 pool_timeout=self.rb.pool_timeout,
+                                                 timeout=self.slice + self.rb.timeout, connect_timeout=self.rb.timeout)
 
     async def close(self) -> None:
         for t in list(self.tasks):

@@ -21,7 +21,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from ..redis_client import OUTAGE, is_cluster, make_client
+from .. import redis_client
 
 log = logging.getLogger("helixagent.limits")
 
@@ -397,9 +397,9 @@ class RedisBackend:
 
     def __init__(self, url: str, timeout: float = 0.25, retry_interval: float = 1.0, pool_size: int = 100,
                  pool_timeout: float = 5.0):
-        self.redis = make_client(url, pool_size=pool_size, pool_timeout=pool_timeout, timeout=timeout,
-                                 connect_timeout=timeout)
-        self.cluster = is_cluster(self.redis)
+        self.redis = redis_client.make_client(url, pool_size=pool_size, pool_timeout=pool_timeout, timeout=timeout,
+                                              connect_timeout=timeout)
+        self.cluster = redis_client.is_cluster(self.redis)
         self.pool = getattr(self.redis, "connection_pool", self.redis)  # Cluster: the client holds the bound
         self._reserve = self.redis.register_script(RESERVE_LUA)
         self._settle = self.redis.register_script(SETTLE_LUA)
@@ -442,7 +442,7 @@ class RedisBackend:
             args += (lim.algo, lim.limit, c, lim.burst)
         try:
             res = await self._reserve(keys=[lim.key for lim in limits], args=args)
-        except OUTAGE as exc:
+        except redis_client.OUTAGE as exc:
             raise self._failed(exc) from None
         self._ok()
         n = len(limits)
@@ -466,7 +466,7 @@ class RedisBackend:
             raise BackendUnavailable("redis marked down")
         try:
             await self._settle(keys=keys, args=args)
-        except OUTAGE as exc:
+        except redis_client.OUTAGE as exc:
             raise self._failed(exc) from None
         self._ok()
 
@@ -487,7 +487,7 @@ class RedisBackend:
             for i in range(0, len(keys), 500):
                 vals = await self.redis.mget(keys[i:i + 500])
                 out.extend(float(v) if v is not None else 0.0 for v in vals)
-        except OUTAGE as exc:
+        except redis_client.OUTAGE as exc:
             raise self._failed(exc) from None
         self._ok()
         return out

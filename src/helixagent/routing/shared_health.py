@@ -42,12 +42,13 @@ from typing import Any, Callable, Coroutine
 
 import orjson
 
-from ..redis_client import OUTAGE, PoolExhausted, make_client
+from .. import redis_client
+from ..redis_client import PoolExhausted
 from .health import CLOSED, OPEN, Health, ProviderHealth, Throttle
 
 log = logging.getLogger("helixagent.routing")
 
-FAILED: tuple[type[Exception], ...] = (*OUTAGE, PoolExhausted)
+FAILED: tuple[type[Exception], ...] = (*redis_client.OUTAGE, PoolExhausted)
 _POOL_SIZE = 8
 
 # KEYS: breaker, probe slot.  ARGV: instance id, cooldown ms, channel, message.  Opens the breaker for
@@ -166,10 +167,10 @@ class SharedHealth:
     async def start(self, wait: float = 2.0) -> None:
         """Connect, subscribe and load the fleet's state (waits at most ``wait`` s: a Redis that is
         down at start-up leaves this instance on local health until it answers)."""
-        self.redis = make_client(self.url, pool_size=_POOL_SIZE, pool_timeout=self.timeout, timeout=self.timeout,
-                                 connect_timeout=self.timeout)
-        self.sub = make_client(self.url, pool_size=2, pool_timeout=self.timeout, timeout=None,
-                               connect_timeout=self.timeout, health_check_interval=5)
+        self.redis = redis_client.make_client(self.url, pool_size=_POOL_SIZE, pool_timeout=self.timeout,
+                                              timeout=self.timeout, connect_timeout=self.timeout)
+        self.sub = redis_client.make_client(self.url, pool_size=2, pool_timeout=self.timeout, timeout=None,
+                                            connect_timeout=self.timeout, health_check_interval=5)
         for name, src in (("open", _OPEN), ("close", _CLOSE), ("probe", _PROBE), ("cool", _COOL), ("sync", _SYNC)):
             self._scripts[name] = self.redis.register_script(src)
         self.health.shared = self

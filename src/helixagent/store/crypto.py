@@ -22,9 +22,12 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+# cryptography (about 7 MB resident) is imported by the first Keyring, i.e. only when encryption is enabled.
 
 ENV_VAR = "HELIXAGENT_ENCRYPTION_KEYS"
 VERSION = 1
@@ -111,7 +114,8 @@ class Keyring:
             raise KeyError_("no encryption key")
         self.keys = {k.id: k for k in keys}
         self.active = keys[-1]
-        self._aead = {k.id: AESGCM(k.material) for k in keys}
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        self._aead: dict[str, AESGCM] = {k.id: AESGCM(k.material) for k in keys}
         self._active_aead = self._aead[self.active.id]
         self.active_id = self.active.id
 
@@ -150,6 +154,7 @@ class Keyring:
         if len(blob) < 1 + 12 + 16 or blob[0] != VERSION:
             raise TamperedRecord(f"record {request_id}: {column} is not a HelixAgent ciphertext "
                                  "(truncated or modified)")
+        from cryptography.exceptions import InvalidTag   # loaded already: the Keyring built an AESGCM
         try:
             return aead.decrypt(blob[1:13], blob[13:], (request_id + "\0" + column).encode())
         except InvalidTag:

@@ -43,6 +43,16 @@ def auto_migrate(cfg: Config) -> bool:
     return is_sqlite(cfg.database.url) if am is None else am
 
 
+def _upgrade_if_behind(url: str) -> None:
+    """``migrate.upgrade(url)``, but Alembic is imported only when the database is not already at the head
+    (store/revision.py: a cheap SQLAlchemy read); at the head, upgrade would do nothing."""
+    from .revision import at_head
+    if at_head(url):
+        return
+    from . import migrate
+    migrate.upgrade(url)
+
+
 class RecordStore:
     def __init__(self, cfg: Config, keyring: Keyring | None = None):
         self.cfg = cfg
@@ -60,9 +70,8 @@ class RecordStore:
 
     async def start(self) -> None:
         if auto_migrate(self.cfg):
-            from . import migrate
             try:
-                await asyncio.to_thread(migrate.upgrade, self.cfg.database.url)
+                await asyncio.to_thread(_upgrade_if_behind, self.cfg.database.url)
             except Exception as exc:
                 if is_sqlite(self.cfg.database.url):
                     raise RuntimeError(f"database.url: migrating the SQLite database failed: {exc}") from exc

@@ -157,6 +157,8 @@ class RecordWriter:
                         pb = orjson.dumps(body)
                     except TypeError:
                         pb = orjson.dumps(body, default=_dumps_default)
+                    # right-sized while it waits in the queue (orjson's block is >= 4 KiB): see cache/backends
+                    pb = bytes(memoryview(pb))
                 if keyring is not None:
                     if rb is not None:
                         rb = keyring.encrypt(rb, rid, "request_body")
