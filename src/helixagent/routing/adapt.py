@@ -3,7 +3,7 @@ header that says what was changed.
 
 A vendor mapping (``Provider.prepare``) refuses a parameter its provider has no equivalent for with a 400
 ``code="unsupported_feature"`` naming the field (``param``).  Routing skips such a candidate during
-fallback (router.py); with ``drop_params`` on it adapts the request instead, one refused parameter at a
+fallback (mapping.py, ``_Mapped``); with ``drop_params`` on it adapts the request instead, one refused parameter at a
 time, and maps it again:
 
 * ``temperature`` above the provider's maximum is clamped to it (Anthropic: 1.0);

@@ -154,7 +154,7 @@ class Coalescer:
         bctx.priority = PRIORITIES[min(RANK[m.ctx.priority or "normal"] for m in members)]
         bctx.state["members"] = len(members)
         try:
-            from .router import _Mapped
+            from .mapping import _Mapped
             cands = router.order(b.plan, creq)
             c, res = await router._sequential(bctx, cands, creq, "embed", _Mapped(router, creq, "embed"))
             self.calls += 1

@@ -371,7 +371,7 @@ def _release_soon(lease: Lease) -> None:
 
 async def queued_attempt(router: Any, ctx: RequestContext, c: Any, sub: Any, op: str, deadline: float, probe: int,
                          wire: Any, sprobe: int) -> Any:
-    """Hedged mode (router._hedged): wait for ``c``'s slot, then make the attempt; the slot is held as in
+    """Hedged mode (hedge.py): wait for ``c``'s slot, then make the attempt; the slot is held as in
     sequential mode (a stream keeps it until it ends).  A wait that ends without a slot frees the breaker
     probes taken for the attempt: no verdict on the provider."""
     h = c.health
