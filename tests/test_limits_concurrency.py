@@ -8,28 +8,20 @@ admit exactly 100, on one gateway and on three gateway processes sharing one Red
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 import pytest
-import yaml
 
-import helixagent
 from conftest import need_redis
 from helixagent.limits import REQ, Limit
 from helixagent.limits.backends import SLIDING, RedisBackend
 from helixagent.redis_client import PoolExhausted, make_client
 from support.keys import MASTER, MODEL, admin_create, redis_cleanup, unique_prefix
-from support.servers import free_port
+from support.serve import ServeProcess
 
 pytestmark = pytest.mark.redis
-SRC = str(Path(helixagent.__file__).resolve().parents[1])
 MSGS = [{"role": "user", "content": "hello"}]
 
 
@@ -75,52 +67,6 @@ def redis_prefix():
     prefix = unique_prefix()
     yield url, prefix
     redis_cleanup(url, prefix)
-
-
-class ServeProcess:
-    """``helixagent serve --config file`` as a subprocess (a separate gateway PROCESS)."""
-
-    def __init__(self, cfg: dict[str, Any], tmp: Path, name: str):
-        self.port = free_port()
-        path = tmp / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "HELIXAGENT_CONFIG"}
-        env["PYTHONPATH"] = SRC
-        self.log = open(tmp / f"{name}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "helixagent", "serve", "--config", str(path),
-                                      "--port", str(self.port)], env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, deadline: float) -> None:
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.log.seek(0)
-                raise RuntimeError(f"gateway process did not start:\n{self.log.read()[-3000:]}")
-            time.sleep(0.1)
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
 
 
 @pytest.fixture

@@ -4,46 +4,36 @@ health and shares again when Redis is back.  Real Redis (HELIX_TEST_REDIS_URL), 
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-import helixagent
 from conftest import need_redis
 from fakes.openai_upstream import Fault, FakeOpenAI
 from support.keys import redis_cleanup, unique_prefix
-from support.servers import free_port, wait_until
+from support.serve import ServeProcess
+from support.servers import wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
-SRC = str(Path(helixagent.__file__).resolve().parents[1])
 MODEL = "gpt-4o-mini"
 COOLDOWN = 4.0
 
 
-class Serve:
-    """``helixagent serve --config file`` as a separate process."""
+class Serve(ServeProcess):
+    """A gateway process that is ready once its shared health is live."""
 
     def __init__(self, cfg: dict[str, Any], tmp: Path, name: str):
-        self.port = free_port()
-        path = tmp / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "HELIXAGENT_CONFIG"}
-        env["PYTHONPATH"] = SRC
-        self.log = open(tmp / f"{name}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "helixagent", "serve", "--config", str(path),
-                                      "--port", str(self.port)], env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=str(tmp))
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
+        super().__init__(cfg, tmp, name, cwd=tmp)
+        self.client = httpx.Client(base_url=self.url, timeout=30)
 
     def health(self) -> dict[str, Any]:
         return dict(self.client.get("/health").json())
+
+    def ready(self) -> bool:
+        return bool(self.health()["shared_health"]["status"] == "ok")
 
     def chat(self) -> str:
         r = self.client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 8,
@@ -51,31 +41,12 @@ class Serve:
         assert r.status_code == 200, r.text
         return r.headers["x-helixagent-provider"]
 
-    def wait_ready(self, deadline: float) -> None:
-        while True:
-            try:
-                if self.health()["shared_health"]["status"] == "ok":
-                    return
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.log.seek(0)
-                raise RuntimeError(f"gateway process did not start (or share health):\n{self.log.read()[-3000:]}")
-            time.sleep(0.1)
-
     def breaker(self, provider: str = "p1") -> str:
         return str(self.health()["providers"][provider]["breaker"])
 
     def close(self) -> None:
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
+        super().close()
 
 
 @pytest.fixture
