@@ -212,14 +212,7 @@ class CacheService:
             return False
         req: ChatRequest = ctx.request
         if req.stream:
-            ctx.stream = bc.reader()
-            ctx.streamed = True
-            ctx.provider = bc.provider
-            ctx.upstream_model = bc.model
-            ctx.cache_status = HIT
-            ctx.response_headers[HEADER] = HIT
-            self.stats.hits += 1
-            self.stats.coalesced += 1
+            self._follow_stream(ctx, bc)
             return True
         bc.hold()
         try:
@@ -259,15 +252,19 @@ class CacheService:
         if p.flight is not None:
             p.flight.resolve("stream", bc)
         bc.start()
+        self._follow_stream(ctx, bc)
+        return True
+
+    def _follow_stream(self, ctx: RequestContext, bc: Broadcast) -> None:
+        """``ctx`` answers with the shared stream of ``bc`` (a follower: no upstream tokens of its own)."""
         ctx.stream = bc.reader()
         ctx.streamed = True
-        ctx.provider = got.provider
-        ctx.upstream_model = got.model
+        ctx.provider = bc.provider
+        ctx.upstream_model = bc.model
         ctx.cache_status = HIT
         ctx.response_headers[HEADER] = HIT
         self.stats.hits += 1
         self.stats.coalesced += 1
-        return True
 
     def _follower_failed(self, ctx: RequestContext) -> None:
         ctx.cache_status = MISS
