@@ -575,3 +575,34 @@ def test_batch_lines_queue_at_the_lowest_priority(make_gateway, fake_openai):
     assert wait_until(lambda: c.batches.retrieve(b.id).status == "completed", timeout=30)
     order = arrivals(fake_openai)
     assert order[1] == "interactive" and sorted(order[2:]) == ["line0", "line1", "line2"], order
+
+
+def test_a_thousand_concurrent_requests_through_a_cap_of_four(make_gateway, fake_openai):
+    """Far more concurrency than the cap (1,000 at once, half streamed, three priorities): every request is
+    answered, the upstream never sees more than 4 at a time, and the queue ends empty with no slot held."""
+    import aiohttp
+
+    gw = make_gateway({"providers": [fake_openai.provider(max_concurrency=4, queue_timeout_ms=120000)]})
+    fake_openai.sticky = Fault(delay=0.01)
+
+    async def one(s: aiohttp.ClientSession, i: int) -> tuple[int, bool]:
+        stream = i % 2 == 0
+        async with s.post(gw.url + "/v1/chat/completions",
+                          headers={"x-helixagent-priority": ("high", "normal", "low")[i % 3]},
+                          json={"model": "gpt-4o", "stream": stream,
+                                "messages": [{"role": "user", "content": f"q{i}"}]}) as r:
+            text = await r.text()
+            return r.status, (not stream) or text.rstrip().endswith("data: [DONE]")
+
+    async def run() -> list[tuple[int, bool]]:
+        conn = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=180)) as s:
+            return list(await asyncio.gather(*(one(s, i) for i in range(1000))))
+
+    res = asyncio.run(run())
+    bad = [r for r in res if r != (200, True)]
+    assert not bad, bad[:5]
+    assert len(arrivals(fake_openai)) == 1000
+    assert fake_openai.max_inflight == 4, fake_openai.max_inflight  # the cap was reached, never passed
+    q = queue_of(gw)
+    assert q.active == 0 and q.waiting == 0, q.snapshot()
