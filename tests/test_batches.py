@@ -198,6 +198,46 @@ def test_upload_bounds_and_form_errors(gateway_sqlite: Any) -> None:
     assert isinstance(e3.value.body, dict) and e3.value.body["param"] == "completion_window"
 
 
+def test_a_flood_of_unauthenticated_uploads_is_refused_before_the_body_is_read(gateway_sqlite: Any) -> None:
+    """300 concurrent 1 MB multipart uploads with wrong or missing keys (and Anthropic batch creations): every
+    one a 401 in its API's shape, nothing stored, and the gateway keeps answering its own clients."""
+    import asyncio
+
+    import aiohttp
+
+    blob = b"x" * (1 << 20)
+
+    async def upload(s: aiohttp.ClientSession, i: int) -> tuple[int, Any]:
+        if i % 3 == 2:
+            async with s.post(gateway_sqlite.url + "/v1/messages/batches", data=blob,
+                              headers={"x-api-key": f"sk-ant-wrong-{i}", "content-type": "application/json"}) as r:
+                return r.status, await r.json()
+        form = aiohttp.FormData()
+        form.add_field("purpose", "batch")
+        form.add_field("file", blob, filename="flood.jsonl", content_type="application/jsonl")
+        headers = {"authorization": f"Bearer hx-wrong-{i}"} if i % 3 == 0 else {}
+        async with s.post(gateway_sqlite.url + "/v1/files", data=form, headers=headers) as r:
+            return r.status, await r.json()
+
+    async def run() -> list[tuple[int, Any]]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=aiohttp.ClientTimeout(total=120)) as s:
+            return list(await asyncio.gather(*(upload(s, i) for i in range(300))))
+
+    res = asyncio.run(run())
+    assert [st for st, _ in res] == [401] * 300, [b for st, b in res if st != 401][:3]
+    for i, (_, body) in enumerate(res):
+        if i % 3 == 2:
+            assert body["type"] == "error" and body["error"]["type"] == "authentication_error", body
+        else:
+            want = "invalid_api_key" if i % 3 == 0 else "missing_api_key"
+            assert body["error"]["code"] == want and set(body["error"]) == {"message", "type", "param", "code"}, body
+    c = oai(gateway_sqlite, MASTER)
+    assert c.files.list().data == []
+    f = c.files.create(file=("ok.jsonl", jsonl([chat_line(0, "mock-1")])), purpose="batch")
+    assert f.bytes > 0
+
+
 def test_cancel_stops_claiming_and_marks_the_rest(tmp_path: Any, make_gateway: Any, monkeypatch: Any) -> None:
     monkeypatch.setenv("HELIXAGENT_ENCRYPTION_KEYS", K1)
     slow = dict(MOCK, latency_ms=150)
