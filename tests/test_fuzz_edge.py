@@ -249,7 +249,26 @@ garbage = st.one_of(st.binary(max_size=60), st.just(b""), st.just(b"{"), st.just
                     st.just(b'{"model": NaN}'), st.just(b'{"a": 1e400}'), st.just(b'{"a": 123456789012345678901234567890}'))
 randoms = st.one_of(random_object.map(orjson.dumps), json_value.map(orjson.dumps), garbage)
 
+e_member = st.fixed_dictionaries({"provider": st.just("mock"), "model": st.sampled_from(["mock-1", "mock-2"])},
+                                 optional={"weight": st.floats(0, 10)})
+e_config = st.one_of(
+    st.fixed_dictionaries({"strategy": st.sampled_from(["majority", "confidence_weighted", "quality_weighted"]),
+                           "members": st.lists(e_member, min_size=1, max_size=2, unique_by=lambda m: m["model"])},
+                          optional={"min_providers": st.just(1), "confidence_threshold": st.floats(0, 1),
+                                    "fallback_to_best": st.booleans(), "preferred_providers": st.just(["mock"]),
+                                    "panel_timeout_ms": st.integers(1000, 60000)}),
+    st.fixed_dictionaries({"strategy": st.just("judge"), "providers": st.just(["mock"]),
+                           "judge": st.fixed_dictionaries({"provider": st.just("mock")})},
+                          optional={"judge_mode": st.sampled_from(["synthesis", "pick"])}),
+    st.fixed_dictionaries({"strategy": st.just("debate"), "providers": st.just(["mock"]),
+                           "rounds": st.integers(1, 2)}))
+o_ensemble = st.fixed_dictionaries({"model": st.just(MODEL), "messages": st.lists(o_message, min_size=1, max_size=3),
+                                    "ensemble_config": e_config},
+                                   optional={"temperature": st.floats(0, 2), "max_tokens": st.integers(1, 200),
+                                             "stream": st.booleans()})
+
 ENDPOINTS = [("/v1/chat/completions", o_chat, "openai"), ("/v1/completions", o_completion, "openai"),
+             ("/v1/ensemble/completions", o_ensemble, "openai"),
              ("/v1/embeddings", o_embeddings, "openai"), ("/v1/messages", a_messages, "anthropic"),
              ("/v1/messages/count_tokens", a_count, "anthropic")]
 
