@@ -179,9 +179,6 @@ def test_client_disconnect_while_waiting_is_noticed_and_recorded_as_499(gateway,
     assert len(fake_openai.calls) == 1
 
 
-@pytest.mark.xfail(reason="pyreqwest 0.15.1 detaches (does not abort) the tokio task of a cancelled request "
-                          "(runtime.rs spawn_handled drops its JoinHandle), so the upstream connection stays "
-                          "open until the answer or the timeout; see docs/routing.md", strict=True)
 def test_client_disconnect_while_waiting_hangs_up_upstream(gateway, fake_openai):
     fake_openai.push(Fault(delay=3))
     _hang_up_while_waiting(gateway, "/v1/chat/completions",

@@ -385,9 +385,6 @@ def test_hedging_takes_the_fast_answer_and_cancels_the_slow(make_gateway, fakes,
     assert gw.app.services["health"].describe("b")["successes"] == 1
 
 
-@pytest.mark.xfail(reason="pyreqwest 0.15.1 detaches (does not abort) the tokio task of a cancelled request "
-                          "(runtime.rs spawn_handled drops its JoinHandle), so the loser's upstream connection "
-                          "stays open until its answer or its timeout; see docs/routing.md", strict=True)
 def test_hedge_loser_connection_is_closed(make_gateway, fakes):
     fa, fb, _ = fakes
     gw = make_gateway(two(fakes, routing={"hedging": {"enabled": True, "min_delay_ms": 100, "min_samples": 1}}))

@@ -1,8 +1,8 @@
 """Process-level memory settings of ``helixagent serve``.
 
-pyreqwest's allocator (mimalloc) asks the kernel for transparent huge pages (``madvise(MADV_HUGEPAGE)``)
-on its segments, so a few KB in use there keep whole 2 MiB pages resident: 8 MB of RSS after start-up in
-a gateway that needs well under one.  ``PR_SET_THP_DISABLE`` turns huge pages off for this process and the
+An allocator that asks the kernel for transparent huge pages (``madvise(MADV_HUGEPAGE)``, as mimalloc in
+native extensions does) keeps whole 2 MiB pages resident for a few KB in use: 8 MB of RSS after start-up
+were measured that way.  ``PR_SET_THP_DISABLE`` turns huge pages off for this process and the
 workers it forks; the kernel then backs those segments with 4 KiB pages, touched as used.  It changes
 memory only (no measurable CPU per request in bench/perf_bench.py); where the call is unavailable (not
 Linux, no libc symbol, an old kernel) the process runs as before.

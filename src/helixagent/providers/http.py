@@ -1,31 +1,26 @@
-"""Pooled upstream HTTP for providers: one client per provider, honouring the `http:` block.
+"""Pooled upstream HTTP for providers: one connection pool per provider, honouring the `http:` block.
 
-The client is pyreqwest (Rust reqwest/hyper behind an asyncio API), chosen by measurement: against
-aiohttp's client it cost 15-25% less gateway CPU per request and had a 2-3x lower p99 on this machine
-(bench/results/http_stack.md; README "Design").  Everything client-specific stays in this module:
-providers see ``post``/``open_stream``/``get`` and only ever get :class:`GatewayError` out of it.
+The client is :mod:`helixagent.providers.h1`, a small HTTP/1.1 client on the gateway's own event loop
+(asyncio protocols + httptools), chosen by measurement over pyreqwest and aiohttp's client (README,
+"Hot-path dependencies").  Everything client-specific stays in this module and ``h1``: providers see
+``post``/``open_stream``/``get`` and only ever get :class:`GatewayError` out of it.
 
 Timeouts (per provider): ``connect_timeout_ms`` bounds the TCP/TLS connect, ``first_byte_timeout_ms``
 (default ``timeout_ms``) bounds every read -- the wait for the response head and each later read --
 and ``timeout_ms`` bounds a whole non-streamed exchange.  A stream has no total bound: it ends when the
 upstream ends it, or stalls past the read timeout.
 
-Cancellation: pyreqwest 0.15.1 detaches (does not abort) the tokio task of a cancelled request, so a
-request cancelled before its response head arrived keeps its upstream connection until the head (a
-stream) or the whole answer (``post``) arrives, or the timeout -- see docs/routing.md, "Cancelled
-requests and the upstream connection".
+Cancellation: a request cancelled at any point (the client left, a hedge lost, a deadline) closes its
+upstream connection at once, so the upstream sees the caller leave and stops generating.
 """
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
-from typing import Any, AsyncIterator
-
-from pyreqwest.client import ClientBuilder
-from pyreqwest.exceptions import PyreqwestError, RequestTimeoutError
+from typing import AsyncIterator
 
 from ..config import HTTPConfig, ProviderConfig
 from ..errors import GatewayError
+from . import h1
 
 
 class Timeouts:
@@ -41,71 +36,67 @@ class Timeouts:
 class Headers:
     """Case-insensitive read access to response headers (``.get(name)``)."""
 
-    __slots__ = ("_resp",)
+    __slots__ = ("_ex",)
 
-    def __init__(self, resp: Any):
-        self._resp = resp
+    def __init__(self, ex: h1.Exchange):
+        self._ex = ex
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        v = self._resp.get_header(name)
+        v = self._ex.header(name)
         return default if v is None else v
 
     def __getitem__(self, name: str) -> str:
-        v: str | None = self._resp.get_header(name)
+        v = self._ex.header(name)
         if v is None:
             raise KeyError(name)
         return v
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self._resp.get_header(name) is not None
+        return isinstance(name, str) and self._ex.header(name) is not None
 
 
 class UpstreamResponse:
-    """A streamed upstream response: status, headers, and the body by lines or whole."""
+    """A streamed upstream response: status, headers, and the body by chunks or whole."""
 
-    __slots__ = ("_ctx", "_resp", "_http", "status", "headers", "_closed")
+    __slots__ = ("_ex", "_http", "status", "headers")
 
-    def __init__(self, ctx: Any, resp: Any, http: "UpstreamHTTP"):
-        self._ctx = ctx
-        self._resp = resp
+    def __init__(self, ex: h1.Exchange, http: "UpstreamHTTP"):
+        self._ex = ex
         self._http = http
-        self.status: int = resp.status
-        self.headers = Headers(resp)
-        self._closed = False
+        self.status: int = ex.status
+        self.headers = Headers(ex)
 
     async def read(self) -> bytes:
         try:
-            return bytes(await self._resp.bytes())
-        except RequestTimeoutError:
+            return await h1.read_all(self._ex)
+        except h1.UpstreamTimeout:
             raise self._http.timeout_error() from None
-        except PyreqwestError as exc:
+        except h1.UpstreamBroken as exc:
             raise self._http.connection_error(exc) from None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        reader = self._resp.body_reader
         http = self._http
-        while True:
-            try:
-                chunk = await reader.read_chunk()
-            except RequestTimeoutError:
-                raise GatewayError(504, f"provider {http.provider.name!r} stalled mid-stream",
-                                   code="upstream_timeout", provider=http.provider.name, retryable=True,
-                                   kind="timeout") from None
-            except PyreqwestError as exc:
-                raise GatewayError(502, f"provider {http.provider.name!r} stream broke: {type(exc).__name__}",
-                                   code="upstream_stream_error", provider=http.provider.name, retryable=True,
-                                   kind="stream_error") from None
-            if chunk is None:
-                return
-            yield bytes(chunk)
+        it = h1.iter_chunks(self._ex)
+        try:
+            while True:
+                try:
+                    chunk = await it.__anext__()
+                except StopAsyncIteration:
+                    return
+                except h1.UpstreamTimeout:
+                    raise GatewayError(504, f"provider {http.provider.name!r} stalled mid-stream",
+                                       code="upstream_timeout", provider=http.provider.name, retryable=True,
+                                       kind="timeout") from None
+                except h1.UpstreamBroken as exc:
+                    raise GatewayError(502, f"provider {http.provider.name!r} stream broke: {exc.kind}",
+                                       code="upstream_stream_error", provider=http.provider.name, retryable=True,
+                                       kind="stream_error") from None
+                yield chunk
+        finally:
+            await it.aclose()
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            try:
-                asyncio.get_running_loop().create_task(self._ctx.__aexit__(None, None, None))
-            except RuntimeError:
-                pass
+        self._ex.finish()
 
     release = close
 
@@ -115,60 +106,50 @@ class UpstreamHTTP:
         self.provider = provider
         self.http = http
         self.timeouts = Timeouts(provider)
-        self._client: Any = None
-        self._total = timedelta(seconds=self.timeouts.total)
+        self._pool: h1.Pool | None = None
 
-    def client(self) -> Any:
-        c = self._client
-        if c is None:
-            t = self.timeouts
-            b = (ClientBuilder()
-                 .connect_timeout(timedelta(seconds=t.connect))
-                 .read_timeout(timedelta(seconds=t.first_byte))
-                 .pool_timeout(timedelta(seconds=t.total))
-                 .pool_max_idle_per_host(self.http.max_idle_conns)
-                 .pool_idle_timeout(timedelta(seconds=self.http.idle_conn_timeout))
-                 .follow_redirects(False))
-            if self.http.max_conns_per_host:
-                b = b.max_connections(self.http.max_conns_per_host)
-            c = self._client = b.build()
-        return c
+    def pool(self) -> h1.Pool:
+        p = self._pool
+        if p is None or p.loop is not asyncio.get_running_loop():   # first use, or a new event loop
+            p = self._pool = h1.Pool(self.timeouts.connect, self.http.max_idle_conns, self.http.idle_conn_timeout)
+        return p
 
     async def close(self) -> None:
-        c, self._client = self._client, None
-        if c is not None:
-            await c.close()
+        p, self._pool = self._pool, None
+        if p is not None:
+            p.close()
+
+    async def _exchange(self, method: str, url: str, body: bytes | None, headers: dict[str, str],
+                        total: float | None) -> h1.Exchange:
+        try:
+            return await self.pool().open(method, url, headers, body, self.timeouts.first_byte, total)
+        except h1.UpstreamTimeout:
+            raise self.timeout_error() from None
+        except (h1.UpstreamBroken, h1.BadRequestHeaders) as exc:
+            raise self.connection_error(exc) from None
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, Headers, bytes]:
         """POST and read the whole body.  Network failures become retryable GatewayErrors."""
+        ex = await self._exchange("POST", url, body, headers, self.timeouts.total)
         try:
-            r = await self.client().post(url).headers(headers).body_bytes(body).timeout(self._total).build().send()
-            data = await r.bytes()
-        except RequestTimeoutError:
+            data = await h1.read_all(ex)
+        except h1.UpstreamTimeout:
             raise self.timeout_error() from None
-        except PyreqwestError as exc:
+        except h1.UpstreamBroken as exc:
             raise self.connection_error(exc) from None
-        return r.status, Headers(r), bytes(data)
+        return ex.status, Headers(ex), data
 
     async def open_stream(self, url: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """POST and return once the response head has arrived; the caller iterates and closes."""
-        ctx = (self.client().post(url).headers(headers).body_bytes(body)
-               .streamed_read_buffer_limit(0).build_streamed())
-        try:
-            resp = await ctx.__aenter__()
-        except RequestTimeoutError:
-            raise self.timeout_error() from None
-        except PyreqwestError as exc:
-            raise self.connection_error(exc) from None
-        return UpstreamResponse(ctx, resp, self)
+        return UpstreamResponse(await self._exchange("POST", url, body, headers, None), self)
 
     async def get(self, url: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        ex = await self._exchange("GET", url, None, headers, self.timeouts.total)
         try:
-            r = await self.client().get(url).headers(headers).timeout(self._total).build().send()
-            return r.status, bytes(await r.bytes())
-        except RequestTimeoutError:
+            return ex.status, await h1.read_all(ex)
+        except h1.UpstreamTimeout:
             raise self.timeout_error() from None
-        except PyreqwestError as exc:
+        except h1.UpstreamBroken as exc:
             raise self.connection_error(exc) from None
 
     def timeout_error(self) -> GatewayError:
@@ -176,6 +157,7 @@ class UpstreamHTTP:
                             code="upstream_timeout", provider=self.provider.name, retryable=True, kind="timeout")
 
     def connection_error(self, exc: BaseException) -> GatewayError:
-        return GatewayError(502, f"provider {self.provider.name!r} connection failed: {type(exc).__name__}",
+        kind = exc.kind if isinstance(exc, h1.UpstreamBroken) else type(exc).__name__
+        return GatewayError(502, f"provider {self.provider.name!r} connection failed: {kind}",
                             type="upstream_error", code="upstream_connection_error",
                             provider=self.provider.name, retryable=True, kind="connection")
