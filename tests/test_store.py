@@ -228,6 +228,24 @@ def _meta(rid, t=None, **kw):
     return m
 
 
+def test_sqlite_created_at_text_is_strftimes(tmp_path):
+    """The writer's cached SQLite timestamp text equals fromtimestamp(...).strftime(...) exactly, rounding
+    of the microseconds (half to even, carry into the next second) included."""
+    import random
+    w = RecordWriter(make_engine("sqlite://"), str(tmp_path / "spool"))
+    rnd = random.Random(16)
+    now = dt.datetime.now(UTC).timestamp()
+    cases = [0.0, 1.0, 0.9999999, 0.9999995, 1700000000.0, 1700000000.9999996, 1700000000.0000005,
+             1700000000.0000015, 1700000059.9999999, -1.5, -0.0000001, -86400.9999999, 253402300799.0]
+    cases += [now + i * 0.000271 for i in range(20000)]            # in time order, as records come
+    cases += [rnd.uniform(-1e9, 4e9) for _ in range(20000)]        # jumping about
+    cases += [round(rnd.uniform(1e9, 2e9), rnd.randint(0, 7)) for _ in range(20000)]
+    cases += [int(rnd.uniform(1e9, 2e9)) + rnd.randint(0, 10**6) / 1e6 + rnd.choice((0.0, 5e-7, -5e-7))
+              for _ in range(20000)]
+    for ts in cases:
+        assert w._sqlite_time(ts) == dt.datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S.%f"), ts
+
+
 async def test_queue_overflow_spools_not_drops(migrated, tmp_path):
     eng = make_engine(migrated)
     w = RecordWriter(eng, str(tmp_path / "spool"), queue_size=7, batch_size=5, flush_interval=0.05)
