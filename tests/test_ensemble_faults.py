@@ -200,7 +200,8 @@ def test_client_leaving_a_stream_mid_panel_cancels_the_members(make_gateway, pan
     body = {"model": "x", "messages": MSG, "stream": True, "ensemble_config": {"providers": ["a", "b"]}}
     with httpx.stream("POST", gw.url + "/v1/ensemble/completions", json=body, timeout=20) as r:
         eid = r.headers["x-helixagent-ensemble-id"]
-        first = next(r.iter_lines())
+        lines = r.iter_lines()  # kept: a dropped iterator closes the response (the client would leave here)
+        first = next(lines)
         assert '"role":"assistant"' in first
         assert wait_until(lambda: panel.total() == 2, 5)
     # the client is gone: the members are cancelled and every record says so
