@@ -222,9 +222,13 @@ class Metrics:
                                         "timeout (queue_timeout_ms passed) or full (routing.queue.max_waiting)",
                                         QP + ("reason",), registry=reg)
         self._queue_children: dict[tuple[str, str, str], Any] = {}
+        self._instant_seen: dict[tuple[str, int], int] = {}  # (provider, rank) -> Queues.instant count flushed
         queues = getattr(gw.router, "queues", None)
         if queues is not None:
             queues.set_observer(self.queue_event)
+            for name, counts in queues.instant.items():  # counted before these metrics existed: not theirs
+                for rank, n in enumerate(counts):
+                    self._instant_seen[(name, rank)] = n
 
         # -- label vocabularies from the configuration --------------------------------------------------
         self.provider_names: dict[str, str] = {n: n for n in gw.providers}
@@ -384,9 +388,30 @@ class Metrics:
     def inflight_add(self, n: int) -> None:
         self._inflight_n += n  # only the event loop thread writes it
 
+    def _queue_instant(self) -> None:
+        """The waits of 0 s (a slot was free) the provider queues counted since the last flush, as
+        observations of 0 in ``helixagent_queue_wait_seconds`` (what :meth:`queue_event` would have added one
+        by one).  Called with ``_lock`` held."""
+        queues = getattr(self.gw.router, "queues", None)
+        if queues is None:
+            return
+        seen = self._instant_seen
+        for name, counts in queues.instant.copy().items():  # copy: a reload may add a name meanwhile
+            for rank, n in enumerate(counts):
+                last = seen.get((name, rank), 0)
+                if n != last:
+                    seen[(name, rank)] = n
+                    child = self._child(self._queue_children, self.queue_wait,
+                                        (self.provider_label(name), QUEUE_PRIORITIES[rank]))
+                    h = self._ph.get(child)
+                    if h is None:
+                        h = self._ph[child] = [0.0, [0] * len(child._upper_bounds)]
+                    h[1][bisect_left(child._upper_bounds, 0.0)] += n - last
+
     def flush(self) -> None:
         """Hand the pending amounts to prometheus_client (the per-process files in multi-process mode)."""
         with self._lock:
+            self._queue_instant()
             pc, self._pc = self._pc, {}
             ph, self._ph = self._ph, {}
             inflight = self._inflight_n
