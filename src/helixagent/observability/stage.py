@@ -64,7 +64,7 @@ class ObservabilityStage(Stage):
         ctx.state["obs"] = True  # entered: post() takes it back off the in-flight gauge
         m = self.metrics
         if m is not None:
-            m.inflight_add(1)
+            m._inflight_n += 1  # inflight_add(1), inline (only the event loop thread writes it)
         if self.tracing is not None:
             self.tracing.start(ctx)
         return False
@@ -76,7 +76,7 @@ class ObservabilityStage(Stage):
         latency = ctx.latency
         if m is not None:
             if entered:
-                m.inflight_add(-1)
+                m._inflight_n -= 1
             provider = m.record(ctx, latency)
         else:
             provider = ctx.provider or "none"
