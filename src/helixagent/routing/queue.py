@@ -128,7 +128,8 @@ class ProviderQueue:
             self.model_active[model] = max(0, self.model_active[model] - 1)
         if held is not None:
             self.hold += _EWMA * (held - self.hold)
-        self._pump()
+        if self.waiting:
+            self._pump()
 
     def _pump(self) -> None:
         """Grant free slots to the best eligible waiters (every state change ends here)."""
@@ -214,6 +215,12 @@ class ProviderQueue:
         prio = ctx.priority or "normal"
         # A free slot is this request's at once: every change of state ends in _pump, which grants free slots
         # to eligible waiters, so whoever still waits is held by a full model cap that does not apply here.
+        cap = self.cap
+        if not self.model_caps and (cap is None or self.active < cap):  # _free and _take, inline: the common case
+            self.active += 1
+            self.served += 1
+            self.instant[RANK[prio]] += 1
+            return Lease(self, None)
         if self._free(model):
             counted = self._take(model)
             self.served += 1
