@@ -92,7 +92,7 @@ def main() -> None:
         ctx.state["obs"] = True
         m.inflight_add(1)
         m.inflight_add(-1)
-        m.observe(ctx, m.provider_label(ctx.provider), m.model_label(ctx.upstream_model), m.endpoint_label(ctx.path))
+        m.record(ctx, ctx.latency)  # what the stage's post-hook calls
 
     async def window_only(ctx):
         st.window.add(int(time.time()), ctx.latency, False, "miss", "openai", 12, 30, 0.00012)

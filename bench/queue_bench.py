@@ -99,6 +99,22 @@ def micro() -> None:
             for _ in range(n):
                 (await q.acquire(ctx, "m", 5.0)).release()
             print(f"free slot: acquire + release {(time.perf_counter() - t) / n * 1e6:.2f} us")
+        # the same through a gateway's queue (http.max_conns_per_host) with the metrics attached, counting the
+        # metrics' flushes (one per 1,000 requests; they turn the free slots into waits of 0 s)
+        from helixagent.app import create_app
+        from helixagent.config import load_config_dict
+        gw = create_app(load_config_dict({"providers": [{"name": "p", "type": "openai", "api_key": "sk-bench-000000",
+                                                         "models": ["m"]}],
+                                          "http": {"max_conns_per_host": 256}}))
+        m = gw.services["metrics"]
+        gq = gw.router.queues.get("p")
+        for _ in range(3):
+            t = time.perf_counter()
+            for i in range(n):
+                (await gq.acquire(ctx, "m", 5.0)).release()
+                if i % 1000 == 999:
+                    m.flush()
+            print(f"free slot, metrics attached: acquire + release {(time.perf_counter() - t) / n * 1e6:.2f} us")
         q = ProviderQueue("p", 1, {}, 60.0, 100_000, "api_key")
         held = await q.acquire(ctx, "m", 5.0)
         ctxs = []

@@ -184,3 +184,42 @@ def _ok(url):
         return httpx.get(url).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_labels_cached_per_raw_values_are_bounded_and_follow_a_reload():
+    """Metrics.record resolves labels once per (provider, model, path, status) as the request has them: a
+    flood of distinct model names stays bounded (all "other"), and a model a reload adds gets its own label."""
+    from helixagent.app import create_app
+    from helixagent.canonical import Usage
+    from helixagent.config import load_config_dict
+    from helixagent.pipeline import RequestContext
+
+    def cfg(models):
+        return load_config_dict({"providers": [{"name": "openai", "type": "openai", "api_key": "sk-test-0000000",
+                                                "models": models}]})
+
+    gw = create_app(cfg(["gpt-4o-mini"]))
+    m = gw.services["metrics"]
+
+    def ctx(model):
+        c = RequestContext("chat")
+        c.path, c.provider, c.upstream_model, c.status = "/v1/chat/completions", "openai", model, 200
+        c.finished_at = c.started + 0.01
+        c.usage = Usage(3, 4, 7)
+        return c
+
+    for i in range(m._RAW_MAX + 100):
+        c = ctx(f"flood-{i}")
+        assert m.record(c, c.latency) == "openai"
+    assert len(m._raw) <= m._RAW_MAX
+    c = ctx("gpt-4o-2")
+    m.record(c, c.latency)
+    m.reconfigure(create_app(cfg(["gpt-4o-mini", "gpt-4o-2"])))
+    c = ctx("gpt-4o-2")
+    m.record(c, c.latency)
+    text = m.exposition().decode()
+    n = m._RAW_MAX + 100 + 1
+    assert f'helixagent_requests_total{{endpoint="/v1/chat/completions",model="other",provider="openai",status="200"}} {n}.0' in text
+    assert 'helixagent_requests_total{endpoint="/v1/chat/completions",model="gpt-4o-2",provider="openai",status="200"} 1.0' in text
+    assert 'helixagent_token_usage_total{model="gpt-4o-2",provider="openai",type="prompt"} 3.0' in text
+    assert f'helixagent_token_usage_total{{model="other",provider="openai",type="completion"}} {4 * n}.0' in text

@@ -551,6 +551,36 @@ def test_a_config_reload_changes_the_caps_in_place(make_gateway, fake_openai):
     assert gw.app.router.queues.get("openai") is None and chat(gw, "free").status_code == 200
 
 
+def test_a_free_slot_is_a_wait_of_zero_in_the_metrics_across_a_reload(make_gateway, fake_openai):
+    """A slot that was free is counted by the queue, not reported one by one: the metrics add those waits of
+    0 s when they flush, as if observed one by one; a queue a reload dropped still has its count read."""
+    from helixagent.config import load_config_dict
+    cfg = {"providers": [fake_openai.provider(max_concurrency=4)]}
+    gw = make_gateway(cfg)
+    q = queue_of(gw)
+    for i in range(5):
+        assert chat(gw, f"n{i}").status_code == 200
+    assert chat(gw, "h", priority="high").status_code == 200
+    text = httpx.get(gw.url + "/metrics").text
+    assert 'helixagent_queue_wait_seconds_count{priority="normal",provider="openai"} 5.0' in text, text
+    assert 'helixagent_queue_wait_seconds_bucket{le="0.001",priority="normal",provider="openai"} 5.0' in text
+    assert 'helixagent_queue_wait_seconds_sum{priority="normal",provider="openai"} 0.0' in text
+    assert 'helixagent_queue_wait_seconds_count{priority="high",provider="openai"} 1.0' in text
+    assert 'priority="low",provider="openai"} 0.0' not in text.split("helixagent_queue_wait_seconds_count")[-1]
+    gone = load_config_dict({**cfg, "database": gw.cfg.database.model_dump(), "providers": [fake_openai.provider()]})
+
+    async def uncap_then_take_the_old_slot() -> None:
+        gw.app.router.reconfigure(gone, gw.app.providers)
+        ctx = RequestContext("chat")
+        ctx.identity = Identity(key_id="k")
+        (await q.acquire(ctx, "gpt-4o", 5.0)).release()  # a request that had the queue before the reload
+
+    gw.run(uncap_then_take_the_old_slot())
+    assert gw.app.router.queues.get("openai") is None
+    text = httpx.get(gw.url + "/metrics").text
+    assert 'helixagent_queue_wait_seconds_count{priority="normal",provider="openai"} 6.0' in text, text
+
+
 def test_batch_lines_queue_at_the_lowest_priority(make_gateway, fake_openai):
     import openai
     import orjson

@@ -124,6 +124,12 @@ class Done:
     result: Any                # the response body (succeeded / errored), else None
 
 
+# The runner's poll (every poll_interval on every instance, mostly finding nothing): built once, and with
+# plain binds rather than an IN list, whose expanding parameter would render the SQL anew at every execution.
+_ACTIVE = (sa.select(B).where(sa.or_(B.c.status == "in_progress", B.c.status == "cancelling"))
+           .order_by(B.c.created_at))
+
+
 class BatchStore:
     def __init__(self, engine: AsyncEngine, keyring: Keyring | None):
         self.engine = engine
@@ -304,8 +310,7 @@ class BatchStore:
     # -- the runner's side ------------------------------------------------------------------------------
     async def active(self) -> list[BatchRow]:
         async with self.engine.connect() as conn:
-            rows = await conn.execute(sa.select(B).where(B.c.status.in_(("in_progress", "cancelling")))
-                                      .order_by(B.c.created_at))
+            rows = await conn.execute(_ACTIVE)
             return [BatchRow.from_row(r._mapping) for r in rows]
 
     async def claim(self, bid: str, owner: str, n: int, lease: float) -> list[Claimed]:

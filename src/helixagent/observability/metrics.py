@@ -76,12 +76,26 @@ def status_label(code: int) -> str:
     return _STATUS.get(code) or "other"
 
 
+def _bounds(buckets: tuple[float, ...]) -> tuple[float, ...]:
+    """A histogram's bucket upper bounds as prometheus_client keeps them (+Inf last)."""
+    return tuple(float(b) for b in buckets) + (float("inf"),)
+
+
+_DURATION_UB = _bounds(DURATION_BUCKETS)
+_UPSTREAM_UB = _bounds(UPSTREAM_BUCKETS)
+_TTFT_UB = _bounds(TTFT_BUCKETS)
+
+
 class Series:
     """The label children of one (provider, model, endpoint, status) combination, resolved on first use
-    (so that a series appears only once it has something to say: no ``errors_total{status="200"} 0``)."""
+    (so that a series appears only once it has something to say: no ``errors_total{status="200"} 0``), and
+    the amounts its requests added since the last :meth:`Metrics.flush` (plain numbers: a request only adds
+    to them; the flush hands them to the children, creating those a request needed)."""
 
     __slots__ = ("m", "labels", "requests", "duration", "tok_prompt", "tok_completion", "use_prompt",
-                 "use_completion", "cost", "ttft", "upstream", "fallbacks", "retries", "errors")
+                 "use_completion", "cost", "ttft", "upstream", "fallbacks", "retries", "errors",
+                 "dirty", "n", "dsum", "dcounts", "tp", "tc", "csum", "usum", "ucounts", "tsum", "tcounts",
+                 "fb", "rt")
 
     def __init__(self, m: "Metrics", labels: tuple[str, str, str, str]):
         p, mo, e, s = labels
@@ -93,18 +107,44 @@ class Series:
         self.tok_completion = m.tokens.labels(p, mo, e, s, "completion") if s == "200" else None
         self.use_prompt: Any = None  # helixagent_token_usage_total{provider, model, type}, on first use
         self.use_completion: Any = None
-        self.cost = None
-        self.ttft = None
-        self.upstream = None
+        self.cost: Any = None
+        self.ttft: Any = None
+        self.upstream: Any = None
         self.fallbacks: Counter | None = None
         self.retries: Counter | None = None
         self.errors: dict[str, Any] = {}
+        # -- pending since the last flush (written under Metrics._lock) --
+        self.dirty = False  # in Metrics._dirty
+        self.n = 0  # requests
+        self.dsum = 0.0  # duration: sum and bucket counts
+        self.dcounts = [0] * len(_DURATION_UB)
+        self.tp = 0  # tokens: prompt, completion
+        self.tc = 0
+        self.csum: float | None = None  # cost (None: no request had one)
+        self.usum = 0.0  # upstream latency (counts None: no request had one)
+        self.ucounts: list[int] | None = None
+        self.tsum = 0.0  # time to first token
+        self.tcounts: list[int] | None = None
+        self.fb = 0  # fallbacks, retries
+        self.rt = 0
 
     def error(self, kind: str) -> Any:
         child = self.errors.get(kind)
         if child is None:
             child = self.errors[kind] = self.m.errors.labels(*self.labels, kind)
         return child
+
+    def take(self) -> tuple[Any, ...]:
+        """The pending amounts, and zero them (called with Metrics._lock held)."""
+        out = (self.n, self.dsum, self.dcounts, self.tp, self.tc, self.csum, self.usum, self.ucounts, self.tsum,
+               self.tcounts, self.fb, self.rt)
+        self.dirty = False
+        self.n = self.tp = self.tc = self.fb = self.rt = 0
+        self.dsum = self.usum = self.tsum = 0.0
+        self.dcounts = [0] * len(_DURATION_UB)
+        self.csum = None
+        self.ucounts = self.tcounts = None
+        return out
 
 
 class Metrics:
@@ -222,9 +262,13 @@ class Metrics:
                                         "timeout (queue_timeout_ms passed) or full (routing.queue.max_waiting)",
                                         QP + ("reason",), registry=reg)
         self._queue_children: dict[tuple[str, str, str], Any] = {}
+        self._instant_seen: dict[tuple[str, int], int] = {}  # (provider, rank) -> Queues.instant count flushed
         queues = getattr(gw.router, "queues", None)
         if queues is not None:
             queues.set_observer(self.queue_event)
+            for name, counts in queues.instant.items():  # counted before these metrics existed: not theirs
+                for rank, n in enumerate(counts):
+                    self._instant_seen[(name, rank)] = n
 
         # -- label vocabularies from the configuration --------------------------------------------------
         self.provider_names: dict[str, str] = {n: n for n in gw.providers}
@@ -243,6 +287,9 @@ class Metrics:
         self._cost_children: dict[tuple[str, str], Any] = {}
         self._pc: dict[Any, float] = {}
         self._ph: dict[Any, list[Any]] = {}
+        self._dirty: list[Series] = []  # series with pending amounts
+        # (provider, upstream model, path, status) as the request has them -> its Series (see record())
+        self._raw: dict[tuple[Any, Any, Any, Any], Series] = {}
         self._lock = threading.Lock()
         self._inflight_n = 0
         self._inflight_set = 0
@@ -285,74 +332,84 @@ class Metrics:
         return s
 
     # -- the per-request update ----------------------------------------------------------------------
-    # Requests only add to plain Python numbers (``_pc``: counter child -> pending amount, ``_ph``:
-    # histogram child -> [sum, bucket counts]); :meth:`flush` hands them to prometheus_client every
-    # FLUSH_SECONDS and before every scrape of this process.  A value update through prometheus_client
-    # costs 0.4 us (1 us in multi-process mode, an mmap write under a lock) and a request makes ~10.
+    # Requests only add to plain Python numbers (a Series' pending amounts; ``_pc``: counter child -> pending
+    # amount and ``_ph``: histogram child -> [sum, bucket counts] for the rest); :meth:`flush` hands them to
+    # prometheus_client every FLUSH_SECONDS and before every scrape of this process.  A value update through
+    # prometheus_client costs 0.4 us (1 us in multi-process mode, an mmap write under a lock) and a request
+    # makes ~10.
+    _RAW_MAX = 4096  # raw label tuples remembered by record(); past it, labels are resolved every time
+
+    def record(self, ctx: Any, latency: float) -> str:
+        """:meth:`observe` with the labels resolved from the request's own values, through a cache of them
+        (emptied when a reload changes the label values); returns the provider label."""
+        key = (ctx.provider, ctx.upstream_model, ctx.path, ctx.status)
+        s = self._raw.get(key)
+        if s is None:
+            s = self.series(self.provider_label(ctx.provider), self.model_label(ctx.upstream_model),
+                            self.endpoint_label(ctx.path), _STATUS.get(ctx.status) or "other")
+            if len(self._raw) < self._RAW_MAX:
+                self._raw[key] = s
+        self._add(s, ctx, latency)
+        return s.labels[0]
+
     def observe(self, ctx: Any, provider: str, model: str, endpoint: str) -> None:
         status = _STATUS.get(ctx.status) or "other"
         s = self._series.get((provider, model, endpoint, status))
         if s is None:
             s = self.series(provider, model, endpoint, status)
-        pc = self._pc
-        ph = self._ph
+        self._add(s, ctx, ctx.latency)
+
+    def _add(self, s: Series, ctx: Any, latency: float) -> None:
         with self._lock:
-            child = s.requests
-            pc[child] = pc.get(child, 0) + 1
-            self._hist(ph, s.duration, ctx.latency)
+            s.n += 1
+            s.dsum += latency
+            s.dcounts[bisect_left(_DURATION_UB, latency)] += 1
             u = ctx.usage
             if u is not None:
-                if u.prompt_tokens or u.completion_tokens:
-                    tp = s.tok_prompt
-                    if tp is None:
-                        p_, mo, e, st = s.labels
-                        tp = s.tok_prompt = self.tokens.labels(p_, mo, e, st, "prompt")
-                        s.tok_completion = self.tokens.labels(p_, mo, e, st, "completion")
-                    pc[tp] = pc.get(tp, 0) + u.prompt_tokens
-                    tc = s.tok_completion
-                    pc[tc] = pc.get(tc, 0) + u.completion_tokens
-                    up = s.use_prompt
-                    if up is None:
-                        up = s.use_prompt = self.token_usage.labels(provider, model, "prompt")
-                        s.use_completion = self.token_usage.labels(provider, model, "completion")
-                    pc[up] = pc.get(up, 0) + u.prompt_tokens
-                    uc = s.use_completion
-                    pc[uc] = pc.get(uc, 0) + u.completion_tokens
+                n = u.prompt_tokens
+                k = u.completion_tokens
+                if n or k:
+                    s.tp += n
+                    s.tc += k
             cost = ctx.cost
             if cost:
-                c = s.cost
-                if c is None:
-                    c = s.cost = self._child(self._cost_children, self.cost, (provider, model))
-                pc[c] = pc.get(c, 0) + cost
+                c = s.csum
+                s.csum = cost if c is None else c + cost
             v = ctx.upstream_latency
             if v is not None:
-                c = s.upstream
-                if c is None:
-                    c = s.upstream = self._child(self._upstream_children, self.upstream, (provider, model))
-                self._hist(ph, c, v)
+                h = s.ucounts
+                if h is None:
+                    h = s.ucounts = [0] * len(_UPSTREAM_UB)
+                s.usum += v
+                h[bisect_left(_UPSTREAM_UB, v)] += 1
             v = ctx.first_token_at
             if v is not None:
-                c = s.ttft
-                if c is None:
-                    c = s.ttft = self._child(self._ttft_children, self.ttft, (provider, model, endpoint))
-                self._hist(ph, c, v - ctx.started)
+                h = s.tcounts
+                if h is None:
+                    h = s.tcounts = [0] * len(_TTFT_UB)
+                v -= ctx.started
+                s.tsum += v
+                h[bisect_left(_TTFT_UB, v)] += 1
             n = ctx.fallbacks
             if n:
-                if s.fallbacks is None:
-                    s.fallbacks = self.fallbacks.labels(*s.labels)
-                pc[s.fallbacks] = pc.get(s.fallbacks, 0) + n
+                s.fb += n
             n = ctx.retries
             if n:
-                if s.retries is None:
-                    s.retries = self.retries.labels(*s.labels)
-                pc[s.retries] = pc.get(s.retries, 0) + n
+                s.rt += n
+            if not s.dirty:
+                s.dirty = True
+                self._dirty.append(s)
             cs = ctx.cache_status
+            err = ctx.error
+            if cs is None and err is None:
+                return
+            pc = self._pc
             if cs is not None:
+                endpoint = s.labels[2]
                 c = self._cache_children.get((endpoint, cs))
                 if c is None:
                     c = self._cache_child(endpoint, cs)
                 pc[c] = pc.get(c, 0) + 1
-            err = ctx.error
             if err is not None:
                 c = s.error(self.kind_label(err.kind))
                 pc[c] = pc.get(c, 0) + 1
@@ -360,8 +417,51 @@ class Metrics:
                     code = err.code or ""
                     if not code.startswith("upstream"):
                         reason = "budget" if ("budget" in code or "budget" in (err.kind or "")) else "rate_limit"
-                        c = self._child(self._rejection_children, self.rejections, (endpoint, reason))
+                        c = self._child(self._rejection_children, self.rejections, (s.labels[2], reason))
                         pc[c] = pc.get(c, 0) + 1
+
+    def _flush_series(self, taken: list[tuple[Series, tuple[Any, ...]]]) -> None:
+        """Hand the series' pending amounts to their children (creating those a request needed)."""
+        for s, (n, dsum, dcounts, tp, tc, csum, usum, ucounts, tsum, tcounts, fb, rt) in taken:
+            p, mo, e, st = s.labels
+            if n:
+                s.requests.inc(n)
+                _inc_hist(s.duration, dsum, dcounts)
+            if tp or tc:
+                if s.tok_prompt is None:
+                    s.tok_prompt = self.tokens.labels(p, mo, e, st, "prompt")
+                    s.tok_completion = self.tokens.labels(p, mo, e, st, "completion")
+                if s.use_prompt is None:
+                    s.use_prompt = self.token_usage.labels(p, mo, "prompt")
+                    s.use_completion = self.token_usage.labels(p, mo, "completion")
+                if tp:
+                    s.tok_prompt.inc(tp)
+                    s.use_prompt.inc(tp)
+                if tc:
+                    assert s.tok_completion is not None
+                    s.tok_completion.inc(tc)
+                    s.use_completion.inc(tc)
+            if csum is not None:
+                if s.cost is None:
+                    s.cost = self._child(self._cost_children, self.cost, (p, mo))
+                if csum:
+                    s.cost.inc(csum)
+            if ucounts is not None:
+                if s.upstream is None:
+                    s.upstream = self._child(self._upstream_children, self.upstream, (p, mo))
+                _inc_hist(s.upstream, usum, ucounts)
+            if tcounts is not None:
+                if s.ttft is None:
+                    s.ttft = self._child(self._ttft_children, self.ttft, (p, mo, e))
+                _inc_hist(s.ttft, tsum, tcounts)
+            if fb:
+                if s.fallbacks is None:
+                    s.fallbacks = self.fallbacks.labels(*s.labels)
+                s.fallbacks.inc(fb)
+            if rt:
+                if s.retries is None:
+                    s.retries = self.retries.labels(*s.labels)
+                s.retries.inc(rt)
 
     @staticmethod
     def _hist(ph: dict[Any, list[Any]], child: Any, v: float) -> None:
@@ -384,24 +484,44 @@ class Metrics:
     def inflight_add(self, n: int) -> None:
         self._inflight_n += n  # only the event loop thread writes it
 
+    def _queue_instant(self) -> None:
+        """The waits of 0 s (a slot was free) the provider queues counted since the last flush, as
+        observations of 0 in ``helixagent_queue_wait_seconds`` (what :meth:`queue_event` would have added one
+        by one).  Called with ``_lock`` held."""
+        queues = getattr(self.gw.router, "queues", None)
+        if queues is None:
+            return
+        seen = self._instant_seen
+        for name, counts in queues.instant.copy().items():  # copy: a reload may add a name meanwhile
+            for rank, n in enumerate(counts):
+                last = seen.get((name, rank), 0)
+                if n != last:
+                    seen[(name, rank)] = n
+                    child = self._child(self._queue_children, self.queue_wait,
+                                        (self.provider_label(name), QUEUE_PRIORITIES[rank]))
+                    h = self._ph.get(child)
+                    if h is None:
+                        h = self._ph[child] = [0.0, [0] * len(child._upper_bounds)]
+                    h[1][bisect_left(child._upper_bounds, 0.0)] += n - last
+
     def flush(self) -> None:
         """Hand the pending amounts to prometheus_client (the per-process files in multi-process mode)."""
         with self._lock:
+            self._queue_instant()
             pc, self._pc = self._pc, {}
             ph, self._ph = self._ph, {}
+            dirty, self._dirty = self._dirty, []
+            taken = [(s, s.take()) for s in dirty]
             inflight = self._inflight_n
         if inflight != self._inflight_set:
             self.inflight.set(inflight)
             self._inflight_set = inflight
+        self._flush_series(taken)
         for child, v in pc.items():
             if v:
                 child.inc(v)
         for child, (total, counts) in ph.items():
-            child._sum.inc(total)
-            buckets = child._buckets
-            for i, n in enumerate(counts):
-                if n:
-                    buckets[i].inc(n)
+            _inc_hist(child, total, counts)
 
     def _cache_child(self, endpoint: str, status: str) -> Any:
         low = status.lower()
@@ -420,6 +540,7 @@ class Metrics:
 
     def reconfigure(self, gw: GatewayLike) -> None:
         """A config reload: new provider names and models become label values (old ones stay valid)."""
+        self._raw = {}  # a name that was "other" may be a label value now
         for n, prov in gw.providers.items():
             self.provider_names.setdefault(n, n)
             self.provider_names.setdefault(prov.name, prov.name)
@@ -551,6 +672,15 @@ class Metrics:
                 multiprocess.mark_process_dead(os.getpid(), self.dir)
             except OSError:
                 pass
+
+
+def _inc_hist(child: Any, total: float, counts: list[int]) -> None:
+    """Add observations to a histogram child: their sum, and how many fell in each bucket."""
+    child._sum.inc(total)
+    buckets = child._buckets
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
 
 
 def scrape_multiprocess(path: str) -> bytes:

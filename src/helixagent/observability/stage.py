@@ -64,7 +64,7 @@ class ObservabilityStage(Stage):
         ctx.state["obs"] = True  # entered: post() takes it back off the in-flight gauge
         m = self.metrics
         if m is not None:
-            m.inflight_add(1)
+            m._inflight_n += 1  # inflight_add(1), inline (only the event loop thread writes it)
         if self.tracing is not None:
             self.tracing.start(ctx)
         return False
@@ -73,18 +73,18 @@ class ObservabilityStage(Stage):
         m = self.metrics
         entered = ctx.state.pop("obs", False)
         u = ctx.usage
+        latency = ctx.latency
         if m is not None:
             if entered:
-                m.inflight_add(-1)
-            provider = m.provider_label(ctx.provider)
-            m.observe(ctx, provider, m.model_label(ctx.upstream_model), m.endpoint_label(ctx.path))
+                m._inflight_n -= 1
+            provider = m.record(ctx, latency)
         else:
             provider = ctx.provider or "none"
         cs = ctx.cache_status
         if cs is not None:
             low = cs.lower()
             cs = "hit" if "hit" in low else "miss" if "miss" in low else None
-        self.window.add(int(time.time()), ctx.latency, ctx.error is not None, cs, provider,
+        self.window.add(int(time.time()), latency, ctx.error is not None, cs, provider,
                         u.prompt_tokens if u is not None else 0, u.completion_tokens if u is not None else 0,
                         ctx.cost or 0.0)
         self.access.emit(ctx)

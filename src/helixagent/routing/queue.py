@@ -40,7 +40,9 @@ WAITING, GRANTED, EXPIRED, GONE = 0, 1, 2, 3
 _ANY = ""  # the heap of the models without a cap of their own
 _EWMA = 0.2
 
-# observer(provider, priority, waited seconds, outcome): outcome "served", "timeout" or "full"
+# observer(provider, priority, waited seconds, outcome): outcome "served", "timeout" or "full".  A request that
+# found a slot free (waited 0 s: the common case) is not reported one by one: it is counted in the queue's
+# ``instant`` list (per priority rank, only ever incremented), which the metrics read when they flush.
 Observer = Callable[[str, str, float, str], None]
 
 
@@ -102,6 +104,9 @@ class ProviderQueue:
         self.rejected = 0
         self._seq = itertools.count()
         self.observer: Observer | None = None
+        # slots granted at once (no wait), per priority rank; only ever incremented (shared by the queues of
+        # one provider name across reloads: Queues.instant)
+        self.instant = [0] * len(PRIORITIES)
 
     # -- state -------------------------------------------------------------------------------------
     def _free(self, model: str) -> bool:
@@ -123,7 +128,8 @@ class ProviderQueue:
             self.model_active[model] = max(0, self.model_active[model] - 1)
         if held is not None:
             self.hold += _EWMA * (held - self.hold)
-        self._pump()
+        if self.waiting:
+            self._pump()
 
     def _pump(self) -> None:
         """Grant free slots to the best eligible waiters (every state change ends here)."""
@@ -209,10 +215,16 @@ class ProviderQueue:
         prio = ctx.priority or "normal"
         # A free slot is this request's at once: every change of state ends in _pump, which grants free slots
         # to eligible waiters, so whoever still waits is held by a full model cap that does not apply here.
+        cap = self.cap
+        if not self.model_caps and (cap is None or self.active < cap):  # _free and _take, inline: the common case
+            self.active += 1
+            self.served += 1
+            self.instant[RANK[prio]] += 1
+            return Lease(self, None)
         if self._free(model):
             counted = self._take(model)
             self.served += 1
-            self._observe(prio, 0.0, "served")
+            self.instant[RANK[prio]] += 1  # a wait of 0 s, observed by the metrics at their flush
             return Lease(self, counted)
         rank = RANK[prio]
         if self.waiting >= self.max_waiting or self.timeout <= 0:
@@ -291,6 +303,9 @@ class Queues:
     def __init__(self, cfg: Config):
         self.by_name: dict[str, ProviderQueue] = {}
         self.observer: Observer | None = None
+        # provider name -> its queues' count of slots granted at once, per priority rank (ProviderQueue.instant):
+        # kept here, across reloads, so that what a queue dropped by a reload counted is still read
+        self.instant: dict[str, list[int]] = {}
         q = cfg.routing.queue
         per_host = cfg.http.max_conns_per_host or None
         for pc in cfg.providers:
@@ -298,8 +313,9 @@ class Queues:
             if cap is None and not pc.models_concurrency:
                 continue
             timeout = (pc.queue_timeout_ms if pc.queue_timeout_ms is not None else q.timeout_ms) / 1000.0
-            self.by_name[pc.name] = ProviderQueue(pc.name, cap, pc.models_concurrency, timeout, q.max_waiting,
-                                                  q.fair_share)
+            pq = self.by_name[pc.name] = ProviderQueue(pc.name, cap, pc.models_concurrency, timeout, q.max_waiting,
+                                                       q.fair_share)
+            self.instant[pc.name] = pq.instant
 
     def reconfigure(self, cfg: Config) -> None:
         """A config reload: a provider that keeps a cap keeps its queue (updated in place); one that loses
@@ -312,6 +328,7 @@ class Queues:
                 fresh.by_name[name] = old
             else:
                 q.observer = self.observer
+                q.instant = self.instant.setdefault(name, q.instant)
         self.by_name = fresh.by_name
 
     def get(self, name: str) -> ProviderQueue | None:
