@@ -271,7 +271,29 @@ class HttpxUpstream:
                 yield chunk
 
 
-CLIENTS = {"aiohttp": AiohttpUpstream, "pyreqwest": PyreqwestUpstream, "httpx": HttpxUpstream}
+class H1Upstream:
+    """HelixAgent's own client (src/helixagent/providers/h1.py: asyncio protocols + httptools)."""
+
+    def __init__(self):
+        sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+        from helixagent.providers import h1
+        self.h1 = h1
+        self.pool = h1.Pool(5.0, 256, 60.0)
+
+    async def post(self, body: bytes):
+        ex = await self.pool.open("POST", UP_URL, FWD_HEADERS, body, 30.0, 60.0)
+        return ex.status, await self.h1.read_all(ex)
+
+    async def stream(self, body: bytes):
+        ex = await self.pool.open("POST", UP_URL, FWD_HEADERS, body, 30.0, None)
+        async for chunk in self.h1.iter_chunks(ex):
+            yield chunk
+
+
+CLIENTS = {"aiohttp": AiohttpUpstream, "pyreqwest": PyreqwestUpstream, "httpx": HttpxUpstream, "h1": H1Upstream}
+# HB_SPIN_US: burn this much Python CPU per request in the bare proxy, standing in for a gateway's stages (the
+# upstream client's cost depends on how busy the event loop's thread is: README, "Hot-path dependencies")
+SPIN = float(os.environ.get("HB_SPIN_US", "0")) / 1e6
 _UP = None
 
 
@@ -288,6 +310,10 @@ BAD_REQUEST = b'{"error":{"message":"model is required","type":"invalid_request_
 async def gateway_logic(body):
     """Returns (status, bytes) or (200, async-iterator) for streaming."""
     req = orjson.loads(body)
+    if SPIN:
+        until = time.perf_counter() + SPIN
+        while time.perf_counter() < until:
+            pass
     model = req.get("model")
     if not model:
         return 400, BAD_REQUEST, False
