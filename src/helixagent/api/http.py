@@ -46,7 +46,7 @@ class Request:
             name = names.get(k)
             if name is None:
                 name = k.decode("latin-1").lower()
-                if len(names) < 512:  # the names clients send are few; arbitrary ones are not kept
+                if len(names) < 512 and len(k) <= 64:  # clients send few names; odd ones are not kept
                     names[k] = name
             headers[name] = v.decode("latin-1")
         self.headers = headers
