@@ -25,6 +25,11 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-
                (b"x-accel-buffering", b"no")]
 
 
+# Request header names as the server hands them over (bytes) -> the lowercased str the request uses:
+# the same few names arrive on every request, so each is decoded and lowercased once.
+_HEADER_NAMES: dict[bytes, str] = {}
+
+
 class Request:
     __slots__ = ("scope", "receive", "send", "method", "path", "headers", "_query", "ip")
 
@@ -35,8 +40,16 @@ class Request:
         self.send = send
         self.method: str = scope["method"]
         self.path: str = scope["path"]
-        self.headers: dict[str, str] = {k.decode("latin-1").lower(): v.decode("latin-1")
-                                        for k, v in scope["headers"]}
+        headers: dict[str, str] = {}
+        names = _HEADER_NAMES
+        for k, v in scope["headers"]:
+            name = names.get(k)
+            if name is None:
+                name = k.decode("latin-1").lower()
+                if len(names) < 512 and len(k) <= 64:  # clients send few names; odd ones are not kept
+                    names[k] = name
+            headers[name] = v.decode("latin-1")
+        self.headers = headers
         self._query: dict[str, list[str]] | None = None
         client = scope.get("client")
         ip = client[0] if client else ""
@@ -74,10 +87,15 @@ class Request:
                     raise too_large(limit)
             except ValueError:
                 raise GatewayError(400, "invalid Content-Length header", code="invalid_request") from None
+        msg = await self.receive()
+        if msg["type"] == "http.request" and not msg.get("more_body", False):  # the whole body at once
+            b: bytes = msg.get("body", b"")
+            if len(b) > limit:
+                raise too_large(limit)
+            return b
         chunks: list[bytes] = []
         size = 0
         while True:
-            msg = await self.receive()
             t = msg["type"]
             if t == "http.request":
                 b = msg.get("body", b"")
@@ -90,6 +108,7 @@ class Request:
                     break
             elif t == "http.disconnect":
                 raise asyncio.CancelledError("client disconnected")
+            msg = await self.receive()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -107,7 +126,7 @@ _HDR_VALUE_OK = re.compile(r"(?:[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?)?\Z")
 _HDR_SAFE = "".join(chr(c) for c in range(0x21, 0x7f) if chr(c) != "%")
 
 
-_NAMES_OK: set[str] = set()   # names already checked (they are constants: the set stays small)
+_NAMES_OK: dict[str, bytes] = {}   # names already checked, encoded (they are constants: it stays small)
 
 
 def header_value(value: Any) -> str:
@@ -125,16 +144,20 @@ def _hdrs(extra: dict[str, Any] | None) -> list[tuple[bytes, bytes]]:
     if not extra:
         return []
     out = []
+    names = _NAMES_OK
     for k, v in extra.items():
-        if k not in _NAMES_OK:
+        kb = names.get(k)
+        if kb is None:
             if not _HDR_NAME_OK.match(k):
                 log.error("response header name %r is not a token: dropped", k)
                 continue
-            if len(_NAMES_OK) < 256:
-                _NAMES_OK.add(k)
-        if type(v) is not str or not (v.isascii() and v.isprintable() and v[:1] != " " and v[-1:] != " "):
-            v = header_value(v)
-        out.append((k.encode("ascii"), v.encode("ascii")))
+            kb = k.encode("ascii")
+            if len(names) < 256:
+                names[k] = kb
+        if type(v) is str and v.isascii() and v.isprintable() and v[:1] != " " and v[-1:] != " ":
+            out.append((kb, v.encode()))  # plain visible ASCII: its UTF-8 is its ASCII
+        else:
+            out.append((kb, header_value(v).encode("ascii")))
     return out
 
 
@@ -142,12 +165,16 @@ class ResponseFailed(Exception):
     """The server refused the response head (``http.response.start``): nothing reached the client."""
 
 
+def _refused(exc: BaseException) -> ResponseFailed:
+    return ResponseFailed(f"the response could not be started: {type(exc).__name__}: {exc}")
+
+
 async def start_response(send: Callable[..., Awaitable[Any]], status: int,
                          headers: list[tuple[bytes, bytes]]) -> None:
     try:
         await send({"type": "http.response.start", "status": status, "headers": headers})
     except (OSError, RuntimeError) as exc:
-        raise ResponseFailed(f"the response could not be started: {type(exc).__name__}: {exc}") from exc
+        raise _refused(exc) from exc
 
 
 # Lingering close (RFC 9112 section 9.6): a response sent before the request body was read in full (a 413)
@@ -189,7 +216,10 @@ async def send_bytes(send: Callable[..., Awaitable[Any]], status: int, body: byt
     h.extend(_hdrs(headers))
     if linger is not None:
         h.append((b"connection", b"close"))
-    await start_response(send, status, h)
+    try:  # start_response(), inline: one coroutine less per answer
+        await send({"type": "http.response.start", "status": status, "headers": h})
+    except (OSError, RuntimeError) as exc:
+        raise _refused(exc) from exc
     if started is not None:
         await started()
     if linger is None:
@@ -220,6 +250,7 @@ class _Waiting:
 
     __slots__ = ("loop", "since", "handle")
     by_loop: dict[Any, "_Waiting"] = {}
+    last: "_Waiting | None" = None  # the one of the loop used last (a server runs one loop): no lookup
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -267,12 +298,15 @@ class DisconnectWatch:
         self.receive = req.receive
         self.on_gone = on_gone
         self.arg = arg
-        self.task = asyncio.current_task()
-        self.watcher: asyncio.Task[None] | None = None
         loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task(loop)  # the loop given: current_task() would look it up again
+        self.watcher: asyncio.Task[None] | None = None
         if WATCH_AFTER > 0:
-            self.waiting: _Waiting | None = _Waiting.of(loop)
-            self.waiting.add(self)
+            w = _Waiting.last
+            if w is None or w.loop is not loop:
+                w = _Waiting.last = _Waiting.of(loop)
+            self.waiting: _Waiting | None = w
+            w.add(self)
         else:
             self.waiting = None
             self.arm()

@@ -4,10 +4,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, cast
 
 import orjson
 
+from ..canonical import ChatResponse
 from ..errors import GatewayError
 from ..gateway_types import GatewayLike
 from ..pipeline import Pipeline, RequestContext, Stage, shutdown_error
@@ -99,21 +100,33 @@ async def _parse(gw: GatewayLike, req: Request, ctx: RequestContext, parser: Any
         return None
 
 
+# the renderers and SSE framers of the two OpenAI chat endpoints: module functions, not closures built
+# per request (the parser closes over the gateway: gw.providers is read when the body is parsed)
+def _render_chat(ctx: RequestContext) -> Any:
+    return fmt.render_chat(cast(ChatResponse, ctx.response))  # set: the pipeline answered
+
+
+def _render_completion(ctx: RequestContext) -> Any:
+    return fmt.render_completion(cast(ChatResponse, ctx.response))
+
+
+def _frames_chat(ctx: RequestContext, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    return _sse_frames(ctx, chunks, False)
+
+
+def _frames_completion(ctx: RequestContext, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    return _sse_frames(ctx, chunks, True)
+
+
 async def chat_completions(gw: GatewayLike, req: Request) -> None:
-    await _serve_chat(gw, req, "chat", fmt.parse_chat)
+    await serve_chat(gw, req, new_context(gw, req, "chat"), lambda raw: fmt.parse_chat(raw, gw.providers),
+                     render=_render_chat, frames=_frames_chat, error_body=GatewayError.openai_body)
 
 
 async def completions(gw: GatewayLike, req: Request) -> None:
-    await _serve_chat(gw, req, "completion", fmt.parse_completion)
-
-
-async def _serve_chat(gw: GatewayLike, req: Request, endpoint: str, parser: Any) -> None:
-    legacy = endpoint == "completion"
-    await serve_chat(
-        gw, req, new_context(gw, req, endpoint), lambda raw: parser(raw, gw.providers),
-        render=lambda ctx: fmt.render_completion(ctx.response) if legacy else fmt.render_chat(ctx.response),
-        frames=lambda ctx, chunks: _sse_frames(ctx, chunks, legacy),
-        error_body=GatewayError.openai_body)
+    await serve_chat(gw, req, new_context(gw, req, "completion"),
+                     lambda raw: fmt.parse_completion(raw, gw.providers),
+                     render=_render_completion, frames=_frames_completion, error_body=GatewayError.openai_body)
 
 
 async def serve_chat(gw: GatewayLike, req: Request, ctx: RequestContext, parse: Any, *, render: Any, frames: Any,

@@ -145,7 +145,7 @@ class _Timer:
 
     def __init__(self, seconds: float):
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
+        task = asyncio.current_task(loop)  # the loop given: current_task() would look it up again
         assert task is not None, "a _Timer is armed inside a task"
         self.task = task
         self.expired = False

@@ -132,23 +132,12 @@ class Router:
     _hedged = hedged
     _relay = relay
 
-    async def handle_chat(self, ctx: RequestContext) -> None:
+    async def handle_chat(self, ctx: RequestContext, plan: Plan | None = None) -> None:
+        """Serve ``ctx.request`` (the pipeline's handler); ``plan``: the candidates to use instead of the
+        request's own plan (handle_pinned)."""
         req: ChatRequest = ctx.request
-        await self._serve_chat(ctx, self.plan(req.model, req.provider))
-
-    async def handle_pinned(self, ctx: RequestContext) -> None:
-        """One call to exactly ``ctx.request.provider`` / ``ctx.request.model`` (an ensemble's member or
-        judge): the normal call path -- mapping, breaker, retries, cost -- without the ``fallback_to`` chain,
-        so a panel member is never answered by another member's provider."""
-        req: ChatRequest = ctx.request
-        assert req.provider is not None, "a pinned call names its provider"
-        plan = self.plan(req.model, req.provider)
-        if plan.fallback:
-            plan = Plan(plan.primary, [], plan.route, plan.priced_out)
-        await self._serve_chat(ctx, plan)
-
-    async def _serve_chat(self, ctx: RequestContext, plan: Plan) -> None:
-        req: ChatRequest = ctx.request
+        if plan is None:
+            plan = self.plan(req.model, req.provider)
         op = "stream" if req.stream else "chat"
         m = _Mapped(self, req, op)
         m.check(ctx, plan.primary)
@@ -171,6 +160,17 @@ class Router:
             if cost is not None:
                 ctx.cost = cost
                 ctx.response_headers["x-helixagent-cost"] = costs.format_cost(cost)
+
+    async def handle_pinned(self, ctx: RequestContext) -> None:
+        """One call to exactly ``ctx.request.provider`` / ``ctx.request.model`` (an ensemble's member or
+        judge): the normal call path -- mapping, breaker, retries, cost -- without the ``fallback_to`` chain,
+        so a panel member is never answered by another member's provider."""
+        req: ChatRequest = ctx.request
+        assert req.provider is not None, "a pinned call names its provider"
+        plan = self.plan(req.model, req.provider)
+        if plan.fallback:
+            plan = Plan(plan.primary, [], plan.route, plan.priced_out)
+        await self.handle_chat(ctx, plan)
 
     async def handle_embeddings(self, ctx: RequestContext) -> None:
         req: EmbeddingRequest = ctx.request
