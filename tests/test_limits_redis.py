@@ -290,3 +290,16 @@ async def test_noscript_loads_the_scripts_and_resends_once():
     finally:
         await b.close()
         srv.close()
+
+
+def test_pack_is_what_redis_py_sends():
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    from helixagent.limits.redis_batch import pack
+    conn = Connection()
+    cmds = [("EVALSHA", "a" * 40, 2, "hx:rl:ip:10.0.0.1", "hx:rl:key:ké:rpm", 1, 10 ** 12, 300, 0, -5, 0, 2.5, 7),
+            ("EVALSHA", "b" * 40, 1, b"hx:rl:key:k:tpm:123", -100, 125000), ("PING",)]
+    assert pack(cmds, conn.encoder) == b"".join(conn.pack_commands(cmds))
+    with pytest.raises(DataError):
+        pack([("SET", "k", True)], conn.encoder)

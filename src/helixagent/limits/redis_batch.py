@@ -29,6 +29,27 @@ from typing import Any
 from redis.exceptions import NoScriptError, ResponseError
 
 
+def pack(cmds: list[tuple[Any, ...]], encoder: Any) -> bytes:
+    """``cmds`` in the Redis protocol, one buffer (what redis-py's ``pack_commands`` sends, built in one
+    pass: about 4x cheaper for a reserve's 30 arguments).  str (UTF-8), int and bytes are encoded here;
+    anything else by redis-py's encoder (which also refuses what it refuses, e.g. a bool)."""
+    out: list[bytes] = []
+    for args in cmds:
+        out.append(b"*%d\r\n" % len(args))
+        for a in args:
+            t = type(a)
+            if t is str:
+                b = a.encode()
+            elif t is int:
+                b = b"%d" % a
+            elif t is bytes:
+                b = a
+            else:
+                b = encoder.encode(a)
+            out.append(b"$%d\r\n%b\r\n" % (len(b), b))
+    return b"".join(out)
+
+
 class Script:
     """A Lua script's text and SHA1 (``EVALSHA`` names it; ``SCRIPT LOAD`` after a ``NOSCRIPT``)."""
     __slots__ = ("text", "sha")
@@ -106,7 +127,7 @@ class Coalescer:
         """Send ``cmds`` in one write and read their replies in order; an error reply is returned, not
         raised (the connection stays in step).  A socket failure raises (redis-py has closed the
         connection)."""
-        await conn.send_packed_command(conn.pack_commands(cmds))
+        await conn.send_packed_command([pack(cmds, conn.encoder)])
         out: list[Any] = []
         for _ in cmds:
             try:
