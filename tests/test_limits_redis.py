@@ -162,13 +162,16 @@ async def test_backend_outage_and_recovery_logged_once_each(caplog):
         assert (await b.reserve(lim, [1])).ok
         real = b.redis
         b.redis = None  # break it: every call fails
-        b._reserve = RedisBackend("redis://127.0.0.1:1/0")._reserve
+        dead = RedisBackend("redis://127.0.0.1:1/0")
+        b._reserve = dead._reserve
+        live, b.coalescer = b.coalescer, dead.coalescer  # the coalesced transport too
         for _ in range(5):
             with pytest.raises(BackendUnavailable):
                 await b.reserve(lim, [1])
         assert len(downs) == 1
         b.redis = real
         b._reserve = real.register_script(__import__("helixagent.limits.backends", fromlist=["x"]).RESERVE_LUA)
+        b.coalescer = live
         b.down_until = 0
         assert (await b.reserve(lim, [1])).ok and ups == [1]
     finally:
@@ -204,3 +207,99 @@ async def test_lua_and_memory_agree():
     finally:
         await rb.close()
         redis_cleanup(url, prefix)
+
+
+async def test_calls_of_one_iteration_share_one_round_trip_and_stay_exact():
+    """50 reservations made in one loop iteration against a limit of 10: one round trip, exactly 10 admitted
+    (each is still its own script evaluation), and their settles share one round trip too."""
+    url = need_redis()
+    prefix = unique_prefix()
+    b = RedisBackend(url)
+    lims = [Limit(REQ, SLIDING, f"{prefix}:rpm", 10, "k"), Limit(TOK, DAY, f"{prefix}:tpd", 10 ** 6, "k")]
+    try:
+        co = b.coalescer
+        b0 = co.batches
+        res = await asyncio.gather(*(b.reserve(lims, [1, 100]) for _ in range(50)))
+        assert co.batches == b0 + 1
+        assert [r.ok for r in res] == [True] * 10 + [False] * 40  # in the order they were made
+        assert [r.remaining[0] for r in res[:10]] == list(range(9, -1, -1))
+        await asyncio.gather(*(b.settle(r.handles, [0, -60], [lim.ttl for lim in lims]) for r in res[:10]))
+        assert co.batches == b0 + 2
+        assert int(await b.redis.get(res[0].handles[1])) == 10 * 40
+    finally:
+        await b.close()
+        redis_cleanup(url, prefix)
+
+
+async def test_a_failed_round_trip_reaches_every_caller():
+    b = RedisBackend("redis://127.0.0.1:1/0", timeout=0.5)
+    downs = []
+    b.on_error = lambda exc: downs.append(exc)
+    lim = [Limit(REQ, SLIDING, "t:x", 100, "k")]
+    try:
+        out = await asyncio.gather(*(b.reserve(lim, [1]) for _ in range(5)), b.settle([b"t:x:1"], [3], [1000]),
+                                   return_exceptions=True)
+        assert b.coalescer.batches == 1
+        assert all(isinstance(r, BackendUnavailable) for r in out), out
+        assert len(downs) == 1 and b.in_outage
+    finally:
+        await b.close()
+
+
+async def test_an_error_reply_reaches_only_its_caller_and_a_cancelled_caller_is_skipped():
+    url = need_redis()
+    prefix = unique_prefix()
+    b = RedisBackend(url)
+    from helixagent.limits.redis_batch import Coalescer, Script
+    text = "return redis.call('INCR', KEYS[1])"
+    sha = await b.redis.script_load(text)
+    co = Coalescer(b.pool, [Script(text, sha)])
+    s = Script(text, sha)
+    try:
+        await b.redis.set(f"{prefix}:bad", "not a number")
+        a = co.call(s, [f"{prefix}:n"], [])
+        bad = co.call(s, [f"{prefix}:bad"], [])
+        gone = co.call(s, [f"{prefix}:n"], [])
+        c = co.call(s, [f"{prefix}:n"], [])
+        gone.cancel()
+        assert await a == 1
+        with pytest.raises(__import__("redis").exceptions.ResponseError):
+            await bad
+        assert await c == 3  # the cancelled caller's call was made (sent before it left)
+        assert co.batches == 1
+    finally:
+        await b.close()
+        redis_cleanup(url, prefix)
+
+
+async def test_noscript_loads_the_scripts_and_resends_once():
+    """A Redis that lost its scripts (restart, SCRIPT FLUSH): the calls are resent once after SCRIPT LOAD."""
+    from support.redis_server import PrivateRedis
+    srv = PrivateRedis()
+    b = RedisBackend(srv.url)
+    lims = [Limit(REQ, SLIDING, "p:rpm", 3, "k"), Limit(TOK, DAY, "p:tpd", 1000, "k")]
+    try:
+        await b.redis.script_flush()
+        res = await asyncio.gather(*(b.reserve(lims, [1, 10]) for _ in range(5)))
+        assert [r.ok for r in res] == [True] * 3 + [False] * 2
+        await b.settle(res[0].handles, [0, 5], [lim.ttl for lim in lims])
+        assert int(await b.redis.get(res[0].handles[1])) == 35
+        await b.redis.script_flush()
+        await b.settle(res[1].handles, [0, -10], [lim.ttl for lim in lims])
+        assert int(await b.redis.get(res[0].handles[1])) == 25
+    finally:
+        await b.close()
+        srv.close()
+
+
+def test_pack_is_what_redis_py_sends():
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    from helixagent.limits.redis_batch import pack
+    conn = Connection()
+    cmds = [("EVALSHA", "a" * 40, 2, "hx:rl:ip:10.0.0.1", "hx:rl:key:ké:rpm", 1, 10 ** 12, 300, 0, -5, 0, 2.5, 7),
+            ("EVALSHA", "b" * 40, 1, b"hx:rl:key:k:tpm:123", -100, 125000), ("PING",)]
+    assert pack(cmds, conn.encoder) == b"".join(conn.pack_commands(cmds))
+    with pytest.raises(DataError):
+        pack([("SET", "k", True)], conn.encoder)

@@ -403,6 +403,14 @@ class RedisBackend:
         self.pool = getattr(self.redis, "connection_pool", self.redis)  # Cluster: the client holds the bound
         self._reserve = self.redis.register_script(RESERVE_LUA)
         self._settle = self.redis.register_script(SETTLE_LUA)
+        # standalone and Sentinel: the script calls of one loop iteration share one round trip
+        # (redis_batch); Cluster: redis-py routes each call to its slot's node
+        self.coalescer: Any = None
+        if not self.cluster:
+            from .redis_batch import Coalescer, Script
+            self._reserve_script = Script(RESERVE_LUA, self._reserve.sha)
+            self._settle_script = Script(SETTLE_LUA, self._settle.sha)
+            self.coalescer = Coalescer(self.pool, [self._reserve_script, self._settle_script])
         self.retry_interval = retry_interval
         self.down_until = 0.0
         self.in_outage = False
@@ -440,8 +448,12 @@ class RedisBackend:
         args: list[Any] = []
         for lim, c in zip(limits, costs, strict=True):
             args += (lim.algo, lim.limit, c, lim.burst)
+        keys = [lim.key for lim in limits]
         try:
-            res = await self._reserve(keys=[lim.key for lim in limits], args=args)
+            if self.coalescer is not None:
+                res = await self.coalescer.call(self._reserve_script, keys, args)
+            else:
+                res = await self._reserve(keys=keys, args=args)
         except redis_client.OUTAGE as exc:
             raise self._failed(exc) from None
         self._ok()
@@ -465,7 +477,10 @@ class RedisBackend:
         if self.in_outage and time.monotonic() < self.down_until:
             raise BackendUnavailable("redis marked down")
         try:
-            await self._settle(keys=keys, args=args)
+            if self.coalescer is not None:
+                await self.coalescer.call(self._settle_script, keys, args)
+            else:
+                await self._settle(keys=keys, args=args)
         except redis_client.OUTAGE as exc:
             raise self._failed(exc) from None
         self._ok()
