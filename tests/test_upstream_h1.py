@@ -99,6 +99,31 @@ async def test_keep_alive_reuses_one_connection_and_sends_exact_bytes() -> None:
         await c.close()
 
 
+def test_upstream_connections_have_tcp_nodelay_on_asyncio_and_uvloop() -> None:
+    import socket
+
+    import uvloop
+
+    async def run() -> None:
+        async def h(r: asyncio.StreamReader, w: asyncio.StreamWriter, st: dict[str, Any]) -> None:
+            while True:
+                await srv.read_request(r)
+                w.write(ok(b"{}"))
+                await w.drain()
+
+        async with Raw(h) as srv:
+            c = client()
+            assert (await c.post(srv.url, b"{}", HDRS))[0] == 200
+            conns = [conn for idle in c.pool().idle.values() for conn in idle]
+            assert len(conns) == 1 and conns[0].transport is not None
+            sock = conns[0].transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            await c.close()
+
+    asyncio.run(run())
+    uvloop.run(run())
+
+
 async def test_chunked_and_eof_delimited_answers() -> None:
     async def h(r: asyncio.StreamReader, w: asyncio.StreamWriter, st: dict[str, Any]) -> None:
         while True:

@@ -18,12 +18,14 @@ of any framing (content-length, chunked, to the end of the connection), TLS, kee
 * Flow control: a streamed response that the gateway does not read fast enough pauses the socket past
   ``_HIGH`` buffered bytes and resumes once drained.
 * No compression is asked for; a ``gzip``/``deflate`` answer is decoded anyway, any other encoding is an error.
+* TCP_NODELAY on every connection (one write per request; nothing waits for a delayed ACK).
 * Header names and values are checked: a CR, LF or NUL in either is refused before anything is sent.
 """
 from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import ssl
 import zlib
 from collections import deque
@@ -212,6 +214,11 @@ class Conn(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)   # uvloop's transports do not subclass asyncio's
+        # no Nagle on an upstream connection, whichever event loop runs it (uvloop and asyncio both set it
+        # today; said here so that a request's bytes never wait for an ACK of the last ones)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         ex = self.ex
