@@ -140,8 +140,10 @@ async def bench_writer(url: str, rows: int, batch: int, encrypted: bool) -> tupl
 # "current" opens the file with db.py's own connect hook; the others replay what older versions did.
 _OLD_PRAGMAS = ["PRAGMA journal_mode=WAL", "PRAGMA busy_timeout=10000", "PRAGMA synchronous=NORMAL"]
 SQLITE_VARIANTS: dict[str, tuple[list[str] | None, list[str]]] = {
-    "4 KiB pages (before)": (_OLD_PRAGMAS, []),
-    "current (db.py)": (None, []),
+    "4k-pages: 4 KiB pages (before)": (_OLD_PRAGMAS, []),
+    "no-ensemble-ix: without ix_completions_ensemble_id": (None, ["DROP INDEX ix_completions_ensemble_id"]),
+    "no-provider-ix: without ix_completions_provider": (None, ["DROP INDEX ix_completions_provider"]),
+    "current: db.py's PRAGMAs, the migrated schema": (None, []),
 }
 
 
@@ -216,15 +218,17 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=50000)
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--sqlite-ab", action="store_true", help="only SQLite's CPU per row, variants side by side")
-    ap.add_argument("--variants", default=",".join(SQLITE_VARIANTS), help="--sqlite-ab: comma-separated names")
+    ap.add_argument("--variants", default="4k-pages,current",
+                    help="--sqlite-ab: comma-separated variant keys (the part of a name before its colon)")
     args = ap.parse_args()
     if args.sqlite_ab:
-        names = [v.strip() for v in args.variants.split(",") if v.strip()]
+        keys = {n.split(":")[0]: n for n in SQLITE_VARIANTS}
+        names = [keys[v.strip()] for v in args.variants.split(",") if v.strip()]
         print(f"SQLite CPU per row (inserting thread, user + kernel), {args.rows} rows, batch_size {args.batch}, "
               "interleaved")
         res = bench_sqlite_ab(args.rows, args.batch, names)
         for name, us in res.items():
-            print(f"    {name:<44} {us:6.2f} us/row  {us / res[names[0]]:5.3f}x")
+            print(f"    {name:<72} {us:6.2f} us/row  {us / res[names[0]]:5.3f}x")
         return
     print(f"(1) request-path CPU added per request, {args.calls} calls (process CPU time, loop overhead "
           "subtracted)")
