@@ -13,7 +13,11 @@
     rows built, the driver's share; aiosqlite's own thread and the server are not counted): that part is
     taken from the requests' thread in the gateway.
 
+(3) ``--sqlite-ab``: only SQLite's own CPU per row (the work of aiosqlite's worker thread), PRAGMA and
+    schema variants side by side in one process, interleaved chunk by chunk (see bench_sqlite_ab).
+
 Usage: /work/venv/bin/python bench/store_bench.py [--calls 50000] [--rows 50000]
+       /work/venv/bin/python bench/store_bench.py --sqlite-ab [--rows 40000] [--batch 500]
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 import orjson  # noqa: E402
 
 from helixagent.canonical import ChatRequest, ChatResponse, Usage  # noqa: E402
-from helixagent.pipeline import Identity, RequestContext  # noqa: E402
+from helixagent.pipeline import Identity, RequestContext, new_request_id  # noqa: E402
 from helixagent.store import migrate  # noqa: E402
 from helixagent.store.crypto import Keyring, parse_keys  # noqa: E402
 from helixagent.store.db import make_engine  # noqa: E402
@@ -105,7 +109,7 @@ def bench_request_path(calls: int) -> dict[str, float]:
     return out
 
 
-async def bench_writer(url: str, rows: int, batch: int, encrypted: bool) -> tuple[float, float]:
+async def bench_writer(url: str, rows: int, batch: int, encrypted: bool) -> tuple[float, float, float]:
     migrate.upgrade(url)
     eng = make_engine(url, pool_size=2)
     d = tempfile.mkdtemp(prefix="helix-bench-spool-")
@@ -114,20 +118,84 @@ async def bench_writer(url: str, rows: int, batch: int, encrypted: bool) -> tupl
         w = RecordWriter(eng, d, keyring=kr, batch_size=batch, queue_size=rows + 1, flush_interval=3600)
         ctx = make_ctx()
         for _ in range(rows):
-            ctx.request_id = uuid.uuid4().hex
+            ctx.request_id = new_request_id()     # the gateway's ids: a per-process prefix and a counter
             w.record(ctx)
         await w.start()
         t0 = time.perf_counter()
         c0 = time.thread_time()
+        p0 = time.process_time()
         ok = await w.flush(600)
+        pcpu = time.process_time() - p0
         cpu = time.thread_time() - c0
         dt = time.perf_counter() - t0
         assert ok and w.inserted == rows, w.stats()
         await w.close()
-        return rows / dt, cpu / rows * 1e6
+        return rows / dt, cpu / rows * 1e6, pcpu / rows * 1e6
     finally:
         await eng.dispose()
         shutil.rmtree(d, ignore_errors=True)
+
+
+# --sqlite-ab: (name, PRAGMAs on the new file before the schema is created, SQL run after migrating).
+# "current" opens the file with db.py's own connect hook; the others replay what older versions did.
+_OLD_PRAGMAS = ["PRAGMA journal_mode=WAL", "PRAGMA busy_timeout=10000", "PRAGMA synchronous=NORMAL"]
+SQLITE_VARIANTS: dict[str, tuple[list[str] | None, list[str]]] = {
+    "4k-pages: 4 KiB pages (before)": (_OLD_PRAGMAS, []),
+    "no-ensemble-ix: without ix_completions_ensemble_id": (None, ["DROP INDEX ix_completions_ensemble_id"]),
+    "no-provider-ix: without ix_completions_provider": (None, ["DROP INDEX ix_completions_provider"]),
+    "current: db.py's PRAGMAs, the migrated schema": (None, []),
+}
+
+
+def bench_sqlite_ab(rows: int, batch: int, names: list[str]) -> dict[str, float]:
+    """SQLite's own CPU per row (user + kernel of the inserting thread: what aiosqlite's worker spends),
+    the variants side by side: one file each, open at once, every chunk of 2,000 rows inserted into each in
+    turn (rotating the order) in ``batch``-row transactions with the writer's statement and parameters, so
+    that the load of a shared machine falls on every variant alike."""
+    import sqlite3
+
+    from helixagent.store.db import _sqlite_pragmas
+    d = tempfile.mkdtemp(prefix="helix-bench-ab-")
+    spool = tempfile.mkdtemp(prefix="helix-bench-spool-")
+    try:
+        w = RecordWriter(make_engine("sqlite://"), spool, queue_size=rows + 1, batch_size=rows + 1)
+        ctx = make_ctx()
+        for _ in range(rows):
+            ctx.request_id = new_request_id()
+            w.record(ctx)
+        data = [w._params((m, rb, pb)) for _, m, rb, pb in w.queue]
+        w.queue.clear()
+        cons = {}
+        for i, name in enumerate(names):
+            pre, post = SQLITE_VARIANTS[name]
+            path = f"{d}/v{i}.db"
+            con = sqlite3.connect(path)
+            if pre is None:
+                _sqlite_pragmas(con, None)
+            else:
+                for q in pre:
+                    con.execute(q)
+            migrate.upgrade(f"sqlite:///{path}")
+            for q in post:
+                con.execute(q)
+            con.commit()
+            cons[name] = con
+        cpu = dict.fromkeys(names, 0.0)
+        for j, i in enumerate(range(0, rows, 2000)):
+            chunk = data[i:i + 2000]
+            for name in names[j % len(names):] + names[:j % len(names)]:
+                con = cons[name]
+                t0 = time.thread_time()
+                for k in range(0, len(chunk), batch):
+                    con.executemany(w._insert_stmt, chunk[k:k + batch])
+                    con.commit()
+                cpu[name] += time.thread_time() - t0
+        for con in cons.values():
+            con.close()
+        return {name: c / rows * 1e6 for name, c in cpu.items()}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(spool, ignore_errors=True)
 
 
 def pg_schema_url(base: str):
@@ -149,7 +217,19 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=50000)
     ap.add_argument("--rows", type=int, default=50000)
     ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--sqlite-ab", action="store_true", help="only SQLite's CPU per row, variants side by side")
+    ap.add_argument("--variants", default="4k-pages,current",
+                    help="--sqlite-ab: comma-separated variant keys (the part of a name before its colon)")
     args = ap.parse_args()
+    if args.sqlite_ab:
+        keys = {n.split(":")[0]: n for n in SQLITE_VARIANTS}
+        names = [keys[v.strip()] for v in args.variants.split(",") if v.strip()]
+        print(f"SQLite CPU per row (inserting thread, user + kernel), {args.rows} rows, batch_size {args.batch}, "
+              "interleaved")
+        res = bench_sqlite_ab(args.rows, args.batch, names)
+        for name, us in res.items():
+            print(f"    {name:<72} {us:6.2f} us/row  {us / res[names[0]]:5.3f}x")
+        return
     print(f"(1) request-path CPU added per request, {args.calls} calls (process CPU time, loop overhead "
           "subtracted)")
     for name, us in bench_request_path(args.calls).items():
@@ -172,12 +252,12 @@ def main() -> None:
             elif enc:
                 u = f"sqlite:///{tmp}/bench-enc.db"
             try:
-                rate, cpu = asyncio.run(bench_writer(u, args.rows, args.batch, enc))
+                rate, cpu, pcpu = asyncio.run(bench_writer(u, args.rows, args.batch, enc))
             finally:
                 if drop:
                     drop()
             print(f"    {name:<11} bodies {'encrypted' if enc else 'clear    '}  {rate:10,.0f} rows/s, "
-                  f"{cpu:5.1f} us event-loop-thread CPU per row")
+                  f"{cpu:5.1f} us event-loop-thread CPU per row, {pcpu:5.1f} us process CPU (all threads)")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

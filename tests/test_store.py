@@ -246,6 +246,29 @@ def test_sqlite_created_at_text_is_strftimes(tmp_path):
         assert w._sqlite_time(ts) == dt.datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S.%f"), ts
 
 
+def test_sqlite_page_size_new_file_large_existing_file_kept(tmp_path):
+    """A new SQLite file gets the writer's page size (db.SQLITE_PAGE_SIZE) and WAL; a file created before
+    keeps its own page size and still migrates and records."""
+    import sqlite3
+
+    from helixagent.store.db import SQLITE_PAGE_SIZE
+    new, old = tmp_path / "new.db", tmp_path / "old.db"
+    con = sqlite3.connect(old)
+    con.execute("CREATE TABLE t (a)")
+    con.commit()
+    con.close()
+    for f in (new, old):
+        migrate.upgrade(f"sqlite:///{f}")
+    for f, size in ((new, SQLITE_PAGE_SIZE), (old, 4096)):
+        con = sqlite3.connect(f)
+        try:
+            assert con.execute("PRAGMA page_size").fetchone()[0] == size
+            assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert con.execute("SELECT count(*) FROM completions").fetchone()[0] == 0
+        finally:
+            con.close()
+
+
 async def test_queue_overflow_spools_not_drops(migrated, tmp_path):
     eng = make_engine(migrated)
     w = RecordWriter(eng, str(tmp_path / "spool"), queue_size=7, batch_size=5, flush_interval=0.05)

@@ -99,9 +99,18 @@ def pg_server_settings(options: str) -> dict[str, str]:
     return out
 
 
+# Page size of a new SQLite file (set before the first write; an existing file keeps its own, and SQLite
+# ignores the PRAGMA there).  A record row is 1-2 KB with its bodies: with 16 KiB pages instead of SQLite's
+# 4 KiB default the writer's SQLite work per row is 14-19% less CPU (fewer WAL frames, pwrite(2) calls and
+# checkpoint copies; interleaved A/B, bench/store_bench.py --sqlite-ab) and the file about 20% smaller.
+# An existing file converts offline: ``PRAGMA journal_mode=DELETE; PRAGMA page_size=16384; VACUUM;``.
+SQLITE_PAGE_SIZE = 16384
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     try:
+        cur.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")   # before journal_mode: that writes the header
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA busy_timeout=10000")
         cur.execute("PRAGMA synchronous=NORMAL")
