@@ -100,8 +100,9 @@ class AnthropicProvider(MappedProvider):
 
     async def _chunks(self, resp: Any, model: str) -> AsyncIterator[dict[str, Any]]:
         dec = AnthropicStreamDecoder(model)
+        events = sse_from_chunks(resp.chunks())
         try:
-            async for _event, data in sse_from_chunks(resp.chunks()):
+            async for _event, data in events:
                 ev = self.stream_event(data)
                 if not isinstance(ev, dict):
                     continue
@@ -116,6 +117,7 @@ class AnthropicProvider(MappedProvider):
                 if dec.done:
                     break
         finally:
+            await events.aclose()  # a break leaves the generators suspended: close them now
             resp.close()
         if not dec.done:
             raise self.stream_error("ended the stream without message_stop")

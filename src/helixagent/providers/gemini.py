@@ -125,8 +125,9 @@ class GeminiProvider(MappedProvider):
 
     async def _chunks(self, resp: Any, model: str) -> AsyncIterator[dict[str, Any]]:
         dec = GeminiStreamDecoder(model, self.name)
+        events = sse_from_chunks(resp.chunks())
         try:
-            async for _event, data in sse_from_chunks(resp.chunks()):
+            async for _event, data in events:
                 ev = self.stream_event(data)
                 if isinstance(ev, list):  # a JSON-array stream (no alt=sse): treat items as events
                     evs = ev
@@ -144,6 +145,7 @@ class GeminiProvider(MappedProvider):
                     for c in out:
                         yield c
         finally:
+            await events.aclose()  # a break leaves the generators suspended: close them now
             resp.close()
         if not dec.finished:
             raise self.stream_error("ended the stream before a finishReason")

@@ -113,8 +113,9 @@ class OpenAIProvider(MappedProvider):
 
     async def _chunks(self, resp: Any) -> AsyncIterator[dict[str, Any]]:
         done = False
+        events = sse_from_chunks(resp.chunks())
         try:
-            async for _event, data in sse_from_chunks(resp.chunks()):
+            async for _event, data in events:
                 if data == b"[DONE]":
                     done = True
                     break
@@ -131,6 +132,7 @@ class OpenAIProvider(MappedProvider):
                     chunk = self.read_answer(_legacy_chunk_to_chat, chunk)
                 yield chunk
         finally:
+            await events.aclose()  # a break leaves the generators suspended: close them now
             resp.close()
         if not done:
             raise self.stream_error("ended the stream without [DONE]")
@@ -186,8 +188,9 @@ class OpenAIProvider(MappedProvider):
         done = False
         calls: dict[int, int] = {}   # output_index -> canonical tool call index
         rid = ""
+        events = sse_from_chunks(resp.chunks())
         try:
-            async for _event, data in sse_from_chunks(resp.chunks()):
+            async for _event, data in events:
                 if data == b"[DONE]":
                     break
                 ev = self.stream_event(data)
@@ -232,6 +235,7 @@ class OpenAIProvider(MappedProvider):
                 if done:
                     break
         finally:
+            await events.aclose()  # a break leaves the generators suspended: close them now
             resp.close()
         if not done:
             raise self.stream_error("ended the stream without response.completed")
