@@ -405,3 +405,125 @@ async def test_tls_verified_against_the_trusted_roots(tmp_path: Path, monkeypatc
         assert srv.conns == 1   # (the refused handshake never reached the handler) one kept-alive TLS connection
         await c.close()
         await c2.close()
+
+
+class Proxy:
+    """An HTTP proxy: CONNECT tunnels and absolute-form requests, piped both ways; remembers each request head."""
+
+    def __init__(self, refuse: int | None = None):
+        self.heads: list[bytes] = []
+        self.refuse = refuse
+
+    async def __aenter__(self) -> "Proxy":
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+    async def _conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            head = await r.readuntil(b"\r\n\r\n")
+            self.heads.append(head)
+            if self.refuse:
+                w.write(b"HTTP/1.1 %d No\r\ncontent-length: 0\r\n\r\n" % self.refuse)
+                await w.drain()
+                return
+            method, target, _ = head.split(b"\r\n", 1)[0].split(b" ", 2)
+            if method == b"CONNECT":
+                host, port = target.rsplit(b":", 1)
+                ur, uw = await asyncio.open_connection(host.decode(), int(port))
+                w.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                await w.drain()
+            else:   # absolute form: forward the head as it came
+                u = target.split(b"/")[2]
+                host, port = u.rsplit(b":", 1)
+                ur, uw = await asyncio.open_connection(host.decode(), int(port))
+                uw.write(head)
+
+            async def pipe(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
+                while data := await a.read(65536):
+                    b.write(data)
+                    await b.drain()
+                b.close()
+            await asyncio.gather(pipe(r, uw), pipe(ur, w), return_exceptions=True)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            w.close()
+
+
+def _clear_proxies(mp: pytest.MonkeyPatch) -> None:
+    for k in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        mp.delenv(k, raising=False)
+
+
+async def test_https_through_a_connect_proxy_with_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_tls_probes import make_pki
+    ca, cert, key = make_pki(tmp_path)
+    sctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    sctx.load_cert_chain(cert, key)
+
+    async def h(r: asyncio.StreamReader, w: asyncio.StreamWriter, st: dict[str, Any]) -> None:
+        while True:
+            await srv.read_request(r)
+            w.write(ok(b'{"via":"tunnel"}'))
+            await w.drain()
+
+    async with Raw(h, tls=sctx) as srv, Proxy() as px:
+        _clear_proxies(monkeypatch)
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+        monkeypatch.setenv("HTTPS_PROXY", f"http://us%40er:p%3Aw@127.0.0.1:{px.port}")
+        monkeypatch.setattr(h1, "_SSL", None)
+        c = client()
+        for _ in range(3):
+            assert (await c.post(srv.url, b"{}", HDRS))[2] == b'{"via":"tunnel"}'
+        assert len(px.heads) == 1   # one tunnel, kept alive
+        head = px.heads[0]
+        assert head.startswith(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n" % srv.port)
+        import base64
+        assert b"proxy-authorization: Basic " + base64.b64encode(b"us@er:p:w") in head
+        # the upstream saw a normal origin-form request, never the proxy's credentials
+        assert srv.requests[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        assert all(b"proxy-authorization" not in r for r in srv.requests)
+        await c.close()
+
+
+async def test_plain_http_through_a_proxy_and_no_proxy_bypass(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def h(r: asyncio.StreamReader, w: asyncio.StreamWriter, st: dict[str, Any]) -> None:
+        while True:
+            await srv.read_request(r)
+            w.write(ok(b"{}"))
+            await w.drain()
+
+    async with Raw(h) as srv, Proxy() as px:
+        _clear_proxies(monkeypatch)
+        monkeypatch.setenv("HTTP_PROXY", f"127.0.0.1:{px.port}")
+        c = client()
+        assert (await c.post(srv.url, b"{}", HDRS))[0] == 200
+        assert px.heads[0].startswith(b"POST http://127.0.0.1:%d/v1/chat/completions HTTP/1.1\r\n" % srv.port)
+        await c.close()
+        monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+        c2 = client()
+        assert (await c2.post(srv.url, b"{}", HDRS))[0] == 200
+        assert len(px.heads) == 1   # bypassed: straight to the upstream
+        await c2.close()
+
+
+async def test_a_proxy_refusing_the_tunnel_is_a_502_naming_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with Proxy(refuse=407) as px:
+        _clear_proxies(monkeypatch)
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{px.port}")
+        c = client()
+        with pytest.raises(GatewayError) as ei:
+            await c.post("https://api.example.invalid/v1/chat/completions", b"{}", HDRS)
+        assert ei.value.status == 502 and "ProxyError" in ei.value.message and ei.value.retryable
+        assert px.heads[0].startswith(b"CONNECT api.example.invalid:443 HTTP/1.1\r\n")
+        await c.close()
+        monkeypatch.setenv("HTTPS_PROXY", "socks5://127.0.0.1:1080")
+        c2 = client()
+        with pytest.raises(GatewayError) as ei:
+            await c2.post("https://api.example.invalid/v1/chat/completions", b"{}", HDRS)
+        assert "unsupported proxy URL" in ei.value.message
+        await c2.close()

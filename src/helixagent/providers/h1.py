@@ -20,17 +20,22 @@ of any framing (content-length, chunked, to the end of the connection), TLS, kee
 * No compression is asked for; a ``gzip``/``deflate`` answer is decoded anyway, any other encoding is an error.
 * TCP_NODELAY on every connection (one write per request; nothing waits for a delayed ACK).
 * Header names and values are checked: a CR, LF or NUL in either is refused before anything is sent.
+* Outbound proxies from the environment, as curl and reqwest read them: ``HTTPS_PROXY`` / ``HTTP_PROXY``
+  (``http://[user:password@]host:port``), ``NO_PROXY`` to bypass.  An ``https`` upstream goes through a
+  ``CONNECT`` tunnel (TLS end to end, verified against the upstream's name); a plain ``http`` one is sent to
+  the proxy in absolute form.  Read once per upstream URL, at its first request.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 import socket
 import ssl
 import zlib
 from collections import deque
 from typing import Any, AsyncGenerator, cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
@@ -47,6 +52,7 @@ class UpstreamBroken(Exception):
     def __init__(self, kind: str, detail: str = ""):
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind
+        self.detail = detail   # the gateway's own words (never an upstream's text, never a secret)
 
 
 class BadRequestHeaders(ValueError):
@@ -64,10 +70,36 @@ def _ssl_context() -> ssl.SSLContext:
     return _SSL
 
 
-class Origin:
-    """Where one URL's requests go: scheme, host, port, and the request target."""
+class Proxy:
+    """An outbound HTTP proxy: where to connect and the credentials to present."""
 
-    __slots__ = ("tls", "host", "port", "target", "host_header", "key")
+    __slots__ = ("host", "port", "auth")
+
+    def __init__(self, host: str, port: int, auth: str | None):
+        self.host, self.port, self.auth = host, port, auth
+
+
+def proxy_for(scheme: str, host: str) -> Proxy | None:
+    """The proxy the environment names for ``scheme://host`` (None: connect directly)."""
+    import urllib.request   # here, not at import: it pulls in http.client and email (RSS), once per upstream URL
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(scheme)
+    if not url or urllib.request.proxy_bypass_environment(host, proxies):  # type: ignore[attr-defined]  # not in typeshed
+        return None
+    u = urlsplit(url if "://" in url else f"http://{url}")
+    if u.scheme != "http" or not u.hostname:
+        raise UpstreamBroken("ProxyError", f"unsupported proxy URL in {scheme.upper()}_PROXY (only http://host:port)")
+    auth = None
+    if u.username is not None:
+        cred = f"{unquote(u.username)}:{unquote(u.password or '')}".encode()
+        auth = "Basic " + base64.b64encode(cred).decode("ascii")
+    return Proxy(u.hostname, u.port or 80, auth)
+
+
+class Origin:
+    """Where one URL's requests go: scheme, host, port, the request target, and the proxy on the way."""
+
+    __slots__ = ("tls", "host", "port", "target", "host_header", "key", "proxy", "extra")
 
     def __init__(self, url: str):
         u = urlsplit(url)
@@ -80,7 +112,13 @@ class Origin:
         default = 443 if self.tls else 80
         h = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = h if self.port == default else f"{h}:{self.port}"
-        self.key = (self.tls, self.host, self.port)
+        self.proxy = p = proxy_for(u.scheme, self.host)
+        self.extra = ""   # request header lines the proxy needs (plain http through a proxy)
+        if p is not None and not self.tls:
+            self.target = f"http://{self.host_header}{self.target}"   # absolute form: the proxy forwards it
+            if p.auth:
+                self.extra = f"proxy-authorization: {p.auth}\r\n"
+        self.key = (self.tls, self.host, self.port) if p is None else (self.tls, self.host, self.port, p.host, p.port)
 
 
 def encode_request(method: str, origin: Origin, headers: dict[str, str], body: bytes | None) -> bytes:
@@ -88,7 +126,7 @@ def encode_request(method: str, origin: Origin, headers: dict[str, str], body: b
     n = len(headers)
     if lines.count("\n") != n or lines.count("\r") != n or "\x00" in lines:
         raise BadRequestHeaders("a header name or value holds CR, LF or NUL")
-    head = f"{method} {origin.target} HTTP/1.1\r\nhost: {origin.host_header}\r\n{lines}"
+    head = f"{method} {origin.target} HTTP/1.1\r\nhost: {origin.host_header}\r\n{origin.extra}{lines}"
     if body is None:
         return (head + "\r\n").encode("latin-1")
     return b"".join(((head + f"content-length: {len(body)}\r\n\r\n").encode("latin-1"), body))
@@ -201,7 +239,7 @@ class Exchange:
 class Conn(asyncio.Protocol):
     """One connection and the exchange it is carrying (HTTP/1.1, no pipelining)."""
 
-    def __init__(self, pool: "Pool", key: tuple[bool, str, int]):
+    def __init__(self, pool: "Pool", key: tuple[Any, ...]):
         self.pool = pool
         self.key = key
         self.loop = pool.loop
@@ -345,7 +383,7 @@ class Pool:
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
-        self.idle: dict[tuple[bool, str, int], list[Conn]] = {}
+        self.idle: dict[tuple[Any, ...], list[Conn]] = {}
         self.origins: dict[str, Origin] = {}
         self.active: set[Conn] = set()
         self.loop = asyncio.get_running_loop()
@@ -361,11 +399,19 @@ class Pool:
         return o
 
     async def connect(self, o: Origin) -> Conn:
+        p = o.proxy
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await self.loop.create_connection(
-                    lambda: Conn(self, o.key), o.host, o.port, ssl=_ssl_context() if o.tls else None,
-                    server_hostname=o.host if o.tls else None)
+                if p is None:
+                    _, conn = await self.loop.create_connection(
+                        lambda: Conn(self, o.key), o.host, o.port, ssl=_ssl_context() if o.tls else None,
+                        server_hostname=o.host if o.tls else None)
+                elif o.tls:
+                    sock = await self._tunnel(o, p)
+                    _, conn = await self.loop.create_connection(
+                        lambda: Conn(self, o.key), sock=sock, ssl=_ssl_context(), server_hostname=o.host)
+                else:
+                    _, conn = await self.loop.create_connection(lambda: Conn(self, o.key), p.host, p.port)
         except TimeoutError:
             raise UpstreamTimeout() from None
         except ssl.SSLError as exc:
@@ -377,6 +423,36 @@ class Pool:
             raise UpstreamBroken("ClientClosed")
         self.active.add(conn)
         return conn
+
+    async def _tunnel(self, o: Origin, p: Proxy) -> socket.socket:
+        """A TCP connection to ``o`` through the proxy ``p`` (HTTP CONNECT), ready for TLS."""
+        loop = self.loop
+        family, kind, proto, _, addr = (await loop.getaddrinfo(p.host, p.port, type=socket.SOCK_STREAM))[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, addr)
+            hp = f"[{o.host}]:{o.port}" if ":" in o.host else f"{o.host}:{o.port}"
+            auth = f"proxy-authorization: {p.auth}\r\n" if p.auth else ""
+            await loop.sock_sendall(sock, f"CONNECT {hp} HTTP/1.1\r\nhost: {hp}\r\n{auth}\r\n".encode("latin-1"))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = await loop.sock_recv(sock, 4096)
+                if not data:
+                    raise UpstreamBroken("ProxyError", "the proxy closed the connection during CONNECT")
+                head += data
+                if len(head) > 16384:
+                    raise UpstreamBroken("ProxyError", "the proxy's answer to CONNECT is too large")
+            line = head.split(b"\r\n", 1)[0].split(None, 2)
+            code = int(line[1]) if len(line) > 1 and line[1].isdigit() else 0
+            if not line[0].startswith(b"HTTP/1.") or code // 100 != 2:
+                raise UpstreamBroken("ProxyError", f"the proxy refused the tunnel (status {code or '?'})")
+            if not head.endswith(b"\r\n\r\n"):   # bytes before the TLS handshake: not a tunnel to trust
+                raise UpstreamBroken("ProxyError", "the proxy sent data after its answer to CONNECT")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def checkout(self, o: Origin) -> Conn | None:
         idle = self.idle.get(o.key)

@@ -158,6 +158,8 @@ class UpstreamHTTP:
 
     def connection_error(self, exc: BaseException) -> GatewayError:
         kind = exc.kind if isinstance(exc, h1.UpstreamBroken) else type(exc).__name__
+        if isinstance(exc, h1.UpstreamBroken) and exc.kind == "ProxyError":
+            kind = f"{kind} ({exc.detail})"   # what to fix is on the gateway's side: say what the proxy did
         return GatewayError(502, f"provider {self.provider.name!r} connection failed: {kind}",
                             type="upstream_error", code="upstream_connection_error",
                             provider=self.provider.name, retryable=True, kind="connection")
