@@ -93,7 +93,7 @@ def _setup_metrics(cfg: Any, host: str, workers: int) -> tuple[str | None, bool,
     if own:
         path = tempfile.mkdtemp(prefix="helixagent-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    from .observability.metrics import prepare_multiprocess_dir
+    from .observability.multiproc import prepare_multiprocess_dir
     prepare_multiprocess_dir(path)
     srv = None
     if cfg.metrics.port:

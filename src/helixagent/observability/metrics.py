@@ -18,7 +18,6 @@ worker answers it, adds up the files of all workers (``MultiProcessCollector``).
 """
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import re
@@ -30,10 +29,10 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..gateway_types import GatewayLike
+from .multiproc import multiprocess_active, multiprocess_dir, scrape_multiprocess
 
 log = logging.getLogger("helixagent.metrics")
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 # HTTP statuses kept exactly as a label value; any other becomes its class ("4xx").
@@ -60,16 +59,6 @@ BUDGET_SCOPES = ("api_key", "user", "application", "global")
 BUDGET_WINDOWS = ("day", "month", "all")
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "halfopen": 1, "open": 2}
-
-
-def multiprocess_dir() -> str | None:
-    return os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower()) or None
-
-
-def multiprocess_active() -> bool:
-    """prometheus_client picks its value class when first imported: both must agree."""
-    from prometheus_client import values
-    return multiprocess_dir() is not None and "Mmaped" in getattr(values.ValueClass, "__name__", "")
 
 
 def status_label(code: int) -> str:
@@ -681,47 +670,6 @@ def _inc_hist(child: Any, total: float, counts: list[int]) -> None:
     for i, n in enumerate(counts):
         if n:
             buckets[i].inc(n)
-
-
-def scrape_multiprocess(path: str) -> bytes:
-    from prometheus_client import multiprocess
-    reap_dead_workers(path)
-    reg = CollectorRegistry(auto_describe=False)
-    multiprocess.MultiProcessCollector(reg, path=path)
-    return generate_latest(reg)
-
-
-_LIVE_RE = re.compile(r"gauge_live[a-z]+_(\d+)\.db$")
-
-
-def reap_dead_workers(path: str) -> None:
-    """Drop the live gauges of worker processes that died without cleaning up (a crash, a kill -9)."""
-    from prometheus_client import multiprocess
-    seen: set[int] = set()
-    for f in glob.glob(os.path.join(path, "gauge_live*_*.db")):
-        m = _LIVE_RE.search(f)
-        if not m:
-            continue
-        pid = int(m.group(1))
-        if pid in seen:
-            continue
-        seen.add(pid)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            multiprocess.mark_process_dead(pid, path)
-        except PermissionError:
-            pass
-
-
-def prepare_multiprocess_dir(path: str) -> None:
-    """Empty a multiprocess directory before the workers start (stale files would be added up)."""
-    os.makedirs(path, exist_ok=True)
-    for f in glob.glob(os.path.join(path, "*.db")):
-        try:
-            os.remove(f)
-        except OSError:
-            pass
 
 
 def known_models(gw: GatewayLike) -> set[str]:

@@ -254,7 +254,7 @@ def install(gw: GatewayLike) -> ObservabilityStage:
 
 
 def start_multiprocess_metrics_server(path: str, host: str, port: int) -> Any:
-    from .metrics import scrape_multiprocess
+    from .multiproc import scrape_multiprocess
     return start_metrics_server(lambda: scrape_multiprocess(path), host, port)
 
 
