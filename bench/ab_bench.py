@@ -42,12 +42,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=500)
     ap.add_argument("--conns", type=int, default=16)
     a = ap.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("wrk is required: apt-get install -y wrk")
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) >= 2 and shutil.which("taskset"):
-        pb.GW_CPU = cpus[0]
-        os.sched_setaffinity(0, set(cpus[1:]))
+    pb.split_cores()
     srcs = [s.split("=", 1) for s in a.src]
     rows = a.rows.split(",")
     tmp = tempfile.mkdtemp(prefix="helixab-")

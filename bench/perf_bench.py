@@ -106,6 +106,18 @@ def pinned(cmd: list[str]) -> list[str]:
     return (["taskset", "-c", str(GW_CPU)] if GW_CPU is not None else []) + cmd
 
 
+def split_cores() -> None:
+    """Servers under test on the first core (GW_CPU, through taskset); this process and what it starts next
+    (wrk, the upstream, Redis, PostgreSQL) on the others.  Exits when wrk is missing."""
+    global GW_CPU
+    if not shutil.which("wrk"):
+        sys.exit("wrk is required: apt-get install -y wrk")
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2 and shutil.which("taskset"):
+        GW_CPU = cpus[0]
+        os.sched_setaffinity(0, set(cpus[1:]))
+
+
 class Target:
     """One server under test: its process, URL and the bearer the load uses."""
 
@@ -297,13 +309,7 @@ def main() -> int:  # noqa: C901 - one linear orchestration
     ap.add_argument("--stream-delay", default="0.0005", help="upstream pause between SSE chunks (s)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "perf.md"))
     a = ap.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("wrk is required: apt-get install -y wrk")
-    global GW_CPU
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) >= 2 and shutil.which("taskset"):
-        GW_CPU = cpus[0]
-        os.sched_setaffinity(0, set(cpus[1:]))  # children (wrk, upstream, Redis, PostgreSQL) inherit core 1
+    split_cores()
     log = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731
     tmp = tempfile.mkdtemp(prefix="helixperf-")
     up_port = hs.free_port()

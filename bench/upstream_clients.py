@@ -32,12 +32,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=4000)
     a = ap.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("wrk is required: apt-get install -y wrk")
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) >= 2 and shutil.which("taskset"):
-        pb.GW_CPU = cpus[0]
-        os.sched_setaffinity(0, set(cpus[1:]))
+    pb.split_cores()
     tmp = tempfile.mkdtemp(prefix="helixclients-")
     up_port = hs.free_port()
     up = hs.start([pb.PY, "-c", f"import http_stack as h; h.run_upstream({up_port})"], {})
