@@ -5,7 +5,8 @@
 
 Each tree's `helixagent serve` runs with perf_bench's configs (default stages; every stage with a real cache
 miss; a memory-cache hit; a 20-chunk stream), pinned to core 0 like `make bench`; rounds alternate their
-order.  Prints the median CPU µs/request per tree and row, and each row's ratio to the bare pass-through.
+order.  Prints the median CPU µs/request per tree and row, and each row's ratio to the bare pass-through,
+then the minimum of the rounds (on a noisy shared host the least-disturbed round; contention only adds).
 The tool for "what did this change buy": `make bench` remains the full report against issue 16's targets.
 """
 from __future__ import annotations
@@ -93,6 +94,16 @@ def main() -> int:
             for n, _ in srcs:
                 c = pb.med(res[(n, r)], "cpu")
                 cells.append(f"{c:.0f} ({c / bare:.2f}×)")
+            print(f"| {r} | " + " | ".join(cells) + " |")
+        lo = min(m["cpu"] for m in res[("bare", "default")])
+        print(f"\nminimum of the rounds: bare {lo:.0f} µs/req")
+        print("| row | " + " | ".join(n for n, _ in srcs) + " |")
+        print("|---|" + "---:|" * len(srcs))
+        for r in rows:
+            cells = []
+            for n, _ in srcs:
+                c = min(m["cpu"] for m in res[(n, r)])
+                cells.append(f"{c:.0f} ({c / lo:.2f}×)")
             print(f"| {r} | " + " | ".join(cells) + " |")
     finally:
         for p in procs:

@@ -1,8 +1,8 @@
-"""A stream's chunks of one loop iteration leave in one write (api/stream_writes.py), and nothing else
-changes on the wire: the head and the first chunk at once, the end at once, whole answers untouched.
+"""A stream's chunks of one loop iteration leave in one write (api/protocol.py), and nothing else changes
+on the wire: the head with the first chunk, the end at once, a whole answer's head with its body.
 
-Drives the real server protocol (HelixHttpProtocol over uvicorn's cycle) with a transport that records
-every write; then the real gateway over sockets: many concurrent streams, a client that leaves mid-stream."""
+Drives the real server protocol (api/protocol.py: HelixHttpProtocol and its Cycle) with a transport that
+records every write; then the real gateway over sockets: many concurrent streams, a client that leaves mid-stream."""
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +14,7 @@ import httpx
 import orjson
 
 from helixagent.api.server import HelixHttpProtocol, uvicorn_config
-from helixagent.api.stream_writes import StreamWrites
+from helixagent.api.protocol import Cycle
 from helixagent.config import load_config_dict
 from support.servers import GatewayServer
 from fakes.openai_upstream import Fault, FakeOpenAI
@@ -92,21 +92,49 @@ def test_chunks_of_one_iteration_are_one_write() -> None:
         proto.data_received(POST)
         await wait_for(lambda: "before_tick" in seen)
         await asyncio.sleep(0.01)
-        assert len(t.writes) == 3  # head, first event, the three gathered ones in one write
+        assert len(t.writes) == 2  # head with the first event, the three gathered ones in one write
         release.set()
         await wait_for(lambda: "at_end" in seen)
         proto.connection_lost(None)
 
     asyncio.run(run())
-    assert seen["after_first"] == 2 and seen["before_tick"] == 2
+    assert seen["after_first"] == 1 and seen["before_tick"] == 1
     assert t.writes[0].startswith(b"HTTP/1.1 200 OK") and b"transfer-encoding: chunked" in t.writes[0]
-    assert t.writes[1] == b"9\r\ndata: 0\n\n\r\n"
-    assert t.writes[2] == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n9\r\ndata: 3\n\n\r\n"
+    assert t.writes[0].endswith(b"\r\n\r\n9\r\ndata: 0\n\n\r\n")  # the head and the first event in one write
+    assert t.writes[1] == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n9\r\ndata: 3\n\n\r\n"
     # the end is written at once (with the chunk gathered before it), not a loop iteration later
-    assert seen["at_end"] == 4 and t.writes[3] == b"9\r\ndata: 4\n\n\r\n0\r\n\r\n"
+    assert seen["at_end"] == 3 and t.writes[2] == b"9\r\ndata: 4\n\n\r\n0\r\n\r\n"
 
 
-def test_whole_answer_writes_as_before_and_gets_the_real_transport_back() -> None:
+def test_a_stream_head_leaves_on_its_own_when_the_first_event_is_late() -> None:
+    """The head waits for the first event only until the end of its loop iteration: a slow first event
+    (an ensemble's panel, a slow model) does not keep the client from seeing the response head."""
+    t = RecordingTransport()
+    gate = asyncio.Event()
+    seen: dict[str, Any] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await gate.wait()
+        await send({"type": "http.response.body", "body": b"data: 0\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        seen["done"] = True
+
+    async def run() -> None:
+        proto = protocol(app, t)
+        proto.data_received(POST)
+        await wait_for(lambda: bool(t.writes))
+        assert len(t.writes) == 1 and t.writes[0].startswith(b"HTTP/1.1 200 OK") and t.writes[0].endswith(b"\r\n\r\n")
+        gate.set()
+        await wait_for(lambda: "done" in seen)
+        proto.connection_lost(None)
+
+    asyncio.run(run())
+    assert t.writes[1] == b"9\r\ndata: 0\n\n\r\n" and b"".join(t.writes).endswith(b"0\r\n\r\n")
+
+
+def test_whole_answer_is_one_write_and_gets_the_real_transport_back() -> None:
     cycles: list[Any] = []
     t = RecordingTransport()
     holder: list[HelixHttpProtocol] = []
@@ -122,12 +150,72 @@ def test_whole_answer_writes_as_before_and_gets_the_real_transport_back() -> Non
         proto = protocol(app, t)
         holder.append(proto)
         proto.data_received(POST)
-        await wait_for(lambda: len(t.writes) >= 2)
+        await wait_for(lambda: len(t.writes) >= 1)
+        await asyncio.sleep(0.01)
         proto.connection_lost(None)
 
     asyncio.run(run())
-    assert t.writes[0].startswith(b"HTTP/1.1 200 OK") and t.writes[1] == b'{"ok":true}'
-    assert cycles[0].transport is t  # nothing stands between the cycle and the socket any more
+    assert len(t.writes) == 1  # head and body in one write
+    assert t.writes[0].startswith(b"HTTP/1.1 200 OK") and t.writes[0].endswith(b'\r\n\r\n{"ok":true}')
+    assert cycles[0].transport is t  # nothing stands between the cycle and the socket
+
+
+def test_a_whole_answer_head_waits_for_the_body_across_an_await() -> None:
+    """The pipeline records between head and body (send_bytes' ``started``): the head waits, then both go
+    in one write; a large body is written vectored (not copied into the head's buffer)."""
+    t = RecordingTransport()
+    gate = asyncio.Event()
+    big = b"x" * (200 * 1024)
+    seen: dict[str, int] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(big)).encode())]})
+        seen["after_head"] = len(t.writes)
+        await gate.wait()
+        await send({"type": "http.response.body", "body": big})
+
+    async def run() -> None:
+        proto = protocol(app, t)
+        proto.data_received(POST)
+        await wait_for(lambda: "after_head" in seen)
+        await asyncio.sleep(0.01)
+        assert t.writes == []  # nothing on the wire while the request is being recorded
+        gate.set()
+        await wait_for(lambda: bool(t.writes))
+        proto.connection_lost(None)
+
+    asyncio.run(run())
+    assert len(t.writes) == 1 and t.writes[0].startswith(b"HTTP/1.1 200 OK") and t.writes[0].endswith(big)
+
+
+def test_head_request_and_a_failure_after_the_head() -> None:
+    """A HEAD answer has no body write: its head leaves at once.  An application that fails after the head
+    of a whole answer: the held head is written before the connection closes (as before, a short answer)."""
+    async def head_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def failing_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        raise RuntimeError("boom after the head")
+
+    async def run(app: Any, request: bytes) -> RecordingTransport:
+        t = RecordingTransport()
+        proto = protocol(app, t)
+        proto.data_received(request)
+        await wait_for(lambda: bool(t.writes))
+        await asyncio.sleep(0.01)
+        proto.connection_lost(None)
+        return t
+
+    t = asyncio.run(run(head_app, b"HEAD /x HTTP/1.1\r\nhost: a\r\n\r\n"))
+    assert len(t.writes) == 1 and t.writes[0].startswith(b"HTTP/1.1 200 OK") and t.writes[0].endswith(b"\r\n\r\n")
+    t = asyncio.run(run(failing_app, POST))
+    assert t.writes[0].startswith(b"HTTP/1.1 200 OK") and t.closed
 
 
 def test_100_continue_then_a_stream() -> None:
@@ -150,24 +238,32 @@ def test_100_continue_then_a_stream() -> None:
         proto.connection_lost(None)
 
     asyncio.run(run())
-    assert t.writes[1].startswith(b"HTTP/1.1 200 OK") and b"".join(t.writes[2:]) == b"9\r\ndata: a\n\n\r\n0\r\n\r\n"
+    assert t.writes[1].startswith(b"HTTP/1.1 200 OK")
+    assert b"".join(t.writes[1:]).endswith(b"\r\n\r\n9\r\ndata: a\n\n\r\n0\r\n\r\n")
 
 
 def test_close_flushes_what_was_gathered() -> None:
-    async def run() -> RecordingTransport:
-        t = RecordingTransport()
-        cyc = type("C", (), {"response_started": True, "chunked_encoding": True})()
-        w = StreamWrites(t, cyc, asyncio.get_running_loop())
-        w.write(b"HEAD")
-        w.write(b"first")
-        w.write(b"second")
-        w.write(b"third")
-        assert t.writes == [b"HEAD", b"first"]
-        w.close()
-        assert t.writes == [b"HEAD", b"first", b"secondthird"] and t.closed
-        await asyncio.sleep(0)  # the scheduled flush finds nothing left
-        return t
-    assert asyncio.run(run()).writes == [b"HEAD", b"first", b"secondthird"]
+    """An application that fails mid-stream: what was gathered is written before the connection closes."""
+    t = RecordingTransport()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for part in (b"first", b"second", b"third"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        raise RuntimeError("the application fails mid-stream")
+
+    async def run() -> None:
+        proto = protocol(app, t)
+        proto.data_received(POST)
+        await wait_for(lambda: t.closed)
+        await asyncio.sleep(0.01)  # the scheduled flushes find nothing left
+        proto.connection_lost(None)
+
+    asyncio.run(run())
+    assert len(t.writes) == 2 and t.writes[0].endswith(b"\r\n\r\n5\r\nfirst\r\n")
+    assert t.writes[1] == b"6\r\nsecond\r\n5\r\nthird\r\n" and t.closed
+    assert Cycle.__slots__  # the cycle keeps no per-request dict
 
 
 def _sse_events(body: bytes) -> list[bytes]:

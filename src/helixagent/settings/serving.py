@@ -44,7 +44,7 @@ class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=DEFAULT_PORT, gt=0, lt=65536)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
-    # limits of the HTTP server itself (api/server.py), per worker; see docs/keys-and-limits.md
+    # limits of the HTTP server itself (api/protocol.py), per worker; see docs/keys-and-limits.md
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)  # request line + headers; beyond: 431
     max_headers: int = Field(default=100, ge=1)  # header fields per request; beyond: 431
     header_timeout: float = Field(default=10.0, gt=0)  # a request's head must arrive within this
