@@ -207,9 +207,9 @@ class Cycle:
         if not self.response_started:
             if kind != "http.response.start":
                 raise RuntimeError(f"Expected ASGI message 'http.response.start', but got '{kind}'.")
+            head = self._head(message["status"], message.get("headers", ()))  # raises on a bad header: not started
             self.response_started = True
             self.expect_100 = False
-            head = self._head(message["status"], message.get("headers", ()))
             if self.is_head:
                 self.transport.write(head)
             else:

@@ -1,0 +1,169 @@
+"""The server's own HTTP/1.1 protocol (api/protocol.py) on the cases its cycle handles itself: pipelined
+requests answered in order, HTTP/1.0 closing, chunked request bodies delivered in pieces, a slow reader's
+back-pressure (send() waits for the transport to drain), receive() seeing http.disconnect, a bad response
+header refused, an application that never answers getting a 500, and a real socket with pipelining."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from typing import Any
+
+import uvicorn
+
+from helixagent.api.server import uvicorn_config
+from helixagent.config import load_config_dict
+from test_stream_writes import POST, RecordingTransport, protocol, wait_for
+
+
+async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    body = b""
+    while True:
+        msg = await receive()
+        body += msg.get("body", b"")
+        if not msg.get("more_body"):
+            break
+    out = b"%s %s %d:%s" % (scope["method"].encode(), scope["path"].encode(), len(body), body)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(out)).encode())]})
+    await send({"type": "http.response.body", "body": out})
+
+
+def run_protocol(app: Any, *chunks: bytes, until: Any = None) -> RecordingTransport:
+    t = RecordingTransport()
+
+    async def run() -> None:
+        proto = protocol(app, t)
+        for c in chunks:
+            proto.data_received(c)
+            await asyncio.sleep(0)
+        await wait_for((lambda: until(t)) if until is not None else (lambda: bool(t.writes)))
+        await asyncio.sleep(0.01)
+        proto.connection_lost(None)
+
+    asyncio.run(run())
+    return t
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    reqs = b"".join(b"POST /p%d HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\n\r\n%d" % (i, i) for i in range(3))
+    t = run_protocol(echo, reqs, until=lambda t: b"".join(t.writes).count(b"HTTP/1.1 200 OK") == 3)
+    wire = b"".join(t.writes)
+    assert wire.count(b"HTTP/1.1 200 OK") == 3
+    assert wire.index(b"POST /p0 1:0") < wire.index(b"POST /p1 1:1") < wire.index(b"POST /p2 1:2")
+
+
+def test_http_10_is_answered_and_closed() -> None:
+    t = run_protocol(echo, b"POST /old HTTP/1.0\r\ncontent-length: 2\r\n\r\nhi", until=lambda t: t.closed)
+    assert t.writes[0].startswith(b"HTTP/1.1 200 OK") and b"connection: close\r\n" in t.writes[0]
+    assert t.writes[0].endswith(b"POST /old 2:hi") and t.closed
+
+
+def test_a_chunked_request_body_arrives_in_pieces() -> None:
+    head = b"POST /c HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+    t = run_protocol(echo, head, b"3\r\nabc\r\n", b"2\r\nde\r\n", b"0\r\n\r\n")
+    assert t.writes[0].endswith(b"POST /c 5:abcde")
+
+
+def test_send_waits_while_the_transport_is_paused() -> None:
+    t = RecordingTransport()
+    progress: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"one", "more_body": True})
+        progress.append("one")
+        await send({"type": "http.response.body", "body": b"two", "more_body": True})
+        progress.append("two")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        progress.append("end")
+
+    async def run() -> None:
+        proto = protocol(app, t)
+        proto.pause_writing()  # the client does not read: the transport's buffer is above its high-water mark
+        proto.data_received(POST)
+        await asyncio.sleep(0.05)
+        assert progress == [] and t.writes == []  # the head is not even sent while writing is paused
+        proto.resume_writing()
+        await wait_for(lambda: "end" in progress)
+        proto.connection_lost(None)
+
+    asyncio.run(run())
+    assert b"".join(t.writes).endswith(b"3\r\none\r\n3\r\ntwo\r\n0\r\n\r\n")
+
+
+def test_receive_sees_the_disconnect_and_send_is_then_silent() -> None:
+    t = RecordingTransport()
+    seen: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(await receive())
+        seen.append(await receive())  # waits: the body is read, only a disconnect can come
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # after it: ignored
+
+    async def run() -> None:
+        proto = protocol(app, t)
+        proto.data_received(POST)
+        await wait_for(lambda: len(seen) == 1)
+        await asyncio.sleep(0.02)
+        assert len(seen) == 1
+        proto.connection_lost(None)
+        await wait_for(lambda: len(seen) == 2)
+        await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert seen[0] == {"type": "http.request", "body": b"{}", "more_body": False}
+    assert seen[1] == {"type": "http.disconnect"} and t.writes == []
+
+
+def test_a_bad_response_header_is_refused_and_an_unanswered_request_gets_a_500() -> None:
+    errors: list[str] = []
+
+    async def bad_header(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"x-a", b"one\r\nx-b: two")]})
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    t = run_protocol(bad_header, POST, until=lambda t: t.closed)
+    assert errors == ["Invalid HTTP header value."]
+    assert b"x-b: two" not in b"".join(t.writes)  # nothing of the refused head reached the wire
+    assert t.writes[0].startswith(b"HTTP/1.1 500 Internal Server Error") and t.closed
+
+    async def silent(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+
+    t = run_protocol(silent, POST, until=lambda t: t.closed)
+    assert t.writes[0].startswith(b"HTTP/1.1 500 Internal Server Error") and t.closed
+
+
+def test_over_a_real_socket_pipelined_and_keep_alive() -> None:
+    """uvicorn's Server running the protocol: several requests in one send, then more on the same connection."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = uvicorn_config(echo, load_config_dict({}).server, host="127.0.0.1", port=port, log_level="warning",
+                         lifespan="off", loop="uvloop")
+    server = uvicorn.Server(cfg)
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            threading.Event().wait(0.02)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"".join(b"POST /%d HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\n\r\nx" % i for i in range(5)))
+            got = b""
+            while got.count(b"HTTP/1.1 200 OK") < 5 or not got.endswith(b"1:x"):
+                got += c.recv(65536)
+            assert [got.index(b"POST /%d 1:x" % i) for i in range(5)] == sorted(got.index(b"POST /%d 1:x" % i)
+                                                                                for i in range(5))
+            c.sendall(b"POST /again HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\n\r\n")
+            got = b""
+            while not got.endswith(b"POST /again 0:"):
+                got += c.recv(65536)
+    finally:
+        server.should_exit = True
+        th.join(10)
