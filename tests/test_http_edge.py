@@ -80,6 +80,21 @@ def test_response_headers_names_cached_values_made_safe() -> None:
     assert "bad name" not in http._NAMES_OK
 
 
+def test_response_header_block_matches_the_pairs_and_keeps_framing_headers_apart() -> None:
+    """The pre-encoded block (helixagent.head_block) holds exactly what _hdrs would send, made safe the same
+    way; content-length, transfer-encoding and connection go to the server as pairs (they decide framing)."""
+    h = {"x-a": "plain", "x-b": 3, "x-c": "caf\xe9", "x-d": " pad", "x-e": "", "bad name": "v", "x-f": "a\r\nb",
+         "Connection": "close", "x-g": "a\nset-cookie: x=1"}
+    for _ in range(2):  # the second pass reads the cached prefixes
+        out: list[tuple[bytes, bytes]] = []
+        block = http._hdr_block(h, out)
+        pairs = [p for p in _hdrs(h) if p[0].lower() != b"connection"]
+        assert block == b"".join(k + b": " + v + b"\r\n" for k, v in pairs)
+        assert out == [(b"Connection", b"close")]
+        assert b"\r\nb" not in block and b"\nset-cookie" not in block
+    assert "bad name" not in http._LINE_PREFIX
+
+
 def test_disconnect_watch_follows_the_running_loop() -> None:
     """Each event loop has its own waiting list, also when loops alternate (the last one is remembered)."""
     seen = []

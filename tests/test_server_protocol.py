@@ -167,3 +167,31 @@ def test_over_a_real_socket_pipelined_and_keep_alive() -> None:
     finally:
         server.should_exit = True
         th.join(10)
+
+
+def test_a_head_block_is_written_as_given_and_a_malformed_one_is_refused() -> None:
+    """The helixagent.head_block extension: advertised in the scope; well-formed lines are written after
+    the framing headers; a block that is not whole header lines (a bare LF, a control character, no
+    ": ") is refused like a bad header, before the response starts (the application may still answer)."""
+    outcomes: list[Any] = []
+
+    def app_with(block: bytes) -> Any:
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            assert "helixagent.head_block" in scope["extensions"]
+            await receive()
+            try:
+                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")],
+                            "helixagent.head_block": block})
+            except RuntimeError as exc:
+                outcomes.append(str(exc))
+                return
+            await send({"type": "http.response.body", "body": b"ok"})
+        return app
+
+    t = run_protocol(app_with(b"x-a: 1\r\nx-b: two words\r\n"), POST)
+    assert t.writes[0] == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: 1\r\nx-b: two words\r\n\r\nok"
+    for bad in (b"x-a: 1\nx-b: 2\r\n", b"x-a: 1\r\nx-b: \x00\r\n", b"x-a 1\r\n", b"x-a: 1"):
+        outcomes.clear()
+        t = run_protocol(app_with(bad), POST, until=lambda t: t.closed)
+        assert outcomes == ["Invalid HTTP header block."]
+        assert t.writes[0].startswith(b"HTTP/1.1 500 Internal Server Error") and b"x-a" not in b"".join(t.writes)

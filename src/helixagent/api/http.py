@@ -30,8 +30,11 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-
 _HEADER_NAMES: dict[bytes, str] = {}
 
 
+HEAD_BLOCK = "helixagent.head_block"  # the server takes pre-encoded header lines (api/protocol.py)
+
+
 class Request:
-    __slots__ = ("scope", "receive", "send", "method", "path", "headers", "_query", "ip")
+    __slots__ = ("scope", "receive", "send", "method", "path", "headers", "_query", "ip", "head_block")
 
     def __init__(self, scope: dict[str, Any], receive: Callable[..., Awaitable[Any]],
                  send: Callable[..., Awaitable[Any]], trust_forwarded: "ForwardedFor | bool | None" = None):
@@ -57,6 +60,8 @@ class Request:
             fw = _PEER_ONLY if trust_forwarded is True else trust_forwarded
             ip = fw.client(ip, scope["headers"])
         self.ip = ip
+        ext = scope.get("extensions")
+        self.head_block: bool = ext is not None and HEAD_BLOCK in ext
 
     @property
     def query(self) -> dict[str, list[str]]:
@@ -161,6 +166,38 @@ def _hdrs(extra: dict[str, Any] | None) -> list[tuple[bytes, bytes]]:
     return out
 
 
+# framing headers go to the server as (name, value) pairs even when the others go as one block
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
+
+
+_LINE_PREFIX: dict[str, bytes] = {}  # checked names -> b"name: " (b"" for a framing header); stays small
+
+
+def _hdr_block(extra: dict[str, Any], out: list[tuple[bytes, bytes]]) -> bytes:
+    """``extra`` as encoded header lines (``name: value\r\n``), checked as :func:`_hdrs` checks them, for a
+    server that takes them as they are (``helixagent.head_block``); framing headers are appended to ``out``."""
+    lines: list[bytes] = []
+    prefixes = _LINE_PREFIX
+    for k, v in extra.items():
+        pre = prefixes.get(k)
+        if pre is None:
+            if not _HDR_NAME_OK.match(k):
+                log.error("response header name %r is not a token: dropped", k)
+                continue
+            pre = b"" if k.lower() in _FRAMING else k.encode("ascii") + b": "
+            if len(prefixes) < 256:
+                prefixes[k] = pre
+        if type(v) is str and v.isascii() and v.isprintable() and v[:1] != " " and v[-1:] != " ":
+            vb = v.encode()  # plain visible ASCII: its UTF-8 is its ASCII
+        else:
+            vb = header_value(v).encode("ascii")
+        if pre:
+            lines += (pre, vb, b"\r\n")
+        else:
+            out.append((k.encode("ascii"), vb))
+    return b"".join(lines)
+
+
 class ResponseFailed(Exception):
     """The server refused the response head (``http.response.start``): nothing reached the client."""
 
@@ -207,17 +244,22 @@ async def drain_request(receive: Callable[..., Awaitable[Any]], max_bytes: int =
 async def send_bytes(send: Callable[..., Awaitable[Any]], status: int, body: bytes,
                      headers: dict[str, Any] | None = None, content_type: bytes = b"application/json", *,
                      linger: Callable[..., Awaitable[Any]] | None = None,
-                     started: Callable[[], Awaitable[None]] | None = None) -> None:
+                     started: Callable[[], Awaitable[None]] | None = None, head_block: bool = False) -> None:
     """Send a whole response.  ``linger``: the request's ``receive``, when the request body may not have
     been read in full (see :func:`drain_request`).  ``started``: awaited once the head was accepted,
-    before the body is sent (the pipeline records the request there).  Raises :class:`ResponseFailed`
-    when the server refuses the head."""
+    before the body is sent (the pipeline records the request there).  ``head_block``: the server takes
+    pre-encoded header lines (``Request.head_block``).  Raises :class:`ResponseFailed` when the server
+    refuses the head."""
     h = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-    h.extend(_hdrs(headers))
     if linger is not None:
         h.append((b"connection", b"close"))
+    if head_block and headers:
+        start = {"type": "http.response.start", "status": status, "headers": h, HEAD_BLOCK: _hdr_block(headers, h)}
+    else:
+        h.extend(_hdrs(headers))
+        start = {"type": "http.response.start", "status": status, "headers": h}
     try:  # start_response(), inline: one coroutine less per answer
-        await send({"type": "http.response.start", "status": status, "headers": h})
+        await send(start)
     except (OSError, RuntimeError) as exc:
         raise _refused(exc) from exc
     if started is not None:
@@ -353,8 +395,15 @@ async def send_sse(req: Request, status: int, headers: dict[str, Any] | None,
     h = list(SSE_HEADERS)
     if headers and "content-type" in headers:  # a stream in another framing (Gemini's JSON-array stream)
         h = [x for x in h if x[0] != b"content-type"]
-    h.extend(_hdrs(headers))
-    await start_response(send, status, h)
+    if req.head_block and headers:
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": h,
+                        HEAD_BLOCK: _hdr_block(headers, h)})
+        except (OSError, RuntimeError) as exc:
+            raise _refused(exc) from exc
+    else:
+        h.extend(_hdrs(headers))
+        await start_response(send, status, h)
     task = asyncio.current_task()
     gone = False
 

@@ -60,7 +60,7 @@ async def respond(req: Request, ctx: RequestContext, pipeline: Pipeline, entered
         await pipeline.finish(ctx, entered)
 
     try:
-        await send_bytes(req.send, status, body, headers, linger=linger, started=started)
+        await send_bytes(req.send, status, body, headers, linger=linger, started=started, head_block=req.head_block)
     except ResponseFailed as exc:
         response_failed(ctx, exc)
         await pipeline.finish(ctx, entered)
