@@ -243,6 +243,37 @@ async def test_a_trickle_is_bounded_by_the_total_timeout_and_a_stall_by_the_read
         await c.close()
 
 
+async def test_kept_alive_requests_arm_no_timer_and_a_stall_on_a_reused_connection_still_times_out() -> None:
+    """One timer per connection: requests on a kept-alive connection reuse it (no call_at per request), and
+    a request that stalls on that connection after many quick ones still fails at its read timeout."""
+    async def h(r: asyncio.StreamReader, w: asyncio.StreamWriter, st: dict[str, Any]) -> None:
+        while True:
+            req = await srv.read_request(r)
+            if b"stall" in req:
+                await r.read()
+                return
+            w.write(ok(b'{"a":1}'))
+            await w.drain()
+
+    async with Raw(h) as srv:
+        loop = asyncio.get_running_loop()
+        c = client(timeout_ms=5000, first_byte_ms=1000)
+        await c.post(srv.url, b"{}", HDRS)   # the connection and its timer
+        conn = next(iter(c.pool().idle.values()))[-1]
+        timer = conn.timer
+        assert timer is not None
+        for _ in range(20):
+            assert (await c.post(srv.url, b"{}", HDRS))[0] == 200
+        assert conn.timer is timer and srv.conns == 1   # the same timer: nothing armed or cancelled per request
+        t0 = loop.time()
+        with pytest.raises(GatewayError) as ei:
+            await c.post(srv.url, b'"stall"', HDRS)
+        took = loop.time() - t0
+        assert ei.value.status == 504 and 0.9 < took < 3.0
+        assert conn.timer is None and conn.transport is None   # closed, its timer gone with it
+        await c.close()
+
+
 async def test_gzip_is_decoded_and_an_unknown_encoding_refused() -> None:
     async def h(r: asyncio.StreamReader, w: asyncio.StreamWriter, st: dict[str, Any]) -> None:
         while True:

@@ -13,7 +13,9 @@ of any framing (content-length, chunked, to the end of the connection), TLS, kee
   before a single response byte arrived is sent again once on a new connection (the server never read it).
 * Timeouts: ``connect`` bounds connecting (and the TLS handshake); ``read`` bounds every wait for upstream
   bytes (the response head and each later read, not while the gateway itself paused reading); ``total``,
-  when given, bounds a whole exchange.  One timer per exchange, re-armed only when it fires.
+  when given, bounds a whole exchange.  One timer per connection, moved only when it fires early (a new
+  exchange's deadline is later than the last one's) or must fire earlier: a kept-alive request costs no
+  timer operations.
 * A cancelled request closes its connection at once: the upstream sees the client leave.
 * Flow control: a streamed response that the gateway does not read fast enough pauses the socket past
   ``_HIGH`` buffered bytes and resumes once drained.
@@ -136,7 +138,7 @@ class Exchange:
     """One request's answer as it arrives: status, headers, body chunks, the end or the error."""
 
     __slots__ = ("conn", "loop", "status", "raw_headers", "chunks", "buffered", "head_done", "done", "got_bytes",
-                 "error", "waiter", "timer", "deadline", "read_timeout", "last_io", "framed", "decoder", "_hdrs")
+                 "error", "waiter", "deadline", "read_timeout", "last_io", "framed", "decoder", "_hdrs")
 
     def __init__(self, conn: "Conn", read_timeout: float, total: float | None):
         self.conn: Conn | None = conn
@@ -157,7 +159,7 @@ class Exchange:
         self.last_io = now
         self.read_timeout = read_timeout
         self.deadline = now + total if total is not None else math.inf
-        self.timer: asyncio.TimerHandle | None = loop.call_at(min(self.deadline, now + read_timeout), self._tick)
+        conn.arm(min(self.deadline, now + read_timeout))
 
     def header(self, name: str) -> str | None:
         h = self._hdrs
@@ -169,19 +171,6 @@ class Exchange:
                 h[ks] = f"{h[ks]}, {vs}" if ks in h else vs
         return h.get(name.lower())
 
-    def _tick(self) -> None:
-        self.timer = None
-        if self.done:
-            return
-        now = self.loop.time()
-        c = self.conn
-        paused = c is not None and c.paused
-        due = self.deadline if paused else min(self.deadline, self.last_io + self.read_timeout)
-        if now >= due:
-            self.fail(UpstreamTimeout())
-        else:
-            self.timer = self.loop.call_at(due, self._tick)
-
     def wake(self) -> None:
         w = self.waiter
         if w is not None:
@@ -192,7 +181,6 @@ class Exchange:
     def complete(self) -> None:
         self.done = True
         self.conn = None
-        self._stop_timer()
         self.wake()
 
     def fail(self, exc: BaseException) -> None:
@@ -201,17 +189,10 @@ class Exchange:
             return
         self.error = exc
         self.done = True
-        self._stop_timer()
         c, self.conn = self.conn, None
         if c is not None:
             c.abort()
         self.wake()
-
-    def _stop_timer(self) -> None:
-        t = self.timer
-        if t is not None:
-            self.timer = None
-            t.cancel()
 
     async def wait(self) -> None:
         """Until something new happened (head, a body chunk, the end, an error)."""
@@ -248,6 +229,38 @@ class Conn(asyncio.Protocol):
         self.ex: Exchange | None = None
         self.idle_since = 0.0
         self.paused = False
+        self.timer: asyncio.TimerHandle | None = None  # the deadline of the exchange it carries (see arm)
+        self.timer_at = 0.0
+
+    # -- the exchange's deadline -------------------------------------------------------------------------
+    def arm(self, due: float) -> None:
+        """The current exchange must not wait past ``due``: the timer stays when it fires before that (it
+        then moves on), and is moved earlier only when it would fire too late."""
+        t = self.timer
+        if t is None or self.timer_at > due:
+            if t is not None:
+                t.cancel()
+            self.timer_at = due
+            self.timer = self.loop.call_at(due, self._tick)
+
+    def _tick(self) -> None:
+        self.timer = None
+        ex = self.ex
+        if ex is None or ex.done:  # idle (or between exchanges): the next exchange arms it again
+            return
+        now = self.loop.time()
+        due = ex.deadline if self.paused else min(ex.deadline, ex.last_io + ex.read_timeout)
+        if now >= due:
+            ex.fail(UpstreamTimeout())
+        else:
+            self.timer_at = due
+            self.timer = self.loop.call_at(due, self._tick)
+
+    def _disarm(self) -> None:
+        t = self.timer
+        if t is not None:
+            self.timer = None
+            t.cancel()
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -272,6 +285,7 @@ class Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._disarm()
         self.pool.forget(self)
         ex, self.ex = self.ex, None
         if ex is not None and not ex.done:
@@ -373,6 +387,7 @@ class Conn(asyncio.Protocol):
         if t is not None:
             self.transport = None
             t.abort()
+        self._disarm()
         self.pool.forget(self)
 
 
