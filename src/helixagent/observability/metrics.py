@@ -10,7 +10,8 @@ input, so no client can explode the number of series:
 * ``status``   -- an exact HTTP status from :data:`STATUS_CODES`, else its class (``4xx``).
 
 The per-request cost is a few dictionary look-ups and the value increments: the label children of each
-(provider, model, endpoint, status) combination are resolved once and cached in :class:`Series`.
+(provider, model, endpoint, status) combination are resolved once and cached in :class:`Series`
+(which lives in :mod:`.series` with the label values and histogram bounds).
 
 Several worker processes: ``helixagent serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` before the workers
 start; prometheus_client then keeps every value in per-process memory-mapped files and a scrape, whichever
@@ -23,32 +24,29 @@ import os
 import re
 import threading
 from bisect import bisect_left
-from typing import Any, Iterable
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..gateway_types import GatewayLike
 from .multiproc import multiprocess_active, multiprocess_dir, scrape_multiprocess
+from .series import _DURATION_UB, _STATUS, _TTFT_UB, _UPSTREAM_UB, Series, _inc_hist
+from .series import DURATION_BUCKETS as DURATION_BUCKETS
+from .series import STATUS_CODES as STATUS_CODES
+from .series import TTFT_BUCKETS as TTFT_BUCKETS
+from .series import UPSTREAM_BUCKETS as UPSTREAM_BUCKETS
+from .series import known_models as known_models
+from .series import status_label as status_label
 
 log = logging.getLogger("helixagent.metrics")
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
-# HTTP statuses kept exactly as a label value; any other becomes its class ("4xx").
-STATUS_CODES = (200, 201, 204, 400, 401, 402, 403, 404, 405, 408, 409, 413, 415, 422, 429, 499,
-                500, 501, 502, 503, 504, 529)
-_STATUS: dict[int, str] = {}
-for _c in range(100, 600):
-    _STATUS[_c] = str(_c) if _c in STATUS_CODES else f"{_c // 100}xx"
-
 # Error kinds / cache results are produced by gateway code, not clients; still, cap the distinct values.
 _MAX_KINDS = 48
 _KIND_OK = re.compile(r"^[a-z0-9_]{1,40}$")
 
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-UPSTREAM_BUCKETS = DURATION_BUCKETS
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 QUEUE_PRIORITIES = ("high", "normal", "low")
 QUEUE_REJECTIONS = ("timeout", "full")
@@ -59,81 +57,6 @@ BUDGET_SCOPES = ("api_key", "user", "application", "global")
 BUDGET_WINDOWS = ("day", "month", "all")
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "halfopen": 1, "open": 2}
-
-
-def status_label(code: int) -> str:
-    return _STATUS.get(code) or "other"
-
-
-def _bounds(buckets: tuple[float, ...]) -> tuple[float, ...]:
-    """A histogram's bucket upper bounds as prometheus_client keeps them (+Inf last)."""
-    return tuple(float(b) for b in buckets) + (float("inf"),)
-
-
-_DURATION_UB = _bounds(DURATION_BUCKETS)
-_UPSTREAM_UB = _bounds(UPSTREAM_BUCKETS)
-_TTFT_UB = _bounds(TTFT_BUCKETS)
-
-
-class Series:
-    """The label children of one (provider, model, endpoint, status) combination, resolved on first use
-    (so that a series appears only once it has something to say: no ``errors_total{status="200"} 0``), and
-    the amounts its requests added since the last :meth:`Metrics.flush` (plain numbers: a request only adds
-    to them; the flush hands them to the children, creating those a request needed)."""
-
-    __slots__ = ("m", "labels", "requests", "duration", "tok_prompt", "tok_completion", "use_prompt",
-                 "use_completion", "cost", "ttft", "upstream", "fallbacks", "retries", "errors",
-                 "dirty", "n", "dsum", "dcounts", "tp", "tc", "csum", "usum", "ucounts", "tsum", "tcounts",
-                 "fb", "rt")
-
-    def __init__(self, m: "Metrics", labels: tuple[str, str, str, str]):
-        p, mo, e, s = labels
-        self.m = m
-        self.labels = labels
-        self.requests = m.requests.labels(*labels)
-        self.duration = m.duration.labels(*labels)
-        self.tok_prompt = m.tokens.labels(p, mo, e, s, "prompt") if s == "200" else None
-        self.tok_completion = m.tokens.labels(p, mo, e, s, "completion") if s == "200" else None
-        self.use_prompt: Any = None  # helixagent_token_usage_total{provider, model, type}, on first use
-        self.use_completion: Any = None
-        self.cost: Any = None
-        self.ttft: Any = None
-        self.upstream: Any = None
-        self.fallbacks: Counter | None = None
-        self.retries: Counter | None = None
-        self.errors: dict[str, Any] = {}
-        # -- pending since the last flush (written under Metrics._lock) --
-        self.dirty = False  # in Metrics._dirty
-        self.n = 0  # requests
-        self.dsum = 0.0  # duration: sum and bucket counts
-        self.dcounts = [0] * len(_DURATION_UB)
-        self.tp = 0  # tokens: prompt, completion
-        self.tc = 0
-        self.csum: float | None = None  # cost (None: no request had one)
-        self.usum = 0.0  # upstream latency (counts None: no request had one)
-        self.ucounts: list[int] | None = None
-        self.tsum = 0.0  # time to first token
-        self.tcounts: list[int] | None = None
-        self.fb = 0  # fallbacks, retries
-        self.rt = 0
-
-    def error(self, kind: str) -> Any:
-        child = self.errors.get(kind)
-        if child is None:
-            child = self.errors[kind] = self.m.errors.labels(*self.labels, kind)
-        return child
-
-    def take(self) -> tuple[Any, ...]:
-        """The pending amounts, and zero them (called with Metrics._lock held)."""
-        out = (self.n, self.dsum, self.dcounts, self.tp, self.tc, self.csum, self.usum, self.ucounts, self.tsum,
-               self.tcounts, self.fb, self.rt)
-        self.dirty = False
-        self.n = self.tp = self.tc = self.fb = self.rt = 0
-        self.dsum = self.usum = self.tsum = 0.0
-        self.dcounts = [0] * len(_DURATION_UB)
-        self.csum = None
-        self.ucounts = self.tcounts = None
-        return out
 
 
 class Metrics:
@@ -661,41 +584,3 @@ class Metrics:
                 multiprocess.mark_process_dead(os.getpid(), self.dir)
             except OSError:
                 pass
-
-
-def _inc_hist(child: Any, total: float, counts: list[int]) -> None:
-    """Add observations to a histogram child: their sum, and how many fell in each bucket."""
-    child._sum.inc(total)
-    buckets = child._buckets
-    for i, n in enumerate(counts):
-        if n:
-            buckets[i].inc(n)
-
-
-def known_models(gw: GatewayLike) -> set[str]:
-    cfg = gw.cfg
-    out: set[str] = set()
-    for p in cfg.providers:
-        out.update(p.models)
-        out.update(p.model_prices)
-    for prov in gw.providers.values():
-        try:
-            out.update(prov.models())
-        except Exception:  # noqa: BLE001 - DUBIOUS: a bug in models() silently shrinks the model label set
-            pass
-    for targets in cfg.routing.aliases.values():
-        out.update(t.model for t in targets)
-    for r in cfg.routing.routes:
-        out.update(r.models)
-    cat = gw.services.get("catalogue") or gw.services.get("catalog")
-    names = getattr(cat, "model_names", None)
-    if names is not None:
-        try:
-            out.update(_strs(names()))
-        except Exception:  # noqa: BLE001 - DUBIOUS: a bug in model_names() silently shrinks the label set
-            pass
-    return out
-
-
-def _strs(it: Iterable[Any]) -> list[str]:
-    return [x for x in it if isinstance(x, str)]
