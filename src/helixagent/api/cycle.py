@@ -20,16 +20,25 @@ the few that decide the framing -- once one regex has found them to be whole hea
 from __future__ import annotations
 
 import asyncio
+import http
 import logging
 import re
 from typing import TYPE_CHECKING, Any
-
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 if TYPE_CHECKING:
     from .protocol import HelixHttpProtocol
 
 server_log = logging.getLogger("uvicorn.error")  # where uvicorn's protocol logged, kept for operators
+
+def _status_line(code: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(code).phrase.encode()
+    except ValueError:
+        phrase = b""
+    return b"HTTP/1.1 %d %s\r\n" % (code, phrase)
+
+
+STATUS_LINE = {code: _status_line(code) for code in range(100, 600)}  # what uvicorn writes, its table not imported
 
 _JOIN_MAX = 64 * 1024  # a held head and a body up to this size are joined into one buffer, larger vectored
 _LAST_CHUNK = b"0\r\n\r\n"

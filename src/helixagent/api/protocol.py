@@ -38,10 +38,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
-from .cycle import EXTENSIONS, HEAD_BLOCK, Cycle, server_log
+from .cycle import EXTENSIONS, HEAD_BLOCK, STATUS_LINE, Cycle, server_log
 
 __all__ = ["HEAD_BLOCK", "Cycle", "HelixHttpProtocol", "ServerLimits"]
 
