@@ -77,7 +77,7 @@ def test_response_headers_names_cached_values_made_safe() -> None:
     for _ in range(2):  # the second pass reads the cached names
         assert _hdrs(h) == [(b"x-a", b"plain"), (b"x-b", b"3"), (b"x-c", b"caf%C3%A9"), (b"x-d", b"%20pad"),
                             (b"x-e", b""), (b"x-f", b"a%0D%0Ab")]
-    assert "bad name" not in http._NAMES_OK
+    assert "bad name" not in http._NAME_CACHE
 
 
 def test_response_header_block_matches_the_pairs_and_keeps_framing_headers_apart() -> None:
@@ -92,7 +92,7 @@ def test_response_header_block_matches_the_pairs_and_keeps_framing_headers_apart
         assert block == b"".join(k + b": " + v + b"\r\n" for k, v in pairs)
         assert out == [(b"Connection", b"close")]
         assert b"\r\nb" not in block and b"\nset-cookie" not in block
-    assert "bad name" not in http._LINE_PREFIX
+    assert "bad name" not in http._NAME_CACHE
 
 
 def test_disconnect_watch_follows_the_running_loop() -> None:

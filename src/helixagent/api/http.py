@@ -131,9 +131,6 @@ _HDR_VALUE_OK = re.compile(r"(?:[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?)?\Z")
 _HDR_SAFE = "".join(chr(c) for c in range(0x21, 0x7f) if chr(c) != "%")
 
 
-_NAMES_OK: dict[str, bytes] = {}   # names already checked, encoded (they are constants: it stays small)
-
-
 def header_value(value: Any) -> str:
     """``value`` as a safe header value: unchanged when it is plain visible ASCII, else percent-encoded."""
     v = value if type(value) is str else str(value)
@@ -145,56 +142,51 @@ def header_value(value: Any) -> str:
     return quote(v, safe=_HDR_SAFE)
 
 
-def _hdrs(extra: dict[str, Any] | None) -> list[tuple[bytes, bytes]]:
-    if not extra:
-        return []
-    out = []
-    names = _NAMES_OK
-    for k, v in extra.items():
-        kb = names.get(k)
-        if kb is None:
-            if not _HDR_NAME_OK.match(k):
-                log.error("response header name %r is not a token: dropped", k)
-                continue
-            kb = k.encode("ascii")
-            if len(names) < 256:
-                names[k] = kb
-        if type(v) is str and v.isascii() and v.isprintable() and v[:1] != " " and v[-1:] != " ":
-            out.append((kb, v.encode()))  # plain visible ASCII: its UTF-8 is its ASCII
-        else:
-            out.append((kb, header_value(v).encode("ascii")))
-    return out
-
-
+# checked names -> (the name encoded, b"name: " for a header line, or b"" for a framing header, which goes to
+# the server as a pair); names are constants of ours, so it stays small
+_NAME_CACHE: dict[str, tuple[bytes, bytes]] = {}
 # framing headers go to the server as (name, value) pairs even when the others go as one block
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 
 
-_LINE_PREFIX: dict[str, bytes] = {}  # checked names -> b"name: " (b"" for a framing header); stays small
+def _encode_headers(extra: dict[str, Any], out: list[tuple[bytes, bytes]], lines: list[bytes] | None) -> None:
+    """Check and encode ``extra``: a name that is not a token is dropped (and logged), a value that is not
+    plain visible ASCII is percent-encoded (:func:`header_value`).  Each header is appended to ``out`` as a
+    pair, or to ``lines`` as ``name``, ``: value``, CRLF when ``lines`` is given and it is not a framing header."""
+    cache = _NAME_CACHE
+    for k, v in extra.items():
+        c = cache.get(k)
+        if c is None:
+            if not _HDR_NAME_OK.match(k):
+                log.error("response header name %r is not a token: dropped", k)
+                continue
+            kb = k.encode("ascii")
+            c = (kb, b"" if k.lower() in _FRAMING else kb + b": ")
+            if len(cache) < 256:
+                cache[k] = c
+        if type(v) is str and v.isascii() and v.isprintable() and v[:1] != " " and v[-1:] != " ":
+            vb = v.encode()  # plain visible ASCII: its UTF-8 is its ASCII
+        else:
+            vb = header_value(v).encode("ascii")
+        if lines is not None and c[1]:
+            lines += (c[1], vb, b"\r\n")
+        else:
+            out.append((c[0], vb))
+
+
+def _hdrs(extra: dict[str, Any] | None) -> list[tuple[bytes, bytes]]:
+    """``extra`` as checked (name, value) pairs."""
+    out: list[tuple[bytes, bytes]] = []
+    if extra:
+        _encode_headers(extra, out, None)
+    return out
 
 
 def _hdr_block(extra: dict[str, Any], out: list[tuple[bytes, bytes]]) -> bytes:
     """``extra`` as encoded header lines (``name: value\r\n``), checked as :func:`_hdrs` checks them, for a
     server that takes them as they are (``helixagent.head_block``); framing headers are appended to ``out``."""
     lines: list[bytes] = []
-    prefixes = _LINE_PREFIX
-    for k, v in extra.items():
-        pre = prefixes.get(k)
-        if pre is None:
-            if not _HDR_NAME_OK.match(k):
-                log.error("response header name %r is not a token: dropped", k)
-                continue
-            pre = b"" if k.lower() in _FRAMING else k.encode("ascii") + b": "
-            if len(prefixes) < 256:
-                prefixes[k] = pre
-        if type(v) is str and v.isascii() and v.isprintable() and v[:1] != " " and v[-1:] != " ":
-            vb = v.encode()  # plain visible ASCII: its UTF-8 is its ASCII
-        else:
-            vb = header_value(v).encode("ascii")
-        if pre:
-            lines += (pre, vb, b"\r\n")
-        else:
-            out.append((k.encode("ascii"), vb))
+    _encode_headers(extra, out, lines)
     return b"".join(lines)
 
 
