@@ -2,9 +2,10 @@
 
 uvicorn runs the server (sockets, workers, lifespan, graceful shutdown) and creates one
 :class:`HelixHttpProtocol` per connection (``uvicorn.Config(http=HelixHttpProtocol)``); the protocol and its
-:class:`Cycle` replace uvicorn's ``HttpToolsProtocol`` and ``RequestResponseCycle``, which cost about 35 µs
-of CPU per request more than a bare httptools protocol answering the same request (bench/server_layer.py);
-the ASGI interface the application sees is the same (scope, ``receive``, ``send``).
+:class:`Cycle` replace uvicorn's ``HttpToolsProtocol`` and ``RequestResponseCycle`` (bench/server_layer.py,
+CPU per request with the same raw ASGI app: uvicorn's 57.5 µs, these 42.0, a bare httptools protocol that
+writes a canned answer itself 19.5); the ASGI interface the application sees is the same (scope,
+``receive``, ``send``).
 
 Per connection, beyond what uvicorn's protocol does (``server:`` config):
 
