@@ -269,6 +269,48 @@ def test_sqlite_page_size_new_file_large_existing_file_kept(tmp_path):
             con.close()
 
 
+async def test_writer_keeps_none_bool_and_bytes_values(migrated, tmp_path):
+    """What the writer binds reads back unchanged: NULLs, both booleans and blobs (on SQLite they go through
+    the identity adapters of db._sqlite_fast_binding and bools are bound as 0/1), and the latency rounded
+    to the microsecond as the record's builder rounds it."""
+    import sqlite3
+
+    from helixagent.millis import ms3
+    eng = make_engine(migrated)
+    if migrated.startswith("sqlite"):
+        for t in (bytes, bool, type(None)):
+            assert (t, sqlite3.PrepareProtocol) in sqlite3.adapters
+    w = RecordWriter(eng, str(tmp_path / "spool"), flush_interval=0.05)
+    await w.start()
+    a = _meta("r-true")
+    a[17:19] = [True, True]
+    a[15] = ms3(0.0123456789)
+    b = _meta("r-false")
+    b[16] = ms3(0.0000005)
+    w.add(a, b"\x00req\xff", b"")
+    w.add(b, None, b"resp")
+    assert await w.flush(20)
+    await w.close()
+    await eng.dispose()
+    got = {r["request_id"]: r for r in rows(migrated)}
+    assert (got["r-true"]["cache_hit"], got["r-true"]["streamed"]) == (True, True)
+    assert (got["r-false"]["cache_hit"], got["r-false"]["streamed"]) == (False, False)
+    assert got["r-true"]["request_body"] == b"\x00req\xff" and got["r-true"]["response_body"] == b""
+    assert got["r-false"]["request_body"] is None and got["r-false"]["response_body"] == b"resp"
+    assert got["r-true"]["client_request_id"] is None and got["r-true"]["ttft_ms"] is None
+    assert got["r-true"]["latency_ms"] == 12.346 and got["r-false"]["ttft_ms"] == 0.001
+
+
+def test_ms3_is_round_to_the_microsecond():
+    import random
+
+    from helixagent.millis import ms3
+    rnd = random.Random(3)
+    for s in [0.0, 1e-7, 4e-7, 0.0012344, 0.5, 59.9999994, 3600.25] + [rnd.random() * 10 for _ in range(20000)]:
+        assert ms3(s) == round(s * 1000.0, 3), s
+        assert ms3(-s) == -ms3(s)
+
+
 async def test_queue_overflow_spools_not_drops(migrated, tmp_path):
     eng = make_engine(migrated)
     w = RecordWriter(eng, str(tmp_path / "spool"), queue_size=7, batch_size=5, flush_interval=0.05)

@@ -36,7 +36,7 @@ os.register_at_fork(after_in_child=_reseed)
 
 
 def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
+    return _ID_PREFIX + "%012x" % next(_ID_COUNTER)
 
 
 class Identity:

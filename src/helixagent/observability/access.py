@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from ..millis import ms3
 from . import logs
 
 INFO = logging.INFO
@@ -75,7 +76,7 @@ class AccessLog:
             "path": ctx.path,
             "ip": ctx.ip,
             "user_agent": ctx.user_agent,
-            "response_time": round(ctx.latency * 1000.0, 3),
+            "response_time": ms3(ctx.latency),
             "status_code": ctx.status,
             "request_id": ctx.request_id,
             "client_request_id": ctx.client_request_id,
@@ -94,8 +95,8 @@ class AccessLog:
                                                "kind": err.kind, "message": self.scrub(err.message)},
             "fallbacks": ctx.fallbacks,
             "retries": ctx.retries,
-            "ttft": None if fa is None else round((fa - ctx.started) * 1000.0, 3),
-            "upstream_latency": None if ul is None else round(ul * 1000.0, 3),
+            "ttft": None if fa is None else ms3(fa - ctx.started),
+            "upstream_latency": None if ul is None else ms3(ul),
         }
         sel = self.fields
         if sel is not None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import shlex
-from typing import Any
+import sqlite3
+from typing import Any, Callable, cast
 
 import sqlalchemy.exc
 from sqlalchemy import event
@@ -107,6 +108,23 @@ def pg_server_settings(options: str) -> dict[str, str]:
 SQLITE_PAGE_SIZE = 16384
 
 
+def _sqlite_fast_binding() -> None:
+    """Identity adapters for the parameter types the stdlib driver would otherwise "adapt" the slow way.
+
+    ``sqlite3`` binds exact ``int``/``float``/``str`` directly; every other value (``None``, ``bool``,
+    ``bytes`` -- a record row has about 24 of them) goes through the adapter protocol, which, finding no
+    registered adapter, looks up ``PrepareProtocol.__adapt__`` and formats and discards an AttributeError
+    each time: about 1,250 CPU instructions per value, 4.4% of a default-stage request (callgrind).  A
+    registered adapter is found first.  These three change nothing that is bound: ``bytes(b)`` is ``b``,
+    ``int(True)`` is the 1 SQLite stores for a bool anyway, and ``{}.get(None)`` is ``None`` (a C callable
+    that returns its None argument).  The registry is the ``sqlite3`` module's, so this holds for every
+    connection of the process; registering again is harmless."""
+    sqlite3.register_adapter(bytes, bytes)
+    sqlite3.register_adapter(bool, int)
+    none = cast("Callable[[None], None]", {}.get)
+    sqlite3.register_adapter(type(None), none)
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     try:
@@ -146,6 +164,7 @@ def make_engine(url: str, pool_size: int = 10, *, pool: dict[str, Any] | None = 
     if pool is None:
         pool = {"pool_size": pool_size, "max_overflow": pool_size}
     if is_sqlite(url):
+        _sqlite_fast_binding()
         if sqlite_path(url):
             for k, v in pool.items():
                 kw.setdefault(k, v)

@@ -26,6 +26,7 @@ import orjson
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..millis import ms3
 from .crypto import Keyring
 from .schema import META_COLUMNS, completions
 from .spool import Item, Journal, Segment, encode_frame, read_frames
@@ -37,6 +38,7 @@ _IDX_CREATED = META_COLUMNS.index("created_at")
 _IDX_RID = META_COLUMNS.index("request_id")
 _IDX_KEY = META_COLUMNS.index("enc_key_id")
 _N_META = len(META_COLUMNS)
+_BOOL_IDX = (META_COLUMNS.index("cache_hit"), META_COLUMNS.index("streamed"))
 SEGMENT_MAX_BYTES = 16 * 1024 * 1024
 SEGMENT_MAX_AGE = 10.0
 ORPHAN_SCAN_INTERVAL = 30.0
@@ -143,8 +145,8 @@ class RecordWriter:
                 usage.completion_tokens if usage is not None else 0,
                 (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage is not None else 0,
                 float(ctx.cost or 0.0),
-                round(((ctx.finished_at or time.perf_counter()) - ctx.started) * 1000.0, 3),
-                None if first is None else round((first - ctx.started) * 1000.0, 3),
+                ms3((ctx.finished_at or time.perf_counter()) - ctx.started),
+                None if first is None else ms3(first - ctx.started),
                 ctx.cache_status == "HIT",
                 bool(ctx.streamed or getattr(req, "stream", False)),
                 keyring.active_id if keyring is not None else None,
@@ -458,6 +460,11 @@ class RecordWriter:
             row[_IDX_CREATED] = dt.datetime.fromtimestamp(meta[_IDX_CREATED], _UTC)
         else:
             row[_IDX_CREATED] = self._sqlite_time(meta[_IDX_CREATED])
+            # exact ints bind directly; a bool would go through sqlite3's adapter lookup (db._sqlite_fast_binding)
+            for i in _BOOL_IDX:
+                v = row[i]
+                if v is not None:
+                    row[i] = 1 if v else 0
         row += (rb, pb)
         return tuple(row)
 
@@ -477,7 +484,7 @@ class RecordWriter:
         if sec != self._ts_sec:
             self._ts_prefix = dt.datetime.fromtimestamp(sec, _UTC).strftime("%Y-%m-%d %H:%M:%S.")
             self._ts_sec = sec
-        return f"{self._ts_prefix}{us:06d}"
+        return self._ts_prefix + "%06d" % us
 
     async def _insert(self, items: list[Item]) -> bool:
         """Insert; True when every record is committed (or set aside as rejected by the database)."""
