@@ -1,6 +1,7 @@
 """Heavy libraries are imported only when their feature is configured or needed (issue 16, RSS):
 Alembic only when the start-up migration must actually run, redis-py only with a Redis URL, cryptography
-only with encryption on.  Each case runs in a fresh interpreter and reads its sys.modules."""
+only with encryption on, python-multipart on the first file upload, and never uvicorn's websockets support
+(the server protocol refuses upgrades).  Each case runs in a fresh interpreter and reads its sys.modules."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ import pytest
 from helixagent.store import migrate, revision
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("alembic", "redis", "cryptography", "opentelemetry")
+HEAVY = ("alembic", "redis", "cryptography", "opentelemetry", "python_multipart", "websockets")
 
 # Builds the gateway for the config in argv[1] (JSON), runs its start-up and one request through the
 # pipeline-free /livez probe path, then prints which heavy packages got imported.
@@ -118,3 +119,32 @@ def test_redis_client_lazy_names() -> None:
     import helixagent.redis_client as rc
     with pytest.raises(AttributeError):
         rc.no_such_name  # noqa: B018
+
+
+def test_server_config_loads_no_websockets() -> None:
+    """uvicorn's ws="auto" would import the websockets package wherever another package installed it (this
+    venv has it, through google-genai): serve's config says ws="none"."""
+    code = textwrap.dedent("""
+        import sys, types
+        from helixagent.api.server import uvicorn_config
+        from helixagent.config import load_config_dict
+        import websockets  # installed here: auto would pick it
+        del sys.modules["websockets"]
+        for m in [m for m in sys.modules if m.startswith("websockets.")]:
+            del sys.modules[m]
+        cfg = load_config_dict({}, "<test>")
+        c = uvicorn_config(lambda: None, cfg.server, factory=True, lifespan="off", loop="uvloop")
+        c.load()
+        print(c.ws_protocol_class, sorted(m for m in sys.modules if m.split(".")[0] == "websockets"))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert out.stdout.strip().splitlines()[-1] == "None []"
+
+
+def test_multipart_parser_imported_on_first_upload() -> None:
+    code = ("import sys, helixagent.batches.openai_api, helixagent.batches.multipart as mp; "
+            "assert 'python_multipart' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert out.stdout.strip() == "ok"

@@ -47,6 +47,9 @@ def uvicorn_config(app: Any, server_cfg: Any, **kwargs: Any) -> uvicorn.Config:
     if tls.enabled:
         kwargs.setdefault("ssl_certfile", tls.cert_path)
         kwargs.setdefault("ssl_keyfile", tls.key_path)
+    # ws="none": the protocol refuses upgrades, and uvicorn's "auto" would import the websockets package
+    # (1.6-2.5 MB of RSS) wherever something else installed it
+    kwargs.setdefault("ws", "none")
     config = uvicorn.Config(app, http=HelixHttpProtocol, timeout_graceful_shutdown=server_cfg.drain_timeout,
                             **kwargs)
     config.helix_limits = ServerLimits.from_config(server_cfg)  # type: ignore[attr-defined]

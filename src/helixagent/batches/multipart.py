@@ -7,10 +7,6 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from python_multipart import MultipartParser
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import parse_options_header
-
 from ..api.http import Request, too_large
 from ..errors import bad_request
 
@@ -28,6 +24,10 @@ class Part:
 
 async def read_form(req: Request, max_file_bytes: int) -> dict[str, Part]:
     """The form's parts by name (the last one of a name wins); 400 naming what is wrong, 413 past the bound."""
+    # imported on the first upload, not at start: 1 MB of RSS in every worker that never takes one
+    from python_multipart import MultipartParser
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import parse_options_header
     ctype, opts = parse_options_header(req.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or not opts.get(b"boundary"):
         raise bad_request("POST /v1/files takes multipart/form-data (fields 'purpose' and 'file')",
