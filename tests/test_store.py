@@ -301,6 +301,44 @@ async def test_writer_keeps_none_bool_and_bytes_values(migrated, tmp_path):
     assert got["r-true"]["latency_ms"] == 12.346 and got["r-false"]["ttft_ms"] == 0.001
 
 
+async def test_batch_is_one_transaction_in_slices_and_a_bad_record_is_set_aside(migrated, tmp_path):
+    """A batch is one transaction; on SQLite it is executed SQLITE_SLICE rows at a time (the event loop runs
+    between slices).  A record the database refuses (here a NULL request id) fails the whole transaction,
+    then the batch goes in one by one: every other record is stored, the refused one kept in rejected/."""
+    from helixagent.store import writer as wmod
+    eng = make_engine(migrated)
+    calls: list[int] = []
+    commits: list[int] = []
+
+    def on_exec(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith("INSERT INTO completions"):
+            calls.append(len(parameters) if executemany else 1)
+
+    sa.event.listen(eng.sync_engine, "before_cursor_execute", on_exec)
+    sa.event.listen(eng.sync_engine, "commit", lambda conn: commits.append(1))
+    w = RecordWriter(eng, str(tmp_path / "spool"), batch_size=500, flush_interval=0.05)
+    await w.start()
+    for i in range(200):
+        w.add(_meta(f"ok{i:03d}"), None, b"r")
+    assert await w.flush(20)
+    sqlite = migrated.startswith("sqlite")
+    assert calls == ([64, 64, 64, 8] if sqlite else [200]) and len(commits) == 1
+    calls.clear()
+    for i in range(200):
+        w.add(_meta(None if i == 150 else f"b{i:03d}"), None, b"r")
+    assert await w.flush(20)
+    assert w.rejected == 1
+    await w.close()
+    await eng.dispose()
+    # the slice holding the refused record fails the transaction (the slices before it roll back with it),
+    # then one insert per record
+    assert calls == ([64, 64, 64] if sqlite else [200]) + [1] * 200
+    ids = {r["request_id"] for r in rows(migrated)}
+    assert len(ids) == 399 and "b149" in ids and "b151" in ids and None not in ids
+    assert os.listdir(tmp_path / "spool" / "rejected")
+    assert wmod.SQLITE_SLICE == 64
+
+
 def test_ms3_is_round_to_the_microsecond():
     import random
 
