@@ -302,8 +302,9 @@ async def test_writer_keeps_none_bool_and_bytes_values(migrated, tmp_path):
 
 
 async def test_batch_is_one_transaction_in_slices_and_a_bad_record_is_set_aside(migrated, tmp_path):
-    """A batch is one transaction; on SQLite it is executed SQLITE_SLICE rows at a time (the event loop runs
-    between slices).  A record the database refuses (here a NULL request id) fails the whole transaction,
+    """A batch is one transaction, executed SLICE rows at a time (the event loop runs between slices); a
+    writer that has fallen behind sends the rest at once.  A record the database refuses (here a NULL
+    request id) fails the whole transaction,
     then the batch goes in one by one: every other record is stored, the refused one kept in rejected/."""
     from helixagent.store import writer as wmod
     eng = make_engine(migrated)
@@ -321,8 +322,13 @@ async def test_batch_is_one_transaction_in_slices_and_a_bad_record_is_set_aside(
     for i in range(200):
         w.add(_meta(f"ok{i:03d}"), None, b"r")
     assert await w.flush(20)
-    sqlite = migrated.startswith("sqlite")
-    assert calls == ([64, 64, 64, 8] if sqlite else [200]) and len(commits) == 1
+    assert calls == [32] * 6 + [8] and len(commits) == 1
+    # fallen behind: a whole batch (batch_size) waits in the queue while this one is written
+    calls.clear()
+    behind = RecordWriter(eng, str(tmp_path / "spool2"), batch_size=100)   # not started: nothing drains it
+    behind.queue.extend([(None, _meta("unused"), None, None)] * 100)
+    assert await behind._insert([(_meta(f"c{i:03d}"), None, b"r") for i in range(150)])
+    assert calls == [150]
     calls.clear()
     for i in range(200):
         w.add(_meta(None if i == 150 else f"b{i:03d}"), None, b"r")
@@ -332,11 +338,11 @@ async def test_batch_is_one_transaction_in_slices_and_a_bad_record_is_set_aside(
     await eng.dispose()
     # the slice holding the refused record fails the transaction (the slices before it roll back with it),
     # then one insert per record
-    assert calls == ([64, 64, 64] if sqlite else [200]) + [1] * 200
+    assert calls == [32] * 5 + [1] * 200
     ids = {r["request_id"] for r in rows(migrated)}
-    assert len(ids) == 399 and "b149" in ids and "b151" in ids and None not in ids
+    assert len(ids) == 549 and "b149" in ids and "b151" in ids and None not in ids
     assert os.listdir(tmp_path / "spool" / "rejected")
-    assert wmod.SQLITE_SLICE == 64
+    assert wmod.SLICE == 32
 
 
 def test_ms3_is_round_to_the_microsecond():
