@@ -345,6 +345,22 @@ async def test_batch_is_one_transaction_in_slices_and_a_bad_record_is_set_aside(
     assert wmod.SLICE == 32
 
 
+async def test_a_bug_building_rows_is_loud_not_a_database_outage(migrated, tmp_path):
+    """Rows are built slice by slice inside the transaction; an exception there is the gateway's own bug:
+    it propagates (the writer's cycle logs it) instead of marking the database unavailable."""
+    eng = make_engine(migrated)
+    w = RecordWriter(eng, str(tmp_path / "spool"))
+
+    def broken(item):
+        raise TypeError("bug")
+
+    w._params = broken
+    with pytest.raises(TypeError, match="bug"):
+        await w._insert([(_meta("x1"), None, None)])
+    assert w.db_ok and w.db_error is None
+    await eng.dispose()
+
+
 def test_ms3_is_round_to_the_microsecond():
     import random
 

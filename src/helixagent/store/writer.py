@@ -478,6 +478,14 @@ class RecordWriter:
         row += (rb, pb)
         return tuple(row)
 
+    def _rows(self, items: list[Item]) -> list[tuple[Any, ...]]:
+        """The driver's parameters of ``items``.  Built inside the transaction, one slice at a time; a failure
+        here is a bug of ours and must not pass for the database's (:class:`_RowsFailed`)."""
+        try:
+            return [self._params(it) for it in items]
+        except Exception as exc:
+            raise _RowsFailed() from exc
+
     def _sqlite_time(self, ts: float) -> str:
         """``datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")``, the text SQLite keeps a
         DateTime as (SQLAlchemy's own format, naive UTC, which its queries compare), at a third of the cost:
@@ -507,13 +515,15 @@ class RecordWriter:
                 i = 0
                 while i < n:
                     j = i + SLICE if len(self.queue) < self._behind else n
-                    await conn.exec_driver_sql(self._insert_stmt, [self._params(it) for it in items[i:j]])
+                    await conn.exec_driver_sql(self._insert_stmt, self._rows(items[i:j]))
                     i = j
             self.inserted += len(items)
             self.db_error = None
             return True
         except asyncio.CancelledError:
             raise
+        except _RowsFailed as exc:  # our bug, not the database's: loud, as before the slices
+            raise exc.__cause__ from None  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001 - database boundary: recorded, records kept for retry
             self._set_error(exc)
             if not _is_data_error(exc):
@@ -522,9 +532,10 @@ class RecordWriter:
         # one bad record must not hold back the others: insert one by one, set aside what is refused
         bad: list[bytes] = []
         for it in items:
+            row = self._params(it)
             try:
                 async with self.engine.begin() as conn:
-                    await conn.exec_driver_sql(self._insert_stmt, [self._params(it)])
+                    await conn.exec_driver_sql(self._insert_stmt, [row])
                 self.inserted += 1
             except asyncio.CancelledError:
                 raise
@@ -544,6 +555,10 @@ class RecordWriter:
     def _down(self) -> None:
         self.db_ok = False
         self._next_probe = time.monotonic() + self.retry_interval
+
+
+class _RowsFailed(Exception):
+    """Building a slice's parameters failed (the cause is attached): re-raised as it is by ``_insert``."""
 
 
 def _is_data_error(exc: BaseException) -> bool:
