@@ -361,6 +361,37 @@ async def test_a_bug_building_rows_is_loud_not_a_database_outage(migrated, tmp_p
     await eng.dispose()
 
 
+async def test_written_segments_are_unlinked_off_the_event_loop(migrated, tmp_path, monkeypatch):
+    """A sealed journal segment whose records are all committed is deleted in a worker thread: unlinking a
+    full 16 MiB segment takes milliseconds, which on the loop delayed every request in flight."""
+    import threading
+
+    from helixagent.store import spool as spool_mod
+    from helixagent.store import writer as wmod
+    monkeypatch.setattr(wmod, "SEGMENT_MAX_BYTES", 2000)   # a new segment every few records
+    where: list[str] = []
+    orig = spool_mod.Segment.release
+
+    def release(self, unlink):
+        if unlink:
+            where.append(threading.current_thread().name)
+        return orig(self, unlink)
+
+    monkeypatch.setattr(spool_mod.Segment, "release", release)
+    eng = make_engine(migrated)
+    w = RecordWriter(eng, str(tmp_path / "spool"), flush_interval=0.02)
+    await w.start()
+    for i in range(40):
+        w.add(_meta(f"s{i:03d}"), b"q" * 200, b"r" * 200)
+        await asyncio.sleep(0.005)
+    assert await w.flush(20)
+    await w.close()
+    await eng.dispose()
+    assert len(rows(migrated)) == 40
+    assert where and threading.main_thread().name not in where
+    assert not [f for f in os.listdir(tmp_path / "spool") if f.endswith(".spool")]
+
+
 def test_ms3_is_round_to_the_microsecond():
     import random
 

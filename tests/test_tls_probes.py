@@ -330,14 +330,25 @@ def test_sigterm_fails_readiness_first_then_drains_and_exits_0(tmp_path, workers
     try:
         url = f"http://127.0.0.1:{port}"
         wait_up(proc, logpath, url)
-        with httpx.Client(timeout=10) as c:
+        with httpx.Client(timeout=10) as c, socket.create_connection(("127.0.0.1", port), timeout=10) as kept:
             assert c.get(url + "/readyz").status_code == 200
+            kept.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = kept.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200") and b"connection: close" not in first.lower(), first
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             # readiness fails at once
             assert wait_until(lambda: c.get(url + "/readyz").status_code == 503, timeout=1.0, interval=0.02)
             r = c.get(url + "/readyz")
             assert r.json()["failing"] == ["draining"]
+            # a keep-alive connection from before the signal: its next answer says "close", then it is
+            # closed (a proxy sees it, instead of racing the drain's close of an idle connection)
+            assert r.headers["connection"] == "close"
+            kept.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while chunk := kept.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200") and b"\r\nconnection: close\r\n" in answer.lower(), answer
             # requests are still served during the delay (new connections too)
             assert time.monotonic() - t0 < delay
             r = httpx.post(url + "/v1/chat/completions", timeout=10, json={

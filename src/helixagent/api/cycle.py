@@ -52,6 +52,20 @@ _VALUE_BAD = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 _BLOCK_OK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+: [\t\x20-\x7e\x80-\xff]*\r\n)*")
 
 _DISCONNECT = {"type": "http.disconnect"}
+
+# SIGTERM received (the readiness delay, then the drain): every answer from here on says ``Connection:
+# close`` and its connection is closed after it.  A keep-alive connection the server closes while idle races
+# with a request a proxy is writing on it at that moment (a POST it must not replay: a 502 from a healthy
+# instance); closed after an answer that said so, it cannot be reused.  So by the time the drain closes
+# the idle ones, a proxy that kept sending during the delay holds no reused connection to this process.
+_closing = False
+
+
+def close_after_every_answer() -> None:
+    """From here on every answer closes its connection (signal-handler safe: sets a flag)."""
+    global _closing
+    _closing = True
+
 HEAD_BLOCK = "helixagent.head_block"
 EXTENSIONS: dict[str, dict[str, Any]] = {HEAD_BLOCK: {}}  # scope["extensions"] of every request
 
@@ -242,6 +256,8 @@ class Cycle:
             if _BLOCK_OK.fullmatch(block) is None:
                 raise RuntimeError("Invalid HTTP header block.")
             parts.append(block)
+        if _closing:
+            self.keep_alive = False
         if not self.keep_alive and not close:
             parts.append(b"connection: close\r\n")
         if not length and not chunked and not self.is_head and status not in (204, 304):

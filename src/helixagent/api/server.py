@@ -12,7 +12,9 @@ non-zero status when a worker cannot start instead of respawning it forever.
 
 TLS: with ``server.tls.enabled`` the port speaks HTTPS only (uvicorn's ``ssl_certfile``/``ssl_keyfile``).
 SIGTERM: readiness fails at once (``/readyz`` 503 ``draining``, see api/probes.py); requests are still
-served for ``server.drain_readiness_delay`` (so a load balancer stops sending first), then the server
+served for ``server.drain_readiness_delay`` (so a load balancer stops sending first), each answer with
+``Connection: close`` (so a proxy's pooled connections are closed where it can see it, not raced by the
+drain's close of idle ones), then the server
 stops accepting and running requests get ``drain_timeout`` to finish; a drained SIGTERM exits 0.  A second
 SIGTERM (or SIGINT) during the delay starts the drain at once.
 """
@@ -33,6 +35,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from . import probes
+from .cycle import close_after_every_answer
 from .protocol import HelixHttpProtocol, ServerLimits
 
 __all__ = ["HelixHttpProtocol", "ServerLimits", "serve", "uvicorn_config"]
@@ -68,6 +71,7 @@ class HelixServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         # runs in a signal handler: no logging here (on_tick logs)
         probes.start_draining()
+        close_after_every_answer()
         delay: float = getattr(self.config, "helix_drain_delay", 0.0)
         if sig == signal.SIGTERM and delay > 0 and self._exit_at is None and not self.should_exit:
             self._exit_at = time.monotonic() + delay
