@@ -3,6 +3,8 @@
 
     python bench/instr_bench.py --src A=/tmp/before/src --src B=src [--rows default,full,hit] [--requests 1000]
     python bench/instr_bench.py --bare        # the bare pass-through proxy (uvicorn + raw ASGI + h1)
+    python bench/instr_bench.py --src HEAD=src --rows default --keep /tmp/cg   # and keep the dumps:
+    callgrind_annotate --inclusive=no /tmp/cg/callgrind.HEAD-default.out | head -60
 
 CPU seconds per request move 15-30% between runs on these machines; valgrind's instruction count of the
 same code and load does not (the same total twice, whatever else runs).  Each gateway runs under
@@ -32,7 +34,7 @@ hs = pb.hs
 
 
 def measure(name: str, cmd: list[str], env: dict[str, str], port: int, bearer: str, body: bytes, n: int,
-            tmp: str) -> float:
+            tmp: str, keep: str | None = None) -> float:
     out = os.path.join(tmp, f"cg-{name}.out")
     with open(os.path.join(tmp, f"{name}.err"), "w") as err:
         p = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no", *cmd],
@@ -58,6 +60,9 @@ def measure(name: str, cmd: list[str], env: dict[str, str], port: int, bearer: s
         subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True, capture_output=True)
         time.sleep(1)
         dumps = sorted(glob.glob(out + ".*"), key=os.path.getmtime)
+        if keep:  # the measured dump, for callgrind_annotate (self cost by function, callers, callees)
+            os.makedirs(keep, exist_ok=True)
+            shutil.copy(dumps[-1], os.path.join(keep, f"callgrind.{name}.out"))
         for line in open(dumps[-1]):
             if line.startswith(("summary:", "totals:")):
                 return int(line.split()[1]) / r["requests"]
@@ -73,6 +78,7 @@ def main() -> int:
     ap.add_argument("--rows", default="default,full,hit")
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--bare", action="store_true", help="also the bare pass-through proxy")
+    ap.add_argument("--keep", metavar="DIR", help="copy each measured callgrind dump to DIR")
     a = ap.parse_args()
     if shutil.which("valgrind") is None or shutil.which("wrk") is None:
         print("needs valgrind and wrk (apt-get install -y valgrind wrk)", file=sys.stderr)
@@ -90,7 +96,7 @@ def main() -> int:
             env = {**os.environ, "HB_CLIENT": "h1", "HB_UPSTREAM": up_url,
                    "PYTHONPATH": f"{HERE}:{os.path.join(os.path.dirname(HERE), 'src')}"}
             results[("bare", "default")] = measure("bare", hs.gateway_cmd("uvicorn", port), env, port,
-                                                   "sk-client-test", pb.BODY, a.requests, tmp)
+                                                   "sk-client-test", pb.BODY, a.requests, tmp, a.keep)
         for spec in a.src:
             name, src = spec.split("=", 1)
             env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
@@ -107,7 +113,7 @@ def main() -> int:
                         env=env).stdout)["key"]
                 port = hs.free_port()
                 cmd = [pb.PY, "-m", "helixagent", "serve", "--config", cfg, "--port", str(port)]
-                results[(name, row)] = measure(f"{name}-{row}", cmd, env, port, bearer, bodies[row], a.requests, tmp)
+                results[(name, row)] = measure(f"{name}-{row}", cmd, env, port, bearer, bodies[row], a.requests, tmp, a.keep)
                 print(f"{name:8s} {row:8s} {results[(name, row)] / 1000:8.1f} k instructions/request",
                       file=sys.stderr, flush=True)
         print("| tree | row | k instructions/request |")
