@@ -195,3 +195,80 @@ def test_a_head_block_is_written_as_given_and_a_malformed_one_is_refused() -> No
         t = run_protocol(app_with(bad), POST, until=lambda t: t.closed)
         assert outcomes == ["Invalid HTTP header block."]
         assert t.writes[0].startswith(b"HTTP/1.1 500 Internal Server Error") and b"x-a" not in b"".join(t.writes)
+
+
+def test_shutdown_answers_connections_waiting_in_the_backlog_and_closes_idle_ones() -> None:
+    """Closing a listening socket resets the connections the kernel accepted into its backlog and the server
+    had not yet (a request a proxy wrote on one is lost: for a POST, a 502).  Here the loop is held while
+    clients connect and write their requests, then the server shuts down: every one of them is answered,
+    with ``connection: close``, and then closed; an idle keep-alive connection is closed, one that never sent
+    anything after a short grace; the port refuses."""
+    import time
+
+    import uvloop
+
+    from helixagent.api.server import HelixServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = uvicorn_config(echo, load_config_dict({}).server, host="127.0.0.1", port=port, log_level="warning",
+                         lifespan="off", loop="uvloop")
+    server = HelixServer(cfg)
+    up, written = threading.Event(), threading.Event()
+    answers: dict[int, bytes] = {}
+
+    async def scenario() -> None:
+        cfg.load()
+        server.lifespan = cfg.lifespan_class(cfg)
+        await server.startup()
+        up.set()
+        await asyncio.sleep(0.3)           # the idle keep-alive connection is made and answered
+        assert written.wait(10)           # the loop is held: the clients wait in the backlog
+        await server.shutdown()
+
+    def client(i: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"POST /b%d HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\n\r\nx" % i)
+            done.append(i)
+            if len(done) == 8:
+                written.set()
+            got = b""
+            try:
+                while chunk := c.recv(65536):
+                    got += chunk
+            except OSError as exc:
+                got += repr(exc).encode()
+            answers[i] = got
+
+    done: list[int] = []
+    th = threading.Thread(target=lambda: uvloop.run(scenario()), daemon=True)
+    th.start()
+    assert up.wait(10)
+    idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    idle.sendall(b"POST /idle HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\n\r\nx")
+    assert idle.recv(65536).endswith(b"POST /idle 1:x")
+    silent = socket.create_connection(("127.0.0.1", port), timeout=10)   # accepted, sends nothing
+    time.sleep(0.4)                        # the loop is now held (scenario waits for `written`)
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(15)
+    th.join(15)
+    for i in range(8):
+        got = answers[i]
+        assert got.startswith(b"HTTP/1.1 200 OK") and got.endswith(b"POST /b%d 1:x" % i), got
+        assert b"\r\nconnection: close\r\n" in got.lower(), got
+    assert idle.recv(65536) == b""         # closed by the shutdown
+    idle.close()
+    t0 = time.monotonic()
+    assert silent.recv(65536) == b""       # left a short grace for a first request, then closed
+    assert time.monotonic() - t0 < 2
+    silent.close()
+    assert not th.is_alive()
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        raise AssertionError("the port still accepts after the shutdown")
+    except ConnectionRefusedError:
+        pass

@@ -99,6 +99,9 @@ class _RefusalLog:
             cls.last = now
 
 
+_FIRST_REQUEST_GRACE = 1.0  # shutdown: how long a connection that has sent nothing yet is left open
+
+
 class HelixHttpProtocol(asyncio.Protocol):
     """One HTTP/1.1 connection: httptools parses, a :class:`Cycle` per request runs the ASGI application."""
 
@@ -145,6 +148,7 @@ class HelixHttpProtocol(asyncio.Protocol):
         self._header_count = 0
         self._msgs_done = 0
         self._linger_bytes = 0
+        self.close_after = False  # the server is shutting down: the next answer is this connection's last
 
     # -- flow control --------------------------------------------------------------------------------------
     def pause_reading(self) -> None:
@@ -358,7 +362,8 @@ class HelixHttpProtocol(asyncio.Protocol):
             "query_string": url.query or b"", "headers": self.headers, "state": self.app_state.copy(),
             "extensions": EXTENSIONS,
         }
-        cycle = Cycle(self, scope, version != "1.0" and parser.should_keep_alive(), self.expect_100)
+        cycle = Cycle(self, scope, version != "1.0" and not self.close_after and parser.should_keep_alive(),
+                      self.expect_100)
         existing = self.cycle
         self.cycle = cycle
         if existing is None or existing.response_complete:
@@ -407,8 +412,20 @@ class HelixHttpProtocol(asyncio.Protocol):
         # else: the request's body is still arriving (answered early): its body deadline stays
 
     def shutdown(self) -> None:
-        """Called by the server to start a graceful shutdown: close when idle, else after this answer."""
-        if self._phase == _LINGER or self.cycle is None or self.cycle.response_complete:
+        """Called by the server to start a graceful shutdown: an idle keep-alive connection is closed now; one
+        with a request under way closes after its answer -- and so does one that has not sent its first
+        request yet (the server has just accepted it: its request may be in the socket already, and a close
+        would reset it), within :data:`_FIRST_REQUEST_GRACE`."""
+        self.close_after = True
+        cycle = self.cycle
+        if self._phase == _LINGER:
             self.transport.close()
+        elif cycle is None or cycle.response_complete:
+            if self._in_head:
+                pass                      # a request under way
+            elif self._msgs_done:
+                self.transport.close()    # idle keep-alive
+            else:                         # nothing received yet: a request in flight arrives well within this
+                self._set_deadline(_HEAD, min(_FIRST_REQUEST_GRACE, self._lim.header_timeout))
         else:
-            self.cycle.keep_alive = False
+            cycle.keep_alive = False

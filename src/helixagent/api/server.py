@@ -107,10 +107,63 @@ class HelixServer(uvicorn.Server):
         else:
             await super().serve(sockets)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Closing a listening socket resets every connection the kernel has accepted into its backlog and
+        # the server not yet: a request a proxy wrote on one is lost (a POST is not replayed: a 502).  So
+        # what waits in the backlog is accepted first, and the listeners are closed in the same step (no
+        # await between: the loop cannot let more in); those connections are served, their answer closes.
+        pending = _accept_backlog(self.servers)
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        if pending:
+            loop = asyncio.get_running_loop()
+            config = self.config
+
+            def create_protocol() -> asyncio.Protocol:
+                protocol = HelixHttpProtocol(config=config, server_state=self.server_state,
+                                             app_state=self.lifespan.state, _loop=loop)
+                protocol.close_after = True
+                return protocol
+            for conn in pending:
+                try:
+                    await loop.connect_accepted_socket(create_protocol, conn, ssl=config.ssl)
+                except OSError:  # the client has gone already
+                    conn.close()
+        await super().shutdown(sockets)
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started and self.announce:
             log.info("%s", self.announce)
+
+
+def _accept_backlog(servers: list[Any]) -> list[socket.socket]:
+    """Every connection waiting in the listening sockets' backlogs, accepted (non-blocking)."""
+    accepted: list[socket.socket] = []
+    for server in servers:
+        for listener in server.sockets or ():
+            if listener.type != socket.SOCK_STREAM:
+                continue
+            sock = socket.socket(fileno=os.dup(listener.fileno()))  # the same listening socket
+            try:
+                sock.setblocking(False)
+                while True:
+                    try:
+                        conn, _ = sock.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except ConnectionAbortedError:  # reset by its client while it waited
+                        continue
+                    except OSError as exc:  # out of descriptors: the rest are reset by the close, as before
+                        log.warning("shutdown: cannot accept the connections still waiting (%s)", exc)
+                        break
+                    conn.setblocking(False)
+                    accepted.append(conn)
+            finally:
+                sock.close()
+    return accepted
 
 
 class _WorkerProcess(Process):
