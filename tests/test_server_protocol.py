@@ -201,8 +201,9 @@ def test_shutdown_answers_connections_waiting_in_the_backlog_and_closes_idle_one
     """Closing a listening socket resets the connections the kernel accepted into its backlog and the server
     had not yet (a request a proxy wrote on one is lost: for a POST, a 502).  Here the loop is held while
     clients connect and write their requests, then the server shuts down: every one of them is answered,
-    with ``connection: close``, and then closed; an idle keep-alive connection is closed, one that never sent
-    anything after a short grace; the port refuses."""
+    with ``connection: close``, and then closed; so is a keep-alive connection whose next request arrived
+    while the loop was held; an idle keep-alive connection is closed, one that never sent anything after a
+    short grace; the port refuses."""
     import time
 
     import uvloop
@@ -225,6 +226,10 @@ def test_shutdown_answers_connections_waiting_in_the_backlog_and_closes_idle_one
         up.set()
         await asyncio.sleep(0.3)           # the idle keep-alive connection is made and answered
         assert written.wait(10)           # the loop is held: the clients wait in the backlog
+        # the drain reaches the open connections before the loop has read what arrived meanwhile (the
+        # pooled connection's second request); then it closes the listener and accepts the backlog
+        for conn in list(server.server_state.connections):
+            conn.shutdown()
         await server.shutdown()
 
     def client(i: int) -> None:
@@ -248,8 +253,13 @@ def test_shutdown_answers_connections_waiting_in_the_backlog_and_closes_idle_one
     idle = socket.create_connection(("127.0.0.1", port), timeout=10)
     idle.sendall(b"POST /idle HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\n\r\nx")
     assert idle.recv(65536).endswith(b"POST /idle 1:x")
+    pooled = socket.create_connection(("127.0.0.1", port), timeout=10)   # a proxy's pooled connection
+    pooled.sendall(b"POST /p1 HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\n\r\nx")
+    assert pooled.recv(65536).endswith(b"POST /p1 1:x")
     silent = socket.create_connection(("127.0.0.1", port), timeout=10)   # accepted, sends nothing
     time.sleep(0.4)                        # the loop is now held (scenario waits for `written`)
+    # the proxy reuses its pooled connection just before the drain: the request sits unread in the kernel
+    pooled.sendall(b"POST /p2 HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\n\r\nx")
     clients = [threading.Thread(target=client, args=(i,)) for i in range(8)]
     for t in clients:
         t.start()
@@ -262,6 +272,15 @@ def test_shutdown_answers_connections_waiting_in_the_backlog_and_closes_idle_one
         assert b"\r\nconnection: close\r\n" in got.lower(), got
     assert idle.recv(65536) == b""         # closed by the shutdown
     idle.close()
+    got = b""
+    try:                                   # answered (closing it with the bytes unread would reset it)
+        while chunk := pooled.recv(65536):
+            got += chunk
+    except OSError as exc:
+        got += repr(exc).encode()
+    pooled.close()
+    assert got.startswith(b"HTTP/1.1 200 OK") and got.endswith(b"POST /p2 1:x"), got
+    assert b"\r\nconnection: close\r\n" in got.lower(), got
     t0 = time.monotonic()
     assert silent.recv(65536) == b""       # left a short grace for a first request, then closed
     assert time.monotonic() - t0 < 2

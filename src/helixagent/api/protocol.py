@@ -31,7 +31,10 @@ extension) is :class:`helixagent.api.cycle.Cycle`.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import sys
+import termios
 import time
 import urllib.parse
 from collections import deque
@@ -100,6 +103,19 @@ class _RefusalLog:
 
 
 _FIRST_REQUEST_GRACE = 1.0  # shutdown: how long a connection that has sent nothing yet is left open
+
+
+def _unread(transport: asyncio.BaseTransport) -> int:
+    """Bytes the kernel holds for this connection that the loop has not read yet (FIONREAD); 0 when the
+    socket is gone (closing it then is what the caller does anyway)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(buf, sys.byteorder)
 
 
 class HelixHttpProtocol(asyncio.Protocol):
@@ -415,7 +431,9 @@ class HelixHttpProtocol(asyncio.Protocol):
         """Called by the server to start a graceful shutdown: an idle keep-alive connection is closed now; one
         with a request under way closes after its answer -- and so does one that has not sent its first
         request yet (the server has just accepted it: its request may be in the socket already, and a close
-        would reset it), within :data:`_FIRST_REQUEST_GRACE`."""
+        would reset it), within :data:`_FIRST_REQUEST_GRACE`, and a keep-alive one whose next request is in
+        the kernel's buffer, not read yet (closing a socket with unread bytes sends a reset: a proxy's POST
+        written on its pooled connection just before the drain would be lost)."""
         self.close_after = True
         cycle = self.cycle
         if self._phase == _LINGER:
@@ -423,8 +441,10 @@ class HelixHttpProtocol(asyncio.Protocol):
         elif cycle is None or cycle.response_complete:
             if self._in_head:
                 pass                      # a request under way
-            elif self._msgs_done:
+            elif self._msgs_done and not _unread(self.transport):
                 self.transport.close()    # idle keep-alive
+            elif self._msgs_done:         # a request arrived since the loop last read: answered, not reset
+                self._set_deadline(_HEAD, min(_FIRST_REQUEST_GRACE, self._lim.header_timeout))
             else:                         # nothing received yet: a request in flight arrives well within this
                 self._set_deadline(_HEAD, min(_FIRST_REQUEST_GRACE, self._lim.header_timeout))
         else:
