@@ -443,9 +443,8 @@ class HelixHttpProtocol(asyncio.Protocol):
                 pass                      # a request under way
             elif self._msgs_done and not _unread(self.transport):
                 self.transport.close()    # idle keep-alive
-            elif self._msgs_done:         # a request arrived since the loop last read: answered, not reset
-                self._set_deadline(_HEAD, min(_FIRST_REQUEST_GRACE, self._lim.header_timeout))
-            else:                         # nothing received yet: a request in flight arrives well within this
+            else:  # nothing received yet (a request in flight arrives well within this), or a keep-alive
+                # request that arrived since the loop last read: answered, not reset
                 self._set_deadline(_HEAD, min(_FIRST_REQUEST_GRACE, self._lim.header_timeout))
         else:
             cycle.keep_alive = False
