@@ -197,7 +197,7 @@ def test_a_head_block_is_written_as_given_and_a_malformed_one_is_refused() -> No
         assert t.writes[0].startswith(b"HTTP/1.1 500 Internal Server Error") and b"x-a" not in b"".join(t.writes)
 
 
-def test_shutdown_answers_connections_waiting_in_the_backlog_and_closes_idle_ones() -> None:
+def test_shutdown_answers_connections_waiting_in_the_backlog_and_closes_idle_ones(monkeypatch: Any) -> None:
     """Closing a listening socket resets the connections the kernel accepted into its backlog and the server
     had not yet (a request a proxy wrote on one is lost: for a POST, a 502).  Here the loop is held while
     clients connect and write their requests, then the server shuts down: every one of them is answered,
@@ -208,8 +208,10 @@ def test_shutdown_answers_connections_waiting_in_the_backlog_and_closes_idle_one
 
     import uvloop
 
+    from helixagent.api import cycle
     from helixagent.api.server import HelixServer
 
+    monkeypatch.setattr(cycle, "_closing", False)  # the shutdown sets it for the process: restored after
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -291,3 +293,74 @@ def test_shutdown_answers_connections_waiting_in_the_backlog_and_closes_idle_one
         raise AssertionError("the port still accepts after the shutdown")
     except ConnectionRefusedError:
         pass
+
+
+def test_shutdown_completes_no_new_connection_between_its_backlog_sweep_and_the_close(monkeypatch: Any) -> None:
+    """The drain accepts the backlog and closes the listener in one step, but the kernel completes
+    handshakes on its own: a connection completed between the sweep and the close was reset, after its
+    client had written a request on it (nginx opening a connection per request after SIGTERM: a POST lost,
+    a 502; the SIGTERM test's last flake).  Here a client connects at exactly that moment, and writes: its
+    connect must not complete (the SYN is dropped) -- it is refused once the port is closed, which a proxy
+    retries elsewhere -- while a connection completed before is still answered."""
+    import time
+
+    import uvloop
+
+    from helixagent.api import cycle
+    from helixagent.api import server as server_mod
+    from helixagent.api.server import HelixServer
+
+    monkeypatch.setattr(cycle, "_closing", False)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = uvicorn_config(echo, load_config_dict({}).server, host="127.0.0.1", port=port, log_level="warning",
+                         lifespan="off", loop="uvloop")
+    server = HelixServer(cfg)
+    late: dict[str, Any] = {}
+    sweep = server_mod._accept_backlog
+
+    def sweep_then_connect(servers: list[Any]) -> list[socket.socket]:
+        accepted = sweep(servers)
+        t0 = time.monotonic()
+        try:                           # on the loop's thread: nothing else runs before the close
+            c = socket.create_connection(("127.0.0.1", port), timeout=0.3)
+        except OSError as exc:
+            late["connect"] = type(exc).__name__
+        else:
+            c.sendall(b"POST /late HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\n\r\nx")
+            late["connect"], late["sock"] = "completed", c
+        late["took"] = time.monotonic() - t0
+        return accepted
+
+    monkeypatch.setattr(server_mod, "_accept_backlog", sweep_then_connect)
+    early: list[bytes] = []
+
+    async def scenario() -> None:
+        cfg.load()
+        server.lifespan = cfg.lifespan_class(cfg)
+        await server.startup()
+        c = await asyncio.to_thread(socket.create_connection, ("127.0.0.1", port), 10)
+        await server.shutdown()                 # the connection is idle: closed
+        early.append(await asyncio.to_thread(c.recv, 100))
+        c.close()
+
+    uvloop.run(scenario())
+    assert early == [b""]
+    sock = late.get("sock")
+    if sock is not None:                        # what happened before: the request written, then a reset
+        try:
+            got = sock.recv(65536)
+        except OSError as exc:
+            got = repr(exc).encode()
+        sock.close()
+        raise AssertionError(f"a connection completed after the backlog sweep; its request got {got!r}")
+    assert late["connect"] == "TimeoutError", late
+    t0 = time.monotonic()
+    try:                                        # the client's SYN retransmission finds the port closed
+        socket.create_connection(("127.0.0.1", port), timeout=3).close()
+        raise AssertionError("the port still accepts after the shutdown")
+    except ConnectionRefusedError:
+        pass
+    assert time.monotonic() - t0 < 1

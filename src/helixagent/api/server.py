@@ -21,10 +21,12 @@ SIGTERM (or SIGINT) during the delay starts the drain at once.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -112,6 +114,14 @@ class HelixServer(uvicorn.Server):
         # the server not yet: a request a proxy wrote on one is lost (a POST is not replayed: a 502).  So
         # what waits in the backlog is accepted first, and the listeners are closed in the same step (no
         # await between: the loop cannot let more in); those connections are served, their answer closes.
+        # A connection the kernel completes between that sweep and the close would be reset all the same
+        # (a window of microseconds, but a proxy opening a connection per request after SIGTERM hits it):
+        # so new handshakes are refused first -- their SYNs dropped, the client retries in about a second
+        # and finds the port closed, a refused connect that a proxy retries elsewhere -- and the ones
+        # under way get a moment to complete (the loop accepts and answers them meanwhile).
+        close_after_every_answer()  # (set by handle_exit already; a shutdown reached otherwise too)
+        if _drop_new_handshakes(self.servers):
+            await asyncio.sleep(_HANDSHAKE_SETTLE)
         pending = _accept_backlog(self.servers)
         for server in self.servers:
             server.close()
@@ -137,6 +147,42 @@ class HelixServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started and self.announce:
             log.info("%s", self.announce)
+
+
+_HANDSHAKE_SETTLE = 0.05  # s: handshakes under way when new ones are refused complete (an RTT)
+_SO_ATTACH_FILTER = 26    # Linux <asm-generic/socket.h>
+# A classic BPF socket filter over the TCP header (a socket filter sees the packet from the transport
+# header on): drop a segment whose flags are SYN without ACK -- a new handshake -- and accept the rest
+# (the ACKs that complete the handshakes under way, and their data).
+_DROP_SYN = b"".join(struct.pack("=HBBI", *ins) for ins in (
+    (0x30, 0, 0, 13),          # ldb [13]         the TCP flags byte
+    (0x54, 0, 0, 0x12),        # and #0x12        SYN | ACK
+    (0x15, 0, 1, 0x02),        # jeq #0x02        SYN alone: drop
+    (0x06, 0, 0, 0),           # ret #0
+    (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1          anything else: keep
+))
+
+
+def _drop_new_handshakes(servers: list[Any]) -> bool:
+    """Attach :data:`_DROP_SYN` to every TCP listening socket: the kernel completes no new connection
+    from now on (a client's SYN is dropped; it retransmits it after about a second, to a port that is
+    closed by then).  False where nothing could be attached (not Linux, no TCP listener)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    prog = ctypes.create_string_buffer(_DROP_SYN)
+    fprog = struct.pack("HL", len(_DROP_SYN) // 8, ctypes.addressof(prog))  # struct sock_fprog
+    attached = False
+    for server in servers:
+        for listener in server.sockets or ():
+            if listener.type != socket.SOCK_STREAM or listener.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+            except OSError as exc:  # then the close is as before: a microsecond window of resets
+                log.warning("shutdown: cannot refuse new connections before closing the listener (%s)", exc)
+                continue
+            attached = True
+    return attached
 
 
 def _accept_backlog(servers: list[Any]) -> list[socket.socket]:
