@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test install bench clean lint
+.PHONY: run test test-compiled compile clean-compiled install bench clean lint
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON)"; exit 1; }
@@ -33,6 +33,20 @@ test: $(TEST_STAMP)
 	./scripts/test-setup.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The hot modules compiled with mypyc (src/helixagent/compiled.py, scripts/compile.sh; README "Measured",
+# round 6), in place; `make clean-compiled` goes back to the sources.  test-compiled runs the whole suite
+# against them (it fails unless every listed module is compiled) and removes them afterwards.
+compile: $(TEST_STAMP)
+	PY=$(PY) ./scripts/compile.sh
+
+clean-compiled:
+	PY=$(PY) ./scripts/compile.sh --clean
+
+test-compiled: $(TEST_STAMP)
+	PY=$(PY) ./scripts/compile.sh
+	./scripts/test-setup.sh
+	HELIX_EXPECT_COMPILED=1 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; PY=$(PY) ./scripts/compile.sh --clean; exit $$rc
+
 # static checks (ruff: src tests bench; mypy: strict on src/helixagent), see scripts/lint.sh
 lint: $(TEST_STAMP)
 	VENV=$(VENV) ./scripts/lint.sh
@@ -42,3 +56,4 @@ bench: $(TEST_STAMP)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	find src -name '*.so' -delete; rm -f src/helixagent/compiled.json

@@ -15,6 +15,25 @@ REDIS_URL = os.environ.get("HELIX_TEST_REDIS_URL")
 IN_CI = bool(os.environ.get("CI"))
 
 
+def _compiled_modules() -> list[str]:
+    """The suite runs against whatever imports: the sources, or (``make test-compiled``, which sets
+    HELIX_EXPECT_COMPILED=1) every module of helixagent.compiled.MODULES compiled -- checked, so that run
+    cannot quietly test the sources instead; a compiled module older than its source stops the run."""
+    from helixagent import compiled
+    names = compiled.check()
+    if os.environ.get("HELIX_EXPECT_COMPILED") == "1" and sorted(names) != sorted(compiled.MODULES):
+        missing = sorted(set(compiled.MODULES) - set(names))
+        raise pytest.UsageError(f"HELIX_EXPECT_COMPILED=1 but these modules are not compiled: {missing}")
+    return names
+
+
+_COMPILED = _compiled_modules()
+
+
+def pytest_report_header(config: Any) -> str:
+    return f"helixagent compiled modules: {len(_COMPILED)} ({', '.join(_COMPILED) or 'none: the sources'})"
+
+
 
 # Outside CI, a test session that was given no URL starts its own private server the first time a test
 # needs one (PostgreSQL: initdb + pg_ctl on a free port; Redis: redis-server on a free port), exports the

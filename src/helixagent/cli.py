@@ -54,6 +54,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if refuse(cfg, args.config or os.environ.get("HELIXAGENT_CONFIG") or "<defaults>"):
         return 2
     setup_logging(cfg)
+    from . import compiled
+    try:
+        native = compiled.check()
+    except compiled.StaleCompiledModule as exc:
+        print(f"helixagent: {exc}", file=sys.stderr)
+        return 2
+    if native:
+        log.info("compiled modules (mypyc): %d of %d", len(native), len(compiled.MODULES))
     host = args.host or cfg.server.host
     port = args.port or cfg.server.port
     if not cfg.auth.master_key and not _is_loopback(host):

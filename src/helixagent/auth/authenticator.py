@@ -134,9 +134,10 @@ class Authenticator:
         now = self.clock()
         e = self._cache.get(h)
         if e is None or now - e.fetched >= self.current_ttl:
-            e = await self._load(h, now, e)
-            if e is _STORE_DOWN:
+            loaded = await self._load(h, now, e)
+            if loaded is _STORE_DOWN:  # (not held in `e`: compiled, `e` may only hold an entry or None)
                 raise store_unavailable()
+            e = loaded
             if e is None:
                 if mk is None:
                     return ANONYMOUS_LOCAL

@@ -145,7 +145,7 @@ class MemoryBackend:
             else:
                 if algo == DAY:
                     wid = int(now // DAY_MS)
-                    end: float = (wid + 1) * DAY_MS
+                    end: float = float((wid + 1) * DAY_MS)
                 else:
                     wid, end = self._month(now)
                 s = st.get(key)
