@@ -6,9 +6,14 @@
 #   docker run -p 7061:7061 -e HELIXAGENT_API_KEY=... helixagent:latest          (CMD: serve --host 0.0.0.0)
 
 FROM python:3.11-slim AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# HELIX_COMPILE=1: the hot modules are compiled into the wheel with mypyc (setup.py; README, "Compiled hot
+# modules"), which needs a C compiler here -- only here: the runtime stage installs the built wheel
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HELIX_COMPILE=1
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md setup.py ./
+COPY scripts/build ./scripts/build
 COPY src ./src
 # the project's wheel plus a wheel of every runtime dependency (no [test] extra)
 RUN pip wheel --wheel-dir /wheels .

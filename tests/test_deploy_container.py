@@ -6,6 +6,7 @@ is parsed for what it must and must not contain, and the wheel the build stage m
 runs it (`migrate up`, `serve` + /health).  With a reachable Docker daemon the image itself is built and run."""
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import os
@@ -121,9 +122,10 @@ def test_dockerignore_keeps_the_context_small():
 # -- what the image runs: the build stage's wheel, without the test extras -------------------------------------
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # as the image's build stage makes it: HELIX_COMPILE=1, the hot modules compiled into it (setup.py)
     out = tmp_path_factory.mktemp("wheel")
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "HELIX_COMPILE": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
     (whl,) = out.glob("helixagent-*.whl")
     return whl
@@ -156,6 +158,12 @@ def test_wheel_runs_migrate_up_and_serve_like_the_image(wheel, tmp_path):
     where = subprocess.run([sys.executable, "-c", "import helixagent; print(helixagent.__file__)"], env=env,
                            cwd=state, capture_output=True, text=True, timeout=60)
     assert where.stdout.strip().startswith(str(site)), where.stdout + where.stderr
+    # every hot module is the compiled one, and its manifest matches the sources it was built from
+    native = subprocess.run([sys.executable, "-c", "from helixagent import compiled; print(compiled.check())"],
+                            env=env, cwd=state, capture_output=True, text=True, timeout=60)
+    assert native.returncode == 0, native.stderr
+    from helixagent import compiled
+    assert sorted(ast.literal_eval(native.stdout)) == sorted(compiled.MODULES), native.stdout
     m = subprocess.run(run + ["migrate", "up"], env=env, cwd=state, capture_output=True, text=True, timeout=120)
     assert m.returncode == 0, m.stdout + m.stderr
     assert m.stdout.startswith("migrated to ") and (state / "helixagent.db").is_file()

@@ -9,7 +9,8 @@ through the class, annotations that hold at run time (a compiled function checks
 that an interpreted module subclasses (``canonical.ChatRequest`` is, by ``ResponsesRequest``: a compiled
 class refuses interpreted subclasses, so ``canonical`` stays interpreted).
 
-Python imports ``name.cpython-*.so`` before ``name.py``, so a source edited after a compile would be
+``make compile`` builds them in place; ``HELIX_COMPILE=1`` builds them into a wheel (setup.py; the
+container image's build stage).  Python imports ``name.cpython-*.so`` before ``name.py``, so a source edited after a compile would be
 silently ignored.  The compile writes the SHA-256 of every source it compiled to :data:`MANIFEST`;
 :func:`check` (run by ``helixagent serve`` and by the test suite) refuses to go on when a compiled
 module's source has changed since, or when a compiled module has no manifest entry.
