@@ -2,7 +2,7 @@
 compiled module still matches its source.
 
 Compiled, these modules run the same code with fewer interpreter instructions (README, "Measured",
-round 6: a cache hit -10%, a cache miss with every stage -6.6%, default stages -2.3%).  They are chosen
+round 6: a cache hit -8.7%, a cache miss with every stage -7.4%, default stages -2.7%).  They are chosen
 as the modules on every request's path that mypyc compiles as they are and that the whole test suite
 passes with, compiled (``make test-compiled``): no async generators, no instance attributes read
 through the class, annotations that hold at run time (a compiled function checks them), and no class
@@ -10,10 +10,10 @@ that an interpreted module subclasses (``canonical.ChatRequest`` is, by ``Respon
 class refuses interpreted subclasses, so ``canonical`` stays interpreted).
 
 ``make compile`` builds them in place; ``HELIX_COMPILE=1`` builds them into a wheel (setup.py; the
-container image's build stage).  Python imports ``name.cpython-*.so`` before ``name.py``, so a source edited after a compile would be
-silently ignored.  The compile writes the SHA-256 of every source it compiled to :data:`MANIFEST`;
-:func:`check` (run by ``helixagent serve`` and by the test suite) refuses to go on when a compiled
-module's source has changed since, or when a compiled module has no manifest entry.
+container image's build stage).  Python imports ``name.cpython-*.so`` before ``name.py``, so a source
+edited after a compile would be silently ignored.  The compile writes the SHA-256 of every source it
+compiled to :data:`MANIFEST`; :func:`check` (run by ``helixagent serve`` and by the test suite) refuses
+to go on when a compiled module's source has changed since, or when one has no manifest entry.
 """
 from __future__ import annotations
 
