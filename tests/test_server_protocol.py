@@ -197,6 +197,21 @@ def test_a_head_block_is_written_as_given_and_a_malformed_one_is_refused() -> No
         assert t.writes[0].startswith(b"HTTP/1.1 500 Internal Server Error") and b"x-a" not in b"".join(t.writes)
 
 
+def helix_server(monkeypatch: Any) -> tuple[Any, Any, int]:
+    """A HelixServer running :func:`echo` on a free loopback port (uvloop), not started yet; its shutdown
+    sets the process-wide close-after-every-answer flag, restored after the test."""
+    from helixagent.api import cycle
+    from helixagent.api.server import HelixServer
+
+    monkeypatch.setattr(cycle, "_closing", False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = uvicorn_config(echo, load_config_dict({}).server, host="127.0.0.1", port=port, log_level="warning",
+                         lifespan="off", loop="uvloop")
+    return cfg, HelixServer(cfg), port
+
+
 def test_shutdown_answers_connections_waiting_in_the_backlog_and_closes_idle_ones(monkeypatch: Any) -> None:
     """Closing a listening socket resets the connections the kernel accepted into its backlog and the server
     had not yet (a request a proxy wrote on one is lost: for a POST, a 502).  Here the loop is held while
@@ -208,16 +223,7 @@ def test_shutdown_answers_connections_waiting_in_the_backlog_and_closes_idle_one
 
     import uvloop
 
-    from helixagent.api import cycle
-    from helixagent.api.server import HelixServer
-
-    monkeypatch.setattr(cycle, "_closing", False)  # the shutdown sets it for the process: restored after
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = uvicorn_config(echo, load_config_dict({}).server, host="127.0.0.1", port=port, log_level="warning",
-                         lifespan="off", loop="uvloop")
-    server = HelixServer(cfg)
+    cfg, server, port = helix_server(monkeypatch)
     up, written = threading.Event(), threading.Event()
     answers: dict[int, bytes] = {}
 
@@ -306,18 +312,9 @@ def test_shutdown_completes_no_new_connection_between_its_backlog_sweep_and_the_
 
     import uvloop
 
-    from helixagent.api import cycle
     from helixagent.api import server as server_mod
-    from helixagent.api.server import HelixServer
 
-    monkeypatch.setattr(cycle, "_closing", False)
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = uvicorn_config(echo, load_config_dict({}).server, host="127.0.0.1", port=port, log_level="warning",
-                         lifespan="off", loop="uvloop")
-    server = HelixServer(cfg)
+    cfg, server, port = helix_server(monkeypatch)
     late: dict[str, Any] = {}
     sweep = server_mod._accept_backlog
 
