@@ -162,25 +162,39 @@ def test_a_response_head_the_server_refuses_is_recorded_as_response_failed(gw, d
     # a regression that lets a bad header through: uvicorn refuses the head (RuntimeError). The record must
     # not say 200, the gauges must come down, the upstream stream is closed.
     # (both ways the application hands headers to the server: (name, value) pairs and a pre-encoded block)
-    from helixagent.api import http
-    good, good_block = http._hdrs, http._hdr_block
+    # The bad header is added where the application hands the head to the server (the ASGI send), past
+    # api.http's own checks: patching those helpers would not reach their callers when api.http is
+    # compiled (make test-compiled), since a compiled module calls its own functions directly.
+    from helixagent.api import openai_routes
+    from helixagent.api.http import HEAD_BLOCK
+    good_bytes, good_sse = openai_routes.send_bytes, openai_routes.send_sse
 
-    def bad(extra):
-        return good(extra) + [(b"x-bad", b"a\nb")]
+    def inject(send):
+        async def send_bad(msg):
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg["headers"], (b"x-bad", b"a\nb")]}
+                if HEAD_BLOCK in msg:
+                    msg[HEAD_BLOCK] = msg[HEAD_BLOCK] + b"x-bad: a\nb\r\n"
+            await send(msg)
+        return send_bad
 
-    def bad_block(extra, out):
-        return good_block(extra, out) + b"x-bad: a\nb\r\n"
+    def bad_bytes(send, *args, **kw):
+        return good_bytes(inject(send), *args, **kw)
 
-    monkeypatch.setattr(http, "_hdrs", bad)
-    monkeypatch.setattr(http, "_hdr_block", bad_block)
+    def bad_sse(req, *args, **kw):
+        req.send = inject(req.send)
+        return good_sse(req, *args, **kw)
+
+    monkeypatch.setattr(openai_routes, "send_bytes", bad_bytes)
+    monkeypatch.setattr(openai_routes, "send_sse", bad_sse)
     try:
         r = httpx.post(gw.url + CHAT, json=chat_body(stream=stream), timeout=10)
     except (httpx.RemoteProtocolError, httpx.ReadError):
         pass  # the connection closed without an answer
     else:  # or the server's own 500 (the refused head never started the response)
         assert r.status_code == 500 and "x-bad" not in r.headers
-    monkeypatch.setattr(http, "_hdrs", good)
-    monkeypatch.setattr(http, "_hdr_block", good_block)
+    monkeypatch.setattr(openai_routes, "send_bytes", good_bytes)
+    monkeypatch.setattr(openai_routes, "send_sse", good_sse)
     flush(gw)
     recs = records(db_url)
     assert len(recs) == 1

@@ -106,7 +106,8 @@ def _setup_metrics(cfg: Any, host: str, workers: int) -> tuple[str | None, bool,
     srv = None
     if cfg.metrics.port:
         # the supervising process serves the port, adding up every worker's values
-        from .observability.stage import METRICS_PORT_SERVED_ENV, start_multiprocess_metrics_server
+        from .observability.metrics_server import start_multiprocess_metrics_server
+        from .observability.stage import METRICS_PORT_SERVED_ENV
         srv = start_multiprocess_metrics_server(path, host, cfg.metrics.port)
         os.environ[METRICS_PORT_SERVED_ENV] = "1"
     return path, own, srv

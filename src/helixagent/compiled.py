@@ -2,16 +2,26 @@
 compiled module still matches its source.
 
 Compiled, these modules run the same code with fewer interpreter instructions (README, "Measured",
-round 6: a cache hit -8.7%, a cache miss with every stage -7.4%, default stages -2.7%).  They are chosen
-as the modules on every request's path that mypyc compiles as they are and that the whole test suite
-passes with, compiled (``make test-compiled``): no async generators, no instance attributes read
-through the class, annotations that hold at run time (a compiled function checks them), and no class
-that an interpreted module subclasses (``canonical.ChatRequest`` is, by ``ResponsesRequest``: a compiled
-class refuses interpreted subclasses, so ``canonical`` stays interpreted).
+rounds 6 and 7). They are chosen as the modules on every request's path that mypyc compiles and that the
+whole test suite passes with, compiled (``make test-compiled``): no async generators, no instance
+attributes read through the class (a class-level value is a ``ClassVar``), no class defined inside a
+function, no function assigned as a method (a compiled function is not bound), annotations that hold at
+run time (a compiled function checks them), no variable reused with another type, no reading of
+``__slots__``, no test that patches a function the module calls itself, and no class that an interpreted
+module subclasses or takes a weak reference to.
+
+Left interpreted, each for a reason a compiled run showed (README, "Measured", round 7): ``canonical``
+(``ResponsesRequest`` subclasses ``ChatRequest``: a compiled class refuses interpreted subclasses);
+``routing.queue`` (its ``LeasedStream`` is held by a weak reference, which a compiled class does not
+support); ``store.writer`` (compiled, a record test on PostgreSQL crashed the interpreter);
+``api.protocol`` (uvloop's transports are not the ``asyncio`` classes its annotations name);
+``auth.keys`` (mypyc 2.4 emits C that does not compile for its pydantic model); ``routing.router`` with
+``routing.mapping`` and ``routing.ordering`` (functions assigned as the router's methods); the pipeline,
+routes, providers and ``routing.attempts`` (async generators).
 
 ``make compile`` builds them in place; ``HELIX_COMPILE=1`` builds them into a wheel (setup.py; the
-container image's build stage).  Python imports ``name.cpython-*.so`` before ``name.py``, so a source
-edited after a compile would be silently ignored.  The compile writes the SHA-256 of every source it
+container image's build stage). Python imports ``name.cpython-*.so`` before ``name.py``, so a source
+edited after a compile would be silently ignored. The compile writes the SHA-256 of every source it
 compiled to :data:`MANIFEST`; :func:`check` (run by ``helixagent serve`` and by the test suite) refuses
 to go on when a compiled module's source has changed since, or when one has no manifest entry.
 """
@@ -25,13 +35,25 @@ import os
 
 MODULES: tuple[str, ...] = (
     "helixagent.api.cycle",
+    "helixagent.api.http",
     "helixagent.api.openai_format",
     "helixagent.auth.authenticator",
+    "helixagent.auth.stage",
+    "helixagent.cache.backends",
     "helixagent.cache.key",
+    "helixagent.cache.service",
+    "helixagent.flags",
     "helixagent.limits.backends",
     "helixagent.limits.limiter",
     "helixagent.limits.stage",
     "helixagent.millis",
+    "helixagent.observability.metrics",
+    "helixagent.observability.stage",
+    "helixagent.observability.window",
+    "helixagent.providers.checks",
+    "helixagent.routing.costs",
+    "helixagent.routing.health",
+    "helixagent.routing.priority",
     "helixagent.store.spool",
     "helixagent.tokens",
 )

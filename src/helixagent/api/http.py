@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import re
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, ClassVar
 from urllib.parse import parse_qs, quote
 
 import orjson
@@ -283,8 +283,8 @@ class _Waiting:
     the watchers of those that have waited WATCH_AFTER."""
 
     __slots__ = ("loop", "since", "handle")
-    by_loop: dict[Any, "_Waiting"] = {}
-    last: "_Waiting | None" = None  # the one of the loop used last (a server runs one loop): no lookup
+    by_loop: ClassVar[dict[Any, "_Waiting"]] = {}
+    last: ClassVar["_Waiting | None"] = None  # the one of the loop used last (a server runs one loop): no lookup
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop

@@ -24,11 +24,14 @@ class BackendUnavailable(Exception):
     """The backend could not be used for this operation (already counted and logged)."""
 
 
+_STAT_FIELDS = ("hits", "misses", "bypasses", "coalesced", "stores", "evictions", "expirations", "errors",
+                "entries", "bytes")
+
+
 class CacheStats:
     """Counters exported by the observability module (``gw.services["cache"].stats``)."""
 
-    __slots__ = ("hits", "misses", "bypasses", "coalesced", "stores", "evictions", "expirations", "errors",
-                 "entries", "bytes")
+    __slots__ = _STAT_FIELDS
 
     def __init__(self) -> None:
         self.hits = 0          # answered without an upstream call (stored entry or in-flight leader)
@@ -43,7 +46,7 @@ class CacheStats:
         self.bytes = 0         # current value bytes (memory backend)
 
     def as_dict(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in self.__slots__}
+        return {k: getattr(self, k) for k in _STAT_FIELDS}  # (a compiled class has no __slots__)
 
 
 class Sealer:

@@ -285,8 +285,8 @@ class Metrics:
                     s.tc += k
             cost = ctx.cost
             if cost:
-                c = s.csum
-                s.csum = cost if c is None else c + cost
+                prev = s.csum
+                s.csum = cost if prev is None else prev + cost
             v = ctx.upstream_latency
             if v is not None:
                 h = s.ucounts

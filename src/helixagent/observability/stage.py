@@ -14,6 +14,7 @@ from ..gateway_types import GatewayLike
 from ..pipeline import RequestContext, Stage
 from .access import AccessLog
 from .metrics import CONTENT_TYPE, FLUSH_SECONDS, Metrics
+from .metrics_server import start_metrics_server
 from .tracing import setup_tracing
 from .window import Window
 
@@ -251,40 +252,3 @@ def install(gw: GatewayLike) -> ObservabilityStage:
     gw.route("GET", "/dashboard", dashboard)
     gw.route("GET", "/dashboard/data", dashboard_data)
     return stage
-
-
-def start_multiprocess_metrics_server(path: str, host: str, port: int) -> Any:
-    from .multiproc import scrape_multiprocess
-    return start_metrics_server(lambda: scrape_multiprocess(path), host, port)
-
-
-def start_metrics_server(expose: Any, host: str, port: int) -> Any:
-    """Serve the metrics alone on ``port`` (no authentication: bind it to a private interface)."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            if self.path.split("?")[0] not in ("/", "/metrics"):
-                self.send_error(404)
-                return
-            try:
-                body = expose()
-            except Exception:
-                log.exception("metrics scrape failed")
-                self.send_error(500)
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", CONTENT_TYPE.decode())
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    srv = ThreadingHTTPServer((host, port), Handler)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True, name="helixagent-metrics").start()
-    log.info("metrics served on http://%s:%d/metrics (no authentication)", host, port)
-    return srv

@@ -411,7 +411,9 @@ class Health:
         h = self.providers.get(name)
         return CLOSED if h is None else h.effective_state()
 
-    breaker_state = state  # the name the observability module reads (helixagent_provider_breaker_state)
+    def breaker_state(self, name: str) -> str:
+        """:meth:`state`, by the name the observability module reads (helixagent_provider_breaker_state)."""
+        return self.state(name)
 
     def score(self, name: str) -> float:
         """0..1: availability x (1 - error-rate EWMA) x latency factor, where the latency factor is the
