@@ -10,14 +10,17 @@ run time (a compiled function checks them), no variable reused with another type
 ``__slots__``, no test that patches a function the module calls itself, and no class that an interpreted
 module subclasses or takes a weak reference to.
 
-Left interpreted, each for a reason a compiled run showed (README, "Measured", round 7): ``canonical``
-(``ResponsesRequest`` subclasses ``ChatRequest``: a compiled class refuses interpreted subclasses);
+Left interpreted, each for a reason a compiled run showed (README, "Measured", rounds 7 and 8):
+``canonical`` (``ResponsesRequest`` subclasses ``ChatRequest``: a compiled class refuses interpreted
+subclasses; for the same reason the pipeline's ``Stage`` base class is in ``helixagent.stage``);
 ``routing.queue`` (its ``LeasedStream`` is held by a weak reference, which a compiled class does not
-support); ``store.writer`` (compiled, a record test on PostgreSQL crashed the interpreter);
-``api.protocol`` (uvloop's transports are not the ``asyncio`` classes its annotations name);
-``auth.keys`` (mypyc 2.4 emits C that does not compile for its pydantic model); ``routing.router`` with
-``routing.mapping`` and ``routing.ordering`` (functions assigned as the router's methods); the pipeline,
-routes, providers and ``routing.attempts`` (async generators).
+support); ``store.writer`` (compiled, a record test on PostgreSQL crashed the interpreter); ``auth.keys``
+(mypyc 2.4 emits C that does not compile for its pydantic model); ``routing.router`` with
+``routing.mapping`` and ``routing.ordering`` (functions assigned as the router's methods); the routes,
+providers, ``routing.attempts`` and ``streamed`` (async generators: the stream path).  A value typed by a
+library's stubs is checked too (a ``str``, ``bytes``, ``int``...), so where the stubs are wrong the code
+says ``Any``: httptools' URL ``query`` is None without a query string, its stubs say ``bytes`` (compiled,
+every request without one was refused as invalid until it said ``Any``).
 
 ``make compile`` builds them in place; ``HELIX_COMPILE=1`` builds them into a wheel (setup.py; the
 container image's build stage). Python imports ``name.cpython-*.so`` before ``name.py``, so a source
@@ -37,6 +40,7 @@ MODULES: tuple[str, ...] = (
     "helixagent.api.cycle",
     "helixagent.api.http",
     "helixagent.api.openai_format",
+    "helixagent.api.protocol",
     "helixagent.auth.authenticator",
     "helixagent.auth.stage",
     "helixagent.cache.backends",
@@ -50,7 +54,9 @@ MODULES: tuple[str, ...] = (
     "helixagent.observability.metrics",
     "helixagent.observability.stage",
     "helixagent.observability.window",
+    "helixagent.pipeline",
     "helixagent.providers.checks",
+    "helixagent.providers.h1",
     "helixagent.routing.costs",
     "helixagent.routing.health",
     "helixagent.routing.priority",

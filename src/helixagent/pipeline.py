@@ -15,8 +15,10 @@ import os
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal
 
-from .canonical import ChatResponse, StreamAccumulator, Usage
+from . import streamed
+from .canonical import ChatResponse, Usage
 from .errors import GatewayError
+from .stage import Stage as Stage  # re-exported: the stages import it from here
 
 log = logging.getLogger("helixagent.pipeline")
 
@@ -181,22 +183,6 @@ def partial_usage(ctx: "RequestContext") -> Usage:
     return Usage(prompt, completion, prompt + completion)
 
 
-class Stage:
-    """One step of the pipeline.  Override what you need."""
-
-    name = "stage"
-    # Outer stages (logging, metrics, recording) also see requests rejected before the pipeline ran,
-    # such as a body that does not parse.
-    outer = False
-
-    async def pre(self, ctx: RequestContext) -> bool:
-        """Return True to short-circuit (ctx.response or ctx.stream set).  Raise GatewayError to reject."""
-        return False
-
-    async def post(self, ctx: RequestContext) -> None:
-        """Runs after the outcome is final (stream ended), in reverse order of entry."""
-
-
 _NO_POST = Stage.post
 
 Handler = Callable[[RequestContext], Awaitable[None]]
@@ -285,53 +271,10 @@ class Pipeline:
         finally:
             await self.finish(ctx, entered)
 
-    async def iterate(self, ctx: RequestContext, entered: list[Stage]) -> AsyncIterator[dict[str, Any]]:
-        """Iterate ``ctx.stream``, accumulating the answer; runs the post-hooks when the stream ends.
+    def iterate(self, ctx: RequestContext, entered: list[Stage]) -> AsyncIterator[dict[str, Any]]:
+        """Iterate ``ctx.stream``, accumulating the answer; runs the post-hooks when the stream ends
+        (:func:`helixagent.streamed.iterate`, an async generator: kept out of this compiled module).
 
         A failure mid-stream sets ``ctx.error`` and ends the iteration; the caller renders the error
         event in the client's format."""
-        acc = StreamAccumulator()
-        listeners = ctx.stream_listeners
-        stream = ctx.stream
-        assert stream is not None
-        try:
-            async for chunk in stream:
-                if ctx.first_token_at is None:
-                    ctx.first_token_at = time.perf_counter()
-                acc.add(chunk)
-                for fn in listeners:
-                    fn(chunk)
-                yield chunk
-        except GatewayError as exc:
-            ctx.error = exc
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if ctx.client_disconnected or task is None:
-                raise
-            # not the client: the server's shutdown drain ended.  The iteration ends normally so that the
-            # caller sends the last error event in the client's format; the record says shutdown.
-            task.uncancel()
-            ctx.error = shutdown_error()
-        except Exception as exc:
-            log.exception("stream failure in request %s", ctx.request_id)
-            ctx.error = GatewayError(502, f"stream failed: {type(exc).__name__}", provider=ctx.provider,
-                                     kind="stream_error")
-        finally:
-            if acc.chunks:
-                ctx.response = acc.response(ctx.provider or "")
-                if ctx.usage is None:
-                    ctx.usage = acc.usage
-            if ctx.usage is None and (ctx.error is not None or ctx.client_disconnected):
-                ctx.usage = partial_usage(ctx)  # cut short: the tokens counted so far
-            for fn in listeners:
-                try:
-                    fn(None)
-                except Exception:
-                    log.exception("stream listener failed")
-            closer = getattr(stream, "aclose", None)
-            if closer is not None:
-                try:
-                    await closer()
-                except Exception:  # noqa: BLE001 - closing an abandoned stream must not stop its record
-                    pass
-            await self.finish(ctx, entered)
+        return streamed.iterate(self, ctx, entered)

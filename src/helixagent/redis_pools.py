@@ -173,7 +173,7 @@ def make_client(url: str, *, pool_size: int, pool_timeout: float, timeout: float
             skw["password"] = u.options["sentinel_password"]
         if "sentinel_username" in u.options:
             skw["username"] = u.options["sentinel_username"]
-        sentinel = Sentinel(u.hosts, sentinel_kwargs=skw)  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(u.hosts, sentinel_kwargs=skw)  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8
         conn_kw = dict(common, db=u.db, retry=retry, retry_on_timeout=False, **auth, **tls)
         if u.tls:
             conn_kw["ssl"] = True

@@ -39,7 +39,7 @@ import time
 import urllib.parse
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import httptools
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
@@ -58,7 +58,7 @@ HIGH_WATER = 65536  # request body bytes buffered before reading pauses (until t
 _HEAD, _BODY, _APP, _IDLE, _LINGER = 0, 1, 2, 3, 4
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: compiled, a frozen dataclass does not unpickle (the workers get it pickled)
 class ServerLimits:
     max_header_bytes: int = 64 * 1024
     max_headers: int = 100
@@ -88,8 +88,8 @@ def _error_response(status: int, reason: bytes, code: str, message: str) -> byte
 
 class _RefusalLog:
     """Refused connections are logged at most every 10 s, with a count (an attack must not flood the log)."""
-    count = 0
-    last = 0.0
+    count: ClassVar[int] = 0
+    last: ClassVar[float] = 0.0
 
     @classmethod
     def note(cls, limit: int) -> None:
@@ -105,7 +105,7 @@ class _RefusalLog:
 _FIRST_REQUEST_GRACE = 1.0  # shutdown: how long a connection that has sent nothing yet is left open
 
 
-def _unread(transport: asyncio.BaseTransport) -> int:
+def _unread(transport: Any) -> int:
     """Bytes the kernel holds for this connection that the loop has not read yet (FIONREAD); 0 when the
     socket is gone (closing it then is what the caller does anyway)."""
     sock = transport.get_extra_info("socket")
@@ -127,7 +127,8 @@ class HelixHttpProtocol(asyncio.Protocol):
             config.load()
         self.config = config
         self.app = config.loaded_app
-        self.loop = _loop or asyncio.get_event_loop()
+        # Any: uvloop's loop and transports are not asyncio's classes
+        self.loop: Any = _loop or asyncio.get_event_loop()
         self.server_state = server_state
         self.connections = server_state.connections
         self.tasks = server_state.tasks
@@ -140,7 +141,7 @@ class HelixHttpProtocol(asyncio.Protocol):
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
         lim: ServerLimits = getattr(config, "helix_limits", None) or ServerLimits()
         self._lim = lim
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.transport: Any = None
         self.server: tuple[str, int | None] | None = None
         self.client: tuple[str, int] | None = None
         self.scheme = "http"
@@ -261,8 +262,8 @@ class HelixHttpProtocol(asyncio.Protocol):
         self.transport.close()
 
     # -- connection --------------------------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
         if len(self.connections) >= self._lim.max_connections:
             # beyond the cap: not registered as a connection, answered at once, closed after a short linger
             _RefusalLog.note(self._lim.max_connections)
@@ -270,9 +271,9 @@ class HelixHttpProtocol(asyncio.Protocol):
                          "the server has too many open connections; retry later")
             return
         self.connections.add(self)
-        self.server = get_local_addr(transport)  # type: ignore[arg-type]
-        self.client = get_remote_addr(transport)  # type: ignore[arg-type]
-        self.scheme = "https" if is_ssl(transport) else "http"  # type: ignore[arg-type]
+        self.server = get_local_addr(transport)
+        self.client = get_remote_addr(transport)
+        self.scheme = "https" if is_ssl(transport) else "http"
         self._set_deadline(_HEAD, self._lim.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -366,7 +367,9 @@ class HelixHttpProtocol(asyncio.Protocol):
         self._set_deadline(_BODY, self._lim.body_timeout)
         parser = self.parser
         version = parser.get_http_version()
-        url = httptools.parse_url(self.url)
+        # Any: httptools' stubs type ``query`` as bytes, but it is None without a query string (compiled,
+        # a typed local would be checked at run time)
+        url: Any = httptools.parse_url(self.url)
         raw_path = url.path
         path = raw_path.decode("ascii")
         if "%" in path:

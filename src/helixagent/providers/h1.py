@@ -36,7 +36,7 @@ import socket
 import ssl
 import zlib
 from collections import deque
-from typing import Any, AsyncGenerator, cast
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import httptools
@@ -142,7 +142,8 @@ class Exchange:
 
     def __init__(self, conn: "Conn", read_timeout: float, total: float | None):
         self.conn: Conn | None = conn
-        self.loop = loop = conn.loop
+        self.loop: Any = conn.loop
+        loop = self.loop
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.chunks: deque[bytes] = deque()
@@ -224,7 +225,7 @@ class Conn(asyncio.Protocol):
         self.pool = pool
         self.key = key
         self.loop = pool.loop
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None   # Any: uvloop's transports are not asyncio's classes
         self.parser = httptools.HttpResponseParser(self)
         self.ex: Exchange | None = None
         self.idle_since = 0.0
@@ -263,8 +264,8 @@ class Conn(asyncio.Protocol):
             t.cancel()
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)   # uvloop's transports do not subclass asyncio's
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
         # no Nagle on an upstream connection, whichever event loop runs it (uvloop and asyncio both set it
         # today; said here so that a request's bytes never wait for an ACK of the last ones)
         sock = transport.get_extra_info("socket")
@@ -401,7 +402,7 @@ class Pool:
         self.idle: dict[tuple[Any, ...], list[Conn]] = {}
         self.origins: dict[str, Origin] = {}
         self.active: set[Conn] = set()
-        self.loop = asyncio.get_running_loop()
+        self.loop: Any = asyncio.get_running_loop()
         self._sweeper: asyncio.TimerHandle | None = None
         self.closed = False
 
@@ -415,18 +416,19 @@ class Pool:
 
     async def connect(self, o: Origin) -> Conn:
         p = o.proxy
+        loop: asyncio.AbstractEventLoop = self.loop
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if p is None:
-                    _, conn = await self.loop.create_connection(
+                    _, conn = await loop.create_connection(
                         lambda: Conn(self, o.key), o.host, o.port, ssl=_ssl_context() if o.tls else None,
                         server_hostname=o.host if o.tls else None)
                 elif o.tls:
                     sock = await self._tunnel(o, p)
-                    _, conn = await self.loop.create_connection(
+                    _, conn = await loop.create_connection(
                         lambda: Conn(self, o.key), sock=sock, ssl=_ssl_context(), server_hostname=o.host)
                 else:
-                    _, conn = await self.loop.create_connection(lambda: Conn(self, o.key), p.host, p.port)
+                    _, conn = await loop.create_connection(lambda: Conn(self, o.key), p.host, p.port)
         except TimeoutError:
             raise UpstreamTimeout() from None
         except ssl.SSLError as exc:
@@ -565,19 +567,3 @@ async def read_all(ex: Exchange) -> bytes:
         raise ex.error
     return ex.take() if ex.chunks else b""
 
-
-async def iter_chunks(ex: Exchange) -> AsyncGenerator[bytes, None]:
-    """An answer's body as it arrives (what is buffered at each step, in one piece)."""
-    try:
-        while True:
-            if ex.chunks:
-                yield ex.take()
-                continue
-            if ex.done:
-                if ex.error is not None:
-                    raise ex.error
-                return
-            await ex.wait()
-    except BaseException:
-        ex.finish()
-        raise

@@ -75,25 +75,35 @@ class UpstreamResponse:
             raise self._http.connection_error(exc) from None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        http = self._http
-        it = h1.iter_chunks(self._ex)
+        """The body as it arrives (what is buffered at each step, in one piece).  Left before its end
+        (closed, cancelled, failed), the exchange is finished: its connection is closed."""
+        ex = self._ex
+        ended = False
         try:
             while True:
-                try:
-                    chunk = await it.__anext__()
-                except StopAsyncIteration:
-                    return
-                except h1.UpstreamTimeout:
-                    raise GatewayError(504, f"provider {http.provider.name!r} stalled mid-stream",
-                                       code="upstream_timeout", provider=http.provider.name, retryable=True,
-                                       kind="timeout") from None
-                except h1.UpstreamBroken as exc:
-                    raise GatewayError(502, f"provider {http.provider.name!r} stream broke: {exc.kind}",
-                                       code="upstream_stream_error", provider=http.provider.name, retryable=True,
-                                       kind="stream_error") from None
-                yield chunk
+                if ex.chunks:
+                    yield ex.take()
+                    continue
+                if ex.done:
+                    err = ex.error
+                    if err is None:
+                        ended = True
+                        return
+                    raise self._stream_error(err) from None
+                await ex.wait()
         finally:
-            await it.aclose()
+            if not ended:
+                ex.finish()
+
+    def _stream_error(self, err: BaseException) -> BaseException:
+        name = self._http.provider.name
+        if isinstance(err, h1.UpstreamTimeout):
+            return GatewayError(504, f"provider {name!r} stalled mid-stream", code="upstream_timeout",
+                                provider=name, retryable=True, kind="timeout")
+        if isinstance(err, h1.UpstreamBroken):
+            return GatewayError(502, f"provider {name!r} stream broke: {err.kind}", code="upstream_stream_error",
+                                provider=name, retryable=True, kind="stream_error")
+        return err
 
     def close(self) -> None:
         self._ex.finish()
