@@ -15,9 +15,10 @@ Left interpreted, each for a reason a compiled run showed (README, "Measured", r
 subclasses; for the same reason the pipeline's ``Stage`` base class is in ``helixagent.stage``);
 ``routing.queue`` (its ``LeasedStream`` is held by a weak reference, which a compiled class does not
 support); ``store.writer`` (compiled, a record test on PostgreSQL crashed the interpreter); ``auth.keys``
-(mypyc 2.4 emits C that does not compile for its pydantic model); ``routing.router`` with
-``routing.mapping`` and ``routing.ordering`` (functions assigned as the router's methods); the routes,
-providers, ``routing.attempts`` and ``streamed`` (async generators: the stream path).  A value typed by a
+(mypyc 2.4 emits C that does not compile for its pydantic model); the routes, providers,
+``routing.attempts`` and ``streamed`` (async generators: the stream path).  The router's methods call
+the functions of ``routing.plan``, ``ordering``, ``mapping``, ``attempts`` and ``hedge`` (a function
+assigned as a method in a class body is not bound once compiled).  A value typed by a
 library's stubs is checked too (a ``str``, ``bytes``, ``int``...), so where the stubs are wrong the code
 says ``Any``: httptools' URL ``query`` is None without a query string, its stubs say ``bytes`` (compiled,
 every request without one was refused as invalid until it said ``Any``).
@@ -59,7 +60,10 @@ MODULES: tuple[str, ...] = (
     "helixagent.providers.h1",
     "helixagent.routing.costs",
     "helixagent.routing.health",
+    "helixagent.routing.mapping",
+    "helixagent.routing.ordering",
     "helixagent.routing.priority",
+    "helixagent.routing.router",
     "helixagent.store.spool",
     "helixagent.tokens",
 )

@@ -27,10 +27,10 @@ import asyncio
 import logging
 import random
 import time
-from typing import Any
+from typing import Any, AsyncIterator, Awaitable
 
 from ..canonical import ChatRequest, EmbeddingRequest
-from ..config import Config, RouteConfig
+from ..config import Config, HedgingConfig, RouteConfig
 from ..errors import GatewayError
 from ..pipeline import RequestContext
 from ..providers import Provider
@@ -102,14 +102,31 @@ class Router:
         self.coalescer = Coalescer(self, co) if co.enabled else None
 
     # -- candidate selection (plan.py, ordering.py) -------------------------------------------------
-    default_model = default_model
-    route_for = route_for
-    _select = select
-    _build_plan = build_plan
-    order = order
-    _nothing_left = nothing_left
-    _unavailable = unavailable
-    _cooling = cooling
+    # (real methods that call the modules' functions, not the functions assigned as methods: compiled,
+    # a function assigned in a class body is not bound)
+    def default_model(self, p: Provider) -> str:
+        return default_model(self, p)
+
+    def route_for(self, model: str) -> Route:
+        return route_for(self, model)
+
+    def _select(self, model: str, pinned: str | None) -> list[Candidate]:
+        return select(self, model, pinned)
+
+    def _build_plan(self, model: str, pinned: str | None) -> Plan:
+        return build_plan(self, model, pinned)
+
+    def order(self, plan: Plan, req: Any, stream: bool = False, prompt_tokens: int = 0) -> list[Candidate]:
+        return order(self, plan, req, stream, prompt_tokens)
+
+    def _nothing_left(self, plan: Plan, over: list[str] | None, now: float, stream: bool = False) -> GatewayError:
+        return nothing_left(self, plan, over, now, stream)
+
+    def _unavailable(self, cands: list[Candidate], now: float, stream: bool = False) -> GatewayError:
+        return unavailable(self, cands, now, stream)
+
+    def _cooling(self, c: Candidate, wait: float, prev: GatewayError | None) -> GatewayError:
+        return cooling(self, c, wait, prev)
 
     def candidates(self, model: str, pinned: str | None) -> list[Candidate]:
         """Every candidate for ``model`` in static order (primary by priority, then fallback chains)."""
@@ -127,10 +144,20 @@ class Router:
 
     # -- execution: mapping.py (mapping a request onto a candidate), attempts.py (one upstream call, a
     # stream's relay), hedge.py (hedged mode); the sequential loop with retries and fallback is here
-    _prepare = prepare
-    _attempt = attempt
-    _hedged = hedged
-    _relay = relay
+    def _prepare(self, c: Candidate, req: Any, op: str) -> tuple[Any, Any, list[str]]:
+        return prepare(self, c, req, op)
+
+    def _attempt(self, c: Candidate, sub: Any, op: str, remaining: float, probe: int, wire: Any,
+                 sprobe: int = NORMAL) -> Awaitable[Any]:
+        return attempt(self, c, sub, op, remaining, probe, wire, sprobe)
+
+    def _hedged(self, ctx: RequestContext, cands: list[Candidate], req: ChatRequest, hcfg: HedgingConfig,
+                m: _Mapped | None = None) -> Awaitable[tuple[Candidate, Any]]:
+        return hedged(self, ctx, cands, req, hcfg, m)
+
+    def _relay(self, ctx: RequestContext, c: Candidate, first: Any, stream: AsyncIterator[dict[str, Any]],
+               sprobe: int = NORMAL) -> AsyncIterator[dict[str, Any]]:
+        return relay(self, ctx, c, first, stream, sprobe)
 
     async def handle_chat(self, ctx: RequestContext, plan: Plan | None = None) -> None:
         """Serve ``ctx.request`` (the pipeline's handler); ``plan``: the candidates to use instead of the
