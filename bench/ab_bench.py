@@ -105,6 +105,9 @@ def main() -> int:
                 c = min(m["cpu"] for m in res[(n, r)])
                 cells.append(f"{c:.0f} ({c / lo:.2f}×)")
             print(f"| {r} | " + " | ".join(cells) + " |")
+        # RSS of each tree's gateways after every round (perf_bench's "after warm-up", every stage on: :full)
+        print("\nRSS after the rounds, MB: " + ", ".join(
+            f"{k} {pb.rss_mb(t.proc.pid):.1f}" for k, t in targets.items() if k != "bare"))
     finally:
         for p in procs:
             hs.stop(p)

@@ -198,6 +198,13 @@ def with_bearer(t: Target | None, fn, unique: bool = False):  # noqa: ANN001, AN
         hs.run_wrk = real_run
 
 
+def kernel_seconds(pid: int) -> float:
+    """The system (kernel) part of a process's CPU time, all threads (stime, /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return int(rest[12]) / hs.CLK
+
+
 def measure(t: Target, body: bytes, n: int, warm: int, conns: int, tmp: str, servers: list[int]) -> dict:
     unique = body is MISS
     if unique:
@@ -207,11 +214,12 @@ def measure(t: Target, body: bytes, n: int, warm: int, conns: int, tmp: str, ser
         hs.run_wrk(t.url, body, warm, conns, tmp)
         time.sleep(0.2)
         s0 = [hs.tree_cpu_seconds(p) for p in servers]
-        g0 = hs.tree_cpu_seconds(t.proc.pid)
+        g0, k0 = hs.tree_cpu_seconds(t.proc.pid), kernel_seconds(t.proc.pid)
         r = hs.run_wrk(t.url, body, n, conns, tmp)
-        g1 = hs.tree_cpu_seconds(t.proc.pid)
+        g1, k1 = hs.tree_cpu_seconds(t.proc.pid), kernel_seconds(t.proc.pid)
         s1 = [hs.tree_cpu_seconds(p) for p in servers]
         r["cpu"] = (g1 - g0) / r["requests"] * 1e6
+        r["sys"] = (k1 - k0) / r["requests"] * 1e6
         r["srv_cpu"] = sum(b - a for a, b in zip(s0, s1, strict=True)) / r["requests"] * 1e6
         return r
     return with_bearer(t, run, unique)
@@ -290,6 +298,14 @@ def soak(t: Target, seconds: int, segments: int, tmp: str) -> dict:
 
 def med(rs: list[dict], k: str) -> float:
     return statistics.median(r[k] for r in rs)
+
+
+def compiled_note() -> str:
+    """Whether the gateways ran the sources or the mypyc-compiled hot modules (``make compile``)."""
+    out = subprocess.run([PY, "-c", "from helixagent import compiled as c; print(len(c.check()), len(c.MODULES))"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    n, total = int(out[0]), int(out[1])
+    return f"{n} of {total} hot modules compiled (`make compile`)" if n else "the sources (no compiled modules)"
 
 
 def verdict(ok: bool) -> str:
@@ -407,6 +423,7 @@ def main() -> int:  # noqa: C901 - one linear orchestration
         cpu = {k: med(v, "cpu") for k, v in res.items() if v}
         srv = {k: med(v, "srv_cpu") for k, v in res.items() if v}
         rps = {k: med(v, "rps") for k, v in res.items() if v}
+        ksys = {k: med(v, "sys") for k, v in res.items() if v}
         errs = {k: sum(r["errors"] for r in v) for k, v in res.items() if v}
         b = cpu["bare"]
         rows = []
@@ -414,7 +431,8 @@ def main() -> int:  # noqa: C901 - one linear orchestration
         def row(label: str, k: str, target: float | None, note: str = "") -> None:
             ratio = cpu[k] / b
             tv = "–" if target is None else f"≤ {target:.1f}× {verdict(ratio <= target)}"
-            rows.append(f"| {label} | {cpu[k]:.0f} | {rps[k]:.0f} | {ratio:.2f}× | {tv} | {errs[k]} | {note} |")
+            rows.append(f"| {label} | {cpu[k]:.0f} | {ksys[k]:.0f} | {rps[k]:.0f} | {ratio:.2f}× | {tv} | {errs[k]} | "
+                        f"{note} |")
         row("bare pass-through (uvicorn + raw ASGI + pyreqwest)", "bare", None)
         bh = cpu["bare_h1"]
         row("bare pass-through with HelixAgent's upstream client (h1) instead", "bare_h1", None,
@@ -462,10 +480,14 @@ def main() -> int:  # noqa: C901 - one linear orchestration
             f"1/16 of that), median of {a.rounds} alternating rounds; CPU = utime+stime of the server process "
             f"(/proc/<pid>/stat) during the measured phase / requests",
             f"- upstream pauses {a.stream_delay} s between SSE chunks, so chunks arrive one by one as from a model",
+            f"- gateway: {compiled_note()}",
             "", "### CPU per request (16 connections)", "",
-            "| path | CPU µs/req | req/s | vs bare | target | errors | notes |",
-            "|---|---:|---:|---:|---|---:|---|",
-            f"| direct wrk → upstream | – | {rps['direct']:.0f} | – | – | {errs['direct']} | |", *rows, "",
+            "| path | CPU µs/req | of which kernel | req/s | vs bare | target | errors | notes |",
+            "|---|---:|---:|---:|---:|---|---:|---|",
+            f"| direct wrk → upstream | – | – | {rps['direct']:.0f} | – | – | {errs['direct']} | |", *rows, "",
+            "- of which kernel: the system part (stime) of the CPU column. On loopback a write runs the receiver's "
+            "TCP path and wakes it in the writer's time, and a slower server finds wrk and the upstream asleep more "
+            "often, so it pays more of that per request (README, \"Measured\", round 9).",
             "### Streaming", "", "| path | CPU µs/req | req/s | errors |", "|---|---:|---:|---:|", *srows, "",
             f"- per relayed chunk (slope 20 → 200 chunks): HelixAgent {slope_gw:.1f} µs, bare relay {slope_bare:.1f} µs; "
             f"added per chunk **{per_chunk:.1f} µs** (target ≤ 5) {verdict(per_chunk <= 5)}",
