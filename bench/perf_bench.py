@@ -67,8 +67,10 @@ def config(d: str, up_port: int, db_url: str | None = None, full: bool = False, 
            broken: bool = False) -> str:
     os.makedirs(d, exist_ok=True)
     db = db_url or f"sqlite:///{d}/bench.db"
+    # the default logging (level info: the access log's JSON line per request), into a file beside the
+    # database -- "default stages" include the access log (issue 16); level warning would leave it out
     text = f"""
-logging: {{level: warning, format: json}}
+logging: {{level: info, format: json, file: "{d}/access.log"}}
 providers:
   - name: openai
     type: openai

@@ -246,8 +246,11 @@ def test_sigterm_with_streams_in_flight_fails_nothing(make_cluster, upstream):
     asyncio.run(load())
     rc = c.wait_exit(2, timeout=30)
     failed = [o for o in results if not o.ok]
-    assert not failed, failed
     log = {e.request_id: e for e in c.nginx_log()}
+    # a failure says which race it was: nginx's line for the request (which instances it tried, with
+    # what status), nginx's error log (reset, refused, premature close) and the stopped instance's log
+    assert not failed, (failed, [log.get(o.cid) for o in failed], events, c.nginx_errors()[-3000:],
+                        c.log_tail(2))
     on_victim = [o for o in results if log[o.cid].upstreams[-1] == victim.addr]
     streams_on_victim = [o for o in on_victim if o.stream and o.t0 < events["term"]]
     assert streams_on_victim, "no stream was running on the instance that was stopped"
