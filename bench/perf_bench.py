@@ -489,7 +489,7 @@ def main() -> int:  # noqa: C901 - one linear orchestration
             f"| direct wrk → upstream | – | – | {rps['direct']:.0f} | – | – | {errs['direct']} | |", *rows, "",
             "- of which kernel: the system part (stime) of the CPU column. On loopback a write runs the receiver's "
             "TCP path and wakes it in the writer's time; how much a server pays for that depends on the state of "
-            "the peers' core as well as on its code (README, \"Measured\", round 9).",
+            "the peers' core as well as on its code (README, \"Measured\", round 9).", "",
             "### Streaming", "", "| path | CPU µs/req | req/s | errors |", "|---|---:|---:|---:|", *srows, "",
             f"- per relayed chunk (slope 20 → 200 chunks): HelixAgent {slope_gw:.1f} µs, bare relay {slope_bare:.1f} µs; "
             f"added per chunk **{per_chunk:.1f} µs** (target ≤ 5) {verdict(per_chunk <= 5)}",
