@@ -113,6 +113,18 @@ def fakes() -> Iterator[tuple[Any, Any, Any]]:
         f.close()
 
 
+@pytest.fixture(autouse=True)
+def _no_log_handler_left_behind() -> Iterator[None]:
+    """A test that runs the CLI in process (``configure_logging``) leaves the root handler writing to that
+    test's captured stderr, which pytest closes after it: every later log line of the session -- the fakes'
+    access lines, an in-process gateway's access log -- then failed with "--- Logging error ---" (I/O on a
+    closed file) in the output.  Each test ends with that handler removed (tests that configure logging
+    themselves remove it too; twice is harmless)."""
+    yield
+    from helixagent.observability.logs import reset_logging
+    reset_logging()
+
+
 @pytest.fixture
 def make_gateway(tmp_path: Any) -> Iterator[Callable[..., GatewayServer]]:
     """``make_gateway(config_dict)`` starts a gateway on a free port; all are stopped after the test.
