@@ -417,21 +417,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _read_stat(pid):
+def _read_stat(pid, kernel_only=False):
     try:
         with open(f"/proc/{pid}/stat") as f:
             data = f.read()
     except OSError:
         return None
     rest = data[data.rindex(")") + 2:].split()
-    return int(rest[1]), int(rest[11]) + int(rest[12])  # ppid, utime+stime (all threads)
+    # ppid, utime+stime (all threads) -- or stime alone, the kernel's part
+    return int(rest[1]), int(rest[12]) + (0 if kernel_only else int(rest[11]))
 
 
-def tree_cpu_seconds(root: int) -> float:
+def tree_cpu_seconds(root: int, kernel_only: bool = False) -> float:
+    """CPU seconds of ``root`` and its descendants, all threads (``kernel_only``: the system part)."""
     stats = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
-            st = _read_stat(int(d))
+            st = _read_stat(int(d), kernel_only)
             if st:
                 stats[int(d)] = st
     total, todo, seen = 0, [root], set()

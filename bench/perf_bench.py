@@ -200,13 +200,6 @@ def with_bearer(t: Target | None, fn, unique: bool = False):  # noqa: ANN001, AN
         hs.run_wrk = real_run
 
 
-def kernel_seconds(pid: int) -> float:
-    """The system (kernel) part of a process's CPU time, all threads (stime, /proc/<pid>/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        rest = f.read().rsplit(")", 1)[1].split()
-    return int(rest[12]) / hs.CLK
-
-
 def measure(t: Target, body: bytes, n: int, warm: int, conns: int, tmp: str, servers: list[int]) -> dict:
     unique = body is MISS
     if unique:
@@ -216,9 +209,9 @@ def measure(t: Target, body: bytes, n: int, warm: int, conns: int, tmp: str, ser
         hs.run_wrk(t.url, body, warm, conns, tmp)
         time.sleep(0.2)
         s0 = [hs.tree_cpu_seconds(p) for p in servers]
-        g0, k0 = hs.tree_cpu_seconds(t.proc.pid), kernel_seconds(t.proc.pid)
+        g0, k0 = hs.tree_cpu_seconds(t.proc.pid), hs.tree_cpu_seconds(t.proc.pid, kernel_only=True)
         r = hs.run_wrk(t.url, body, n, conns, tmp)
-        g1, k1 = hs.tree_cpu_seconds(t.proc.pid), kernel_seconds(t.proc.pid)
+        g1, k1 = hs.tree_cpu_seconds(t.proc.pid), hs.tree_cpu_seconds(t.proc.pid, kernel_only=True)
         s1 = [hs.tree_cpu_seconds(p) for p in servers]
         r["cpu"] = (g1 - g0) / r["requests"] * 1e6
         r["sys"] = (k1 - k0) / r["requests"] * 1e6
